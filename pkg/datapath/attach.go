@@ -1,0 +1,271 @@
+package datapath
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf/link"
+
+	"github.com/ctlb/ctlb/pkg/cgroupv2"
+)
+
+// ErrNoAttachment means no attachment with that ID is pinned.
+var ErrNoAttachment = errors.New("no such attachment")
+
+// Attachment is ctlb's programs attached to one cgroup, held by pinned
+// bpf_links under DIR/links/ID. For pods the ID is the sandbox's container ID.
+type Attachment struct {
+	ID string `json:"id"`
+	// CgroupID is the kernel's ID of the cgroup (the inode of its directory).
+	// It reads 0 once the cgroup is gone and the kernel dropped its programs.
+	CgroupID uint64 `json:"cgroupId"`
+	// CgroupPath is the cgroup's directory, when it still exists.
+	CgroupPath string `json:"cgroupPath,omitempty"`
+	// Alive is false when the cgroup has died: the links do nothing any more
+	// and the attachment should be garbage-collected.
+	Alive bool `json:"alive"`
+	// Missing names hooks whose pin is gone (someone removed it by hand).
+	Missing []string `json:"missing,omitempty"`
+}
+
+// bpffs refuses names with dots, and "_" starts ctlb's own temporary names.
+var attachmentID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
+
+// ValidateAttachmentID accepts IDs that are safe as one bpffs path element.
+func ValidateAttachmentID(id string) error {
+	if !attachmentID.MatchString(id) {
+		return fmt.Errorf("attachment ID %q: want 1-128 characters of [A-Za-z0-9_-], starting with a letter or digit", id)
+	}
+	return nil
+}
+
+// CgroupAttachmentID names the attachment made for a cgroup by path (ctlbd
+// attach --cgroup): one per cgroup, stable across calls.
+func CgroupAttachmentID(cgroupID uint64) string { return fmt.Sprintf("cgroup-%d", cgroupID) }
+
+func (d *Datapath) linksDir() string { return filepath.Join(d.dir, "links") }
+
+// Attach attaches connect4, getpeername4 and sock_release to the cgroup
+// directory with bpf_links (which always allow other programs beside them)
+// and pins the links under DIR/links/ID. The pins are made in a temporary
+// directory renamed into place, so an attachment is whole or absent, never
+// half-made, even if the caller dies half-way. Attaching the same ID to the
+// same cgroup again is a no-op; to another cgroup it is an error.
+func (d *Datapath) Attach(id, cgroupDir string) (Attachment, error) {
+	if err := ValidateAttachmentID(id); err != nil {
+		return Attachment{}, err
+	}
+	cgID, err := cgroupv2.ID(cgroupDir)
+	if err != nil {
+		return Attachment{}, fmt.Errorf("attach %s: %w", id, err)
+	}
+	if a, err := d.Attachment(id); err == nil {
+		if a.CgroupID != cgID {
+			return Attachment{}, fmt.Errorf("attach %s to %s: already attached to cgroup %d", id, cgroupDir, a.CgroupID)
+		}
+		if len(a.Missing) == 0 {
+			a.CgroupPath = cgroupDir
+			return a, nil
+		}
+		// Pins were removed by hand: make the attachment whole again.
+		if err := d.Detach(id); err != nil {
+			return Attachment{}, err
+		}
+	} else if !errors.Is(err, ErrNoAttachment) {
+		return Attachment{}, err
+	}
+
+	if err := os.MkdirAll(d.linksDir(), 0o700); err != nil {
+		return Attachment{}, fmt.Errorf("attach %s: %w", id, err)
+	}
+	tmp := filepath.Join(d.linksDir(), "_tmp-"+id+"-"+randomSuffix())
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return Attachment{}, fmt.Errorf("attach %s: %w", id, err)
+	}
+	var links []link.Link
+	fail := func(err error) (Attachment, error) {
+		// Unpinning and closing detaches: nothing is left behind.
+		for _, l := range links {
+			l.Close()
+		}
+		os.RemoveAll(tmp)
+		return Attachment{}, err
+	}
+	for _, h := range hooks {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: h.attach, Program: d.progs[h.name]})
+		if err != nil {
+			return fail(fmt.Errorf("attach %s to %s: %w", h.name, cgroupDir, err))
+		}
+		links = append(links, l)
+		if err := l.Pin(filepath.Join(tmp, h.name)); err != nil {
+			return fail(fmt.Errorf("attach %s: pin %s link: %w", id, h.name, err))
+		}
+	}
+	final := filepath.Join(d.linksDir(), id)
+	if err := os.Rename(tmp, final); err != nil {
+		if a, err2 := d.Attachment(id); err2 == nil && a.CgroupID == cgID {
+			// A concurrent Attach of the same ID won the race.
+			a.CgroupPath = cgroupDir
+			fail(nil)
+			return a, nil
+		}
+		return fail(fmt.Errorf("attach %s: rename into place: %w", id, err))
+	}
+	for _, l := range links {
+		l.Close() // the pins hold the links now
+	}
+	return Attachment{ID: id, CgroupID: cgID, CgroupPath: cgroupDir, Alive: true}, nil
+}
+
+// Detach removes an attachment: the links are unpinned, which detaches the
+// programs from the cgroup. A missing attachment is ErrNoAttachment, which
+// CNI DEL treats as success.
+func (d *Datapath) Detach(id string) error {
+	if err := ValidateAttachmentID(id); err != nil {
+		return err
+	}
+	final := filepath.Join(d.linksDir(), id)
+	// Rename first, so the attachment leaves listings in one step.
+	gone := filepath.Join(d.linksDir(), "_del-"+id+"-"+randomSuffix())
+	if err := os.Rename(final, gone); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("detach %s: %w", id, ErrNoAttachment)
+		}
+		return fmt.Errorf("detach %s: %w", id, err)
+	}
+	// Redirect stops before accounting does, the reverse of Attach.
+	for i := len(hooks) - 1; i >= 0; i-- {
+		if err := os.Remove(filepath.Join(gone, hooks[i].name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("detach %s: unpin %s: %w", id, hooks[i].name, err)
+		}
+	}
+	if err := os.RemoveAll(gone); err != nil {
+		return fmt.Errorf("detach %s: %w", id, err)
+	}
+	return nil
+}
+
+// Attachment reads one attachment's state from its pins.
+func (d *Datapath) Attachment(id string) (Attachment, error) {
+	if err := ValidateAttachmentID(id); err != nil {
+		return Attachment{}, err
+	}
+	return d.readAttachment(id, nil)
+}
+
+func (d *Datapath) readAttachment(id string, index map[uint64]string) (Attachment, error) {
+	dir := filepath.Join(d.linksDir(), id)
+	if _, err := os.Stat(dir); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return Attachment{}, fmt.Errorf("attachment %s: %w", id, ErrNoAttachment)
+		}
+		return Attachment{}, fmt.Errorf("attachment %s: %w", id, err)
+	}
+	a := Attachment{ID: id}
+	for _, h := range hooks {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, h.name), nil)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				a.Missing = append(a.Missing, h.name)
+				continue
+			}
+			return Attachment{}, fmt.Errorf("attachment %s: load %s link: %w", id, h.name, err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return Attachment{}, fmt.Errorf("attachment %s: %s link info: %w", id, h.name, err)
+		}
+		if cg := info.Cgroup(); cg != nil && a.CgroupID == 0 {
+			a.CgroupID = cg.CgroupId
+		}
+	}
+	if a.CgroupID != 0 {
+		if index != nil {
+			a.CgroupPath = index[a.CgroupID]
+		} else if h, err := cgroupv2.Default(); err == nil {
+			if idx, err := h.IndexByID(); err == nil {
+				a.CgroupPath = idx[a.CgroupID]
+			}
+		}
+	}
+	a.Alive = a.CgroupID != 0 && a.CgroupPath != ""
+	return a, nil
+}
+
+// Attachments lists every attachment, sorted by ID.
+func (d *Datapath) Attachments() ([]Attachment, error) {
+	entries, err := os.ReadDir(d.linksDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list attachments: %w", err)
+	}
+	var index map[uint64]string
+	if h, err := cgroupv2.Default(); err == nil {
+		index, _ = h.IndexByID()
+	}
+	if index == nil {
+		index = map[uint64]string{}
+	}
+	out := []Attachment{}
+	for _, e := range entries {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), "_") {
+			continue
+		}
+		a, err := d.readAttachment(e.Name(), index)
+		if errors.Is(err, ErrNoAttachment) {
+			continue // detached while we listed
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, a)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// RemoveStale removes what a caller killed half-way through Attach or Detach
+// left behind: temporary link directories (_tmp-*, _del-*) older than age. Their links were
+// never visible as attachments; unpinning them detaches them.
+func (d *Datapath) RemoveStale(age time.Duration) (int, error) {
+	entries, err := os.ReadDir(d.linksDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("list attachments: %w", err)
+	}
+	n := 0
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "_tmp-") && !strings.HasPrefix(e.Name(), "_del-") {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil || time.Since(info.ModTime()) < age {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(d.linksDir(), e.Name())); err != nil {
+			return n, fmt.Errorf("remove stale %s: %w", e.Name(), err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+func randomSuffix() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
