@@ -75,6 +75,13 @@ func (h Hierarchy) Resolve(path string, allowRoot bool) (string, error) {
 	}
 	abs := path
 	if !strings.HasPrefix(path, h.Mount+"/") && path != h.Mount {
+		// An absolute path that exists outside the mount (a v1 hierarchy, a
+		// temp dir) is a mistake, not a path relative to the mount.
+		if filepath.IsAbs(path) && filepath.Clean(path) != "/" {
+			if _, err := os.Lstat(path); err == nil {
+				return "", fmt.Errorf("cgroup path %q is outside the cgroup v2 mount %s", path, h.Mount)
+			}
+		}
 		abs = filepath.Join(h.Mount, path)
 	}
 	abs = filepath.Clean(abs)

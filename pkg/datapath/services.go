@@ -268,3 +268,32 @@ func readService(vip netip.AddrPort, innerID uint32) (Service, error) {
 	}
 	return s, nil
 }
+
+// ParseVIP parses and validates "IP:PORT" for a VIP.
+func ParseVIP(s string) (netip.AddrPort, error) {
+	ap, err := parseAddrPort("VIP", s)
+	if err != nil {
+		return ap, err
+	}
+	return ap, ValidateVIP(ap)
+}
+
+// ParseServer parses and validates "IP:PORT" for a server.
+func ParseServer(s string) (netip.AddrPort, error) {
+	ap, err := parseAddrPort("server", s)
+	if err != nil {
+		return ap, err
+	}
+	return ap, ValidateServer(ap)
+}
+
+func parseAddrPort(what, s string) (netip.AddrPort, error) {
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%s %q: want IPv4:PORT with a port from 1 to 65535 (%v)", what, s, err)
+	}
+	if ap.Addr().Is4In6() || ap.Addr().Zone() != "" {
+		return netip.AddrPort{}, fmt.Errorf("%s %q: not a plain IPv4 address", what, s)
+	}
+	return ap, nil
+}

@@ -1,0 +1,59 @@
+# ctlb: connect-time load balancing for containers.
+#   make demo   install what is needed, build, show a pod's connections to a VIP
+#               landing on real servers round-robin
+#   make test   install what is needed and run every check and test (as root)
+
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X github.com/ctlb/ctlb/pkg/version.Version=$(VERSION)
+GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
+TESTFLAGS ?= -count=1 -timeout 40m
+BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o)
+
+.PHONY: all deps build generate check-generate lint test demo release clean
+
+all: build
+
+deps:
+	@hack/install-deps.sh
+
+build:
+	$(GOBUILD) -o bin/ctlbd ./cmd/ctlbd
+	$(GOBUILD) -o bin/ctlb ./plugins/meta/ctlb
+
+# Rebuild the BPF objects (needs clang); they are committed so go build does not.
+generate: deps
+	$(GO) generate ./pkg/...
+
+# CI: the committed BPF objects must be what the C sources compile to.
+check-generate: generate
+	@git diff --exit-code --stat -- $(BPF_GEN) || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt wants changes in: $$out"; exit 1; }
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+# Every test runs as root against the real kernel. In CI (CI=true) a test that
+# cannot run fails instead of skipping, and any SKIP line fails the run.
+test: deps build check-generate lint
+	@mkdir -p .cache
+	set -o pipefail; $(GO) test $(TESTFLAGS) -v ./... 2>&1 | tee .cache/test.log | grep -E '^(=== RUN|--- |ok |FAIL|PASS|panic)' ; \
+	  rc=$$?; \
+	  echo "$$(grep -c -- '--- PASS' .cache/test.log) passed, $$(grep -c -- '--- FAIL' .cache/test.log) failed, $$(grep -c -- '--- SKIP' .cache/test.log) skipped"; \
+	  if [ "$${CI:-}" = true ] && grep -q -- '--- SKIP' .cache/test.log; then echo "tests were skipped in CI:"; grep -- '--- SKIP' .cache/test.log; exit 1; fi; \
+	  exit $$rc
+
+demo: deps build
+	hack/demo.sh
+
+release:
+	@mkdir -p dist
+	for arch in amd64 arm64; do \
+	  GOARCH=$$arch $(GOBUILD) -o dist/ctlbd-linux-$$arch ./cmd/ctlbd && \
+	  GOARCH=$$arch $(GOBUILD) -o dist/ctlb-linux-$$arch ./plugins/meta/ctlb || exit 1; \
+	done
+
+clean:
+	rm -rf bin dist .cache/test.log

@@ -1,0 +1,255 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// call runs one API request with a bounded time.
+func (g *globals) call(method, path string, query url.Values, in, out any) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return api.NewClient(g.socket).Do(ctx, method, path, query, in, out)
+}
+
+// print writes v as JSON with -o json, else calls table.
+func (g *globals) print(w io.Writer, v any, table func(*tabwriter.Writer)) error {
+	switch g.output {
+	case "json":
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	case "table", "":
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		table(tw)
+		return tw.Flush()
+	}
+	return fmt.Errorf("--output %q: want table or json", g.output)
+}
+
+func newServiceCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "service",
+		Short: "Set, delete and list VIPs and their servers",
+	}
+	var empty string
+	set := &cobra.Command{
+		Use:   "set VIP:PORT SERVER:PORT [SERVER:PORT...]",
+		Short: "Set a VIP's servers, replacing its set atomically",
+		Long: `Set a VIP's servers. The new set replaces the old one in a single map update:
+a concurrent connect() sees the old set or the new one, never a mix or a gap.
+With no servers, connects to the VIP follow --empty: "reject" fails them at
+once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
+(where the fallback proxy may answer).`,
+		Example: `  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502
+  ctlbd service set 198.18.255.1:8502 --empty passthrough`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty}
+			if req.Servers == nil {
+				req.Servers = []string{}
+			}
+			var svc datapath.Service
+			if err := g.call(http.MethodPut, api.PathServices, nil, req, &svc); err != nil {
+				return err
+			}
+			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
+				fmt.Fprintf(w, "set %s: %d servers, empty %s\n", svc.VIP, len(svc.Servers), svc.Empty)
+			})
+		},
+	}
+	set.Flags().StringVar(&empty, "empty", "reject", `what a connect to the VIP does while its set is empty: "reject" or "passthrough"`)
+	del := &cobra.Command{
+		Use:     "delete VIP:PORT",
+		Short:   "Delete a VIP: connects to it are no longer rewritten",
+		Example: "  ctlbd service delete 198.18.255.1:8502",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := datapath.ParseVIP(args[0]); err != nil {
+				return err
+			}
+			return g.call(http.MethodDelete, api.PathServices+"/"+url.PathEscape(args[0]), nil, nil, nil)
+		},
+	}
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List VIPs and their servers as the maps hold them",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var svcs []datapath.Service
+			if err := g.call(http.MethodGet, api.PathServices, nil, nil, &svcs); err != nil {
+				return err
+			}
+			return g.print(cmd.OutOrStdout(), svcs, func(w *tabwriter.Writer) {
+				fmt.Fprintln(w, "VIP\tEMPTY\tSERVERS")
+				for _, s := range svcs {
+					var ss []string
+					for _, srv := range s.Servers {
+						ss = append(ss, srv.String())
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\n", s.VIP, s.Empty, strings.Join(ss, ","))
+				}
+			})
+		},
+	}
+	cmd.AddCommand(set, del, list)
+	return cmd
+}
+
+func newAttachCommand(g *globals) *cobra.Command {
+	var cgroup string
+	cmd := &cobra.Command{
+		Use:   "attach --cgroup PATH",
+		Short: "Attach ctlb to a cgroup: its processes' connects to VIPs are balanced",
+		Long: `Attach connect4, getpeername4 and sock_release to a cgroup v2 directory with
+pinned bpf_links. Every process in the cgroup and its descendants is covered,
+including ones started later. PATH is absolute or relative to the cgroup v2
+mount; the v2 root itself is refused. Pods are attached by the CNI plugin;
+this command is for everything else.`,
+		Example: "  ctlbd attach --cgroup /system.slice/myapp.service",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var a datapath.Attachment
+			if err := g.call(http.MethodPost, api.PathAttachments, nil, api.AttachRequest{Cgroup: cgroup}, &a); err != nil {
+				return err
+			}
+			return g.print(cmd.OutOrStdout(), a, func(w *tabwriter.Writer) {
+				fmt.Fprintf(w, "attached %s to %s\n", a.ID, a.CgroupPath)
+			})
+		},
+	}
+	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory (required)")
+	_ = cmd.MarkFlagRequired("cgroup")
+	return cmd
+}
+
+func newDetachCommand(g *globals) *cobra.Command {
+	var cgroup string
+	cmd := &cobra.Command{
+		Use:     "detach --cgroup PATH",
+		Short:   "Detach ctlb from a cgroup (every attachment on it)",
+		Example: "  ctlbd detach --cgroup /system.slice/myapp.service",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var removed []datapath.Attachment
+			if err := g.call(http.MethodDelete, api.PathAttachments, nil, api.AttachRequest{Cgroup: cgroup}, &removed); err != nil {
+				return err
+			}
+			return g.print(cmd.OutOrStdout(), removed, func(w *tabwriter.Writer) {
+				for _, a := range removed {
+					fmt.Fprintf(w, "detached %s from %s\n", a.ID, a.CgroupPath)
+				}
+			})
+		},
+	}
+	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory (required)")
+	_ = cmd.MarkFlagRequired("cgroup")
+	return cmd
+}
+
+func newAttachmentsCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "attachments",
+		Short: "List attachments; a dead one's cgroup is gone and GC removes it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var list []datapath.Attachment
+			if err := g.call(http.MethodGet, api.PathAttachments, nil, nil, &list); err != nil {
+				return err
+			}
+			return g.print(cmd.OutOrStdout(), list, func(w *tabwriter.Writer) {
+				fmt.Fprintln(w, "ID\tSTATE\tCGROUP ID\tCGROUP")
+				for _, a := range list {
+					state := "attached"
+					if !a.Alive {
+						state = "dead"
+					}
+					if len(a.Missing) > 0 {
+						state = "broken (missing " + strings.Join(a.Missing, ",") + ")"
+					}
+					fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", a.ID, state, a.CgroupID, a.CgroupPath)
+				}
+			})
+		},
+	}
+}
+
+func newStatusCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show each VIP's servers with connects and open connections",
+		Long: `Show, per VIP and server, how many connects the kernel sent there and how many
+of those sockets are open now, with each server's source and health. Exits
+non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var st api.Status
+			if err := g.call(http.MethodGet, api.PathStatus, nil, nil, &st); err != nil {
+				return err
+			}
+			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
+				fmt.Fprintln(w, "VIP\tSERVER\tSOURCE\tHEALTH\tIN SET\tCONNECTS\tOPEN")
+				for _, s := range st.Services {
+					if len(s.Servers) == 0 {
+						fmt.Fprintf(w, "%s\t(none: %s)\t\t\t\t\t\n", s.VIP, s.Empty)
+					}
+					for _, srv := range s.Servers {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%d\t%d\n", s.VIP, srv.Server, srv.Source, srv.Health, srv.InSet, srv.Connects, srv.Open)
+					}
+				}
+				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
+			})
+		},
+	}
+}
+
+func newReloadCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "reload",
+		Short: "Re-read the daemon's config file (as SIGHUP does); a bad one is rejected",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.call(http.MethodPost, api.PathReload, nil, nil, nil)
+		},
+	}
+}
+
+func newVersionCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version of this binary (and of the daemon, when it runs)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			local := localVersion()
+			out := struct {
+				Client api.Version  `json:"client"`
+				Daemon *api.Version `json:"daemon,omitempty"`
+			}{Client: local}
+			var d api.Version
+			if err := g.call(http.MethodGet, api.PathVersion, nil, nil, &d); err == nil {
+				out.Daemon = &d
+			}
+			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {
+				fmt.Fprintf(w, "client:\t%s\t%s\tlayout v%d\t%s\n", local.Version, local.Commit, local.Layout, local.Go)
+				if out.Daemon != nil {
+					fmt.Fprintf(w, "daemon:\t%s\t%s\tlayout v%d\t%s\n", d.Version, d.Commit, d.Layout, d.Go)
+				} else {
+					fmt.Fprintf(w, "daemon:\tnot reachable at %s\n", g.socket)
+				}
+			})
+		},
+	}
+}
+

@@ -1,0 +1,70 @@
+// Command ctlbd is ctlb's node daemon and its CLI in one binary: `ctlbd run`
+// is the daemon; every other command talks to it over its unix socket.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// exitError carries the exit status of a failed command.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit %d", e.code) }
+
+func main() {
+	root := newRootCommand()
+	if err := root.Execute(); err != nil {
+		if e, ok := err.(exitError); ok {
+			os.Exit(e.code)
+		}
+		fmt.Fprintln(os.Stderr, "ctlbd:", err)
+		os.Exit(1)
+	}
+}
+
+// globals are the flags every client command shares.
+type globals struct {
+	socket string
+	output string
+}
+
+func newRootCommand() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:   "ctlbd",
+		Short: "ctlb's node daemon and CLI: connect-time load balancing for containers",
+		Long: `ctlbd keeps ctlb's virtual IPs (VIP:port) and their servers in pinned BPF
+maps. A cgroup/connect4 program attached to a pod's cgroup rewrites each
+connect() to a VIP into a connect() to one server, round-robin: no NAT, no
+conntrack, no proxy on the data path.
+
+Run the daemon with "ctlbd run"; the other commands talk to it over its unix
+socket (--socket, or $CTLB_SOCKET).`,
+		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
+  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502
+  ctlbd attach --cgroup /kubepods/besteffort/pod1234
+  ctlbd status -o json`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	socket := os.Getenv("CTLB_SOCKET")
+	if socket == "" {
+		socket = "/run/ctlb/ctlbd.sock"
+	}
+	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "ctlbd's control socket (env CTLB_SOCKET)")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	root.AddCommand(
+		newRunCommand(g),
+		newServiceCommand(g),
+		newAttachCommand(g),
+		newDetachCommand(g),
+		newAttachmentsCommand(g),
+		newStatusCommand(g),
+		newReloadCommand(g),
+		newVersionCommand(g),
+	)
+	return root
+}

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/pkg/config"
+	"github.com/ctlb/ctlb/pkg/daemon"
+)
+
+func newRunCommand(g *globals) *cobra.Command {
+	var (
+		cfgPath, bpffs, stateDir, logLevel, logFormat string
+	)
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the daemon",
+		Long: `Run the daemon: mount bpffs if needed, adopt the pinned maps and programs (or
+create them on first start), apply the config's VIPs, and serve the control
+API on a 0600 unix socket. SIGTERM stops the daemon and leaves the data path
+in place: attached pods keep being balanced while no daemon runs, and the next
+daemon adopts the pins. SIGHUP re-reads the config; a bad one is rejected and
+the old one keeps running.
+
+Flags override the config file. Two daemons can run side by side with
+different --bpffs and --socket.`,
+		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
+  ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /tmp/ctlbd.sock`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg := config.Default()
+			if cfgPath != "" {
+				var err error
+				if cfg, err = config.Load(cfgPath); err != nil {
+					return err
+				}
+			}
+			f := cmd.Flags()
+			if f.Changed("bpffs") {
+				cfg.BPFFS = bpffs
+			}
+			// The control socket: --socket, else the config's, else $CTLB_SOCKET.
+			if f.Changed("socket") || (cfgPath == "" && os.Getenv("CTLB_SOCKET") != "") {
+				cfg.Socket = g.socket
+			}
+			if f.Changed("state-dir") {
+				cfg.StateDir = stateDir
+			}
+			if f.Changed("log-level") {
+				cfg.LogLevel = logLevel
+			}
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
+			log, err := newLogger(cfg.LogLevel, logFormat)
+			if err != nil {
+				return err
+			}
+			d, err := daemon.New(cfg, cfgPath, log)
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			go func() {
+				for range hup {
+					if err := d.Reload(); err != nil {
+						log.Error("reload", "error", err)
+					}
+				}
+			}()
+			return d.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&cfgPath, "config", "c", "", "JSON config file (see conf/ctlbd.json)")
+	f.StringVar(&bpffs, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")
+	f.StringVar(&stateDir, "state-dir", config.DefaultStateDir, "directory for pending attachments")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	return cmd
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}

@@ -1,0 +1,13 @@
+package main
+
+import (
+	"runtime"
+
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
+	"github.com/ctlb/ctlb/pkg/version"
+)
+
+func localVersion() api.Version {
+	return api.Version{Version: version.Version, Commit: version.Commit(), Layout: datapath.Layout, Go: runtime.Version()}
+}

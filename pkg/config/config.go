@@ -1,0 +1,157 @@
+// Package config reads ctlbd's JSON configuration. Decoding is strict: an
+// unknown key is an error that names it, so a typo never silently turns a
+// setting off.
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// Defaults, chosen so that one daemon per host needs no flags.
+const (
+	DefaultSocket   = "/run/ctlb/ctlbd.sock"
+	DefaultStateDir = "/run/ctlb"
+)
+
+// MaxSize bounds a config file; a larger one is refused rather than read.
+const MaxSize = 8 << 20
+
+// Config is the daemon's configuration file.
+type Config struct {
+	// BPFFS is the bpffs directory holding ctlb's pins.
+	BPFFS string `json:"bpffs,omitempty"`
+	// Socket is the control API's unix socket.
+	Socket string `json:"socket,omitempty"`
+	// StateDir holds pending attachments and other small state files.
+	StateDir string `json:"stateDir,omitempty"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `json:"logLevel,omitempty"`
+	// Services are the VIPs this daemon keeps in the maps.
+	Services []Service `json:"services,omitempty"`
+}
+
+// Service is one VIP in the config.
+type Service struct {
+	VIP string `json:"vip"`
+	// Servers is the static server list, "IP:PORT" each.
+	Servers []string `json:"servers,omitempty"`
+	// Empty is the empty-set policy: "reject" (default) or "passthrough".
+	Empty string `json:"empty,omitempty"`
+}
+
+// Parse decodes and validates a config.
+func Parse(data []byte) (*Config, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("decode config: %w", err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return nil, errors.New("decode config: trailing data after the JSON object")
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Load reads and parses the config file at path.
+func Load(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if len(data) > MaxSize {
+		return nil, fmt.Errorf("config %s: larger than %d bytes", path, MaxSize)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Default is the configuration with no file: defaults and no services.
+func Default() *Config {
+	c := &Config{}
+	c.applyDefaults()
+	return c
+}
+
+func (c *Config) applyDefaults() {
+	if c.BPFFS == "" {
+		c.BPFFS = datapath.DefaultDir
+	}
+	if c.Socket == "" {
+		c.Socket = DefaultSocket
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+}
+
+// Validate checks every field, naming the one that is wrong.
+func (c *Config) Validate() error {
+	for _, p := range []struct{ name, val string }{{"bpffs", c.BPFFS}, {"socket", c.Socket}, {"stateDir", c.StateDir}} {
+		if !filepath.IsAbs(p.val) {
+			return fmt.Errorf("config %s: %q is not an absolute path", p.name, p.val)
+		}
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("config logLevel: %q, want debug, info, warn or error", c.LogLevel)
+	}
+	seen := map[netip.AddrPort]bool{}
+	for i, s := range c.Services {
+		svc, err := s.Datapath()
+		if err != nil {
+			return fmt.Errorf("config services[%d]: %w", i, err)
+		}
+		if seen[svc.VIP] {
+			return fmt.Errorf("config services[%d]: VIP %s is configured twice", i, svc.VIP)
+		}
+		seen[svc.VIP] = true
+	}
+	return nil
+}
+
+// Datapath converts the static part of a service for the maps.
+func (s Service) Datapath() (datapath.Service, error) {
+	vip, err := datapath.ParseVIP(s.VIP)
+	if err != nil {
+		return datapath.Service{}, err
+	}
+	policy, err := datapath.ParseEmptyPolicy(s.Empty)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	out := datapath.Service{VIP: vip, Empty: policy, Servers: []netip.AddrPort{}}
+	for _, raw := range s.Servers {
+		srv, err := datapath.ParseServer(raw)
+		if err != nil {
+			return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+		}
+		out.Servers = append(out.Servers, srv)
+	}
+	return out, out.Validate()
+}

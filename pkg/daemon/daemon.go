@@ -1,0 +1,239 @@
+// Package daemon is ctlbd: the one writer of ctlb's service maps. It adopts
+// or creates the pinned objects, keeps every configured VIP's servers in
+// them, and serves the control API the CLI and the CNI plugin use.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/pkg/cgroupv2"
+	"github.com/ctlb/ctlb/pkg/config"
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// Daemon is a running ctlbd.
+type Daemon struct {
+	log     *slog.Logger
+	cfgPath string
+	dp      *datapath.Datapath
+	cgroups cgroupv2.Hierarchy
+	lock    *os.File
+
+	// mu serialises every change of the service maps and of cfg.
+	mu  sync.Mutex
+	cfg *config.Config
+}
+
+// New prepares a daemon: it mounts bpffs where the pin directory needs one,
+// takes the pin directory's writer lock, and adopts (or first creates) the
+// pinned objects. cfgPath, when not empty, is re-read by Reload.
+func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) {
+	if err := ensureBPFFS(cfg.BPFFS, log); err != nil {
+		return nil, err
+	}
+	lock, err := lockDir(cfg.BPFFS)
+	if err != nil {
+		return nil, err
+	}
+	dp, err := datapath.Create(cfg.BPFFS)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	h, err := cgroupv2.Default()
+	if err != nil {
+		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)
+	}
+	return &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg}, nil
+}
+
+// Datapath is the daemon's handle on the pinned objects.
+func (d *Daemon) Datapath() *datapath.Datapath { return d.dp }
+
+// Close releases the daemon's handles. Pinned objects and links stay:
+// connections keep being balanced while no daemon runs (invariant 1).
+func (d *Daemon) Close() error {
+	err := d.dp.Close()
+	d.lock.Close()
+	return err
+}
+
+// ensureBPFFS mounts a bpffs on dir when dir is not on one already.
+func ensureBPFFS(dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	if datapath.IsBPFFS(dir) {
+		return nil
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
+	}
+	log.Info("mounted bpffs", "dir", dir)
+	return nil
+}
+
+// lockDir takes an exclusive flock on the pin directory: one writer owns the
+// service maps at a time (invariant 4). The kernel drops it when the process
+// dies, so a SIGKILLed daemon never blocks its successor.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("another ctlbd owns %s (its maps have one writer)", dir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return f, nil
+}
+
+// Run applies the config and serves the control API until ctx ends.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := d.applyServices(nil, d.cfg); err != nil {
+		return err
+	}
+	if n, err := d.dp.RemoveStale(time.Minute); err != nil {
+		d.log.Warn("remove stale link directories", "error", err)
+	} else if n > 0 {
+		d.log.Info("removed stale link directories", "count", n)
+	}
+	ln, err := listenUnix(d.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", len(d.cfg.Services))
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return fmt.Errorf("control API: %w", err)
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdownCtx)
+	os.Remove(d.cfg.Socket)
+	d.log.Info("ctlbd stopped; the data path stays in place")
+	return nil
+}
+
+// listenUnix listens on a root-only unix socket, replacing a stale one.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
+	}
+	os.Remove(path)
+	// The umask makes the socket 0600 from its first moment.
+	old := unix.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Reload re-reads the config file and applies it. A config that does not
+// parse or validate is rejected with the reason; the old one stays.
+func (d *Daemon) Reload() error {
+	if d.cfgPath == "" {
+		return errors.New("reload: ctlbd runs without a config file")
+	}
+	next, err := config.Load(d.cfgPath)
+	if err != nil {
+		return fmt.Errorf("reload rejected, old config kept: %w", err)
+	}
+	d.mu.Lock()
+	prev := d.cfg
+	d.mu.Unlock()
+	// Where the daemon lives (set by the file or by flags) changes only with a
+	// restart; the rest of the file applies now.
+	if next.BPFFS != prev.BPFFS || next.Socket != prev.Socket || next.StateDir != prev.StateDir {
+		d.log.Warn("reload: bpffs, socket and stateDir keep their running values until a restart",
+			"bpffs", prev.BPFFS, "socket", prev.Socket, "stateDir", prev.StateDir)
+	}
+	next.BPFFS, next.Socket, next.StateDir = prev.BPFFS, prev.Socket, prev.StateDir
+	if err := d.applyServices(prev, next); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	d.mu.Lock()
+	d.cfg = next
+	d.mu.Unlock()
+	d.log.Info("config reloaded", "path", d.cfgPath, "services", len(next.Services))
+	return nil
+}
+
+// applyServices writes next's VIPs and removes the VIPs prev had that next
+// has not. A VIP whose pinned set already matches is left alone, so a
+// restarted daemon adopts the maps without rewriting them.
+func (d *Daemon) applyServices(prev, next *config.Config) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	want := map[netip.AddrPort]datapath.Service{}
+	for _, s := range next.Services {
+		svc, err := s.Datapath()
+		if err != nil {
+			return err // Validate ran already; this is a programming error
+		}
+		want[svc.VIP] = svc
+	}
+	for _, svc := range want {
+		cur, ok, err := d.dp.Service(svc.VIP)
+		if err != nil {
+			return err
+		}
+		if ok && sameService(cur, svc) {
+			continue
+		}
+		if err := d.dp.SetService(svc); err != nil {
+			return err
+		}
+		d.log.Info("service set", "vip", svc.VIP, "servers", svc.Servers, "empty", svc.Empty, "reason", "config")
+	}
+	if prev != nil {
+		for _, s := range prev.Services {
+			vip, err := datapath.ParseVIP(s.VIP)
+			if err != nil || want[vip].VIP.IsValid() {
+				continue
+			}
+			if _, err := d.dp.DeleteService(vip); err != nil {
+				return err
+			}
+			d.log.Info("service deleted", "vip", vip, "reason", "removed from config")
+		}
+	}
+	return nil
+}
+
+func sameService(a, b datapath.Service) bool {
+	if a.VIP != b.VIP || a.Empty != b.Empty || len(a.Servers) != len(b.Servers) {
+		return false
+	}
+	for i := range a.Servers {
+		if a.Servers[i] != b.Servers[i] {
+			return false
+		}
+	}
+	return true
+}

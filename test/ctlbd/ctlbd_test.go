@@ -1,0 +1,368 @@
+package ctlbd_test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
+	"github.com/ctlb/ctlb/pkg/testutil"
+)
+
+const vip = "198.19.0.1:8502"
+
+var servers = []string{"127.0.0.31:8502", "127.0.0.32:8502", "127.0.0.33:9000"}
+
+// pod is a test "pod": a network namespace holding the servers (on lo /32s)
+// and a cgroup attached through the CLI.
+func newPod(t *testing.T, d *daemon) (ns.NetNS, string) {
+	t.Helper()
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.31", "127.0.0.32", "127.0.0.33")
+	testutil.StartServers(t, netns, servers...)
+	cg := testutil.NewCgroup(t, "")
+	d.mustCLI("attach", "--cgroup", cg)
+	return netns, cg
+}
+
+func TestCLIServicesAndStatus(t *testing.T) {
+	d := newDaemon(t)
+	d.start()
+	out := d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	if !strings.Contains(out, "3 servers") {
+		t.Errorf("service set output %q", out)
+	}
+	var svcs []api.Service
+	d.jsonCLI(&svcs, "service", "list")
+	if len(svcs) != 1 || svcs[0].VIP.String() != vip || fmt.Sprint(svcs[0].Servers) != "["+strings.Join(servers, " ")+"]" || svcs[0].Empty != datapath.EmptyReject {
+		t.Fatalf("service list = %+v", svcs)
+	}
+	if rows := lines(d.mustCLI("service", "list")); len(rows) != 2 || rows[1][0] != vip {
+		t.Errorf("service list table = %v", rows)
+	}
+
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.31", "127.0.0.32", "127.0.0.33")
+	testutil.StartServers(t, netns, servers...)
+	cg := testutil.NewCgroup(t, "")
+	var att api.Attachment
+	d.jsonCLI(&att, "attach", "--cgroup", cg)
+	if att.CgroupPath != cg || !att.Alive {
+		t.Fatalf("attach = %+v", att)
+	}
+	var atts []api.Attachment
+	d.jsonCLI(&atts, "attachments")
+	if len(atts) != 1 || atts[0].ID != att.ID {
+		t.Fatalf("attachments = %+v", atts)
+	}
+
+	// 9 connections closed, then 6 held open.
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 9})
+	if r.Failed != 0 {
+		t.Fatalf("connects failed: %v", r.Errors)
+	}
+	c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "hold", Target: vip, Count: 6})
+	if r := c.Result(t); r.Failed != 0 {
+		t.Fatalf("connects failed: %v", r.Errors)
+	}
+	var st api.Status
+	d.jsonCLI(&st, "status")
+	if len(st.Services) != 1 || len(st.Services[0].Servers) != 3 || st.Attachments != 1 {
+		t.Fatalf("status = %+v", st)
+	}
+	for _, s := range st.Services[0].Servers {
+		if s.Connects != 5 || s.Open != 2 || !s.InSet {
+			t.Errorf("status %s: connects %d open %d inSet %v, want 5, 2, true", s.Server, s.Connects, s.Open, s.InSet)
+		}
+	}
+	if !strings.Contains(d.mustCLI("status"), "127.0.0.31:8502") {
+		t.Error("status table does not name the servers")
+	}
+	c.Stop(t)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d.jsonCLI(&st, "status")
+		open := int64(0)
+		for _, s := range st.Services[0].Servers {
+			open += s.Open
+		}
+		if open == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("open connections still %d after the client closed them: %+v", open, st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	d.mustCLI("detach", "--cgroup", cg)
+	d.jsonCLI(&atts, "attachments")
+	if len(atts) != 0 {
+		t.Fatalf("attachments after detach = %+v", atts)
+	}
+	d.mustCLI("service", "delete", vip)
+	d.jsonCLI(&svcs, "service", "list")
+	if len(svcs) != 0 {
+		t.Fatalf("service list after delete = %+v", svcs)
+	}
+	var v struct{ Client, Daemon *api.Version }
+	d.jsonCLI(&v, "version")
+	if v.Client == nil || v.Daemon == nil || v.Daemon.Layout != datapath.Layout {
+		t.Fatalf("version = %+v", v)
+	}
+	// Socket is the daemon's and root's only.
+	if fi, err := os.Stat(d.socket); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode = %v, %v; want 0600", fi.Mode(), err)
+	}
+}
+
+func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
+	d := newDaemon(t)
+	d.start()
+	d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	netns, cg := newPod(t, d)
+	servicesID := pinnedMapID(t, d.bpffs, "ctlb_services_v1")
+
+	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
+	time.Sleep(200 * time.Millisecond)
+	d.kill()
+	// No daemon: connections must keep landing on the servers.
+	time.Sleep(time.Second)
+	down := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 6})
+	if down.Failed != 0 || len(down.PerServer) != 3 {
+		t.Fatalf("while ctlbd was down: %d failed, landed %v (%v)", down.Failed, down.PerServer, down.Errors)
+	}
+	d.start()
+	r := storm.Finish(t)
+	t.Logf("storm across the SIGKILL and restart: %d connects, %d failed, per server %v", r.Total, r.Failed, r.PerServer)
+	if r.Failed != 0 {
+		t.Errorf("%d of %d connects failed across the daemon's death: %v", r.Failed, r.Total, r.Errors)
+	}
+	for s := range r.PerServer {
+		if !contains(servers, s) {
+			t.Errorf("connections landed on %q, not a server", s)
+		}
+	}
+
+	// The restarted daemon adopted the pins instead of re-creating them.
+	if id := pinnedMapID(t, d.bpffs, "ctlb_services_v1"); id != servicesID {
+		t.Errorf("services map ID %d after restart, was %d: re-created, not adopted", id, servicesID)
+	}
+	var svcs []api.Service
+	d.jsonCLI(&svcs, "service", "list")
+	if len(svcs) != 1 || len(svcs[0].Servers) != 3 {
+		t.Fatalf("service list after restart = %+v", svcs)
+	}
+	var atts []api.Attachment
+	d.jsonCLI(&atts, "attachments")
+	if len(atts) != 1 || atts[0].CgroupPath != cg {
+		t.Fatalf("attachments after restart = %+v", atts)
+	}
+
+	// SIGTERM leaves the data path too.
+	d.stop()
+	r = testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 3})
+	if r.Failed != 0 {
+		t.Fatalf("after SIGTERM: %v", r.Errors)
+	}
+}
+
+func pinnedMapID(t *testing.T, dir, name string) ebpf.MapID {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return id
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func TestBadInputChangesNothing(t *testing.T) {
+	d := newDaemon(t)
+	d.start()
+	d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	cg := testutil.NewCgroup(t, "")
+	d.mustCLI("attach", "--cgroup", cg)
+	v1 := testutil.V2Mount(t)
+	outside := t.TempDir()
+
+	snapshot := func() string {
+		return d.mustCLI("service", "list", "-o", "json") + d.mustCLI("attachments", "-o", "json")
+	}
+	before := snapshot()
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.300:80"}, `"127.0.0.300:80"`},
+		{[]string{"service", "set", "198.19.0.1:8502", "not-an-address"}, `"not-an-address"`},
+		{[]string{"service", "set", "198.19.0.1:65536", "127.0.0.1:80"}, `"198.19.0.1:65536"`},
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:0"}, "127.0.0.1:0"},
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:70000"}, `"127.0.0.1:70000"`},
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "127.0.0.1:80"}, "127.0.0.1:80 is listed twice"},
+		{[]string{"service", "set", "[2001:db8::1]:8502", "127.0.0.1:80"}, "only IPv4"},
+		{[]string{"service", "set", "0.0.0.0:8502", "127.0.0.1:80"}, "0.0.0.0:8502"},
+		{[]string{"service", "set", "255.255.255.255:80", "127.0.0.1:80"}, "255.255.255.255:80"},
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "--empty", "drop"}, `"drop"`},
+		{[]string{"service", "delete", "198.19.0.9:1"}, "198.19.0.9:1 is not configured"},
+		{[]string{"attach", "--cgroup", outside}, "outside the cgroup v2 mount"},
+		{[]string{"attach", "--cgroup", "/sys/fs/cgroup/cpu"}, "outside the cgroup v2 mount"},
+		{[]string{"attach", "--cgroup", "/"}, "cgroup v2 root"},
+		{[]string{"attach", "--cgroup", v1}, "cgroup v2 root"},
+		{[]string{"attach", "--cgroup", cg + "/../.."}, `".."`},
+		{[]string{"attach", "--cgroup", cg + "/missing"}, "does not exist"},
+		{[]string{"detach", "--cgroup", cg + "/missing"}, "no attachment"},
+		{[]string{"status", "-o", "yaml"}, `"yaml"`},
+	}
+	for _, c := range cases {
+		_, errOut, code := d.cli(c.args...)
+		if code == 0 {
+			t.Errorf("ctlbd %s: exit 0, want failure", strings.Join(c.args, " "))
+			continue
+		}
+		if !strings.Contains(errOut, c.want) {
+			t.Errorf("ctlbd %s: stderr %q, want it to name %s", strings.Join(c.args, " "), errOut, c.want)
+		}
+	}
+	if after := snapshot(); after != before {
+		t.Errorf("state changed by rejected input:\nbefore %s\nafter  %s", before, after)
+	}
+
+	// The daemon is unreachable: a clear error, non-zero exit.
+	_, errOut, code := run("--socket", filepath.Join(t.TempDir(), "none.sock"), "service", "list")
+	if code == 0 || !strings.Contains(errOut, "not reachable") {
+		t.Errorf("unreachable daemon: exit %d, %q", code, errOut)
+	}
+}
+
+func TestBadConfigRefused(t *testing.T) {
+	dir := t.TempDir()
+	bpffs := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	cases := map[string]string{
+		`{"services": [{"vip": "198.19.0.1:80", "servers": ["127.0.0.1:80"], "wieght": 3}]}`: `"wieght"`,
+		`{"services": [{"vip": "198.19.0.1:80", "servers": ["127.0.0.1:99999"]}]}`:           `"127.0.0.1:99999"`,
+		`{"services": [{"vip": "198.19.0.1:80"}, {"vip": "198.19.0.1:80"}]}`:                 "configured twice",
+		`{"logLevel": "loud"}`: `"loud"`,
+		`{"services": [`:       "decode config",
+	}
+	for cfg, want := range cases {
+		path := filepath.Join(dir, "ctlbd.json")
+		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, errOut, code := run("run", "--config", path, "--bpffs", bpffs, "--socket", filepath.Join(dir, "s.sock"))
+		if code == 0 || !strings.Contains(errOut, want) {
+			t.Errorf("config %s: exit %d, stderr %q; want failure naming %s", cfg, code, errOut, want)
+		}
+	}
+	if _, err := os.Stat(bpffs); !os.IsNotExist(err) {
+		t.Errorf("a refused config still created %s: %v", bpffs, err)
+	}
+}
+
+func TestConfigAndReload(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "ctlbd.json")
+	write := func(s string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(`{"services": [
+		{"vip": "198.19.0.1:8502", "servers": ["127.0.0.31:8502", "127.0.0.32:8502"]},
+		{"vip": "198.19.0.2:80", "servers": [], "empty": "passthrough"}]}`)
+	d := newDaemon(t, "--config", path)
+	d.start()
+	want := map[string][]string{"198.19.0.1:8502": {"127.0.0.31:8502", "127.0.0.32:8502"}, "198.19.0.2:80": {}}
+	assertServices(t, d, want)
+
+	// A reload that drops one VIP and changes the other.
+	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.33:9000"]}]}`)
+	d.mustCLI("reload")
+	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:9000"}})
+
+	// A bad config is rejected with the reason; the old one stays.
+	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.33:9000"], "colour": "blue"}]}`)
+	_, errOut, code := d.cli("reload")
+	if code == 0 || !strings.Contains(errOut, `"colour"`) || !strings.Contains(errOut, "old config kept") {
+		t.Errorf("bad reload: exit %d, %q", code, errOut)
+	}
+	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:9000"}})
+
+	// SIGHUP does the same as reload.
+	write(`{"services": [{"vip": "198.19.0.3:443", "servers": ["127.0.0.31:8502"]}]}`)
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var svcs []api.Service
+		d.jsonCLI(&svcs, "service", "list")
+		if len(svcs) == 1 && svcs[0].VIP.String() == "198.19.0.3:443" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("SIGHUP did not apply the new config: %+v", svcs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func assertServices(t *testing.T, d *daemon, want map[string][]string) {
+	t.Helper()
+	var svcs []api.Service
+	d.jsonCLI(&svcs, "service", "list")
+	got := map[string][]string{}
+	for _, s := range svcs {
+		ss := []string{}
+		for _, srv := range s.Servers {
+			ss = append(ss, srv.String())
+		}
+		got[s.VIP.String()] = ss
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("services = %v, want %v", got, want)
+	}
+}
+
+func TestTwoDaemons(t *testing.T) {
+	a := newDaemon(t)
+	a.start()
+	b := newDaemon(t)
+	b.start()
+	a.mustCLI("service", "set", vip, "127.0.0.31:8502")
+	var svcs []api.Service
+	b.jsonCLI(&svcs, "service", "list")
+	if len(svcs) != 0 {
+		t.Fatalf("daemon b sees daemon a's services: %+v", svcs)
+	}
+	// A second daemon on a's bpffs is refused: one writer per map set.
+	_, errOut, code := run("run", "--bpffs", a.bpffs, "--socket", filepath.Join(t.TempDir(), "c.sock"))
+	if code == 0 || !strings.Contains(errOut, "another ctlbd owns") {
+		t.Fatalf("second daemon on the same bpffs: exit %d, %q", code, errOut)
+	}
+}
