@@ -27,12 +27,6 @@ const vip = "198.18.100.1:80"
 
 var servers = []string{"127.0.0.11:9001", "127.0.0.12:9001", "127.0.0.13:9002"}
 
-type env struct {
-	dp     *datapath.Datapath
-	netns  interface{ Path() string }
-	cgroup string
-}
-
 func newDatapath(t *testing.T) *datapath.Datapath {
 	t.Helper()
 	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
