@@ -198,17 +198,20 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 		}
 		want[svc.VIP] = svc
 	}
+	var changed []datapath.Service
 	for _, svc := range want {
 		cur, ok, err := d.dp.Service(svc.VIP)
 		if err != nil {
 			return err
 		}
-		if ok && sameService(cur, svc) {
-			continue
+		if !ok || !sameService(cur, svc) {
+			changed = append(changed, svc)
 		}
-		if err := d.dp.SetService(svc); err != nil {
-			return err
-		}
+	}
+	if err := d.dp.SetServices(changed); err != nil {
+		return err
+	}
+	for _, svc := range changed {
 		d.log.Info("service set", "vip", svc.VIP, "servers", svc.Servers, "empty", svc.Empty, "reason", "config")
 	}
 	if prev != nil {

@@ -420,3 +420,42 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+func TestSetServicesBulk(t *testing.T) {
+	dp := newDatapath(t)
+	var svcs []datapath.Service
+	for i := 0; i < 2000; i++ {
+		svcs = append(svcs, datapath.Service{
+			VIP:     netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)}), 80),
+			Servers: []netip.AddrPort{netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, byte(i >> 8), byte(i)}), 8080)},
+		})
+	}
+	start := time.Now()
+	if err := dp.SetServices(svcs); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d VIPs set in %v", len(svcs), time.Since(start))
+	got, err := dp.Services()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(svcs) {
+		t.Fatalf("%d services in the map, want %d", len(got), len(svcs))
+	}
+	for i, s := range got {
+		if fmt.Sprint(s.Servers) != fmt.Sprint(svcs[i].Servers) {
+			t.Fatalf("service %s = %v, want %v", s.VIP, s.Servers, svcs[i].Servers)
+		}
+	}
+	// One bad service refuses the whole batch before anything is written.
+	bad := []datapath.Service{
+		{VIP: netip.MustParseAddrPort("198.18.200.1:80"), Servers: aps(t, "127.0.0.1:80")},
+		{VIP: netip.MustParseAddrPort("198.18.200.2:0"), Servers: aps(t, "127.0.0.1:80")},
+	}
+	if err := dp.SetServices(bad); err == nil {
+		t.Fatal("a batch with an invalid VIP was accepted")
+	}
+	if _, ok, _ := dp.Service(bad[0].VIP); ok {
+		t.Fatal("the valid half of a refused batch was written")
+	}
+}

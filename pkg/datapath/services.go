@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -296,4 +297,52 @@ func parseAddrPort(what, s string) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("%s %q: not a plain IPv4 address", what, s)
 	}
 	return ap, nil
+}
+
+// setParallelism bounds concurrent SetService calls in SetServices.
+const setParallelism = 64
+
+// SetServices sets many VIPs at once. Each replacement waits for one RCU
+// grace period (about 10 ms); concurrent waits share grace periods, so the
+// updates run in parallel and 10,000 VIPs take a second or two instead of
+// minutes. Every service is validated before any is written; each VIP's
+// swap stays atomic on its own. The VIPs must be distinct.
+func (d *Datapath) SetServices(svcs []Service) error {
+	seen := make(map[netip.AddrPort]bool, len(svcs))
+	for _, s := range svcs {
+		if err := s.Validate(); err != nil {
+			return err
+		}
+		if seen[s.VIP] {
+			return fmt.Errorf("VIP %s is listed twice", s.VIP)
+		}
+		seen[s.VIP] = true
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		work  = make(chan Service)
+	)
+	for i := 0; i < min(setParallelism, len(svcs)); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for s := range work {
+				if err := d.SetService(s); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for _, s := range svcs {
+		work <- s
+	}
+	close(work)
+	wg.Wait()
+	return first
 }
