@@ -138,8 +138,14 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	// No daemon: connections must keep landing on the servers.
 	time.Sleep(time.Second)
 	down := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 6})
-	if down.Failed != 0 || len(down.PerServer) != 3 {
-		t.Fatalf("while ctlbd was down: %d failed, landed %v (%v)", down.Failed, down.PerServer, down.Errors)
+	// The storm shares the round-robin counter, so only membership is exact.
+	if down.Failed != 0 {
+		t.Fatalf("while ctlbd was down: %d failed (%v)", down.Failed, down.Errors)
+	}
+	for s := range down.PerServer {
+		if !contains(servers, s) {
+			t.Fatalf("while ctlbd was down: landed on %q, not a server", s)
+		}
 	}
 	d.start()
 	r := storm.Finish(t)
