@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -35,6 +36,9 @@ type Config struct {
 	StateDir string `json:"stateDir,omitempty"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `json:"logLevel,omitempty"`
+	// ReconcileInterval is how often ctlbd repairs pinned state (re-pins
+	// what was removed, drops attachments of dead cgroups). Default 5s.
+	ReconcileInterval Duration `json:"reconcileInterval,omitempty"`
 	// Services are the VIPs this daemon keeps in the maps.
 	Services []Service `json:"services,omitempty"`
 }
@@ -107,6 +111,9 @@ func (c *Config) applyDefaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.ReconcileInterval == 0 {
+		c.ReconcileInterval = Duration(5 * time.Second)
+	}
 }
 
 // Validate checks every field, naming the one that is wrong.
@@ -115,6 +122,9 @@ func (c *Config) Validate() error {
 		if !filepath.IsAbs(p.val) {
 			return fmt.Errorf("config %s: %q is not an absolute path", p.name, p.val)
 		}
+	}
+	if c.ReconcileInterval < Duration(100*time.Millisecond) {
+		return fmt.Errorf("config reconcileInterval: %s, want at least 100ms", time.Duration(c.ReconcileInterval))
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

@@ -108,11 +108,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
-	if n, err := d.dp.RemoveStale(time.Minute); err != nil {
-		d.log.Warn("remove stale link directories", "error", err)
-	} else if n > 0 {
-		d.log.Info("removed stale link directories", "count", n)
-	}
+	d.Reconcile()
+	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
 	ln, err := listenUnix(d.cfg.Socket)
 	if err != nil {
 		return err

@@ -206,24 +206,20 @@ func (d *Datapath) readAttachment(id string, index map[uint64]string) (Attachmen
 func (d *Datapath) Attachments() ([]Attachment, error) {
 	entries, err := os.ReadDir(d.linksDir())
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+		return []Attachment{}, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("list attachments: %w", err)
-	}
-	var index map[uint64]string
-	if h, err := cgroupv2.Default(); err == nil {
-		index, _ = h.IndexByID()
-	}
-	if index == nil {
-		index = map[uint64]string{}
 	}
 	out := []Attachment{}
 	for _, e := range entries {
 		if !e.IsDir() || strings.HasPrefix(e.Name(), "_") {
 			continue
 		}
-		a, err := d.readAttachment(e.Name(), index)
+		// An empty index: paths are filled in below, from an index taken
+		// after every link was read, so a cgroup created just before its
+		// attachment is never missing from it.
+		a, err := d.readAttachment(e.Name(), map[uint64]string{})
 		if errors.Is(err, ErrNoAttachment) {
 			continue // detached while we listed
 		}
@@ -231,6 +227,17 @@ func (d *Datapath) Attachments() ([]Attachment, error) {
 			return nil, err
 		}
 		out = append(out, a)
+	}
+	index := map[uint64]string{}
+	if h, err := cgroupv2.Default(); err == nil && len(out) > 0 {
+		// Fail rather than report every attachment dead on a bad walk.
+		if index, err = h.IndexByID(); err != nil {
+			return nil, fmt.Errorf("list attachments: %w", err)
+		}
+	}
+	for i := range out {
+		out[i].CgroupPath = index[out[i].CgroupID]
+		out[i].Alive = out[i].CgroupID != 0 && out[i].CgroupPath != ""
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil

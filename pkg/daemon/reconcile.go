@@ -1,0 +1,76 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// ReconcileResult says what one reconciliation pass repaired.
+type ReconcileResult struct {
+	Repinned []string `json:"repinned,omitempty"`
+	// Dead are attachments whose cgroup is gone, now removed.
+	Dead []string `json:"dead,omitempty"`
+	// Repaired are attachments that had lost pins, now whole again.
+	Repaired []string `json:"repaired,omitempty"`
+	Stale    int      `json:"stale,omitempty"`
+}
+
+// reconcileLoop runs Reconcile every interval until ctx ends.
+func (d *Daemon) reconcileLoop(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			d.Reconcile()
+		}
+	}
+}
+
+// Reconcile makes the pinned state whole again after faults no caller
+// reported: pins removed by hand are put back from the daemon's own handles,
+// attachments whose pod cgroup died without a CNI DEL are removed, ones that
+// lost some of their link pins are re-attached, and temporary directories
+// left by a plugin killed half-way are removed. Every repair is logged.
+func (d *Daemon) Reconcile() ReconcileResult {
+	var r ReconcileResult
+	var err error
+	if r.Repinned, err = d.dp.Repin(); err != nil {
+		d.log.Error("reconcile: re-pin", "error", err)
+	}
+	if len(r.Repinned) > 0 {
+		d.log.Error("reconcile: pins had been removed from under the daemon; pinned them again", "pins", r.Repinned, "bpffs", d.dp.Dir())
+	}
+	atts, err := d.dp.Attachments()
+	if err != nil {
+		d.log.Error("reconcile: list attachments", "error", err)
+		return r
+	}
+	for _, a := range atts {
+		switch {
+		case !a.Alive:
+			if err := d.dp.Detach(a.ID); err != nil && !errors.Is(err, datapath.ErrNoAttachment) {
+				d.log.Error("reconcile: remove dead attachment", "id", a.ID, "error", err)
+				continue
+			}
+			d.log.Info("reconcile: removed attachment of a dead cgroup", "id", a.ID, "cgroupId", a.CgroupID)
+			r.Dead = append(r.Dead, a.ID)
+		case len(a.Missing) > 0:
+			if _, err := d.dp.Attach(a.ID, a.CgroupPath); err != nil {
+				d.log.Error("reconcile: repair attachment", "id", a.ID, "missing", a.Missing, "error", err)
+				continue
+			}
+			d.log.Error("reconcile: attachment had lost link pins; re-attached", "id", a.ID, "missing", a.Missing, "cgroup", a.CgroupPath)
+			r.Repaired = append(r.Repaired, a.ID)
+		}
+	}
+	if r.Stale, err = d.dp.RemoveStale(time.Minute); err != nil {
+		d.log.Error("reconcile: remove stale link directories", "error", err)
+	}
+	return r
+}
