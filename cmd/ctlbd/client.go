@@ -252,4 +252,3 @@ func newVersionCommand(g *globals) *cobra.Command {
 		},
 	}
 }
-
