@@ -1,3 +1,5 @@
+SHELL := /bin/bash
+
 # ctlb: connect-time load balancing for containers.
 #   make demo   install what is needed, build, show a pod's connections to a VIP
 #               landing on real servers round-robin
@@ -10,7 +12,11 @@ GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 TESTFLAGS ?= -count=1 -timeout 40m
 BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o)
 
-.PHONY: all deps build generate check-generate lint test demo release clean
+.PHONY: all deps build generate check-generate lint test fuzz demo release clean
+
+# Fuzz targets as NAME:PACKAGE; each runs for FUZZTIME in make test.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := FuzzParse:./pkg/config FuzzDecodeServiceRequest:./pkg/api FuzzParseAddrPort:./pkg/datapath
 
 all: build
 
@@ -37,13 +43,20 @@ lint:
 
 # Every test runs as root against the real kernel. In CI (CI=true) a test that
 # cannot run fails instead of skipping, and any SKIP line fails the run.
-test: deps build check-generate lint
+test: deps build check-generate lint fuzz
 	@mkdir -p .cache
 	set -o pipefail; $(GO) test $(TESTFLAGS) -v ./... 2>&1 | tee .cache/test.log | grep -E '^(=== RUN|--- |ok |FAIL|PASS|panic)' ; \
 	  rc=$$?; \
 	  echo "$$(grep -c -- '--- PASS' .cache/test.log) passed, $$(grep -c -- '--- FAIL' .cache/test.log) failed, $$(grep -c -- '--- SKIP' .cache/test.log) skipped"; \
 	  if [ "$${CI:-}" = true ] && grep -q -- '--- SKIP' .cache/test.log; then echo "tests were skipped in CI:"; grep -- '--- SKIP' .cache/test.log; exit 1; fi; \
 	  exit $$rc
+
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $${t%%:*} ($${t#*:}) for $(FUZZTIME)"; \
+	  $(GO) test -run '^$$' -fuzz "^$${t%%:*}\$$" -fuzztime $(FUZZTIME) $${t#*:} 2>&1 | grep -E 'elapsed|^ok|FAIL|panic|failing' | tail -3; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
 
 demo: deps build
 	hack/demo.sh

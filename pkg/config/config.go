@@ -32,6 +32,9 @@ type Config struct {
 	BPFFS string `json:"bpffs,omitempty"`
 	// Socket is the control API's unix socket.
 	Socket string `json:"socket,omitempty"`
+	// SocketGroup, when set, is the one group (name or GID) besides root
+	// that may use the control socket (mode 0660 instead of 0600).
+	SocketGroup string `json:"socketGroup,omitempty"`
 	// StateDir holds pending attachments and other small state files.
 	StateDir string `json:"stateDir,omitempty"`
 	// LogLevel is debug, info, warn or error.

@@ -12,7 +12,9 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -108,9 +110,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
+	if err := d.startPending(ctx); err != nil {
+		return err
+	}
 	d.Reconcile()
 	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
-	ln, err := listenUnix(d.cfg.Socket)
+	ln, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup)
 	if err != nil {
 		return err
 	}
@@ -131,8 +136,17 @@ func (d *Daemon) Run(ctx context.Context) error {
 	return nil
 }
 
-// listenUnix listens on a root-only unix socket, replacing a stale one.
-func listenUnix(path string) (net.Listener, error) {
+// listenUnix listens on a root-only unix socket, replacing a stale one. With
+// a group, that group alone may use it too (0660).
+func listenUnix(path, group string) (net.Listener, error) {
+	gid := -1
+	if group != "" {
+		g, err := lookupGroup(group)
+		if err != nil {
+			return nil, fmt.Errorf("socketGroup %q: %w", group, err)
+		}
+		gid = g
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("socket directory: %w", err)
 	}
@@ -148,7 +162,40 @@ func listenUnix(path string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
 	}
+	if gid >= 0 {
+		if err := os.Chown(path, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket %s: chown to group %s: %w", path, group, err)
+		}
+		if err := os.Chmod(path, 0o660); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket %s: %w", path, err)
+		}
+		// The group must reach the socket: it may traverse the directory,
+		// not list or change it.
+		dir := filepath.Dir(path)
+		if err := os.Chown(dir, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
+		}
+		if err := os.Chmod(dir, 0o710); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
+		}
+	}
 	return ln, nil
+}
+
+// lookupGroup takes a group name or a numeric GID.
+func lookupGroup(group string) (int, error) {
+	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(group)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(g.Gid)
 }
 
 // Reload re-reads the config file and applies it. A config that does not

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/netip"
 	"os"
@@ -26,6 +25,8 @@ func (d *Daemon) Handler() http.Handler {
 	mux.HandleFunc("GET "+api.PathAttachments, d.listAttachments)
 	mux.HandleFunc("POST "+api.PathAttachments, d.attach)
 	mux.HandleFunc("DELETE "+api.PathAttachments, d.detach)
+	mux.HandleFunc("GET "+api.PathPending, d.listPending)
+	mux.HandleFunc("POST "+api.PathPending, d.notifyPending)
 	mux.HandleFunc("GET "+api.PathStatus, d.status)
 	mux.HandleFunc("GET "+api.PathVersion, d.version)
 	mux.HandleFunc("POST "+api.PathReload, d.reload)
@@ -62,18 +63,12 @@ func reply(w http.ResponseWriter, v any, err error) {
 }
 
 // decode reads a bounded, strictly-typed JSON body.
-func decode(w http.ResponseWriter, r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxRequestBytes))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return httpError{http.StatusRequestEntityTooLarge, fmt.Errorf("request larger than %d bytes", api.MaxRequestBytes)}
+func decode(_ http.ResponseWriter, r *http.Request, v any) error {
+	if err := api.Decode(r.Body, v); err != nil {
+		if errors.Is(err, api.ErrTooLarge) {
+			return httpError{http.StatusRequestEntityTooLarge, err}
 		}
-		return badRequest(fmt.Errorf("decode request: %w", err))
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return badRequest(errors.New("decode request: trailing data after the JSON object"))
+		return badRequest(err)
 	}
 	return nil
 }
@@ -260,6 +255,7 @@ func (d *Daemon) Status() (api.Status, error) {
 		return st, err
 	}
 	st.Attachments = len(atts)
+	st.Pending = d.pendingCount()
 	return st, nil
 }
 

@@ -3,6 +3,9 @@ package datapath_test
 import (
 	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -11,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/pkg/datapath"
 	"github.com/ctlb/ctlb/pkg/testutil"
@@ -458,4 +462,92 @@ func TestSetServicesBulk(t *testing.T) {
 	if _, ok, _ := dp.Service(bad[0].VIP); ok {
 		t.Fatal("the valid half of a refused batch was written")
 	}
+}
+
+// TestOnlyVIPsAreRewritten dials 1,000 random local destinations from an
+// attached cgroup, many of them near misses of a configured VIP (its address
+// with other ports, its port on other addresses), and checks that each lands
+// exactly where it was sent: catch-all listeners report the local address
+// each connection arrived at.
+func TestOnlyVIPsAreRewritten(t *testing.T) {
+	dp := newDatapath(t)
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "198.18.100.1", "127.0.0.11")
+	ports := []int{80, 81, 443, 8080, 8502, 9000, 9001, 12345}
+	for _, p := range ports {
+		startLocalAddrServer(t, netns, fmt.Sprintf("0.0.0.0:%d", p))
+	}
+	cg := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("test-scope", cg); err != nil {
+		t.Fatal(err)
+	}
+	// Configured: the VIP on port 80, and a decoy VIP on an address nobody dials.
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort("198.19.9.9:8502"), Servers: aps(t, "127.0.0.11:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	var targets []string
+	for len(targets) < 1000 {
+		p := ports[rng.IntN(len(ports))]
+		var ip string
+		switch rng.IntN(3) {
+		case 0: // the VIP's own address, any port but the VIP's
+			if p == 80 {
+				continue
+			}
+			ip = "198.18.100.1"
+		default: // anywhere in 127/8, including the VIP's port
+			ip = fmt.Sprintf("127.%d.%d.%d", rng.IntN(256), rng.IntN(256), 1+rng.IntN(254))
+		}
+		targets = append(targets, fmt.Sprintf("%s:%d", ip, p))
+	}
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Targets: targets})
+	if r.Failed != 0 {
+		t.Fatalf("%d of %d connects failed: %v", r.Failed, len(targets), r.Errors)
+	}
+	touched := 0
+	for i, got := range r.Landed {
+		if got != targets[i] {
+			touched++
+			if touched < 10 {
+				t.Errorf("dialed %s, landed on %s", targets[i], got)
+			}
+		}
+	}
+	t.Logf("%d random non-VIP destinations dialed from an attached cgroup, %d rewritten", len(targets), touched)
+	// And the VIP itself still is rewritten.
+	r = testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 1})
+	if len(r.Landed) != 1 || r.Landed[0] != "127.0.0.11:9001" {
+		t.Fatalf("the VIP landed on %v, want 127.0.0.11:9001", r.Landed)
+	}
+}
+
+// startLocalAddrServer accepts on addr and tells each client the local
+// address its connection arrived at.
+func startLocalAddrServer(t *testing.T, netns ns.NetNS, addr string) {
+	t.Helper()
+	var ln net.Listener
+	if err := netns.Do(func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp4", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.WriteString(c, c.LocalAddr().String()+"\n")
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
 }

@@ -29,8 +29,10 @@ type ClientSpec struct {
 	// the server named itself), "hold" (Count connections kept open until
 	// Stop), "storm" (Workers loops of connections until Stop or Duration),
 	// "udp" (Count datagrams, each answered by the server's address).
-	Mode     string        `json:"mode"`
-	Target   string        `json:"target"`
+	Mode   string `json:"mode"`
+	Target string `json:"target"`
+	// Targets, in dial mode, are dialed once each instead of Target.
+	Targets  []string      `json:"targets,omitempty"`
 	Count    int           `json:"count"`
 	Workers  int           `json:"workers"`
 	Duration time.Duration `json:"duration"`
@@ -171,10 +173,14 @@ func runClient(spec ClientSpec) {
 	}
 	switch spec.Mode {
 	case "dial", "hold":
+		targets := spec.Targets
+		for i := 0; len(spec.Targets) == 0 && i < spec.Count; i++ {
+			targets = append(targets, spec.Target)
+		}
 		var held []net.Conn
-		for i := 0; i < spec.Count; i++ {
+		for _, target := range targets {
 			r.Total++
-			c, err := net.DialTimeout("tcp4", spec.Target, 3*time.Second)
+			c, err := net.DialTimeout("tcp4", target, 3*time.Second)
 			if err != nil {
 				fail(err)
 				r.Landed = append(r.Landed, "")

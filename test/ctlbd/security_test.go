@@ -1,0 +1,128 @@
+package ctlbd_test
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// nobody is the unprivileged user the tests act as.
+const nobody = 65534
+
+// runAs runs a command as uid/gid with no capabilities.
+func runAs(uid, gid uint32, name string, args ...string) (string, int) {
+	cmd := exec.Command(name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return out.String(), ee.ExitCode()
+	}
+	if err != nil {
+		return err.Error(), -1
+	}
+	return out.String(), 0
+}
+
+// openDir makes a directory any user may traverse, for a socket that only
+// its own mode should protect.
+func openDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ctlb-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func TestPinsAndSocketAreRootOnly(t *testing.T) {
+	d := newDaemon(t)
+	d.socket = filepath.Join(openDir(t), "ctlbd.sock")
+	d.args = append(d.args, "--socket", d.socket)
+	d.start()
+	d.mustCLI("service", "set", vip, servers[0])
+
+	err := filepath.Walk(d.bpffs, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			t.Errorf("%s has mode %v: group or others have access", p, fi.Mode())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(d.socket); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode(), err)
+	}
+
+	before := d.mustCLI("service", "list", "-o", "json")
+	for _, args := range [][]string{
+		{"--socket", d.socket, "service", "list"},
+		{"--socket", d.socket, "service", "set", vip, servers[1]},
+		{"--socket", d.socket, "service", "delete", vip},
+	} {
+		out, code := runAs(nobody, nobody, ctlbd, args...)
+		if code == 0 || !strings.Contains(out, "permission denied") {
+			t.Errorf("as uid %d: ctlbd %s: exit %d, %q; want permission denied", nobody, strings.Join(args[2:], " "), code, out)
+		}
+	}
+	if after := d.mustCLI("service", "list", "-o", "json"); after != before {
+		t.Errorf("an unprivileged user changed the services:\n%s\n%s", before, after)
+	}
+	// Nor can it read or write the maps directly.
+	bpftool, err := exec.LookPath("bpftool")
+	if err != nil {
+		t.Fatalf("bpftool: %v (make deps installs it)", err)
+	}
+	for _, args := range [][]string{
+		{"map", "dump", "pinned", filepath.Join(d.bpffs, "ctlb_services_v1")},
+		{"map", "delete", "pinned", filepath.Join(d.bpffs, "ctlb_rr_v1"), "key", "0", "0", "0", "0", "0", "0", "0", "0"},
+	} {
+		out, code := runAs(nobody, nobody, bpftool, args...)
+		if code == 0 {
+			t.Errorf("as uid %d: bpftool %s succeeded: %s", nobody, strings.Join(args, " "), out)
+		}
+	}
+	if after := d.mustCLI("service", "list", "-o", "json"); after != before {
+		t.Errorf("services changed:\n%s\n%s", before, after)
+	}
+}
+
+func TestSocketGroup(t *testing.T) {
+	const group = 4242
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "ctlbd.json")
+	if err := os.WriteFile(cfg, []byte(`{"socketGroup": "4242"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := newDaemon(t, "--config", cfg)
+	d.socket = filepath.Join(openDir(t), "run", "ctlbd.sock")
+	d.args = append(d.args, "--socket", d.socket)
+	d.start()
+	fi, err := os.Stat(d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if fi.Mode().Perm() != 0o660 || st.Gid != group {
+		t.Fatalf("socket mode %v group %d; want 0660 group %d", fi.Mode(), st.Gid, group)
+	}
+	if out, code := runAs(nobody, group, ctlbd, "--socket", d.socket, "service", "set", vip, servers[0]); code != 0 {
+		t.Fatalf("member of the socket group: exit %d: %s", code, out)
+	}
+	if out, code := runAs(nobody, nobody, ctlbd, "--socket", d.socket, "service", "list"); code == 0 || !strings.Contains(out, "permission denied") {
+		t.Fatalf("non-member: exit %d, %q; want permission denied", code, out)
+	}
+}
