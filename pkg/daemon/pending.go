@@ -1,0 +1,103 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/ctlb/ctlb/pkg/pending"
+	"github.com/ctlb/ctlb/pkg/podcgroup"
+)
+
+// pendingWatchers holds each running daemon's pending-attachment watcher.
+// (Kept beside the Daemon rather than in it so that this file wires the
+// feature in alone; a field in Daemon would do as well.)
+var pendingWatchers sync.Map // *Daemon -> *pending.Watcher
+
+func (d *Daemon) pendingWatcher() *pending.Watcher {
+	if w, ok := pendingWatchers.Load(d); ok {
+		return w.(*pending.Watcher)
+	}
+	return nil
+}
+
+// startPending starts completing pending attachments: records the CNI
+// plugin left in <stateDir>/pending because the pod cgroup did not exist at
+// ADD. Records left while no daemon ran are completed now. The watcher stops
+// with ctx.
+func (d *Daemon) startPending(ctx context.Context) error {
+	if d.cgroups.Mount == "" {
+		d.log.Warn("no cgroup v2 hierarchy: pending attachments are not completed")
+		return nil
+	}
+	d.mu.Lock()
+	stateDir := d.cfg.StateDir
+	d.mu.Unlock()
+	w := pending.NewWatcher(stateDir, d.dp, podcgroup.NewResolver(d.cgroups), d.log.With("part", "pending"))
+	pendingWatchers.Store(d, w)
+	go func() {
+		defer pendingWatchers.Delete(d)
+		if err := w.Run(ctx); err != nil {
+			d.log.Error("pending attachments: watcher stopped", "error", err)
+		}
+	}()
+	return nil
+}
+
+// pendingCount is the number of pending attachments, for status.
+func (d *Daemon) pendingCount() int {
+	if w := d.pendingWatcher(); w != nil {
+		return w.Count()
+	}
+	d.mu.Lock()
+	stateDir := d.cfg.StateDir
+	d.mu.Unlock()
+	recs, _ := pending.List(stateDir)
+	return len(recs)
+}
+
+// notifyPending is POST /v1/pending: the plugin wrote a record and asks for
+// it to be looked at now. The answer says whether it is attached already.
+func (d *Daemon) notifyPending(w http.ResponseWriter, r *http.Request) {
+	var req pending.Notice
+	if err := decode(w, r, &req); err != nil {
+		reply(w, nil, err)
+		return
+	}
+	if err := pending.ValidateContainerID(req.ContainerID); err != nil {
+		reply(w, nil, badRequest(err))
+		return
+	}
+	pw := d.pendingWatcher()
+	if pw == nil {
+		reply(w, nil, httpError{http.StatusServiceUnavailable, errors.New("pending attachments are not being completed (no cgroup v2 hierarchy, or the watcher stopped)")})
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	st, err := pw.Kick(ctx, req.ContainerID)
+	if err != nil {
+		reply(w, nil, httpError{http.StatusServiceUnavailable, err})
+		return
+	}
+	reply(w, st, nil)
+}
+
+// listPending is GET /v1/pending: the records still waiting.
+func (d *Daemon) listPending(w http.ResponseWriter, r *http.Request) {
+	if pw := d.pendingWatcher(); pw != nil {
+		reply(w, pw.List(), nil)
+		return
+	}
+	d.mu.Lock()
+	stateDir := d.cfg.StateDir
+	d.mu.Unlock()
+	recs, err := pending.List(stateDir)
+	out := []pending.Status{}
+	for _, rec := range recs {
+		out = append(out, pending.Status{Record: rec, State: pending.StatePending})
+	}
+	reply(w, out, err)
+}
