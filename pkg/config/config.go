@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ctlb/ctlb/pkg/datapath"
+	"github.com/ctlb/ctlb/pkg/proxy"
 )
 
 // Defaults, chosen so that one daemon per host needs no flags.
@@ -42,8 +43,14 @@ type Config struct {
 	// ReconcileInterval is how often ctlbd repairs pinned state (re-pins
 	// what was removed, drops attachments of dead cgroups). Default 5s.
 	ReconcileInterval Duration `json:"reconcileInterval,omitempty"`
+	// Metrics is the address of the Prometheus endpoint (/metrics), e.g.
+	// "127.0.0.1:9464"; empty turns it off.
+	Metrics string `json:"metrics,omitempty"`
 	// Services are the VIPs this daemon keeps in the maps.
 	Services []Service `json:"services,omitempty"`
+	// Proxy, when set, runs the fallback round-robin proxy for the listed
+	// VIPs, with the same server sets as the connect4 path.
+	Proxy *proxy.Config `json:"proxy,omitempty"`
 }
 
 // Service is one VIP in the config.
@@ -133,6 +140,16 @@ func (c *Config) Validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		return fmt.Errorf("config logLevel: %q, want debug, info, warn or error", c.LogLevel)
+	}
+	if c.Metrics != "" {
+		if _, err := netip.ParseAddrPort(c.Metrics); err != nil {
+			return fmt.Errorf("config metrics: %q: want IP:PORT (%v)", c.Metrics, err)
+		}
+	}
+	if c.Proxy != nil {
+		if err := c.Proxy.Validate(); err != nil {
+			return fmt.Errorf("config proxy: %w", err)
+		}
 	}
 	seen := map[netip.AddrPort]bool{}
 	for i, s := range c.Services {

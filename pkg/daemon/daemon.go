@@ -18,11 +18,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/pkg/cgroupv2"
 	"github.com/ctlb/ctlb/pkg/config"
 	"github.com/ctlb/ctlb/pkg/datapath"
+	"github.com/ctlb/ctlb/pkg/proxy"
 )
 
 // Daemon is a running ctlbd.
@@ -34,8 +36,12 @@ type Daemon struct {
 	lock    *os.File
 
 	// mu serialises every change of the service maps and of cfg.
-	mu  sync.Mutex
-	cfg *config.Config
+	mu    sync.Mutex
+	cfg   *config.Config
+	table serviceTable
+
+	registry *prometheus.Registry
+	proxy    *proxy.Proxy
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -58,7 +64,9 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	if err != nil {
 		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)
 	}
-	return &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg}, nil
+	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg}
+	d.registry = d.newRegistry()
+	return d, nil
 }
 
 // Datapath is the daemon's handle on the pinned objects.
@@ -107,8 +115,29 @@ func lockDir(dir string) (*os.File, error) {
 
 // Run applies the config and serves the control API until ctx ends.
 func (d *Daemon) Run(ctx context.Context) error {
+	if err := d.loadTable(); err != nil {
+		return err
+	}
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
+	}
+	if d.cfg.Metrics != "" {
+		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
+			return err
+		}
+	}
+	if d.cfg.Proxy != nil {
+		p, err := proxy.New(*d.cfg.Proxy, d.table.targets, proxy.Options{Logger: d.log.With("part", "proxy"), Registerer: d.registry})
+		if err != nil {
+			return err
+		}
+		d.proxy = p
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_ = p.Shutdown(sctx)
+		}()
+		d.log.Info("fallback proxy serving", "listening", p.Listening())
 	}
 	if err := d.startPending(ctx); err != nil {
 		return err
@@ -221,6 +250,9 @@ func (d *Daemon) Reload() error {
 	if err := d.applyServices(prev, next); err != nil {
 		return fmt.Errorf("reload: %w", err)
 	}
+	if err := d.reloadProxy(prev, next); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
 	d.mu.Lock()
 	d.cfg = next
 	d.mu.Unlock()
@@ -252,11 +284,8 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			changed = append(changed, svc)
 		}
 	}
-	if err := d.dp.SetServices(changed); err != nil {
+	if err := d.setServices("config", changed...); err != nil {
 		return err
-	}
-	for _, svc := range changed {
-		d.log.Info("service set", "vip", svc.VIP, "servers", svc.Servers, "empty", svc.Empty, "reason", "config")
 	}
 	if prev != nil {
 		for _, s := range prev.Services {
@@ -264,10 +293,9 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			if err != nil || want[vip].VIP.IsValid() {
 				continue
 			}
-			if _, err := d.dp.DeleteService(vip); err != nil {
+			if _, err := d.deleteService("removed from config", vip); err != nil {
 				return err
 			}
-			d.log.Info("service deleted", "vip", vip, "reason", "removed from config")
 		}
 	}
 	return nil
@@ -283,4 +311,28 @@ func sameService(a, b datapath.Service) bool {
 		}
 	}
 	return true
+}
+
+// reloadProxy applies a new proxy section: its services change at runtime
+// (in steering mode, without a new socket); turning the proxy on or off, or
+// changing its mode or timeouts, waits for a restart.
+func (d *Daemon) reloadProxy(prev, next *config.Config) error {
+	switch {
+	case d.proxy == nil && next.Proxy == nil:
+		return nil
+	case d.proxy == nil || next.Proxy == nil:
+		d.log.Warn("reload: the proxy is turned on or off only with a restart")
+		next.Proxy = prev.Proxy
+		return nil
+	}
+	cur, nxt := *prev.Proxy, *next.Proxy
+	cur.Services, nxt.Services = nil, nil
+	if fmt.Sprint(cur) != fmt.Sprint(nxt) {
+		d.log.Warn("reload: proxy mode, timeouts and local VIP settings change only with a restart; services apply now")
+	}
+	if err := d.proxy.SetServices(next.Proxy.Services); err != nil {
+		return err
+	}
+	d.log.Info("proxy services reloaded", "listening", d.proxy.Listening())
+	return nil
 }

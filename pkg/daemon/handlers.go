@@ -20,8 +20,8 @@ import (
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+api.PathServices, d.listServices)
-	mux.HandleFunc("PUT "+api.PathServices, d.setService)
-	mux.HandleFunc("DELETE "+api.PathServices+"/{vip}", d.deleteService)
+	mux.HandleFunc("PUT "+api.PathServices, d.handleSetService)
+	mux.HandleFunc("DELETE "+api.PathServices+"/{vip}", d.handleDeleteService)
 	mux.HandleFunc("GET "+api.PathAttachments, d.listAttachments)
 	mux.HandleFunc("POST "+api.PathAttachments, d.attach)
 	mux.HandleFunc("DELETE "+api.PathAttachments, d.detach)
@@ -81,7 +81,7 @@ func (d *Daemon) listServices(w http.ResponseWriter, r *http.Request) {
 	reply(w, svcs, err)
 }
 
-func (d *Daemon) setService(w http.ResponseWriter, r *http.Request) {
+func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 	var req api.ServiceRequest
 	if err := decode(w, r, &req); err != nil {
 		reply(w, nil, err)
@@ -93,28 +93,22 @@ func (d *Daemon) setService(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.mu.Lock()
-	err = d.dp.SetService(svc)
+	err = d.setServices("api", svc)
 	d.mu.Unlock()
-	if err == nil {
-		d.log.Info("service set", "vip", svc.VIP, "servers", svc.Servers, "empty", svc.Empty, "reason", "api")
-	}
 	reply(w, svc, err)
 }
 
-func (d *Daemon) deleteService(w http.ResponseWriter, r *http.Request) {
+func (d *Daemon) handleDeleteService(w http.ResponseWriter, r *http.Request) {
 	vip, err := datapath.ParseVIP(r.PathValue("vip"))
 	if err != nil {
 		reply(w, nil, badRequest(err))
 		return
 	}
 	d.mu.Lock()
-	existed, err := d.dp.DeleteService(vip)
+	existed, err := d.deleteService("api", vip)
 	d.mu.Unlock()
 	if err == nil && !existed {
 		err = httpError{http.StatusNotFound, fmt.Errorf("VIP %s is not configured", vip)}
-	}
-	if err == nil {
-		d.log.Info("service deleted", "vip", vip, "reason", "api")
 	}
 	reply(w, nil, err)
 }

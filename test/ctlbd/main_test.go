@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+
 	"github.com/ctlb/ctlb/pkg/testutil"
 )
 
@@ -51,6 +53,9 @@ type daemon struct {
 	args   []string
 	cmd    *exec.Cmd
 	logs   *syncBuffer
+	// netns, when set, is the network namespace the daemon runs in (for
+	// the proxy and metrics listeners); nil means the test's own.
+	netns ns.NetNS
 }
 
 // newDaemon prepares a daemon on a private bpffs and socket; start runs it.
@@ -74,7 +79,11 @@ func (d *daemon) start() {
 	d.cmd = exec.Command(ctlbd, d.args...)
 	d.cmd.Stdout = d.logs
 	d.cmd.Stderr = d.logs
-	if err := d.cmd.Start(); err != nil {
+	start := d.cmd.Start
+	if d.netns != nil {
+		start = func() error { return d.netns.Do(func(ns.NetNS) error { return d.cmd.Start() }) }
+	}
+	if err := start(); err != nil {
 		d.t.Fatal(err)
 	}
 	exited := make(chan error, 1)

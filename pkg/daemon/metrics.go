@@ -1,0 +1,99 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+var (
+	descConnects = prometheus.NewDesc("ctlb_server_connects_total",
+		"Connects the kernel sent to a server of a VIP (connect4 rewrites).", []string{"vip", "server"}, nil)
+	descOpen = prometheus.NewDesc("ctlb_server_open_connections",
+		"Sockets open now that were sent to a server of a VIP.", []string{"vip", "server"}, nil)
+	descServers = prometheus.NewDesc("ctlb_service_servers",
+		"Servers in a VIP's set in the maps.", []string{"vip"}, nil)
+	descAttachments = prometheus.NewDesc("ctlb_attachments",
+		"Cgroup attachments pinned.", nil, nil)
+	descDeadAttachments = prometheus.NewDesc("ctlb_attachments_dead",
+		"Attachments whose cgroup has died, waiting for GC.", nil, nil)
+	descPending = prometheus.NewDesc("ctlb_pending_attachments",
+		"Pending attachments: pods whose cgroup did not exist yet at CNI ADD.", nil, nil)
+)
+
+// collector reads the kernel's counters at scrape time, so the numbers are
+// the maps' own and cost nothing between scrapes.
+type collector struct{ d *Daemon }
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments, descDeadAttachments, descPending} {
+		ch <- d
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	d := c.d
+	if stats, err := d.dp.Stats(); err == nil {
+		for _, s := range stats {
+			ch <- prometheus.MustNewConstMetric(descConnects, prometheus.CounterValue, float64(s.Connects), s.VIP.String(), s.Server.String())
+			ch <- prometheus.MustNewConstMetric(descOpen, prometheus.GaugeValue, float64(s.Open), s.VIP.String(), s.Server.String())
+		}
+	} else {
+		ch <- prometheus.NewInvalidMetric(descConnects, err)
+	}
+	if svcs, err := d.dp.Services(); err == nil {
+		for _, s := range svcs {
+			ch <- prometheus.MustNewConstMetric(descServers, prometheus.GaugeValue, float64(len(s.Servers)), s.VIP.String())
+		}
+	}
+	if atts, err := d.dp.Attachments(); err == nil {
+		dead := 0
+		for _, a := range atts {
+			if !a.Alive {
+				dead++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(len(atts)))
+		ch <- prometheus.MustNewConstMetric(descDeadAttachments, prometheus.GaugeValue, float64(dead))
+	}
+	ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pendingCount()))
+}
+
+// newRegistry holds every ctlbd metric: the kernel's counters, the proxy's,
+// and the process's own.
+func (d *Daemon) newRegistry() *prometheus.Registry {
+	r := prometheus.NewRegistry()
+	r.MustRegister(collector{d}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return r
+}
+
+// serveMetrics serves /metrics on addr until ctx ends.
+func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics: listen %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("metrics server stopped", "error", err)
+		}
+	}()
+	d.log.Info("metrics", "address", ln.Addr().String())
+	return nil
+}
