@@ -52,6 +52,7 @@ type daemon struct {
 	socket string
 	args   []string
 	cmd    *exec.Cmd
+	done   chan struct{} // closed once the process is reaped
 	logs   *syncBuffer
 	// netns, when set, is the network namespace the daemon runs in (for
 	// the proxy and metrics listeners); nil means the test's own.
@@ -87,12 +88,15 @@ func (d *daemon) start() {
 		d.t.Fatal(err)
 	}
 	exited := make(chan error, 1)
-	go func() { exited <- d.cmd.Wait() }()
+	d.done = make(chan struct{})
+	go func(done chan struct{}) {
+		exited <- d.cmd.Wait()
+		close(done)
+	}(d.done)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if c, err := net.Dial("unix", d.socket); err == nil {
 			c.Close()
-			go func() { <-exited }()
 			return
 		}
 		select {
@@ -107,14 +111,15 @@ func (d *daemon) start() {
 	}
 }
 
-// kill ends the daemon with SIGKILL, by PID, as a crash would.
+// kill ends the daemon with SIGKILL, by PID, as a crash would, and waits
+// until it is reaped: only then has every thread let go of its files (and
+// so of the pin directory's lock).
 func (d *daemon) kill() {
 	if d.cmd == nil || d.cmd.Process == nil {
 		return
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGKILL)
-	waitGone(d.cmd.Process.Pid)
-	d.cmd = nil
+	d.wait()
 }
 
 // stop ends the daemon with SIGTERM and waits for it.
@@ -124,19 +129,16 @@ func (d *daemon) stop() {
 		return
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	waitGone(d.cmd.Process.Pid)
-	d.cmd = nil
+	d.wait()
 }
 
-// waitGone waits (bounded) until pid has exited and been reaped.
-func waitGone(pid int) {
-	for i := 0; i < 500; i++ {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil || strings.Contains(string(b), ") Z ") {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
+func (d *daemon) wait() {
+	select {
+	case <-d.done:
+	case <-time.After(10 * time.Second):
+		d.t.Errorf("ctlbd pid %d did not exit within 10s", d.cmd.Process.Pid)
 	}
+	d.cmd = nil
 }
 
 // cli runs a ctlbd client command against the daemon.
