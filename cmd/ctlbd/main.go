@@ -7,6 +7,8 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/pkg/cniinstall"
 )
 
 // exitError carries the exit status of a failed command.
@@ -65,6 +67,7 @@ socket (--socket, or $CTLB_SOCKET).`,
 		newStatusCommand(g),
 		newReloadCommand(g),
 		newVersionCommand(g),
+		cniinstall.NewCommand(),
 	)
 	return root
 }

@@ -1,0 +1,104 @@
+package cniinstall
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+// NewCommand returns `install-cni`, the subcommand the ctlbd binary runs in
+// the DaemonSet's init container (once) and in its watcher (--watch).
+func NewCommand() *cobra.Command {
+	var (
+		opts      Options
+		bpffs     string
+		socket    string
+		uninstall bool
+		watch     bool
+		output    string
+	)
+	cmd := &cobra.Command{
+		Use:   "install-cni",
+		Short: "Install the ctlb CNI plugin and chain it into the node's network config",
+		Long: `install-cni copies the ctlb plugin binary into the CNI bin dir and appends
+ctlb to the plugin chain of the first network config in the CNI conf dir (the
+one the runtime uses), turning a single-plugin .conf into a .conflist. It is
+idempotent. --uninstall takes out exactly what it put in; --watch keeps ctlb
+chained when another agent rewrites the config.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if uninstall && watch {
+				return errors.New("--uninstall and --watch cannot be combined")
+			}
+			if output != "table" && output != "json" {
+				return fmt.Errorf("--output %q: want table or json", output)
+			}
+			cmd.SilenceUsage = true // flags are fine: an error from here on is not a usage error
+			opts.PluginConf = NewPluginConf(bpffs, socket)
+			switch {
+			case uninstall:
+				if err := Uninstall(opts); err != nil {
+					return err
+				}
+				return report(cmd, output, map[string]any{"uninstalled": true, "confDir": opts.ConfDir},
+					fmt.Sprintf("ctlb removed from the network configs in %s", opts.ConfDir))
+			case watch:
+				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+				defer stop()
+				return Watch(ctx, opts)
+			default:
+				res, err := Install(opts)
+				if err != nil {
+					return err
+				}
+				text := fmt.Sprintf("%s: ctlb %s; plugin binary %s", res.ConfFile, res.Action, res.Binary)
+				if res.ConvertedFrom != "" {
+					text += fmt.Sprintf(" (converted from %s, original kept in %s)", res.ConvertedFrom, res.Backup)
+				}
+				if res.BinaryUpdated {
+					text += " updated"
+				}
+				return report(cmd, output, res, text)
+			}
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.BinDir, "bin-dir", DefaultBinDir, "CNI plugin binary directory of the host")
+	f.StringVar(&opts.ConfDir, "conf-dir", DefaultConfDir, "CNI network config directory of the host")
+	f.StringVar(&opts.SourceBinary, "plugin", defaultPluginBinary(), "ctlb CNI plugin binary to install")
+	f.StringVar(&bpffs, "bpffs", DefaultBPFFS, "bpffs directory of ctlb's pins, written into the plugin config")
+	f.StringVar(&socket, "socket", DefaultSocket, "ctlbd control socket, written into the plugin config")
+	f.BoolVar(&uninstall, "uninstall", false, "remove ctlb from the network configs (and the binary, unless --keep-binary)")
+	f.BoolVar(&opts.KeepBinary, "keep-binary", false, "with --uninstall: leave the plugin binary for pods whose runtime replays cached configs at DEL")
+	f.BoolVar(&watch, "watch", false, "install, then re-install whenever another agent rewrites the config, until SIGTERM")
+	// --socket and -o share their names and meaning with ctlbd's persistent
+	// flags; defined here, they shadow those when this runs under ctlbd.
+	f.StringVarP(&output, "output", "o", "table", "output format: table or json")
+	return cmd
+}
+
+// defaultPluginBinary is `ctlb` beside the running executable: the image
+// ships both binaries in one directory.
+func defaultPluginBinary() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return PluginType
+	}
+	return filepath.Join(filepath.Dir(exe), PluginType)
+}
+
+func report(cmd *cobra.Command, output string, v any, text string) error {
+	if output == "json" {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	_, err := fmt.Fprintln(cmd.OutOrStdout(), text)
+	return err
+}

@@ -1,0 +1,514 @@
+// Package manifests checks the Kubernetes manifests in conf/kubernetes the
+// way an API server would start to: every document decodes strictly into
+// its k8s.io/api type (an unknown or misspelled field, a duplicate key, a
+// wrong type all fail), names are valid, and the objects fit together
+// (mounts name volumes, the selector matches the pods, the ConfigMap holds a
+// daemon config the DaemonSet's flags agree with).
+package manifests
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/validation"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/yaml"
+)
+
+const manifestDir = "../../conf/kubernetes"
+
+// kinds maps each kind the manifests may use to its API version and type.
+// A kind missing here is an error: add it with its real type.
+var kinds = map[string]struct {
+	apiVersion string
+	new        func() any
+}{
+	"Namespace":          {"v1", func() any { return &corev1.Namespace{} }},
+	"ServiceAccount":     {"v1", func() any { return &corev1.ServiceAccount{} }},
+	"ConfigMap":          {"v1", func() any { return &corev1.ConfigMap{} }},
+	"DaemonSet":          {"apps/v1", func() any { return &appsv1.DaemonSet{} }},
+	"ClusterRole":        {"rbac.authorization.k8s.io/v1", func() any { return &rbacv1.ClusterRole{} }},
+	"ClusterRoleBinding": {"rbac.authorization.k8s.io/v1", func() any { return &rbacv1.ClusterRoleBinding{} }},
+}
+
+// doc is one decoded YAML document and where it came from.
+type doc struct {
+	where string
+	obj   any
+}
+
+// decodeStrict turns one YAML document into its typed object, refusing
+// unknown fields and duplicate keys.
+func decodeStrict(data []byte) (any, error) {
+	var tm metav1.TypeMeta
+	if err := yaml.Unmarshal(data, &tm); err != nil {
+		return nil, err
+	}
+	k, ok := kinds[tm.Kind]
+	if !ok {
+		return nil, fmt.Errorf("kind %q is not one this test knows", tm.Kind)
+	}
+	if tm.APIVersion != k.apiVersion {
+		return nil, fmt.Errorf("%s: apiVersion %q, want %q", tm.Kind, tm.APIVersion, k.apiVersion)
+	}
+	obj := k.new()
+	if err := yaml.UnmarshalStrict(data, obj); err != nil {
+		return nil, fmt.Errorf("%s: %w", tm.Kind, err)
+	}
+	return obj, nil
+}
+
+// loadAll decodes every document of every .yaml/.yml file in dir.
+func loadAll(t *testing.T, dir string) []doc {
+	t.Helper()
+	var docs []doc
+	err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		if ext := filepath.Ext(path); ext != ".yaml" && ext != ".yml" {
+			return fmt.Errorf("%s: not a .yaml file; only manifests belong in %s", path, dir)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+		for i := 1; ; i++ {
+			raw, err := r.Read()
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if err != nil {
+				return fmt.Errorf("%s: document %d: %w", path, i, err)
+			}
+			if len(bytes.TrimSpace(stripComments(raw))) == 0 {
+				continue
+			}
+			obj, err := decodeStrict(raw)
+			if err != nil {
+				return fmt.Errorf("%s: document %d: %w", path, i, err)
+			}
+			docs = append(docs, doc{where: fmt.Sprintf("%s#%d", filepath.Base(path), i), obj: obj})
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return docs
+}
+
+func stripComments(b []byte) []byte {
+	var out [][]byte
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if !bytes.HasPrefix(bytes.TrimSpace(line), []byte("#")) {
+			out = append(out, line)
+		}
+	}
+	return bytes.Join(out, []byte("\n"))
+}
+
+// TestStrictDecoderCatchesTypos makes sure the decoder really is strict, so
+// that TestManifests passing means something.
+func TestStrictDecoderCatchesTypos(t *testing.T) {
+	good := "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: x\nspec:\n  template:\n    spec:\n      hostNetwork: true\n"
+	if _, err := decodeStrict([]byte(good)); err != nil {
+		t.Fatalf("valid document rejected: %v", err)
+	}
+	for name, bad := range map[string]string{
+		"misspelled field":    strings.Replace(good, "hostNetwork", "hostNetwrok", 1),
+		"field one level off": strings.Replace(good, "    spec:\n      hostNetwork", "    hostNetwork: true\n    spec:\n      hostPID", 1),
+		"wrong type":          strings.Replace(good, "hostNetwork: true", "hostNetwork: yes-please", 1),
+		"duplicate key":       good + "metadata:\n  name: y\n",
+		"wrong apiVersion":    strings.Replace(good, "apps/v1", "extensions/v1beta1", 1),
+		"unknown kind":        strings.Replace(good, "DaemonSet", "DaemonSett", 1),
+	} {
+		if _, err := decodeStrict([]byte(bad)); err == nil {
+			t.Errorf("%s: accepted:\n%s", name, bad)
+		}
+	}
+}
+
+func TestManifests(t *testing.T) {
+	docs := loadAll(t, manifestDir)
+	var (
+		namespaces = map[string]bool{}
+		accounts   = map[string]bool{}
+		configMaps = map[string]*corev1.ConfigMap{}
+		daemonSets []*appsv1.DaemonSet
+	)
+	for _, d := range docs {
+		meta := objectMeta(d.obj)
+		if errs := validation.IsDNS1123Subdomain(meta.Name); len(errs) > 0 {
+			t.Errorf("%s: name %q: %v", d.where, meta.Name, errs)
+		}
+		checkLabels(t, d.where, meta.Labels)
+		switch o := d.obj.(type) {
+		case *corev1.Namespace:
+			namespaces[o.Name] = true
+		case *corev1.ServiceAccount:
+			accounts[o.Namespace+"/"+o.Name] = true
+		case *corev1.ConfigMap:
+			configMaps[o.Namespace+"/"+o.Name] = o
+		case *appsv1.DaemonSet:
+			daemonSets = append(daemonSets, o)
+		}
+	}
+	for _, d := range docs {
+		if _, cluster := d.obj.(*corev1.Namespace); cluster {
+			continue
+		}
+		if ns := objectMeta(d.obj).Namespace; !namespaces[ns] {
+			t.Errorf("%s: namespace %q is not created by these manifests", d.where, ns)
+		}
+	}
+	if len(daemonSets) != 1 {
+		t.Fatalf("%d DaemonSets, want 1", len(daemonSets))
+	}
+	checkDaemonSet(t, daemonSets[0], accounts, configMaps)
+}
+
+func objectMeta(obj any) metav1.ObjectMeta {
+	switch o := obj.(type) {
+	case *corev1.Namespace:
+		return o.ObjectMeta
+	case *corev1.ServiceAccount:
+		return o.ObjectMeta
+	case *corev1.ConfigMap:
+		return o.ObjectMeta
+	case *appsv1.DaemonSet:
+		return o.ObjectMeta
+	case *rbacv1.ClusterRole:
+		return o.ObjectMeta
+	case *rbacv1.ClusterRoleBinding:
+		return o.ObjectMeta
+	}
+	panic(fmt.Sprintf("no metadata for %T", obj))
+}
+
+func checkLabels(t *testing.T, where string, l map[string]string) {
+	t.Helper()
+	for k, v := range l {
+		if errs := validation.IsQualifiedName(k); len(errs) > 0 {
+			t.Errorf("%s: label key %q: %v", where, k, errs)
+		}
+		if errs := validation.IsValidLabelValue(v); len(errs) > 0 {
+			t.Errorf("%s: label %s value %q: %v", where, k, v, errs)
+		}
+	}
+}
+
+// daemonConfig is the shape of ctlbd.json as documented for the ConfigMap;
+// decoding it strictly catches a misspelled key. When cmd/ctlbd grows its
+// config loader, this should decode with that instead.
+type daemonConfig struct {
+	BPFFS    string `json:"bpffs"`
+	Socket   string `json:"socket"`
+	StateDir string `json:"stateDir"`
+	Metrics  string `json:"metrics"`
+	LogLevel string `json:"logLevel"`
+	Services []struct {
+		VIP     string   `json:"vip"`
+		Servers []string `json:"servers"`
+		Empty   string   `json:"empty"`
+		Consul  *struct {
+			Address string `json:"address"`
+			Service string `json:"service"`
+			Port    int    `json:"port"`
+		} `json:"consul"`
+	} `json:"services"`
+}
+
+func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool, configMaps map[string]*corev1.ConfigMap) {
+	t.Helper()
+	spec := ds.Spec.Template.Spec
+	where := "DaemonSet " + ds.Name
+
+	sel, err := metav1.LabelSelectorAsSelector(ds.Spec.Selector)
+	if err != nil || sel.Empty() || !sel.Matches(labels.Set(ds.Spec.Template.Labels)) {
+		t.Errorf("%s: selector %v does not select its own pods %v (%v)", where, ds.Spec.Selector, ds.Spec.Template.Labels, err)
+	}
+	checkLabels(t, where+" pod template", ds.Spec.Template.Labels)
+	if !accounts[ds.Namespace+"/"+spec.ServiceAccountName] {
+		t.Errorf("%s: service account %q is not defined", where, spec.ServiceAccountName)
+	}
+	if !spec.HostNetwork || !spec.HostPID {
+		t.Errorf("%s: hostNetwork=%v hostPID=%v, want both", where, spec.HostNetwork, spec.HostPID)
+	}
+	if spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+		t.Errorf("%s: dnsPolicy %q: with host networking only ClusterFirstWithHostNet resolves cluster names", where, spec.DNSPolicy)
+	}
+
+	volumes := map[string]corev1.Volume{}
+	for _, v := range spec.Volumes {
+		if errs := validation.IsDNS1123Label(v.Name); len(errs) > 0 {
+			t.Errorf("%s: volume name %q: %v", where, v.Name, errs)
+		}
+		if _, dup := volumes[v.Name]; dup {
+			t.Errorf("%s: volume %q defined twice", where, v.Name)
+		}
+		volumes[v.Name] = v
+		if v.ConfigMap != nil && configMaps[ds.Namespace+"/"+v.ConfigMap.Name] == nil {
+			t.Errorf("%s: volume %q uses ConfigMap %q, which is not defined", where, v.Name, v.ConfigMap.Name)
+		}
+	}
+	used := map[string]bool{}
+	containers := map[string]corev1.Container{}
+	all := append(append([]corev1.Container{}, spec.InitContainers...), spec.Containers...)
+	for _, c := range all {
+		cw := where + " container " + c.Name
+		if errs := validation.IsDNS1123Label(c.Name); len(errs) > 0 {
+			t.Errorf("%s: name: %v", cw, errs)
+		}
+		if _, dup := containers[c.Name]; dup {
+			t.Errorf("%s: name used twice", cw)
+		}
+		containers[c.Name] = c
+		if c.Image == "" || len(c.Command) == 0 {
+			t.Errorf("%s: image %q command %v, want both", cw, c.Image, c.Command)
+		}
+		for _, m := range c.VolumeMounts {
+			if _, ok := volumes[m.Name]; !ok {
+				t.Errorf("%s: mounts volume %q, which is not defined", cw, m.Name)
+			}
+			used[m.Name] = true
+			if m.MountPropagation != nil && *m.MountPropagation == corev1.MountPropagationBidirectional &&
+				(c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged) {
+				t.Errorf("%s: Bidirectional propagation on %s needs a privileged container", cw, m.MountPath)
+			}
+		}
+		for _, p := range c.Ports {
+			if errs := validation.IsValidPortName(p.Name); p.Name != "" && len(errs) > 0 {
+				t.Errorf("%s: port name %q: %v", cw, p.Name, errs)
+			}
+			if spec.HostNetwork && p.HostPort != 0 && p.HostPort != p.ContainerPort {
+				t.Errorf("%s: with host networking hostPort %d must equal containerPort %d", cw, p.HostPort, p.ContainerPort)
+			}
+		}
+	}
+	for name := range volumes {
+		if !used[name] {
+			t.Errorf("%s: volume %q is mounted nowhere", where, name)
+		}
+	}
+
+	// The installer: an init container running install-cni on the host's
+	// CNI directories, and the watcher doing the same with --watch.
+	var install, watch *corev1.Container
+	for i, c := range spec.InitContainers {
+		if slices.Contains(c.Command, "install-cni") && !slices.Contains(c.Command, "--watch") {
+			install = &spec.InitContainers[i]
+		}
+	}
+	for i, c := range spec.Containers {
+		if slices.Contains(c.Command, "install-cni") && slices.Contains(c.Command, "--watch") {
+			watch = &spec.Containers[i]
+		}
+	}
+	if install == nil || watch == nil {
+		t.Fatalf("%s: want an init container running `ctlbd install-cni` and a container running `install-cni --watch`", where)
+	}
+	for _, c := range []*corev1.Container{install, watch} {
+		for flag, hostPath := range map[string]string{"--bin-dir": "/opt/cni/bin", "--conf-dir": "/etc/cni/net.d"} {
+			checkFlagOnHostPath(t, where+" container "+c.Name, *c, flag, hostPath, volumes)
+		}
+	}
+
+	// The daemon: privileged, probed with `ctlbd status`, its mounts.
+	ctlbd, ok := containers["ctlbd"]
+	if !ok {
+		t.Fatalf("%s: no container named ctlbd", where)
+	}
+	cw := where + " container ctlbd"
+	if sc := ctlbd.SecurityContext; sc == nil || sc.Privileged == nil || !*sc.Privileged {
+		t.Errorf("%s: not privileged", cw)
+	}
+	if p := ctlbd.ReadinessProbe; p == nil || p.Exec == nil || len(p.Exec.Command) < 2 ||
+		filepath.Base(p.Exec.Command[0]) != "ctlbd" || p.Exec.Command[1] != "status" {
+		t.Errorf("%s: readiness probe %+v, want exec `ctlbd status`", cw, ctlbd.ReadinessProbe)
+	}
+	mounts := map[string]corev1.VolumeMount{}
+	for _, m := range ctlbd.VolumeMounts {
+		mounts[m.MountPath] = m
+	}
+	for path, want := range map[string]struct {
+		hostPath    string
+		propagation corev1.MountPropagationMode
+	}{
+		"/sys/fs/bpf":    {"/sys/fs/bpf", corev1.MountPropagationBidirectional},
+		"/sys/fs/cgroup": {"/sys/fs/cgroup", corev1.MountPropagationHostToContainer},
+		"/run/ctlb":      {"/run/ctlb", ""},
+	} {
+		m, ok := mounts[path]
+		if !ok {
+			t.Errorf("%s: nothing mounted at %s", cw, path)
+			continue
+		}
+		v := volumes[m.Name]
+		if v.HostPath == nil || v.HostPath.Path != want.hostPath {
+			t.Errorf("%s: %s is volume %q, want hostPath %s", cw, path, m.Name, want.hostPath)
+		}
+		got := corev1.MountPropagationMode("")
+		if m.MountPropagation != nil {
+			got = *m.MountPropagation
+		}
+		if want.propagation != "" && got != want.propagation {
+			t.Errorf("%s: %s propagation %q, want %q", cw, path, got, want.propagation)
+		}
+	}
+
+	// The config: the file the command names is the ConfigMap key mounted
+	// there, it decodes strictly, and the installer writes the same bpffs
+	// and socket into the conflist.
+	cfgPath := flagValue(ctlbd.Command, "--config")
+	cm, key := configMapFile(t, cw, cfgPath, mounts, volumes, configMaps, ds.Namespace)
+	if cm == nil {
+		return
+	}
+	var cfg daemonConfig
+	dec := json.NewDecoder(strings.NewReader(cm.Data[key]))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		t.Fatalf("ConfigMap %s key %s: %v", cm.Name, key, err)
+	}
+	checkDaemonConfig(t, "ConfigMap "+cm.Name+" "+key, cfg)
+	for _, c := range []*corev1.Container{install, watch} {
+		if got := flagValue(c.Command, "--bpffs"); got != cfg.BPFFS {
+			t.Errorf("%s container %s: --bpffs %q, ctlbd.json says %q", where, c.Name, got, cfg.BPFFS)
+		}
+		if got := flagValue(c.Command, "--socket"); got != cfg.Socket {
+			t.Errorf("%s container %s: --socket %q, ctlbd.json says %q", where, c.Name, got, cfg.Socket)
+		}
+	}
+	if !strings.HasPrefix(cfg.Socket, "/run/ctlb/") || !strings.HasPrefix(cfg.BPFFS, "/sys/fs/bpf/") {
+		t.Errorf("ctlbd.json: socket %q and bpffs %q must lie in the host mounts /run/ctlb and /sys/fs/bpf", cfg.Socket, cfg.BPFFS)
+	}
+
+	// Prometheus finds the metrics port the daemon listens on.
+	ann := ds.Spec.Template.Annotations
+	if ann["prometheus.io/scrape"] != "true" {
+		t.Errorf("%s: pod annotation prometheus.io/scrape = %q, want \"true\"", where, ann["prometheus.io/scrape"])
+	}
+	_, port, err := net.SplitHostPort(cfg.Metrics)
+	if err != nil {
+		t.Fatalf("ctlbd.json metrics %q: %v", cfg.Metrics, err)
+	}
+	if ann["prometheus.io/port"] != port {
+		t.Errorf("%s: prometheus.io/port %q, ctlbd.json metrics listens on %q", where, ann["prometheus.io/port"], port)
+	}
+	var declared bool
+	for _, p := range ctlbd.Ports {
+		declared = declared || (p.Name == "metrics" && strconv.Itoa(int(p.ContainerPort)) == port)
+	}
+	if !declared {
+		t.Errorf("%s: no port named metrics at %s", cw, port)
+	}
+}
+
+func checkDaemonConfig(t *testing.T, where string, cfg daemonConfig) {
+	t.Helper()
+	if cfg.BPFFS == "" || cfg.Socket == "" || cfg.StateDir == "" || cfg.Metrics == "" {
+		t.Errorf("%s: bpffs, socket, stateDir and metrics are all required: %+v", where, cfg)
+	}
+	if len(cfg.Services) == 0 {
+		t.Fatalf("%s: no services", where)
+	}
+	vips := map[string]bool{}
+	for i, s := range cfg.Services {
+		sw := fmt.Sprintf("%s services[%d]", where, i)
+		host, port, err := net.SplitHostPort(s.VIP)
+		ip := net.ParseIP(host)
+		if err != nil || ip == nil || ip.To4() == nil || port == "0" {
+			t.Errorf("%s: vip %q is not an IPv4 address:port", sw, s.VIP)
+		}
+		if vips[s.VIP] {
+			t.Errorf("%s: vip %s listed twice", sw, s.VIP)
+		}
+		vips[s.VIP] = true
+		if s.Empty != "reject" && s.Empty != "passthrough" {
+			t.Errorf("%s: empty %q, want reject or passthrough", sw, s.Empty)
+		}
+		for _, srv := range s.Servers {
+			if _, _, err := net.SplitHostPort(srv); err != nil {
+				t.Errorf("%s: server %q: %v", sw, srv, err)
+			}
+		}
+		if s.Consul == nil && len(s.Servers) == 0 {
+			t.Errorf("%s: neither servers nor a consul source", sw)
+		}
+		if c := s.Consul; c != nil {
+			if !strings.HasPrefix(c.Address, "http://") && !strings.HasPrefix(c.Address, "https://") {
+				t.Errorf("%s: consul address %q is not an http(s) URL", sw, c.Address)
+			}
+			if c.Service == "" || c.Port <= 0 || c.Port > 65535 {
+				t.Errorf("%s: consul service %q port %d", sw, c.Service, c.Port)
+			}
+		}
+	}
+}
+
+// configMapFile finds the ConfigMap key behind a file path in the container.
+func configMapFile(t *testing.T, where, path string, mounts map[string]corev1.VolumeMount, volumes map[string]corev1.Volume, cms map[string]*corev1.ConfigMap, ns string) (*corev1.ConfigMap, string) {
+	t.Helper()
+	m, ok := mounts[filepath.Dir(path)]
+	if !ok {
+		t.Errorf("%s: --config %q: its directory is not a mount", where, path)
+		return nil, ""
+	}
+	v := volumes[m.Name]
+	if v.ConfigMap == nil {
+		t.Errorf("%s: --config %q is not in a ConfigMap volume", where, path)
+		return nil, ""
+	}
+	cm := cms[ns+"/"+v.ConfigMap.Name]
+	key := filepath.Base(path)
+	if cm == nil || cm.Data[key] == "" {
+		t.Errorf("%s: ConfigMap %q has no key %q", where, v.ConfigMap.Name, key)
+		return nil, ""
+	}
+	return cm, key
+}
+
+// checkFlagOnHostPath: the directory a flag names is a mount of hostPath.
+func checkFlagOnHostPath(t *testing.T, where string, c corev1.Container, flag, hostPath string, volumes map[string]corev1.Volume) {
+	t.Helper()
+	dir := flagValue(c.Command, flag)
+	for _, m := range c.VolumeMounts {
+		if m.MountPath == dir {
+			if v := volumes[m.Name]; v.HostPath == nil || v.HostPath.Path != hostPath {
+				t.Errorf("%s: %s %s is volume %q, want hostPath %s", where, flag, dir, m.Name, hostPath)
+			}
+			return
+		}
+	}
+	t.Errorf("%s: %s %q is not a mounted host directory", where, flag, dir)
+}
+
+// flagValue reads --name=value or --name value from a command line.
+func flagValue(cmd []string, name string) string {
+	for i, a := range cmd {
+		if v, ok := strings.CutPrefix(a, name+"="); ok {
+			return v
+		}
+		if a == name && i+1 < len(cmd) {
+			return cmd[i+1]
+		}
+	}
+	return ""
+}
