@@ -21,6 +21,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
 
@@ -146,9 +147,12 @@ func Open(dir string) (*Datapath, error) {
 // progPin is the pin name of a program, carrying the layout version.
 func progPin(hook string) string { return fmt.Sprintf("ctlb_%s_v%d", hook, Layout) }
 
-// adoptOrLoadPrograms takes the pinned programs if there are, else loads the
-// embedded ones against the (pinned) maps and pins them. Adopting keeps the
-// programs that existing links run, so that there is one program per hook.
+// adoptOrLoadPrograms loads the embedded programs against the pinned maps
+// and, per hook, keeps the pinned program when it is the same code (same
+// kernel tag) or else upgrades to the embedded one: every existing link of
+// that hook is switched to the new program in place (BPF_LINK_UPDATE, atomic
+// for the cgroup: no connect() runs without the hook), then the program pin
+// is replaced. Attachments survive an upgrade; nothing is detached.
 func (d *Datapath) adoptOrLoadPrograms(spec *ebpf.CollectionSpec) error {
 	d.progs = map[string]*ebpf.Program{}
 	specs := map[string]string{
@@ -156,45 +160,115 @@ func (d *Datapath) adoptOrLoadPrograms(spec *ebpf.CollectionSpec) error {
 		"getpeername4": ctlbProgCtlbGetpeername4,
 		"sock_release": ctlbProgCtlbSockRelease,
 	}
-	var coll *ebpf.Collection
-	defer func() {
-		if coll != nil {
-			coll.Close()
-		}
-	}()
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: d.dir},
+	})
+	if err != nil {
+		return fmt.Errorf("load BPF programs: %w", mapErr(err))
+	}
+	defer coll.Close()
 	for _, h := range hooks {
+		embedded := coll.Programs[specs[h.name]]
 		p := filepath.Join(d.dir, progPin(h.name))
-		prog, err := ebpf.LoadPinnedProgram(p, nil)
-		if err == nil {
+		pinned, err := ebpf.LoadPinnedProgram(p, nil)
+		switch {
+		case err == nil:
+			same, err := sameTag(pinned, embedded)
+			if err != nil {
+				pinned.Close()
+				d.closeProgs()
+				return err
+			}
+			if same {
+				d.progs[h.name] = pinned
+				continue
+			}
+			pinned.Close()
+			prog, err := d.upgradeProgram(h.name, embedded)
+			if err != nil {
+				d.closeProgs()
+				return err
+			}
 			d.progs[h.name] = prog
-			continue
-		}
-		if !errors.Is(err, fs.ErrNotExist) {
+		case errors.Is(err, fs.ErrNotExist):
+			prog, err := embedded.Clone()
+			if err != nil {
+				d.closeProgs()
+				return fmt.Errorf("clone program %s: %w", h.name, err)
+			}
+			if err := prog.Pin(p); err != nil {
+				prog.Close()
+				d.closeProgs()
+				return fmt.Errorf("pin program %s: %w", p, err)
+			}
+			d.progs[h.name] = prog
+		default:
 			d.closeProgs()
 			return fmt.Errorf("open pinned program %s: %w", p, err)
 		}
-		if coll == nil {
-			coll, err = ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
-				Maps: ebpf.MapOptions{PinPath: d.dir},
-			})
-			if err != nil {
-				d.closeProgs()
-				return fmt.Errorf("load BPF programs: %w", mapErr(err))
-			}
-		}
-		prog, err = coll.Programs[specs[h.name]].Clone()
-		if err != nil {
-			d.closeProgs()
-			return fmt.Errorf("clone program %s: %w", h.name, err)
-		}
-		if err := prog.Pin(p); err != nil {
-			prog.Close()
-			d.closeProgs()
-			return fmt.Errorf("pin program %s: %w", p, err)
-		}
-		d.progs[h.name] = prog
 	}
 	return nil
+}
+
+// sameTag compares two programs by the kernel's tag of their instructions.
+func sameTag(a, b *ebpf.Program) (bool, error) {
+	ai, err := a.Info()
+	if err != nil {
+		return false, fmt.Errorf("program info: %w", err)
+	}
+	bi, err := b.Info()
+	if err != nil {
+		return false, fmt.Errorf("program info: %w", err)
+	}
+	return ai.Tag == bi.Tag, nil
+}
+
+// upgradeProgram switches every attachment's link of one hook to prog and
+// then pins prog in place of the old program.
+func (d *Datapath) upgradeProgram(hook string, embedded *ebpf.Program) (*ebpf.Program, error) {
+	prog, err := embedded.Clone()
+	if err != nil {
+		return nil, fmt.Errorf("clone program %s: %w", hook, err)
+	}
+	entries, err := os.ReadDir(d.linksDir())
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		prog.Close()
+		return nil, fmt.Errorf("upgrade %s: %w", hook, err)
+	}
+	for _, e := range entries {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), "_") {
+			continue
+		}
+		lp := filepath.Join(d.linksDir(), e.Name(), hook)
+		l, err := link.LoadPinnedLink(lp, nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			prog.Close()
+			return nil, fmt.Errorf("upgrade %s: load %s: %w", hook, lp, err)
+		}
+		err = l.Update(prog)
+		l.Close()
+		if err != nil {
+			prog.Close()
+			return nil, fmt.Errorf("upgrade %s: update link %s: %w", hook, lp, err)
+		}
+	}
+	// Pin beside the old pin, then rename over it: the pin never vanishes.
+	p := filepath.Join(d.dir, progPin(hook))
+	tmp := filepath.Join(d.dir, "_new_"+progPin(hook))
+	_ = os.Remove(tmp)
+	if err := prog.Pin(tmp); err != nil {
+		prog.Close()
+		return nil, fmt.Errorf("upgrade %s: pin: %w", hook, err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		prog.Close()
+		return nil, fmt.Errorf("upgrade %s: replace pin: %w", hook, err)
+	}
+	// The handle still names the temporary path as its pin; Repin copes.
+	return prog, nil
 }
 
 func (d *Datapath) closeProgs() {

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -550,4 +552,107 @@ func startLocalAddrServer(t *testing.T, netns ns.NetNS, addr string) {
 		}
 	}()
 	t.Cleanup(func() { ln.Close(); <-done })
+}
+
+// TestProgramUpgradeKeepsAttachments plays an upgrade: the pinned connect4
+// is an "old" program (here one that rewrites nothing) and a new loader
+// finds it. It must switch the existing attachment's link to the embedded
+// program in place: the same link, the attachment never detached, and
+// connections rewritten again.
+func TestProgramUpgradeKeepsAttachments(t *testing.T) {
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	dp, err := datapath.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "198.18.100.1")
+	testutil.StartServers(t, netns, "127.0.0.11:9001", vip)
+	cg := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("pod-up", cg); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+
+	// Install the "old" program: in the link and in the program pin.
+	old, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:       ebpf.CGroupSockAddr,
+		AttachType: ebpf.AttachCGroupInet4Connect,
+		License:    "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R0, 1),
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	linkPin := filepath.Join(dir, "links", "pod-up", "connect4")
+	l, err := link.LoadPinnedLink(linkPin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, _ := l.Info()
+	linkID := info.ID
+	if err := l.Update(old); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	progPin := filepath.Join(dir, "ctlb_connect4_v1")
+	if err := os.Remove(progPin); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Pin(progPin); err != nil {
+		t.Fatal(err)
+	}
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 2})
+	if r.PerServer[vip] != 2 {
+		t.Fatalf("with the old program: landed %v, want the VIP itself (no rewrite)", r.PerServer)
+	}
+
+	dp, err = datapath.Create(dir)
+	if err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	defer dp.Close()
+	r = testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 2})
+	if r.PerServer["127.0.0.11:9001"] != 2 {
+		t.Fatalf("after the upgrade: landed %v, want the server", r.PerServer)
+	}
+	l, err = link.LoadPinnedLink(linkPin, nil)
+	if err != nil {
+		t.Fatalf("link pin after upgrade: %v", err)
+	}
+	info, _ = l.Info()
+	l.Close()
+	if info.ID != linkID {
+		t.Errorf("link ID %d after upgrade, was %d: re-created, not updated", info.ID, linkID)
+	}
+	pinned, err := ebpf.LoadPinnedProgram(progPin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Close()
+	pi, _ := pinned.Info()
+	oi, _ := old.Info()
+	if pi.Tag == oi.Tag {
+		t.Error("the program pin still holds the old program")
+	}
+	// A later open adopts (same tag): no second upgrade, links untouched.
+	dp2, err := datapath.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp2.Close()
+	if entries, _ := os.ReadDir(dir); len(entries) != 9 {
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("pin directory holds %v, want 5 maps, 3 programs and links/", names)
+	}
 }
