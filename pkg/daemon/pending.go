@@ -35,6 +35,11 @@ func (d *Daemon) startPending(ctx context.Context) error {
 	d.mu.Lock()
 	stateDir := d.cfg.StateDir
 	d.mu.Unlock()
+	// Made here, before Run goes on to its socket (whose umask trick is
+	// process-wide), rather than in the watcher's goroutine.
+	if err := pending.EnsureDir(stateDir); err != nil {
+		return err
+	}
 	w := pending.NewWatcher(stateDir, d.dp, podcgroup.NewResolver(d.cgroups), d.log.With("part", "pending"))
 	pendingWatchers.Store(d, w)
 	go func() {

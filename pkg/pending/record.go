@@ -87,7 +87,7 @@ func Write(stateDir string, r Record) error {
 		return err
 	}
 	dir := Dir(stateDir)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := EnsureDir(stateDir); err != nil {
 		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
 	}
 	data, err := json.Marshal(r)
@@ -120,6 +120,27 @@ func Write(stateDir string, r Record) error {
 	if err := os.Rename(tmp.Name(), path(stateDir, r.ContainerID)); err != nil {
 		os.Remove(tmp.Name())
 		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
+	}
+	return nil
+}
+
+// EnsureDir creates the state and pending directories, root-only, where
+// they are missing. Modes are set explicitly: the umask of a process (which
+// another goroutine may change for a moment) must not decide them.
+func EnsureDir(stateDir string) error {
+	for _, d := range []string{stateDir, Dir(stateDir)} {
+		if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+			continue
+		}
+		if err := os.MkdirAll(filepath.Dir(d), 0o755); err != nil {
+			return fmt.Errorf("create %s: %w", filepath.Dir(d), err)
+		}
+		if err := os.Mkdir(d, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("create %s: %w", d, err)
+		}
+		if err := os.Chmod(d, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", d, err)
+		}
 	}
 	return nil
 }

@@ -79,12 +79,13 @@ type Watcher struct {
 
 	mu      sync.Mutex
 	records map[string]*entry // by container ID; the loop writes, handlers read
-	running bool
 }
 
 type entry struct {
 	rec     Record
 	lastErr string
+	// warnedOld: the record outlived the TTL with its sandbox alive, said once.
+	warnedOld bool
 }
 
 type kick struct {
@@ -155,7 +156,7 @@ func (w *Watcher) Kick(ctx context.Context, containerID string) (Status, error) 
 // Run watches until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
 	dir := Dir(w.stateDir)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := EnsureDir(w.stateDir); err != nil {
 		return fmt.Errorf("pending records: %w", err)
 	}
 	fw, err := fsnotify.NewWatcher()
@@ -358,25 +359,13 @@ func (l *loop) pass(full, scan bool) map[string]Status {
 func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (Status, bool) {
 	w := l.w
 	r := e.rec
-	if r.BPFFS != "" && r.BPFFS != w.dp.Dir() {
-		return Status{}, false
+	dir := ""
+	if r.BPFFS == "" || r.BPFFS == w.dp.Dir() {
+		dir = l.locate(r, byNetns)
 	}
-	dir := l.locate(r, byNetns)
 	if dir == "" {
-		if full && l.expired(r) {
-			err := WithLock(w.stateDir, r.ContainerID, func(cur Record) error {
-				if !cur.same(r) {
-					return nil // a new ADD replaced it: keep
-				}
-				return Unlink(w.stateDir, r.ContainerID)
-			})
-			if err != nil && !errors.Is(err, fs.ErrNotExist) {
-				w.log.Warn("pending record: expire", "containerID", r.ContainerID, "error", err)
-				return Status{}, false
-			}
-			w.log.Warn("pending attachment expired: the sandbox went away before its cgroup appeared",
-				"containerID", r.ContainerID, "age", time.Since(r.Created).Round(time.Second))
-			return Status{Record: r, State: StateExpired}, true
+		if full {
+			return l.expire(e)
 		}
 		return Status{}, false
 	}
@@ -415,6 +404,41 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 }
 
 var errChanged = errors.New("record changed")
+
+// expire removes a record whose sandbox is gone once it is older than the
+// TTL, and says once when a record outlives the TTL with its sandbox alive
+// (a cgroup that cannot be found: worth a look).
+func (l *loop) expire(e *entry) (Status, bool) {
+	w := l.w
+	r := e.rec
+	if !l.expired(r) {
+		if time.Since(r.Created) >= w.TTL && !e.warnedOld {
+			e.warnedOld = true
+			w.log.Warn("pending attachment still waiting: its sandbox exists but no pod cgroup was found",
+				"containerID", r.ContainerID, "age", time.Since(r.Created).Round(time.Second),
+				"cgroupDir", r.CgroupDir, "podUID", r.PodUID, "netns", r.Netns)
+		}
+		return Status{}, false
+	}
+	err := WithLock(w.stateDir, r.ContainerID, func(cur Record) error {
+		if !cur.same(r) {
+			return errChanged // a new ADD replaced it
+		}
+		return Unlink(w.stateDir, r.ContainerID)
+	})
+	switch {
+	case errors.Is(err, errChanged):
+		return Status{}, false
+	case errors.Is(err, fs.ErrNotExist):
+		return Status{Record: r, State: StateAbsent}, true
+	case err != nil:
+		w.log.Warn("pending record: expire", "containerID", r.ContainerID, "error", err)
+		return Status{}, false
+	}
+	w.log.Warn("pending attachment expired: the sandbox went away before its cgroup appeared",
+		"containerID", r.ContainerID, "age", time.Since(r.Created).Round(time.Second))
+	return Status{Record: r, State: StateExpired}, true
+}
 
 // locate returns the record's pod cgroup directory if it exists now.
 func (l *loop) locate(r Record, byNetns map[podcgroup.NetnsID]string) string {

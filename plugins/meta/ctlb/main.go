@@ -1,0 +1,25 @@
+// Command ctlb is the chained CNI plugin ("type": "ctlb" in a conflist): it
+// attaches ctlb's connect-time load balancer to each pod's cgroup. The logic
+// is in pkg/cni; this binary only wires it to the CNI protocol.
+package main
+
+import (
+	"github.com/containernetworking/cni/pkg/skel"
+	cniversion "github.com/containernetworking/cni/pkg/version"
+	bv "github.com/containernetworking/plugins/pkg/utils/buildversion"
+
+	"github.com/ctlb/ctlb/pkg/cni"
+	"github.com/ctlb/ctlb/pkg/version"
+)
+
+func main() {
+	// One version for ctlbd and the plugin: pkg/version's, set at link time.
+	bv.BuildVersion = version.Version
+	skel.PluginMainFuncs(skel.CNIFuncs{
+		Add:    cni.Add,
+		Del:    cni.Del,
+		Check:  cni.Check,
+		Status: cni.Status,
+		GC:     cni.GC,
+	}, cniversion.PluginSupports("0.4.0", "1.0.0", "1.1.0"), bv.BuildString("ctlb"))
+}

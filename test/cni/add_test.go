@@ -1,0 +1,246 @@
+package cnitest
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/ctlb/ctlb/pkg/cni"
+	"github.com/ctlb/ctlb/pkg/pending"
+)
+
+// A pod found by K8S_POD_UID in the cgroupfs layout is redirected in every
+// container cgroup; a pod of a chain without ctlb, on the same bridge, is
+// untouched; after DEL the pod is untouched too and nothing stays pinned.
+func TestAddPodUIDCgroupfs(t *testing.T) {
+	e := newEnv(t)
+	p := e.cgroupfsPod("besteffort", true)
+	res := e.mustAdd(e.chain(nil), p)
+
+	// The prevResult is passed through: the pod has its bridge address.
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.IPs) != 1 || !strings.HasPrefix(r.IPs[0].Address.String(), "198.18.0.") {
+		t.Fatalf("ADD result %+v: want the bridge's one pod address in %s", r, podSubnet)
+	}
+	e.wantAttached(p)
+	wantRedirected(t, p, container(t, p, "app"))
+	wantRedirected(t, p, container(t, p, "envoy"))
+	if err := e.check(e.chain(nil), p); err != nil {
+		t.Fatalf("CHECK after ADD: %v", err)
+	}
+
+	// Same bridge, same QoS class, a chain without ctlb.
+	plain := e.cgroupfsPod("besteffort", true)
+	e.mustAdd(e.plainChain(), plain)
+	if _, ok := e.attachment(plain); ok {
+		t.Fatal("pod without ctlb in its chain has an attachment")
+	}
+	wantUntouched(t, plain, container(t, plain, "app"))
+
+	if err := e.del(e.chain(nil), p); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	e.wantNothingLeft()
+}
+
+// The systemd driver's naming, in the burstable and guaranteed classes.
+func TestAddPodUIDSystemdSlice(t *testing.T) {
+	e := newEnv(t)
+	for _, qos := range []string{"burstable", ""} {
+		uid := newUID()
+		u := strings.ReplaceAll(uid, "-", "_")
+		dir := filepath.Join(e.cgroups, "kubepods.slice")
+		if qos == "" {
+			dir = filepath.Join(dir, "kubepods-pod"+u+".slice")
+		} else {
+			dir = filepath.Join(dir, "kubepods-"+qos+".slice", "kubepods-"+qos+"-pod"+u+".slice")
+		}
+		mkdirAll(t, dir)
+		p := e.newPod(uid, dir)
+		e.mustAdd(e.chain(nil), p)
+		e.wantAttached(p)
+		wantRedirected(t, p, container(t, p, "cri-containerd-"+p.id[:12]+".scope"))
+	}
+}
+
+// The runtime's cgroupPath capability wins over the pod UID.
+func TestAddCgroupPath(t *testing.T) {
+	e := newEnv(t)
+	decoy := e.cgroupfsPod("besteffort", true) // what the UID would find
+	dir := filepath.Join(e.cgroups, "sandboxes", "pod-a")
+	mkdirAll(t, dir)
+	p := e.newPod(decoy.uid, dir)
+	// containerd passes the path relative to the v2 mount.
+	rel := strings.TrimPrefix(dir, filepath.Dir(e.cgroups))
+	p.rt.CapabilityArgs = map[string]any{"cgroupPath": rel}
+	e.mustAdd(e.chain(nil), p)
+	e.wantAttached(p)
+	wantRedirected(t, p, container(t, p, "app"))
+	// The decoy, with the same UID, is not attached.
+	decoy.netns = p.netns
+	wantUntouched(t, decoy, decoy.cgroup)
+}
+
+// ADD before the pod cgroup exists (containerd calls ADD before runc
+// create): a pending record, completed by ctlbd when the cgroup appears.
+func TestAddBeforeCgroupPodUID(t *testing.T) {
+	e := newEnv(t)
+	p := e.cgroupfsPod("burstable", false)
+	e.mustAdd(e.chain(nil), p)
+	if _, ok := e.attachment(p); ok {
+		t.Fatal("attached before the cgroup exists")
+	}
+	wantRecord(t, e, p)
+	if st, err := e.status(); err != nil || st.Pending != 1 {
+		t.Fatalf("ctlbd status: pending %d (%v), want 1", st.Pending, err)
+	}
+	list := e.pendingList()
+	if len(list) != 1 || list[0].ContainerID != p.id || list[0].PodUID != p.uid || list[0].State != pending.StatePending {
+		t.Fatalf("GET /v1/pending: %+v, want the pod's record, pending", list)
+	}
+	wantCode(t, "CHECK while pending", e.check(e.chain(nil), p), cni.ErrStillPending, "still pending")
+
+	// runc creates the pod cgroup, then the container's.
+	mkdirAll(t, p.cgroup)
+	took := e.waitAttached(p, 5*time.Second)
+	t.Logf("pending attachment completed %s after the pod cgroup appeared", took)
+	ctr := container(t, p, "app")
+	wantRedirected(t, p, ctr)
+	e.wantAttached(p)
+	if _, err := os.Stat(filepath.Join(pending.Dir(e.stateDir), p.id+".json")); !os.IsNotExist(err) {
+		t.Fatalf("pending record still there after completion: %v", err)
+	}
+	if err := e.check(e.chain(nil), p); err != nil {
+		t.Fatalf("CHECK after completion: %v", err)
+	}
+	if err := e.del(e.chain(nil), p); err != nil {
+		t.Fatal(err)
+	}
+	e.wantNothingLeft()
+}
+
+// wantRecord checks the pod's pending record: root-only, in a root-only dir.
+func wantRecord(t *testing.T, e *env, p *pod) {
+	t.Helper()
+	dir := pending.Dir(e.stateDir)
+	fi, err := os.Stat(filepath.Join(dir, p.id+".json"))
+	if err != nil {
+		t.Fatalf("pending record: %v", err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("pending record mode %v, want 0600", fi.Mode().Perm())
+	}
+	di, err := os.Stat(dir)
+	if err != nil || di.Mode().Perm() != 0o700 {
+		t.Fatalf("pending dir: %v %v, want mode 0700", di.Mode().Perm(), err)
+	}
+}
+
+// podman passes no pod UID and no cgroupPath: the record is completed by
+// finding the sandbox's process by its netns once the runtime starts it.
+func TestAddBeforeCgroupNetnsOnly(t *testing.T) {
+	e := newEnv(t)
+	podDir := filepath.Join(e.cgroups, "libpod_parent", "pod-"+randHex(8))
+	mkdirAll(t, filepath.Dir(podDir))
+	p := e.newPod("", podDir)
+	e.mustAdd(e.chain(nil), p)
+	if _, ok := e.attachment(p); ok {
+		t.Fatal("attached before the sandbox exists")
+	}
+	wantRecord(t, e, p)
+
+	// The runtime makes the pod cgroup and starts the infra process in a
+	// container cgroup below it, inside the pod's netns.
+	mkdirAll(t, podDir)
+	infra := container(t, p, "libpod-"+randHex(8))
+	startInfra(t, p.netns, infra)
+	took := e.waitAttached(p, 5*time.Second)
+	t.Logf("netns-only pending attachment completed %s after the infra process started", took)
+	wantRedirected(t, p, container(t, p, "libpod-"+randHex(8)))
+	if err := e.del(e.chain(nil), p); err != nil {
+		t.Fatal(err)
+	}
+	e.wantNothingLeft()
+}
+
+// startInfra starts a sleeping process in netns and cgroup, as runc starts
+// a pod's infra container, and kills it (by PID) when the test ends.
+func startInfra(t *testing.T, netns ns.NetNS, cgroupDir string) {
+	t.Helper()
+	f, err := os.Open(cgroupDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command("sleep", "120")
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+	if err := netns.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
+		t.Fatalf("start infra process: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+}
+
+// ctlb passes prevResult through unchanged, in every supported version.
+func TestPrevResultPassedThrough(t *testing.T) {
+	e := newEnv(t)
+	for _, v := range []string{"0.4.0", "1.0.0", "1.1.0"} {
+		p := e.cgroupfsPod("besteffort", true)
+		prev := prevResult("198.18.0.77")
+		prev["cniVersion"] = v
+		if v == "0.4.0" {
+			prev["ips"] = []map[string]any{{"version": "4", "address": "198.18.0.77/24", "gateway": gateway, "interface": 0}}
+		}
+		c := e.ctlbConf(nil)
+		delete(c, "capabilities")
+		c["cniVersion"], c["name"], c["prevResult"] = v, "ctlbnet", prev
+		out, err := execPlugin(t, "ADD", p.id, p.netns.Path(), "K8S_POD_UID="+p.uid, []byte(mustJSON(t, c)))
+		if err != nil {
+			t.Fatalf("ADD %s: %v: %s", v, err, out)
+		}
+		res, err := version.NewResult(v, out)
+		if err != nil {
+			t.Fatalf("ADD %s: output %s: %v", v, out, err)
+		}
+		var head struct {
+			CNIVersion string `json:"cniVersion"`
+		}
+		_ = json.Unmarshal(out, &head)
+		r, err := current.NewResultFromResult(res)
+		if err != nil || len(r.IPs) != 1 || r.IPs[0].Address.String() != "198.18.0.77/24" || head.CNIVersion != v {
+			t.Fatalf("ADD %s: result %s, want the prevResult back in version %s (%v)", v, out, v, err)
+		}
+		e.wantAttached(p)
+	}
+}
+
+// With ctlbd down, ADD still succeeds and leaves its record: the file is
+// the source of truth, and ctlbd completes it when it starts.
+func TestPendingWhileDaemonDown(t *testing.T) {
+	e := newEnv(t)
+	e.daemon.stop()
+	p := e.cgroupfsPod("besteffort", false)
+	e.mustAdd(e.chain(nil), p)
+	wantRecord(t, e, p)
+	e.startDaemon()
+	if st, err := e.status(); err != nil || st.Pending != 1 {
+		t.Fatalf("restarted ctlbd: status %+v (%v), want the record pending", st, err)
+	}
+	mkdirAll(t, p.cgroup)
+	e.waitAttached(p, 5*time.Second)
+	wantRedirected(t, p, container(t, p, "app"))
+}
