@@ -60,7 +60,7 @@ func TestCommandInstallUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	last := list.Plugins[len(list.Plugins)-1]
-	wantConf := `{"type":"ctlb","bpffs":"/sys/fs/bpf/ctlb-test","socket":"/run/ctlb-test/ctlbd.sock"}`
+	wantConf := `{"type":"ctlb","bpffs":"/sys/fs/bpf/ctlb-test","socket":"/run/ctlb-test/ctlbd.sock","capabilities":{"cgroupPath":true}}`
 	if last.Network.Type != PluginType || !sameJSON(last.Bytes, []byte(wantConf)) {
 		t.Errorf("chained plugin %s, want %s", last.Bytes, wantConf)
 	}

@@ -74,11 +74,14 @@ type Options struct {
 // NewPluginConf returns the ctlb entry for a conflist: the plugin type, the
 // bpffs directory holding ctlb's pins and ctlbd's control socket.
 func NewPluginConf(bpffs, socket string) json.RawMessage {
+	// The cgroupPath capability asks runtimes that have it (containerd
+	// 1.7.1+) to pass the pod's cgroup, the first thing the plugin tries.
 	b, _ := json.Marshal(struct {
-		Type   string `json:"type"`
-		BPFFS  string `json:"bpffs"`
-		Socket string `json:"socket"`
-	}{PluginType, bpffs, socket})
+		Type         string          `json:"type"`
+		BPFFS        string          `json:"bpffs"`
+		Socket       string          `json:"socket"`
+		Capabilities map[string]bool `json:"capabilities"`
+	}{PluginType, bpffs, socket, map[string]bool{"cgroupPath": true}})
 	return b
 }
 

@@ -183,13 +183,27 @@ func listenUnix(path, group string) (net.Listener, error) {
 		c.Close()
 		return nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
 	}
-	os.Remove(path)
-	// The umask makes the socket 0600 from its first moment.
-	old := unix.Umask(0o177)
-	ln, err := net.Listen("unix", path)
-	unix.Umask(old)
+	// Bind in a private directory, fix the mode, then rename into place: the
+	// socket is never reachable with a wider mode, and no process-wide umask
+	// change races other goroutines creating files.
+	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".ctlbd-sock-")
+	if err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	defer os.RemoveAll(tmpDir)
+	tmp := filepath.Join(tmpDir, "s")
+	ln, err := net.Listen("unix", tmp)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	if gid >= 0 {
 		if err := os.Chown(path, 0, gid); err != nil {
