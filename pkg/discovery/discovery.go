@@ -1,0 +1,122 @@
+// Package discovery finds the real servers behind one VIP. Each Source
+// produces, again and again, the full list of servers it knows (never a
+// delta); the caller takes the union of its sources. A source that fails
+// reports the error and the caller keeps that source's last good list: a
+// broken DNS server or Consul agent must never empty a VIP.
+package discovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+)
+
+// DefaultPort is the server port used when a source or an entry names none:
+// the Consul servers' gRPC/xDS port, ctlb's main use.
+const DefaultPort = 8502
+
+// Result is one answer of a source: the complete server list, or an error.
+// When Err is set, Servers is meaningless and the caller keeps the source's
+// previous list.
+type Result struct {
+	Servers []netip.AddrPort
+	Err     error
+}
+
+// Source produces the server list of one VIP from one place.
+type Source interface {
+	// Name says what kind of source this is ("static", "dns", "consul",
+	// "exec"), for logs and status.
+	Name() string
+	// Run emits a Result whenever it has looked (a list that did not change
+	// may be emitted again) until ctx is done. emit is never called
+	// concurrently by one source and never after Run returns.
+	Run(ctx context.Context, emit func(Result))
+}
+
+// ErrEmpty is reported when a source answers with no servers at all. It is
+// treated as a failure, so a misconfigured name or a catalog in trouble
+// cannot wipe the set; removing every server is a config change.
+var ErrEmpty = errors.New("no servers in the answer")
+
+// ParseServer reads "a.b.c.d" or "a.b.c.d:port"; a bare address gets
+// defPort. Only IPv4 is accepted: ctlb rewrites IPv4 connections only.
+func ParseServer(s string, defPort uint16) (netip.AddrPort, error) {
+	s = strings.TrimSpace(s)
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		if !ap.Addr().Is4() {
+			return netip.AddrPort{}, fmt.Errorf("server %q: not an IPv4 address", s)
+		}
+		if ap.Port() == 0 {
+			return netip.AddrPort{}, fmt.Errorf("server %q: port 0", s)
+		}
+		return ap, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("server %q: want IPv4 address or address:port", s)
+	}
+	if !a.Is4() {
+		return netip.AddrPort{}, fmt.Errorf("server %q: not an IPv4 address", s)
+	}
+	if defPort == 0 {
+		return netip.AddrPort{}, fmt.Errorf("server %q: no port", s)
+	}
+	return netip.AddrPortFrom(a, defPort), nil
+}
+
+// Normalize sorts a server list and removes duplicates, so lists compare
+// with slices.Equal.
+func Normalize(s []netip.AddrPort) []netip.AddrPort {
+	out := slices.Clone(s)
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(out)
+}
+
+// Format joins a server list for logs: "a:p,b:p".
+func Format(s []netip.AddrPort) string {
+	parts := make([]string, len(s))
+	for i, ap := range s {
+		parts[i] = ap.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func portOr(p uint16) uint16 {
+	if p == 0 {
+		return DefaultPort
+	}
+	return p
+}
+
+// sleep waits d or until ctx is done; it reports whether to go on.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// backoff doubles a retry delay from min up to max.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else {
+		b.cur = min(b.cur*2, b.max)
+	}
+	return b.cur
+}
+
+func (b *backoff) reset() { b.cur = 0 }

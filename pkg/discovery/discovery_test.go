@@ -1,0 +1,143 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+func aps(t testing.TB, ss ...string) []netip.AddrPort {
+	t.Helper()
+	var out []netip.AddrPort
+	for _, s := range ss {
+		out = append(out, netip.MustParseAddrPort(s))
+	}
+	return Normalize(out)
+}
+
+// collector runs a source and keeps what it emits.
+type collector struct {
+	mu      sync.Mutex
+	results []Result
+	notify  chan struct{}
+}
+
+func run(t *testing.T, s Source) *collector {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &collector{notify: make(chan struct{}, 1)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx, func(r Result) {
+			c.mu.Lock()
+			c.results = append(c.results, r)
+			c.mu.Unlock()
+			select {
+			case c.notify <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Errorf("source %s did not stop within 10 s of cancel", s.Name())
+		}
+	})
+	return c
+}
+
+// waitFor waits until a result emitted at or after index from satisfies
+// ok, and returns it and the index after it.
+func (c *collector) waitFor(t *testing.T, from int, timeout time.Duration, what string, ok func(Result) bool) (Result, int) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		c.mu.Lock()
+		for i := from; i < len(c.results); i++ {
+			if ok(c.results[i]) {
+				r := c.results[i]
+				c.mu.Unlock()
+				return r, i + 1
+			}
+		}
+		from = len(c.results)
+		last := Result{}
+		if n := len(c.results); n > 0 {
+			last = c.results[n-1]
+		}
+		c.mu.Unlock()
+		select {
+		case <-c.notify:
+		case <-deadline:
+			t.Fatalf("no result with %s within %s; last: %v %v", what, timeout, last.Servers, last.Err)
+		}
+	}
+}
+
+func (c *collector) waitServers(t *testing.T, from int, timeout time.Duration, want []netip.AddrPort) int {
+	t.Helper()
+	_, next := c.waitFor(t, from, timeout, "servers "+Format(want), func(r Result) bool {
+		return r.Err == nil && slices.Equal(r.Servers, want)
+	})
+	return next
+}
+
+func (c *collector) waitErr(t *testing.T, from int, timeout time.Duration) (next int, err error) {
+	t.Helper()
+	r, next := c.waitFor(t, from, timeout, "an error", func(r Result) bool { return r.Err != nil })
+	return next, r.Err
+}
+
+func TestParseServer(t *testing.T) {
+	good := map[string]string{
+		"198.18.0.1":       "198.18.0.1:8502",
+		"198.18.0.1:9000":  "198.18.0.1:9000",
+		" 127.0.0.1:53 \n": "127.0.0.1:53",
+	}
+	for in, want := range good {
+		got, err := ParseServer(in, DefaultPort)
+		if err != nil || got.String() != want {
+			t.Errorf("ParseServer(%q) = %v, %v; want %s", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "host.example", "198.18.0.1:0", "198.18.0.1:99999", "[::1]:80", "::1", "198.18.0.256"} {
+		if got, err := ParseServer(in, DefaultPort); err == nil {
+			t.Errorf("ParseServer(%q) = %v, want an error", in, got)
+		}
+	}
+}
+
+func TestParseList(t *testing.T) {
+	got, err := ParseList("198.18.0.2:9000 198.18.0.1\n\t198.18.0.3\n198.18.0.1\n", 8502)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := aps(t, "198.18.0.1:8502", "198.18.0.2:9000", "198.18.0.3:8502"); !slices.Equal(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	if _, err := ParseList("198.18.0.1 nonsense", 8502); err == nil {
+		t.Fatal("a bad entry must fail the whole list")
+	}
+	if _, err := ParseList(" \n", 8502); !errors.Is(err, ErrEmpty) {
+		t.Fatalf("empty output: err %v, want ErrEmpty", err)
+	}
+}
+
+func TestStatic(t *testing.T) {
+	want := aps(t, "198.18.0.1:8502", "198.18.0.2:8502")
+	c := run(t, Static{Servers: []netip.AddrPort{want[1], want[0], want[1]}})
+	c.waitServers(t, 0, 5*time.Second, want)
+
+	e := run(t, Static{})
+	if _, err := e.waitErr(t, 0, 5*time.Second); !errors.Is(err, ErrEmpty) {
+		t.Fatalf("empty static list: %v, want ErrEmpty", err)
+	}
+}

@@ -1,0 +1,71 @@
+package discovery
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// script writes an executable shell script and returns its path.
+func script(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "servers.sh")
+	if err := os.WriteFile(p, []byte("#!/bin/sh\n"+body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestExecFollowsOutput: the command's output (spaces, newlines, optional
+// ports) becomes the list and is re-read every Interval; a failing run
+// reports an error and a fixed one recovers.
+func TestExecFollowsOutput(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "list")
+	write := func(s string) {
+		if err := os.WriteFile(data, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("198.18.7.1 198.18.7.2:9000\n")
+	// The command fails (with a message) while the file holds "fail".
+	cmd := script(t, `if grep -q fail "$1"; then echo "no auto-join provider" >&2; exit 3; fi; cat "$1"`)
+	c := run(t, Exec{Command: []string{cmd, data}, Interval: 200 * time.Millisecond})
+	next := c.waitServers(t, 0, 5*time.Second, aps(t, "198.18.7.1:8502", "198.18.7.2:9000"))
+
+	write("198.18.7.3\n198.18.7.1\n")
+	next = c.waitServers(t, next, 5*time.Second, aps(t, "198.18.7.1:8502", "198.18.7.3:8502"))
+
+	write("fail")
+	next, err := c.waitErr(t, next, 5*time.Second)
+	if !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "no auto-join provider") {
+		t.Fatalf("error %q: want the exit status and stderr", err)
+	}
+	write("198.18.7.4")
+	c.waitServers(t, next, 5*time.Second, aps(t, "198.18.7.4:8502"))
+}
+
+func TestExecErrors(t *testing.T) {
+	ctx := context.Background()
+	cases := map[string]Exec{
+		"bad output": {Command: []string{script(t, "echo 198.18.7.1 not-an-address")}},
+		"empty":      {Command: []string{script(t, "true")}},
+		"timeout":    {Command: []string{script(t, "sleep 5")}, Timeout: 200 * time.Millisecond},
+		"missing":    {Command: []string{filepath.Join(t.TempDir(), "nonexistent")}},
+		"no command": {},
+	}
+	for name, e := range cases {
+		start := time.Now()
+		got, err := e.Once(ctx)
+		if err == nil {
+			t.Errorf("%s: got %v, want an error", name, got)
+			continue
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("%s: took %s, the timeout did not cut it", name, d)
+		}
+		t.Logf("%s: %v", name, err)
+	}
+}
