@@ -53,6 +53,16 @@ type ServerStatus struct {
 	InSet    bool   `json:"inSet"`
 	Connects uint64 `json:"connects"`
 	Open     int64  `json:"open"`
+	// LastError is the last failed health check's error.
+	LastError string `json:"lastError,omitempty"`
+}
+
+// SourceStatus is one server source of a tracked VIP.
+type SourceStatus struct {
+	Name      string `json:"name"`
+	Servers   int    `json:"servers"`
+	Errors    uint64 `json:"errors"`
+	LastError string `json:"lastError,omitempty"`
 }
 
 // ServiceStatus is one VIP in ctlbd status.
@@ -60,6 +70,11 @@ type ServiceStatus struct {
 	VIP     string         `json:"vip"`
 	Empty   string         `json:"empty"`
 	Servers []ServerStatus `json:"servers"`
+	// Tracked VIPs get their set from sources and health checks.
+	Tracked bool           `json:"tracked"`
+	Panic   bool           `json:"panic,omitempty"`
+	Changes uint64         `json:"changes,omitempty"`
+	Sources []SourceStatus `json:"sources,omitempty"`
 }
 
 // Status is ctlbd status.

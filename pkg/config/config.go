@@ -16,6 +16,7 @@ import (
 
 	"github.com/ctlb/ctlb/pkg/datapath"
 	"github.com/ctlb/ctlb/pkg/proxy"
+	"github.com/ctlb/ctlb/pkg/servers"
 )
 
 // Defaults, chosen so that one daemon per host needs no flags.
@@ -60,6 +61,33 @@ type Service struct {
 	Servers []string `json:"servers,omitempty"`
 	// Empty is the empty-set policy: "reject" (default) or "passthrough".
 	Empty string `json:"empty,omitempty"`
+
+	// Discovery and health (see pkg/servers). With any of these, ctlbd
+	// tracks the VIP: the union of the static list and every source gives
+	// the candidates, and only the healthy ones are written to the map.
+	// Without them, the static list is written as it is.
+	DNS    *servers.DNSConfig    `json:"dns,omitempty"`
+	Consul *servers.ConsulConfig `json:"consul,omitempty"`
+	Exec   *servers.ExecConfig   `json:"exec,omitempty"`
+	Health *servers.HealthConfig `json:"health,omitempty"`
+	// Panic keeps every candidate in the set when none is healthy (as
+	// Envoy's panic threshold does) instead of emptying it.
+	Panic bool `json:"panic,omitempty"`
+}
+
+// Tracked reports whether the VIP's set comes from sources and health
+// checks rather than straight from the static list.
+func (s Service) Tracked() bool {
+	return s.DNS != nil || s.Consul != nil || s.Exec != nil || s.Health != nil
+}
+
+// Sources is the tracker configuration of a tracked VIP.
+func (s Service) Sources() servers.Config {
+	c := servers.Config{Static: s.Servers, DNS: s.DNS, Consul: s.Consul, Exec: s.Exec, Panic: s.Panic}
+	if s.Health != nil {
+		c.Health = *s.Health
+	}
+	return c
 }
 
 // Parse decodes and validates a config.
@@ -156,6 +184,13 @@ func (c *Config) Validate() error {
 		svc, err := s.Datapath()
 		if err != nil {
 			return fmt.Errorf("config services[%d]: %w", i, err)
+		}
+		if s.Tracked() {
+			if err := s.Sources().Validate(); err != nil {
+				return fmt.Errorf("config services[%d]: VIP %s: %w", i, svc.VIP, err)
+			}
+		} else if s.Panic {
+			return fmt.Errorf("config services[%d]: VIP %s: panic needs health checks or a source (dns, consul, exec, health)", i, svc.VIP)
 		}
 		if seen[svc.VIP] {
 			return fmt.Errorf("config services[%d]: VIP %s is configured twice", i, svc.VIP)

@@ -39,6 +39,10 @@ type Daemon struct {
 	mu    sync.Mutex
 	cfg   *config.Config
 	table serviceTable
+	// trackers are the VIPs kept by sources and health checks, by VIP.
+	trackers map[netip.AddrPort]*trackedService
+	// runCtx bounds the trackers; set by Run.
+	runCtx context.Context
 
 	registry *prometheus.Registry
 	proxy    *proxy.Proxy
@@ -64,7 +68,8 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	if err != nil {
 		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)
 	}
-	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg}
+	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
+		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
 	d.registry = d.newRegistry()
 	return d, nil
 }
@@ -115,6 +120,7 @@ func lockDir(dir string) (*os.File, error) {
 
 // Run applies the config and serves the control API until ctx ends.
 func (d *Daemon) Run(ctx context.Context) error {
+	d.runCtx = ctx
 	if err := d.loadTable(); err != nil {
 		return err
 	}
@@ -275,25 +281,42 @@ func (d *Daemon) Reload() error {
 }
 
 // applyServices writes next's VIPs and removes the VIPs prev had that next
-// has not. A VIP whose pinned set already matches is left alone, so a
-// restarted daemon adopts the maps without rewriting them.
+// has not. A static VIP whose pinned set already matches is left alone, so a
+// restarted daemon adopts the maps without rewriting them. A tracked VIP
+// (sources, health checks) gets a tracker; its pinned set stays as it is
+// until the tracker publishes, so a restart leaves no gap, and a new VIP
+// starts empty with its policy. Trackers whose config did not change keep
+// running across a reload.
 func (d *Daemon) applyServices(prev, next *config.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	want := map[netip.AddrPort]datapath.Service{}
+	var changed []datapath.Service
 	for _, s := range next.Services {
 		svc, err := s.Datapath()
 		if err != nil {
 			return err // Validate ran already; this is a programming error
 		}
 		want[svc.VIP] = svc
-	}
-	var changed []datapath.Service
-	for _, svc := range want {
 		cur, ok, err := d.dp.Service(svc.VIP)
 		if err != nil {
 			return err
 		}
+		if s.Tracked() {
+			if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+				continue
+			}
+			if !ok || cur.Empty != svc.Empty {
+				keep := svc
+				keep.Servers = []netip.AddrPort{}
+				if ok {
+					keep.Servers = cur.Servers
+				}
+				changed = append(changed, keep)
+			}
+			continue
+		}
+		d.stopTracker(svc.VIP)
 		if !ok || !sameService(cur, svc) {
 			changed = append(changed, svc)
 		}
@@ -301,18 +324,37 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 	if err := d.setServices("config", changed...); err != nil {
 		return err
 	}
+	for _, s := range next.Services {
+		if !s.Tracked() {
+			continue
+		}
+		svc := want[mustVIP(s.VIP)]
+		if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+			continue
+		}
+		if err := d.startTracker(d.runCtx, s, svc); err != nil {
+			return err
+		}
+	}
 	if prev != nil {
 		for _, s := range prev.Services {
 			vip, err := datapath.ParseVIP(s.VIP)
 			if err != nil || want[vip].VIP.IsValid() {
 				continue
 			}
+			d.stopTracker(vip)
 			if _, err := d.deleteService("removed from config", vip); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// mustVIP parses a VIP that validation accepted already.
+func mustVIP(s string) netip.AddrPort {
+	v, _ := datapath.ParseVIP(s)
+	return v
 }
 
 func sameService(a, b datapath.Service) bool {

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
 
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/cgroupv2"
@@ -93,7 +94,11 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.mu.Lock()
-	err = d.setServices("api", svc)
+	if d.trackers[svc.VIP] != nil {
+		err = trackedConflict(svc.VIP)
+	} else {
+		err = d.setServices("api", svc)
+	}
 	d.mu.Unlock()
 	reply(w, svc, err)
 }
@@ -105,12 +110,23 @@ func (d *Daemon) handleDeleteService(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.mu.Lock()
-	existed, err := d.deleteService("api", vip)
+	var existed bool
+	if d.trackers[vip] != nil {
+		err = trackedConflict(vip)
+	} else {
+		existed, err = d.deleteService("api", vip)
+	}
 	d.mu.Unlock()
 	if err == nil && !existed {
 		err = httpError{http.StatusNotFound, fmt.Errorf("VIP %s is not configured", vip)}
 	}
 	reply(w, nil, err)
+}
+
+// trackedConflict refuses a CLI change of a VIP whose set its sources and
+// health checks keep: the next change of theirs would undo it.
+func trackedConflict(vip netip.AddrPort) error {
+	return httpError{http.StatusConflict, fmt.Errorf("VIP %s is kept by its config sources and health checks: change the config and reload", vip)}
 }
 
 func (d *Daemon) listAttachments(w http.ResponseWriter, r *http.Request) {
@@ -225,20 +241,42 @@ func (d *Daemon) Status() (api.Status, error) {
 	for _, s := range stats {
 		byVIP[s.VIP] = append(byVIP[s.VIP], s)
 	}
+	tracked := d.snapshots()
 	for _, svc := range svcs {
 		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), Servers: []api.ServerStatus{}}
 		counted := map[netip.AddrPort]datapath.ServerStats{}
 		for _, s := range byVIP[svc.VIP] {
 			counted[s.Server] = s
 		}
+		listed := map[netip.AddrPort]bool{}
+		if snap, ok := tracked[svc.VIP]; ok {
+			// Every candidate, in the set or not, with its sources and health.
+			ss.Tracked, ss.Panic, ss.Changes = true, snap.Panic, snap.Changes
+			for _, src := range snap.Sources {
+				ss.Sources = append(ss.Sources, api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError})
+			}
+			inMap := map[netip.AddrPort]bool{}
+			for _, srv := range svc.Servers {
+				inMap[srv] = true
+			}
+			for _, c := range snap.Servers {
+				st := counted[c.Addr]
+				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Addr.String(), Source: strings.Join(c.Sources, ","),
+					Health: c.Health.String(), InSet: inMap[c.Addr], Connects: st.Connects, Open: st.Open, LastError: c.LastError})
+				listed[c.Addr] = true
+			}
+		}
 		for _, srv := range svc.Servers {
+			if listed[srv] {
+				continue
+			}
 			c := counted[srv]
 			ss.Servers = append(ss.Servers, api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true, Connects: c.Connects, Open: c.Open})
-			delete(counted, srv)
+			listed[srv] = true
 		}
 		// Servers that left the set but still have open connections.
 		for _, c := range byVIP[svc.VIP] {
-			if _, left := counted[c.Server]; left && c.Open > 0 {
+			if !listed[c.Server] && c.Open > 0 {
 				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Server.String(), InSet: false, Connects: c.Connects, Open: c.Open})
 			}
 		}

@@ -11,6 +11,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/ctlb/ctlb/pkg/health"
 )
 
 var (
@@ -26,6 +28,16 @@ var (
 		"Attachments whose cgroup has died, waiting for GC.", nil, nil)
 	descPending = prometheus.NewDesc("ctlb_pending_attachments",
 		"Pending attachments: pods whose cgroup did not exist yet at CNI ADD.", nil, nil)
+	descHealthy = prometheus.NewDesc("ctlb_server_healthy",
+		"Health of a candidate server of a tracked VIP: 1 healthy, 0 unhealthy, -1 not checked yet.", []string{"vip", "server"}, nil)
+	descInSet = prometheus.NewDesc("ctlb_server_in_set",
+		"1 when a candidate server of a tracked VIP is in the set written to the map.", []string{"vip", "server"}, nil)
+	descSourceErrors = prometheus.NewDesc("ctlb_source_errors_total",
+		"Failed answers of a server source (DNS, Consul, exec); the last good answer is kept.", []string{"vip", "source"}, nil)
+	descSetChanges = prometheus.NewDesc("ctlb_service_set_changes_total",
+		"Changes of a tracked VIP's healthy set written to the map.", []string{"vip"}, nil)
+	descPanic = prometheus.NewDesc("ctlb_service_panic",
+		"1 while a tracked VIP is in panic mode (no healthy server; every candidate kept).", []string{"vip"}, nil)
 )
 
 // collector reads the kernel's counters at scrape time, so the numbers are
@@ -33,7 +45,8 @@ var (
 type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments, descDeadAttachments, descPending} {
+	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic} {
 		ch <- d
 	}
 }
@@ -64,6 +77,32 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descDeadAttachments, prometheus.GaugeValue, float64(dead))
 	}
 	ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pendingCount()))
+	for vip, snap := range d.snapshots() {
+		v := vip.String()
+		for _, srv := range snap.Servers {
+			h := -1.0
+			switch srv.Health {
+			case health.Healthy:
+				h = 1
+			case health.Unhealthy:
+				h = 0
+			}
+			ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, h, v, srv.Addr.String())
+			ch <- prometheus.MustNewConstMetric(descInSet, prometheus.GaugeValue, boolFloat(srv.Published), v, srv.Addr.String())
+		}
+		for _, src := range snap.Sources {
+			ch <- prometheus.MustNewConstMetric(descSourceErrors, prometheus.CounterValue, float64(src.Errors), v, src.Name)
+		}
+		ch <- prometheus.MustNewConstMetric(descSetChanges, prometheus.CounterValue, float64(snap.Changes), v)
+		ch <- prometheus.MustNewConstMetric(descPanic, prometheus.GaugeValue, boolFloat(snap.Panic), v)
+	}
+}
+
+func boolFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // newRegistry holds every ctlbd metric: the kernel's counters, the proxy's,

@@ -39,13 +39,21 @@ func (t *serviceTable) targets(vip netip.AddrPort) []netip.AddrPort {
 	return t.sets[vip]
 }
 
-// setServices writes sets to the maps (each swap atomic) and mirrors them.
+// writeSets writes sets to the maps (each swap atomic) and mirrors them.
 // Callers hold d.mu.
-func (d *Daemon) setServices(reason string, svcs ...datapath.Service) error {
+func (d *Daemon) writeSets(svcs ...datapath.Service) error {
 	if err := d.dp.SetServices(svcs); err != nil {
 		return err
 	}
 	d.table.put(svcs...)
+	return nil
+}
+
+// setServices is writeSets with one log line per VIP. Callers hold d.mu.
+func (d *Daemon) setServices(reason string, svcs ...datapath.Service) error {
+	if err := d.writeSets(svcs...); err != nil {
+		return err
+	}
 	for _, s := range svcs {
 		d.log.Info("service set", "vip", s.VIP, "servers", s.Servers, "empty", s.Empty, "reason", reason)
 	}

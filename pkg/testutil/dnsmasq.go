@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
 )
 
 // DNSMasq is a real DNS server (Debian's dnsmasq) answering A records from
@@ -22,6 +24,7 @@ import (
 // It forwards nothing (no upstream): names it does not know get an error.
 type DNSMasq struct {
 	t     testing.TB
+	netns ns.NetNS // nil: the test's own
 	Addr  netip.AddrPort
 	hosts string
 	cmd   *exec.Cmd
@@ -32,13 +35,32 @@ type DNSMasq struct {
 // the given TTL in seconds, and stops it when the test ends.
 func StartDNSMasq(t testing.TB, records map[string][]string, ttl int) *DNSMasq {
 	t.Helper()
+	return startDNSMasq(t, nil, records, ttl)
+}
+
+// StartDNSMasqIn is StartDNSMasq inside a test network namespace.
+func StartDNSMasqIn(t testing.TB, netns ns.NetNS, records map[string][]string, ttl int) *DNSMasq {
+	t.Helper()
+	return startDNSMasq(t, netns, records, ttl)
+}
+
+// in runs f in the server's network namespace.
+func (d *DNSMasq) in(f func() error) error {
+	if d.netns == nil {
+		return f()
+	}
+	return d.netns.Do(func(ns.NetNS) error { return f() })
+}
+
+func startDNSMasq(t testing.TB, netns ns.NetNS, records map[string][]string, ttl int) *DNSMasq {
+	t.Helper()
 	bin, err := exec.LookPath("dnsmasq")
 	Require(t, err == nil, "dnsmasq not installed (apt-get install dnsmasq)")
 	dir := t.TempDir()
-	d := &DNSMasq{t: t, hosts: filepath.Join(dir, "hosts")}
+	d := &DNSMasq{t: t, netns: netns, hosts: filepath.Join(dir, "hosts")}
 	d.writeHosts(records)
 	ip := netip.AddrFrom4([4]byte{127, 53, byte(1 + rand.IntN(250)), byte(1 + rand.IntN(250))})
-	d.Addr = netip.AddrPortFrom(ip, freePort(t, ip))
+	_ = d.in(func() error { d.Addr = netip.AddrPortFrom(ip, freePort(t, ip)); return nil })
 	d.cmd = exec.Command(bin,
 		"--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll",
 		"--addn-hosts="+d.hosts,
@@ -52,7 +74,7 @@ func StartDNSMasq(t testing.TB, records map[string][]string, ttl int) *DNSMasq {
 	}
 	defer out.Close()
 	d.cmd.Stdout, d.cmd.Stderr = out, out
-	if err := d.cmd.Start(); err != nil {
+	if err := d.in(d.cmd.Start); err != nil {
 		t.Fatalf("start dnsmasq: %v", err)
 	}
 	d.done = make(chan struct{})
@@ -96,8 +118,13 @@ func isDNSAnswer(err error) bool {
 // Lookup resolves name's A records through this server only.
 func (d *DNSMasq) Lookup(name string) ([]string, error) {
 	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-		var dl net.Dialer
-		return dl.DialContext(ctx, network, d.Addr.String())
+		var c net.Conn
+		err := d.in(func() error {
+			var err error
+			c, err = (&net.Dialer{}).DialContext(ctx, network, d.Addr.String())
+			return err
+		})
+		return c, err
 	}}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
