@@ -1,11 +1,16 @@
 package ctlbd_test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
 
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/testutil"
@@ -149,4 +154,104 @@ func TestDeadCgroupAttachmentCollected(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.mustCLI("attach", "--cgroup", cg)
+}
+
+// TestServerHostRemoved kills a server process and then removes its host's
+// network namespace outright (the veth to it goes too), under a connect
+// loop: after detection no connection goes there; when the last server goes
+// the same way, with panic off, connects fail at once, refused, never hang.
+func TestServerHostRemoved(t *testing.T) {
+	hosts := []string{"198.18.50.2", "198.18.50.6"}
+	srvs := []string{"198.18.50.2:8502", "198.18.50.6:8502"}
+	n := newNode(t, nil, fmt.Sprintf(`{"services": [{"vip": %q, "servers": %s, "empty": "reject",
+		"health": {"interval": "200ms", "timeout": "100ms"}, "panic": false}]}`, vip, jsonList(srvs)))
+	var hostNS []ns.NetNS
+	var servers []*testutil.Server
+	for i, h := range hosts {
+		hn := newHost(t, n.netns, fmt.Sprintf("198.18.50.%d", 4*i+1), h, fmt.Sprintf("vh%d", i))
+		hostNS = append(hostNS, hn)
+		servers = append(servers, testutil.StartServers(t, hn, srvs[i])...)
+	}
+	n.start()
+	n.waitSet(vip, srvs, 5*time.Second)
+	cg := testutil.NewCgroup(t, "")
+	n.d.mustCLI("attach", "--cgroup", cg)
+
+	storm := testutil.StartClient(t, n.netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
+	time.Sleep(200 * time.Millisecond)
+	servers[0].Close()
+	removeNetNS(t, hostNS[0])
+	took := n.waitSet(vip, srvs[1:], 3*time.Second)
+	r := storm.Finish(t)
+	t.Logf("server killed and its namespace removed: removed from the map after %v; connect loop: %d tried, %d failed before detection, %d misrouted",
+		took, r.Total, r.Failed, r.Total-r.Failed-r.PerServer[srvs[0]]-r.PerServer[srvs[1]])
+	after := testutil.RunClient(t, n.netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 10})
+	if after.Failed != 0 || after.PerServer[srvs[1]] != 10 {
+		t.Fatalf("after detection: landed %v, %d failed (%v)", after.PerServer, after.Failed, after.Errors)
+	}
+
+	// The last server goes the same way: the set empties, connects are refused at once.
+	servers[1].Close()
+	removeNetNS(t, hostNS[1])
+	n.waitSet(vip, []string{}, 3*time.Second)
+	start := time.Now()
+	after = testutil.RunClient(t, n.netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 5})
+	elapsed := time.Since(start)
+	t.Logf("empty set, panic off: %d of 5 connects failed in %v: %v", after.Failed, elapsed, after.Errors)
+	if after.Failed != 5 || !strings.Contains(strings.Join(after.Errors, " "), "connection refused") || elapsed > 2*time.Second {
+		t.Fatalf("empty set: %d of 5 failed in %v with %v; want every connect refused at once", after.Failed, elapsed, after.Errors)
+	}
+}
+
+// newHost makes a server host: a network namespace joined to the node by a
+// veth /30 (nodeIP on the node's end, hostIP on the host's).
+func newHost(t *testing.T, node ns.NetNS, nodeIP, hostIP, name string) ns.NetNS {
+	t.Helper()
+	host := testutil.NewNetNS(t)
+	err := node.Do(func(ns.NetNS) error {
+		la := netlink.NewLinkAttrs()
+		la.Name = name
+		veth := &netlink.Veth{LinkAttrs: la, PeerName: name + "p", PeerNamespace: netlink.NsFd(int(host.Fd()))}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		a, _ := netlink.ParseAddr(nodeIP + "/30")
+		if err := netlink.AddrAdd(l, a); err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(l)
+	})
+	if err != nil {
+		t.Fatalf("veth to host %s: %v", hostIP, err)
+	}
+	err = host.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName(name + "p")
+		if err != nil {
+			return err
+		}
+		a, _ := netlink.ParseAddr(hostIP + "/30")
+		if err := netlink.AddrAdd(l, a); err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(l)
+	})
+	if err != nil {
+		t.Fatalf("host %s: %v", hostIP, err)
+	}
+	return host
+}
+
+// removeNetNS closes and unmounts a test namespace now, as if its host were
+// torn down; the kernel destroys it, and its veth, once nothing holds it.
+func removeNetNS(t *testing.T, n ns.NetNS) {
+	t.Helper()
+	path := n.Path()
+	n.Close()
+	if err := testutils.UnmountNS(n); err != nil {
+		t.Fatalf("remove netns %s: %v", path, err)
+	}
 }
