@@ -209,6 +209,23 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%d\t%d\n", s.VIP, srv.Server, srv.Source, srv.Health, srv.InSet, srv.Connects, srv.Open)
 					}
 				}
+				for _, s := range st.Services {
+					if !s.Tracked {
+						continue
+					}
+					mode := ""
+					if s.Panic {
+						mode = "   PANIC: no healthy server, every candidate kept"
+					}
+					fmt.Fprintf(w, "\n%s: %d set changes%s\n", s.VIP, s.Changes, mode)
+					for _, src := range s.Sources {
+						line := fmt.Sprintf("  source %s: %d servers, %d errors", src.Name, src.Servers, src.Errors)
+						if src.LastError != "" {
+							line += ", last: " + src.LastError
+						}
+						fmt.Fprintln(w, line)
+					}
+				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
 			})
 		},
