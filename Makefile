@@ -16,7 +16,7 @@ BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o)
 
 # Fuzz targets as NAME:PACKAGE; each runs for FUZZTIME in make test.
 FUZZTIME ?= 10s
-FUZZ_TARGETS := FuzzParse:./pkg/config FuzzDecodeServiceRequest:./pkg/api FuzzParseAddrPort:./pkg/datapath
+FUZZ_TARGETS := FuzzParse:./pkg/config FuzzDecodeServiceRequest:./pkg/api FuzzParseAddrPort:./pkg/datapath FuzzParseConf:./pkg/cni FuzzCNIArgs:./pkg/cni FuzzCgroupDir:./pkg/podcgroup
 
 all: build
 

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -101,15 +102,32 @@ func (c *Conf) logger() (*slog.Logger, func(), error) {
 // on this bpffs: try again later.
 func (c *call) openDatapath(notPinnedCode uint) (*datapath.Datapath, error) {
 	dp, err := datapath.Open(c.conf.BPFFS)
-	switch {
-	case err == nil:
-		return dp, nil
-	case errors.Is(err, datapath.ErrNotPinned):
-		return nil, cniErr(notPinnedCode, fmt.Sprintf("ctlb: BPF objects are not pinned in %s (is ctlbd running with this bpffs?)", c.conf.BPFFS), err)
-	case errors.Is(err, datapath.ErrLayout):
-		return nil, cniErr(ErrLayout, "ctlb: pinned objects have another layout (plugin and ctlbd versions differ)", err)
+	if err != nil {
+		return nil, c.openErr(err, notPinnedCode)
 	}
-	return nil, cniErr(types.ErrInternal, "ctlb: open pinned objects", err)
+	return dp, nil
+}
+
+func (c *call) openErr(err error, notPinnedCode uint) error {
+	switch {
+	case errors.Is(err, datapath.ErrNotPinned):
+		return cniErr(notPinnedCode, fmt.Sprintf("ctlb: BPF objects are not pinned in %s (is ctlbd running with this bpffs?)", c.conf.BPFFS), err)
+	case errors.Is(err, datapath.ErrLayout):
+		return cniErr(ErrLayout, "ctlb: pinned objects have another layout (plugin and ctlbd versions differ)", err)
+	}
+	return cniErr(types.ErrInternal, "ctlb: open pinned objects", err)
+}
+
+// notPinnedWhileRunning says what is wrong when ctlbd answers but the pins
+// are not there: the network points at another bpffs than ctlbd's, or pins
+// were removed under ctlbd. err names the first missing pin.
+func (c *call) notPinnedWhileRunning(st api.Status, err error) error {
+	if st.BPFFS != "" && filepath.Clean(st.BPFFS) != c.conf.BPFFS {
+		return cniErr(ErrNotPinned, fmt.Sprintf("ctlb: nothing usable is pinned in %s: ctlbd on %s pins in %s, and the network's bpffs must be ctlbd's",
+			c.conf.BPFFS, c.conf.Socket, st.BPFFS), err)
+	}
+	return cniErr(ErrNotPinned, fmt.Sprintf("ctlb: ctlbd runs, but pins are missing from its bpffs %s (removed by hand?); "+
+		"attached pods keep working, new ones cannot attach until ctlbd's reconciler pins them again", c.conf.BPFFS), err)
 }
 
 func hierarchy() (cgroupv2.Hierarchy, error) {
@@ -184,6 +202,16 @@ func (c *call) add() error {
 	}
 	id := AttachmentID(c.args.ContainerID)
 	if ok {
+		// An earlier ADD of this container may have left a record or, if it
+		// was killed half-way, temporary link pins. Clear both: the record
+		// first and under its lock, so that ctlbd is not attaching meanwhile.
+		if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
+			c.log.Warn("remove stale pending record", "error", err)
+		} else if n, err := removeInterrupted(c.conf.BPFFS, id); err != nil {
+			c.log.Warn("remove what an interrupted ADD left", "attachment", id, "error", err)
+		} else if n > 0 {
+			c.log.Info("removed what an interrupted ADD left", "attachment", id, "dirs", n)
+		}
 		a, err := dp.Attach(id, found.Dir)
 		if err != nil {
 			cur, curErr := dp.Attachment(id)
@@ -202,10 +230,6 @@ func (c *call) add() error {
 		}
 		if err != nil {
 			return cniErr(types.ErrInternal, "ctlb: attach", err)
-		}
-		// An earlier ADD of this container may have left a record.
-		if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
-			c.log.Warn("remove stale pending record", "error", err)
 		}
 		c.log.Info("attached", "attachment", a.ID, "cgroup", found.Dir, "via", found.Source)
 		return nil
@@ -273,6 +297,9 @@ func (c *call) del() error {
 	if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
 		return cniErr(types.ErrIOFailure, "ctlb: remove pending attachment", err)
 	}
+	if _, err := pending.RemoveTemps(c.conf.StateDir, c.args.ContainerID); err != nil {
+		return cniErr(types.ErrIOFailure, "ctlb: remove what an interrupted ADD left of its pending record", err)
+	}
 	dp, err := datapath.Open(c.conf.BPFFS)
 	if err != nil {
 		if errors.Is(err, datapath.ErrNotPinned) || errors.Is(err, fs.ErrNotExist) {
@@ -283,13 +310,20 @@ func (c *call) del() error {
 	}
 	defer dp.Close()
 	id := AttachmentID(c.args.ContainerID)
-	if err := dp.Detach(id); err != nil {
-		if errors.Is(err, datapath.ErrNoAttachment) {
-			return nil
-		}
+	if err := dp.Detach(id); err == nil {
+		c.log.Info("detached", "attachment", id)
+	} else if !errors.Is(err, datapath.ErrNoAttachment) {
 		return cniErr(types.ErrInternal, "ctlb: detach", err)
 	}
-	c.log.Info("detached", "attachment", id)
+	// Links a killed ADD or DEL left in temporary directories still hold
+	// the programs on the cgroup.
+	n, err := removeInterrupted(c.conf.BPFFS, id)
+	if err != nil {
+		return cniErr(types.ErrInternal, "ctlb: detach what an interrupted call left", err)
+	}
+	if n > 0 {
+		c.log.Info("detached what an interrupted call left", "attachment", id, "dirs", n)
+	}
 	return nil
 }
 
@@ -317,16 +351,20 @@ func (c *call) daemonStatus() (api.Status, error) {
 }
 
 func (c *call) check() error {
-	if _, err := c.daemonStatus(); err != nil {
+	st, err := c.daemonStatus()
+	if err != nil {
 		return cniErr(types.ErrTryAgainLater, fmt.Sprintf("ctlb: ctlbd is unreachable on %s", c.conf.Socket), err)
 	}
 	h, err := hierarchy()
 	if err != nil {
 		return err
 	}
-	dp, err := c.openDatapath(ErrNotPinned)
+	dp, err := datapath.Open(c.conf.BPFFS)
+	if errors.Is(err, datapath.ErrNotPinned) {
+		return c.notPinnedWhileRunning(st, err)
+	}
 	if err != nil {
-		return err
+		return c.openErr(err, ErrNotPinned)
 	}
 	defer dp.Close()
 

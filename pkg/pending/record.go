@@ -94,8 +94,12 @@ func Write(stateDir string, r Record) error {
 	if err != nil {
 		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
 	}
+	// A retried ADD clears what a killed one left.
+	if _, err := RemoveTemps(stateDir, r.ContainerID); err != nil {
+		return err
+	}
 	// A dot name is never taken for a record by the watcher.
-	tmp, err := os.CreateTemp(dir, ".tmp-"+r.ContainerID+"-")
+	tmp, err := os.CreateTemp(dir, tempPrefix(r.ContainerID))
 	if err != nil {
 		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
 	}
