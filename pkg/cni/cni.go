@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
@@ -207,7 +206,7 @@ func (c *call) add() error {
 		// first and under its lock, so that ctlbd is not attaching meanwhile.
 		if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
 			c.log.Warn("remove stale pending record", "error", err)
-		} else if n, err := removeInterrupted(c.conf.BPFFS, id); err != nil {
+		} else if n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
 			c.log.Warn("remove what an interrupted ADD left", "attachment", id, "error", err)
 		} else if n > 0 {
 			c.log.Info("removed what an interrupted ADD left", "attachment", id, "dirs", n)
@@ -300,24 +299,17 @@ func (c *call) del() error {
 	if _, err := pending.RemoveTemps(c.conf.StateDir, c.args.ContainerID); err != nil {
 		return cniErr(types.ErrIOFailure, "ctlb: remove what an interrupted ADD left of its pending record", err)
 	}
-	dp, err := datapath.Open(c.conf.BPFFS)
-	if err != nil {
-		if errors.Is(err, datapath.ErrNotPinned) || errors.Is(err, fs.ErrNotExist) {
-			c.log.Info("nothing pinned: nothing to detach", "bpffs", c.conf.BPFFS)
-			return nil
-		}
-		return cniErr(types.ErrInternal, "ctlb: open pinned objects", err)
-	}
-	defer dp.Close()
+	// Detaching needs only the link pins: it works even when the maps or
+	// programs were unpinned by hand.
 	id := AttachmentID(c.args.ContainerID)
-	if err := dp.Detach(id); err == nil {
+	if err := datapath.DetachPinned(c.conf.BPFFS, id); err == nil {
 		c.log.Info("detached", "attachment", id)
 	} else if !errors.Is(err, datapath.ErrNoAttachment) {
 		return cniErr(types.ErrInternal, "ctlb: detach", err)
 	}
 	// Links a killed ADD or DEL left in temporary directories still hold
 	// the programs on the cgroup.
-	n, err := removeInterrupted(c.conf.BPFFS, id)
+	n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id)
 	if err != nil {
 		return cniErr(types.ErrInternal, "ctlb: detach what an interrupted call left", err)
 	}

@@ -129,13 +129,19 @@ func (d *Datapath) Attach(id, cgroupDir string) (Attachment, error) {
 // Detach removes an attachment: the links are unpinned, which detaches the
 // programs from the cgroup. A missing attachment is ErrNoAttachment, which
 // CNI DEL treats as success.
-func (d *Datapath) Detach(id string) error {
+func (d *Datapath) Detach(id string) error { return DetachPinned(d.dir, id) }
+
+// DetachPinned is Detach for a pin directory that may not be whole: it
+// needs only the attachment's link pins, not the maps or programs, so CNI
+// DEL detaches a pod even when someone removed other pins by hand.
+func DetachPinned(dir, id string) error {
 	if err := ValidateAttachmentID(id); err != nil {
 		return err
 	}
-	final := filepath.Join(d.linksDir(), id)
+	links := filepath.Join(dir, "links")
+	final := filepath.Join(links, id)
 	// Rename first, so the attachment leaves listings in one step.
-	gone := filepath.Join(d.linksDir(), "_del-"+id+"-"+randomSuffix())
+	gone := filepath.Join(links, "_del-"+id+"-"+randomSuffix())
 	if err := os.Rename(final, gone); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("detach %s: %w", id, ErrNoAttachment)
@@ -152,6 +158,47 @@ func (d *Datapath) Detach(id string) error {
 		return fmt.Errorf("detach %s: %w", id, err)
 	}
 	return nil
+}
+
+// RemoveInterrupted removes what a caller killed half-way through Attach or
+// Detach of attachment id left in dir: its _tmp-ID-<hex> and _del-ID-<hex>
+// directories. They are no attachment (listings skip them), yet their
+// pinned links keep the programs on the cgroup. Only the caller that owns
+// id may call it (the runtime never runs two operations of one container at
+// once); RemoveStale is the age-based sweep for everything else.
+func RemoveInterrupted(dir, id string) (int, error) {
+	links := filepath.Join(dir, "links")
+	entries, err := os.ReadDir(links)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("list %s: %w", links, err)
+	}
+	n := 0
+	for _, e := range entries {
+		if !interruptedOf(e.Name(), id) {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(links, e.Name())); err != nil {
+			return n, fmt.Errorf("remove interrupted %s: %w", e.Name(), err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+// interruptedOf reports whether name is a temporary directory of attachment
+// id: the exact ID, then the 12-hex-digit suffix randomSuffix makes, so the
+// attachment "cni-a" never claims those of "cni-a-1".
+func interruptedOf(name, id string) bool {
+	for _, prefix := range []string{"_tmp-", "_del-"} {
+		rest, ok := strings.CutPrefix(name, prefix+id+"-")
+		if ok && len(rest) == 12 && strings.Trim(rest, "0123456789abcdef") == "" {
+			return true
+		}
+	}
+	return false
 }
 
 // Attachment reads one attachment's state from its pins.

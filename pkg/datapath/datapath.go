@@ -80,6 +80,9 @@ func Create(dir string) (*Datapath, error) {
 	if err := checkLayout(dir); err != nil {
 		return nil, err
 	}
+	if _, err := recoverMapPins(dir); err != nil {
+		return nil, err
+	}
 	spec, err := loadCtlb()
 	if err != nil {
 		return nil, fmt.Errorf("load embedded BPF spec: %w", err)

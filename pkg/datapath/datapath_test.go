@@ -656,3 +656,52 @@ func TestProgramUpgradeKeepsAttachments(t *testing.T) {
 		t.Errorf("pin directory holds %v, want 5 maps, 3 programs and links/", names)
 	}
 }
+
+// TestMapPinsRecoveredFromPrograms: map pins removed while no daemon held
+// the maps are taken back from the programs that use them, so a restarted
+// daemon writes to the maps the attached programs read, not to new ones.
+func TestMapPinsRecoveredFromPrograms(t *testing.T) {
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	dp, err := datapath.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
+	testutil.StartServers(t, netns, "127.0.0.11:9001", "127.0.0.12:9001")
+	cg := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("pod-r", cg); err != nil {
+		t.Fatal(err)
+	}
+	v := netip.MustParseAddrPort(vip)
+	if err := dp.SetService(datapath.Service{VIP: v, Servers: aps(t, "127.0.0.11:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	for _, name := range []string{"ctlb_services_v1", "ctlb_connects_v1", "ctlb_rr_v1"} {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Program pins gone too: the links alone lead to the maps.
+	if err := os.Remove(filepath.Join(dir, "ctlb_connect4_v1")); err != nil {
+		t.Fatal(err)
+	}
+
+	dp, err = datapath.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	if got, ok, err := dp.Service(v); err != nil || !ok || len(got.Servers) != 1 {
+		t.Fatalf("service after recovery = %+v, %v, %v; want the old set", got, ok, err)
+	}
+	// A change through the new handle reaches the attached pod.
+	if err := dp.SetService(datapath.Service{VIP: v, Servers: aps(t, "127.0.0.12:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 2})
+	if r.PerServer["127.0.0.12:9001"] != 2 {
+		t.Fatalf("after recovery and a change: landed %v, want the new server (split maps?)", r.PerServer)
+	}
+}
