@@ -12,7 +12,7 @@ GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 TESTFLAGS ?= -count=1 -timeout 40m
 BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o)
 
-.PHONY: all deps build generate check-generate lint test fuzz demo release clean
+.PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean
 
 # Fuzz targets as NAME:PACKAGE; each runs for FUZZTIME in make test.
 FUZZTIME ?= 10s
@@ -43,13 +43,18 @@ lint:
 
 # Every test runs as root against the real kernel. In CI (CI=true) a test that
 # cannot run fails instead of skipping, and any SKIP line fails the run.
-test: deps build check-generate lint fuzz
+test: deps build check-generate lint fuzz consul-bin
 	@mkdir -p .cache
 	set -o pipefail; $(GO) test $(TESTFLAGS) -v ./... 2>&1 | tee .cache/test.log | grep -E '^(=== RUN|--- |ok |FAIL|PASS|panic)' ; \
 	  rc=$$?; \
 	  echo "$$(grep -c -- '--- PASS' .cache/test.log) passed, $$(grep -c -- '--- FAIL' .cache/test.log) failed, $$(grep -c -- '--- SKIP' .cache/test.log) skipped"; \
 	  if [ "$${CI:-}" = true ] && grep -q -- '--- SKIP' .cache/test.log; then echo "tests were skipped in CI:"; grep -- '--- SKIP' .cache/test.log; exit 1; fi; \
 	  exit $$rc
+
+# The real Consul the tests run, built once from the Go module proxy and
+# cached outside the tree (~/.cache/ctlb/consul, or $$CTLB_CACHE).
+consul-bin:
+	@echo "consul: $$(hack/build-consul.sh)"
 
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
