@@ -75,3 +75,5 @@ release:
 
 clean:
 	rm -rf bin dist .cache/test.log
+
+include consul.mk

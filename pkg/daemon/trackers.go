@@ -42,7 +42,7 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 		if err := d.writeSets(datapath.Service{VIP: ts.vip, Servers: healthy, Empty: policy}); err != nil {
 			d.log.Error("write healthy set", "vip", ts.vip, "reason", reason, "error", err)
 		}
-	}, d.log.With("vip", svc.VIP.String()))
+	}, d.log)
 	if err != nil {
 		return err
 	}

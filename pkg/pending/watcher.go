@@ -493,9 +493,9 @@ func (l *loop) refreshWatches() {
 			}
 			for _, root := range l.roots {
 				for _, d := range podcgroup.QoSDirs(root) {
-					if isDir(d) {
-						want[d] = true
-					}
+					// A QoS directory not made yet is watched through
+					// its parent, so its creation wakes us, not a poll.
+					want[nearestExisting(d, mount)] = true
 				}
 			}
 		}

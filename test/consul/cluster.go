@@ -51,6 +51,10 @@ type Cluster struct {
 	Subnet   netip.Prefix
 	HostAddr netip.Addr
 	hostLink string
+	// Gateway is Node's own address on the bridge when the cluster was
+	// built inside a given node (Options.Node): the servers' route back
+	// to the rest of the node. Invalid otherwise.
+	Gateway netip.Addr
 
 	mu      sync.Mutex
 	servers []*Server
@@ -80,6 +84,12 @@ type Server struct {
 // as passing. Everything is torn down when the test ends.
 func StartCluster(t testing.TB, n int) *Cluster {
 	t.Helper()
+	return StartClusterWith(t, n, Options{})
+}
+
+// StartClusterWith is StartCluster with options (see Options).
+func StartClusterWith(t testing.TB, n int, opts Options) *Cluster {
+	t.Helper()
 	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
@@ -89,7 +99,7 @@ func StartCluster(t testing.TB, n int) *Cluster {
 	}
 	c := &Cluster{t: t, bin: bin, dir: t.TempDir(), nextIP: 11, launch: make(chan launchReq)}
 	c.startLauncher()
-	c.makeNetwork()
+	c.makeNetwork(opts)
 	var peers []netip.Addr
 	for i := range n {
 		peers = append(peers, c.ipAt(c.nextIP+byte(i)))
@@ -134,9 +144,12 @@ func pickSubnet(t testing.TB) netip.Prefix {
 }
 
 // makeNetwork builds the node namespace, its bridge and the host link.
-func (c *Cluster) makeNetwork() {
+func (c *Cluster) makeNetwork(opts Options) {
 	t := c.t
-	c.Node = testutil.NewNetNS(t)
+	c.Node = opts.Node
+	if c.Node == nil {
+		c.Node = testutil.NewNetNS(t)
+	}
 	c.Subnet = pickSubnet(t)
 	c.HostAddr = c.ipAt(1)
 	c.hostLink = fmt.Sprintf("ctlbc%d", c.Subnet.Addr().As4()[2])
@@ -176,6 +189,9 @@ func (c *Cluster) makeNetwork() {
 	}
 	if err := c.Node.Do(func(ns.NetNS) error { return bridgePort("up0") }); err != nil {
 		t.Fatalf("node netns: %v", err)
+	}
+	if opts.Node != nil {
+		c.routeThroughNode()
 	}
 }
 
@@ -239,7 +255,10 @@ func (c *Cluster) newServer(expect int, join []netip.Addr) *Server {
 		if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(ip, 24)}); err != nil {
 			return fmt.Errorf("address %s: %w", ip, err)
 		}
-		return netlink.LinkSetUp(l)
+		if err := netlink.LinkSetUp(l); err != nil {
+			return err
+		}
+		return c.addReturnRoute(l)
 	})
 	if err != nil {
 		t.Fatalf("server %s netns: %v", name, err)
