@@ -77,3 +77,4 @@ clean:
 	rm -rf bin dist .cache/test.log
 
 include consul.mk
+include bench.mk

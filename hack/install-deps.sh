@@ -19,6 +19,7 @@ want /usr/lib/cni/bridge containernetworking-plugins
 want dnsmasq dnsmasq
 want haproxy haproxy
 want nft nftables
+want gnuplot gnuplot-nox
 want containerd containerd
 want runc runc
 want podman podman

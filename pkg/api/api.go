@@ -6,6 +6,13 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
+// Where a node's ctlbd listens and keeps its state unless told otherwise;
+// the CNI plugin's defaults are the same.
+const (
+	DefaultSocket   = "/run/ctlb/ctlbd.sock"
+	DefaultStateDir = "/run/ctlb"
+)
+
 // MaxRequestBytes bounds a request body; a larger request is refused whole.
 const MaxRequestBytes = 1 << 20
 

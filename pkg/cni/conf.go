@@ -17,7 +17,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
 
-	"github.com/ctlb/ctlb/pkg/config"
+	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
@@ -143,10 +143,10 @@ func (c *Conf) defaultsAndValidate() error {
 		c.BPFFS = datapath.DefaultDir
 	}
 	if c.Socket == "" {
-		c.Socket = config.DefaultSocket
+		c.Socket = api.DefaultSocket
 	}
 	if c.StateDir == "" {
-		c.StateDir = config.DefaultStateDir
+		c.StateDir = api.DefaultStateDir
 	}
 	if c.Scope == "" {
 		c.Scope = ScopePod

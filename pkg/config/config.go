@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 	"github.com/ctlb/ctlb/pkg/proxy"
 	"github.com/ctlb/ctlb/pkg/servers"
@@ -21,8 +22,8 @@ import (
 
 // Defaults, chosen so that one daemon per host needs no flags.
 const (
-	DefaultSocket   = "/run/ctlb/ctlbd.sock"
-	DefaultStateDir = "/run/ctlb"
+	DefaultSocket   = api.DefaultSocket
+	DefaultStateDir = api.DefaultStateDir
 )
 
 // MaxSize bounds a config file; a larger one is refused rather than read.

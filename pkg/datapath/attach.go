@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -37,12 +36,10 @@ type Attachment struct {
 	Missing []string `json:"missing,omitempty"`
 }
 
+// ValidateAttachmentID accepts IDs that are safe as one bpffs path element:
 // bpffs refuses names with dots, and "_" starts ctlb's own temporary names.
-var attachmentID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
-
-// ValidateAttachmentID accepts IDs that are safe as one bpffs path element.
 func ValidateAttachmentID(id string) error {
-	if !attachmentID.MatchString(id) {
+	if !cgroupv2.IsPlainName(id) {
 		return fmt.Errorf("attachment ID %q: want 1-128 characters of [A-Za-z0-9_-], starting with a letter or digit", id)
 	}
 	return nil

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -61,13 +60,10 @@ func NewResolver(h cgroupv2.Hierarchy) *Resolver {
 	return &Resolver{Cgroups: h, ProcRoot: "/proc"}
 }
 
-// podUID accepts Kubernetes UIDs (UUIDs, and the hex hashes of static pods)
-// and nothing that could act as a path.
-var podUID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$`)
-
-// ValidatePodUID rejects a pod UID that is not a plain name.
+// ValidatePodUID accepts Kubernetes UIDs (UUIDs, and the hex hashes of
+// static pods) and nothing that could act as a path.
 func ValidatePodUID(uid string) error {
-	if !podUID.MatchString(uid) {
+	if !cgroupv2.IsPlainName(uid) {
 		return fmt.Errorf("K8S_POD_UID %q: want 1-128 characters of [A-Za-z0-9_-]", uid)
 	}
 	return nil

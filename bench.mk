@@ -1,0 +1,20 @@
+# Benchmarks (issue 7), included from the Makefile.
+#   make bench       every path side by side in one run: a table on stdout,
+#                    bench/results.json, bench/results.txt, bench/results.dat
+#                    (root; about 6 minutes on 2 cores)
+#   make bench-plot  draw docs/bench.png from bench/results.dat with gnuplot
+# BENCH_FLAGS passes options to the program, e.g. BENCH_FLAGS="-rounds 3".
+
+BENCH_FLAGS ?=
+
+.PHONY: bench bench-plot
+
+bench: deps
+	$(GOBUILD) -o bin/ctlb-bench ./test/bench
+	$(GOBUILD) -o bin/ctlb ./plugins/meta/ctlb
+	bin/ctlb-bench -out bench/results.json -cni-plugin bin/ctlb $(BENCH_FLAGS)
+
+bench-plot: deps
+	@command -v gnuplot >/dev/null || { echo "bench-plot needs gnuplot (Debian package gnuplot-nox)"; exit 1; }
+	@test -f bench/results.dat || { echo "no bench/results.dat: run make bench first"; exit 1; }
+	gnuplot -e "datafile='bench/results.dat'; outfile='docs/bench.png'" hack/bench-plot.gnuplot
