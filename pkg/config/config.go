@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/ctlb/ctlb/pkg/api"
@@ -171,8 +173,10 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("config logLevel: %q, want debug, info, warn or error", c.LogLevel)
 	}
 	if c.Metrics != "" {
-		if _, err := netip.ParseAddrPort(c.Metrics); err != nil {
-			return fmt.Errorf("config metrics: %q: want IP:PORT (%v)", c.Metrics, err)
+		host, port, err := net.SplitHostPort(c.Metrics)
+		p, perr := strconv.ParseUint(port, 10, 16)
+		if err != nil || perr != nil || p == 0 || (host != "" && net.ParseIP(host) == nil) {
+			return fmt.Errorf("config metrics: %q: want IP:PORT, or :PORT for every address", c.Metrics)
 		}
 	}
 	if c.Proxy != nil {

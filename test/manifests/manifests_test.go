@@ -9,7 +9,6 @@ package manifests
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +28,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
+
+	"github.com/ctlb/ctlb/pkg/config"
 )
 
 const manifestDir = "../../conf/kubernetes"
@@ -214,27 +215,6 @@ func checkLabels(t *testing.T, where string, l map[string]string) {
 	}
 }
 
-// daemonConfig is the shape of ctlbd.json as documented for the ConfigMap;
-// decoding it strictly catches a misspelled key. When cmd/ctlbd grows its
-// config loader, this should decode with that instead.
-type daemonConfig struct {
-	BPFFS    string `json:"bpffs"`
-	Socket   string `json:"socket"`
-	StateDir string `json:"stateDir"`
-	Metrics  string `json:"metrics"`
-	LogLevel string `json:"logLevel"`
-	Services []struct {
-		VIP     string   `json:"vip"`
-		Servers []string `json:"servers"`
-		Empty   string   `json:"empty"`
-		Consul  *struct {
-			Address string `json:"address"`
-			Service string `json:"service"`
-			Port    int    `json:"port"`
-		} `json:"consul"`
-	} `json:"services"`
-}
-
 func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool, configMaps map[string]*corev1.ConfigMap) {
 	t.Helper()
 	spec := ds.Spec.Template.Spec
@@ -381,13 +361,14 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 	if cm == nil {
 		return
 	}
-	var cfg daemonConfig
-	dec := json.NewDecoder(strings.NewReader(cm.Data[key]))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cfg); err != nil {
+	// ctlbd's own loader: strict keys and every value validated.
+	cfg, err := config.Parse([]byte(cm.Data[key]))
+	if err != nil {
 		t.Fatalf("ConfigMap %s key %s: %v", cm.Name, key, err)
 	}
-	checkDaemonConfig(t, "ConfigMap "+cm.Name+" "+key, cfg)
+	if len(cfg.Services) == 0 {
+		t.Errorf("ConfigMap %s key %s: no services", cm.Name, key)
+	}
 	for _, c := range []*corev1.Container{install, watch} {
 		if got := flagValue(c.Command, "--bpffs"); got != cfg.BPFFS {
 			t.Errorf("%s container %s: --bpffs %q, ctlbd.json says %q", where, c.Name, got, cfg.BPFFS)
@@ -418,48 +399,6 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 	}
 	if !declared {
 		t.Errorf("%s: no port named metrics at %s", cw, port)
-	}
-}
-
-func checkDaemonConfig(t *testing.T, where string, cfg daemonConfig) {
-	t.Helper()
-	if cfg.BPFFS == "" || cfg.Socket == "" || cfg.StateDir == "" || cfg.Metrics == "" {
-		t.Errorf("%s: bpffs, socket, stateDir and metrics are all required: %+v", where, cfg)
-	}
-	if len(cfg.Services) == 0 {
-		t.Fatalf("%s: no services", where)
-	}
-	vips := map[string]bool{}
-	for i, s := range cfg.Services {
-		sw := fmt.Sprintf("%s services[%d]", where, i)
-		host, port, err := net.SplitHostPort(s.VIP)
-		ip := net.ParseIP(host)
-		if err != nil || ip == nil || ip.To4() == nil || port == "0" {
-			t.Errorf("%s: vip %q is not an IPv4 address:port", sw, s.VIP)
-		}
-		if vips[s.VIP] {
-			t.Errorf("%s: vip %s listed twice", sw, s.VIP)
-		}
-		vips[s.VIP] = true
-		if s.Empty != "reject" && s.Empty != "passthrough" {
-			t.Errorf("%s: empty %q, want reject or passthrough", sw, s.Empty)
-		}
-		for _, srv := range s.Servers {
-			if _, _, err := net.SplitHostPort(srv); err != nil {
-				t.Errorf("%s: server %q: %v", sw, srv, err)
-			}
-		}
-		if s.Consul == nil && len(s.Servers) == 0 {
-			t.Errorf("%s: neither servers nor a consul source", sw)
-		}
-		if c := s.Consul; c != nil {
-			if !strings.HasPrefix(c.Address, "http://") && !strings.HasPrefix(c.Address, "https://") {
-				t.Errorf("%s: consul address %q is not an http(s) URL", sw, c.Address)
-			}
-			if c.Service == "" || c.Port <= 0 || c.Port > 65535 {
-				t.Errorf("%s: consul service %q port %d", sw, c.Service, c.Port)
-			}
-		}
 	}
 }
 
