@@ -2,12 +2,17 @@ package ctlbd_test
 
 import (
 	"bytes"
+	"context"
+	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/ctlb/ctlb/pkg/api"
 )
 
 // nobody is the unprivileged user the tests act as.
@@ -124,5 +129,33 @@ func TestSocketGroup(t *testing.T) {
 	}
 	if out, code := runAs(nobody, nobody, ctlbd, "--socket", d.socket, "service", "list"); code == 0 || !strings.Contains(out, "permission denied") {
 		t.Fatalf("non-member: exit %d, %q; want permission denied", code, out)
+	}
+}
+
+// TestHostileSizes: an oversized request on the control socket and a VIP
+// with 10,000 servers are refused with a clear limit, changing nothing.
+func TestHostileSizes(t *testing.T) {
+	d := newDaemon(t)
+	d.start()
+	before := d.mustCLI("service", "list", "-o", "json")
+
+	huge := api.ServiceRequest{VIP: vip}
+	for i := 0; len(huge.Servers)*20 < 2*api.MaxRequestBytes; i++ {
+		huge.Servers = append(huge.Servers, fmt.Sprintf("127.%d.%d.%d:8502", i>>16&255, i>>8&255, i&255))
+	}
+	err := api.NewClient(d.socket).Do(context.Background(), http.MethodPut, api.PathServices, nil, huge, nil)
+	if err == nil || !strings.Contains(err.Error(), "request larger than") {
+		t.Errorf("a %d-server request of over %d bytes: %v, want it refused as too large", len(huge.Servers), api.MaxRequestBytes, err)
+	}
+
+	args := []string{"service", "set", vip}
+	for i := 0; i < 10000; i++ {
+		args = append(args, fmt.Sprintf("127.1.%d.%d:8502", i>>8, i&255))
+	}
+	if _, errOut, code := d.cli(args...); code == 0 || !strings.Contains(errOut, "10000 servers, at most 1024") {
+		t.Errorf("10,000 servers: exit %d, %q; want the limit named", code, errOut)
+	}
+	if after := d.mustCLI("service", "list", "-o", "json"); after != before {
+		t.Errorf("refused requests changed the services:\n%s\n%s", before, after)
 	}
 }
