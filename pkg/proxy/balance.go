@@ -20,6 +20,7 @@ type service struct {
 	key  netip.AddrPort
 	name string
 	next atomic.Uint64
+	m    atomic.Pointer[serviceMetrics] // set by the first connection
 }
 
 // backoff remembers targets whose last dial failed, so the next clients try

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"fmt"
+	"net/netip"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -82,4 +84,49 @@ func (m *metrics) unregister(reg prometheus.Registerer) {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.accepted, m.proxied, m.open, m.bytes, m.dialFailures, m.rejected}
+}
+
+// serviceMetrics are one service's children of the collectors, looked up by
+// label values once rather than on every connection (each lookup hashes the
+// labels, and a target's name is formatted anew).
+type serviceMetrics struct {
+	accepted prometheus.Counter
+	open     prometheus.Gauge
+	targets  sync.Map // netip.AddrPort -> *targetMetrics
+}
+
+// targetMetrics are the children for one service and target. Like the
+// collectors' own series they live as long as the proxy.
+type targetMetrics struct {
+	proxied              prometheus.Counter
+	toTarget, fromTarget prometheus.Counter
+}
+
+// metrics returns the service's children, creating them on first use so a
+// service no client reached shows no series, as before.
+func (s *service) metrics(m *metrics) *serviceMetrics {
+	if sm := s.m.Load(); sm != nil {
+		return sm
+	}
+	sm := &serviceMetrics{
+		accepted: m.accepted.WithLabelValues(s.name),
+		open:     m.open.WithLabelValues(s.name),
+	}
+	if s.m.CompareAndSwap(nil, sm) {
+		return sm
+	}
+	return s.m.Load()
+}
+
+func (sm *serviceMetrics) target(m *metrics, service string, t netip.AddrPort) *targetMetrics {
+	if tm, ok := sm.targets.Load(t); ok {
+		return tm.(*targetMetrics)
+	}
+	name := t.String()
+	tm, _ := sm.targets.LoadOrStore(t, &targetMetrics{
+		proxied:    m.proxied.WithLabelValues(service, name),
+		toTarget:   m.bytes.WithLabelValues(service, name, "to_target"),
+		fromTarget: m.bytes.WithLabelValues(service, name, "from_target"),
+	})
+	return tm.(*targetMetrics)
 }

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -116,23 +118,102 @@ func sinceData(c *net.TCPConn) time.Duration {
 
 // copy moves src to dst until src's sender closes (then passes the
 // half-close on) or something fails.
+//
+// It starts with plain reads and writes through a pooled buffer and moves
+// to splice for the rest of the connection once a read fills the buffer.
+// For the short exchanges most connections are (a request, a reply, close)
+// a read and a write cost less than splice's two calls through a pipe
+// (taken from and given back to a pool, set up anew when the pool is
+// empty); bulk transfers fill the buffer at once and so get splice, where
+// bytes never enter user space. The buffer is taken only once data is
+// there, so a connection waiting for its peer holds none.
 func (p *pipe) copy(dst, src *net.TCPConn, bytes prometheus.Counter, dir string) error {
+	raw, err := src.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	for {
+		n, full, err := relayOnce(dst, raw)
+		if n > 0 {
+			bytes.Add(float64(n))
+		}
+		if err != nil {
+			return p.ended(dst, err, dir)
+		}
+		if full {
+			break
+		}
+	}
 	for {
 		n, err := io.CopyN(dst, src, copyChunk)
 		if n > 0 {
 			bytes.Add(float64(n))
 		}
-		switch {
-		case err == nil:
-		case errors.Is(err, io.EOF):
-			if err := dst.CloseWrite(); err != nil {
-				return fmt.Errorf("%s: pass half-close on: %w", dir, err)
-			}
-			return nil
-		default:
-			return fmt.Errorf("%s: %w", dir, err)
+		if err != nil {
+			return p.ended(dst, err, dir)
 		}
 	}
+}
+
+// ended handles the end of one direction: at the sender's orderly close it
+// passes the half-close on; anything else is the error that ends the pair.
+func (p *pipe) ended(dst *net.TCPConn, err error, dir string) error {
+	if !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	if err := dst.CloseWrite(); err != nil {
+		return fmt.Errorf("%s: pass half-close on: %w", dir, err)
+	}
+	return nil
+}
+
+// relayBufSize is the buffer of the read-and-write phase; a read that fills
+// it moves the direction to splice.
+const relayBufSize = 16 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// relayOnce waits until src has data (or its end), reads what is there and
+// writes it all to dst. It returns the bytes moved, whether the read filled
+// the buffer, and io.EOF at the end of src's stream.
+func relayOnce(dst *net.TCPConn, src syscall.RawConn) (int, bool, error) {
+	var (
+		buf  *[]byte
+		n    int
+		rerr error
+	)
+	err := src.Read(func(fd uintptr) bool {
+		buf = relayBufs.Get().(*[]byte)
+		for {
+			n, rerr = unix.Read(int(fd), *buf)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			// Nothing yet: give the buffer back while the poller
+			// waits.
+			relayBufs.Put(buf)
+			buf = nil
+			return false
+		}
+		return true
+	})
+	if buf != nil {
+		defer relayBufs.Put(buf)
+	}
+	switch {
+	case err != nil:
+		return 0, false, err
+	case rerr != nil:
+		return 0, false, os.NewSyscallError("read", rerr)
+	case n == 0:
+		return 0, false, io.EOF
+	}
+	if _, err := dst.Write((*buf)[:n]); err != nil {
+		return 0, false, err
+	}
+	return n, n == len(*buf), nil
 }
 
 // abort closes both connections with a reset, so each peer learns at once

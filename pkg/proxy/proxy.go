@@ -77,7 +77,15 @@ type Proxy struct {
 
 	acceptWG sync.WaitGroup
 	connWG   sync.WaitGroup
+
+	// work hands accepted connections to idle workers (see dispatch).
+	work chan *net.TCPConn
 }
+
+// workerIdle is how long a worker that finished a connection waits for
+// another before it exits: long enough to carry a busy proxy from one
+// connection to the next, short enough that a burst leaves no crowd behind.
+const workerIdle = time.Second
 
 // clientConn is one accepted connection, tracked so Shutdown can cut it.
 type clientConn struct {
@@ -126,6 +134,7 @@ func New(cfg Config, targets Targets, opts Options) (*Proxy, error) {
 		backoff:   newBackoff(opts.FailBackoff),
 		listeners: make(map[netip.AddrPort]*net.TCPListener),
 		conns:     make(map[*clientConn]struct{}),
+		work:      make(chan *net.TCPConn),
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	empty := map[netip.AddrPort]*service{}
@@ -297,6 +306,12 @@ func (p *Proxy) listen(addr netip.AddrPort) (*net.TCPListener, error) {
 	// Plain TCP: a SOCKMAP refuses MPTCP sockets, and the splice path is
 	// TCP's.
 	lc.SetMultipathTCP(false)
+	// No TCP keep-alive on accepted sockets (nor on dialed ones): the
+	// idle timeout already ends a connection whose peers went quiet,
+	// long before the probes would, and Go's keep-alive setup costs four
+	// setsockopt calls per socket, a measurable share of a short
+	// connection.
+	lc.KeepAlive = -1
 	var l net.Listener
 	err := p.inNetNS(func() error {
 		var err error
@@ -354,7 +369,38 @@ func (p *Proxy) serve(l *net.TCPListener) {
 			reset(c)
 			continue
 		}
-		go p.handle(c)
+		p.dispatch(c)
+	}
+}
+
+// dispatch gives c to an idle worker, or to a new one when none is idle.
+// Reusing goroutines spares each connection a goroutine's start and exit
+// and, above all, the growth of its stack to the depth a dial needs (the
+// runtime copies the stack at each doubling), a visible share of a short
+// connection's CPU in profiles.
+func (p *Proxy) dispatch(c *net.TCPConn) {
+	select {
+	case p.work <- c:
+	default:
+		go p.worker(c)
+	}
+}
+
+// worker handles c, then the connections dispatch hands it, until none
+// came for workerIdle or the proxy is shut down.
+func (p *Proxy) worker(c *net.TCPConn) {
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
+	for {
+		p.handle(c)
+		idle.Reset(workerIdle)
+		select {
+		case c = <-p.work:
+		case <-idle.C:
+			return
+		case <-p.ctx.Done():
+			return
+		}
 	}
 }
 
@@ -381,29 +427,29 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		p.mu.Unlock()
 	}()
 
-	client := c.RemoteAddr().String()
 	dst := c.LocalAddr().(*net.TCPAddr).AddrPort()
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	svc := (*p.dests.Load())[dst]
 	if svc == nil {
 		p.m.rejected.WithLabelValues(dst.String(), rejectUnknownDest).Inc()
-		p.log.Warn("closing client: no service for the address it dialed", "client", client, "dest", dst)
+		p.log.Warn("closing client: no service for the address it dialed", "client", c.RemoteAddr().String(), "dest", dst)
 		reset(c)
 		return
 	}
-	p.m.accepted.WithLabelValues(svc.name).Inc()
-	open := p.m.open.WithLabelValues(svc.name)
-	open.Inc()
-	defer open.Dec()
+	sm := svc.metrics(p.m)
+	sm.accepted.Inc()
+	sm.open.Inc()
+	defer sm.open.Dec()
 
 	server, target, reason := p.dial(svc)
 	if server == nil {
 		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
-		p.log.Warn("closing client: no target answered", "service", svc.name, "client", client, "reason", reason)
+		p.log.Warn("closing client: no target answered", "service", svc.name, "client", c.RemoteAddr().String(), "reason", reason)
 		reset(c)
 		return
 	}
-	p.m.proxied.WithLabelValues(svc.name, target.String()).Inc()
+	tm := sm.target(p.m, svc.name, target)
+	tm.proxied.Inc()
 
 	pp := newPipe(c, server, p.set.idleTimeout)
 	cc.mu.Lock()
@@ -414,13 +460,18 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		pp.abort()
 		return
 	}
-	start := time.Now()
-	err := pp.run(
-		p.m.bytes.WithLabelValues(svc.name, target.String(), "to_target"),
-		p.m.bytes.WithLabelValues(svc.name, target.String(), "from_target"),
-	)
-	p.log.Debug("connection closed", "service", svc.name, "client", client, "target", target,
-		"duration", time.Since(start), "err", err)
+	// The Debug line's attributes cost allocations on every connection:
+	// build them only when someone reads them.
+	debug := p.log.Enabled(p.ctx, slog.LevelDebug)
+	var start time.Time
+	if debug {
+		start = time.Now()
+	}
+	err := pp.run(tm.toTarget, tm.fromTarget)
+	if debug {
+		p.log.Debug("connection closed", "service", svc.name, "client", c.RemoteAddr().String(), "target", target,
+			"duration", time.Since(start), "err", err)
+	}
 }
 
 // dial connects to the first target of the service's plan that answers.
@@ -439,7 +490,7 @@ func (p *Proxy) dial(svc *service) (*net.TCPConn, netip.AddrPort, string) {
 	if len(plan) == 0 {
 		return nil, netip.AddrPort{}, rejectNoTarget
 	}
-	d := net.Dialer{Timeout: p.set.connectTimeout}
+	d := net.Dialer{Timeout: p.set.connectTimeout, KeepAlive: -1} // see listen
 	for _, t := range plan {
 		var c net.Conn
 		err := p.inNetNS(func() error {
