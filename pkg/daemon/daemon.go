@@ -24,6 +24,7 @@ import (
 	"github.com/ctlb/ctlb/pkg/cgroupv2"
 	"github.com/ctlb/ctlb/pkg/config"
 	"github.com/ctlb/ctlb/pkg/datapath"
+	"github.com/ctlb/ctlb/pkg/pending"
 	"github.com/ctlb/ctlb/pkg/proxy"
 )
 
@@ -46,6 +47,8 @@ type Daemon struct {
 
 	registry *prometheus.Registry
 	proxy    *proxy.Proxy
+	// pending completes attachments whose cgroup appeared after ADD.
+	pending *pending.Watcher
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,

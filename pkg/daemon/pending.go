@@ -4,23 +4,18 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/ctlb/ctlb/pkg/pending"
 	"github.com/ctlb/ctlb/pkg/podcgroup"
 )
 
-// pendingWatchers holds each running daemon's pending-attachment watcher.
-// (Kept beside the Daemon rather than in it so that this file wires the
-// feature in alone; a field in Daemon would do as well.)
-var pendingWatchers sync.Map // *Daemon -> *pending.Watcher
-
+// pendingWatcher is the running watcher, or nil before Run starts it or
+// after it stopped.
 func (d *Daemon) pendingWatcher() *pending.Watcher {
-	if w, ok := pendingWatchers.Load(d); ok {
-		return w.(*pending.Watcher)
-	}
-	return nil
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.pending
 }
 
 // startPending starts completing pending attachments: records the CNI
@@ -35,15 +30,21 @@ func (d *Daemon) startPending(ctx context.Context) error {
 	d.mu.Lock()
 	stateDir := d.cfg.StateDir
 	d.mu.Unlock()
-	// Made here, before Run goes on to its socket (whose umask trick is
-	// process-wide), rather than in the watcher's goroutine.
+	// Made here rather than in the watcher's goroutine, so a bad state
+	// directory fails the start instead of a background loop.
 	if err := pending.EnsureDir(stateDir); err != nil {
 		return err
 	}
 	w := pending.NewWatcher(stateDir, d.dp, podcgroup.NewResolver(d.cgroups), d.log.With("part", "pending"))
-	pendingWatchers.Store(d, w)
+	d.mu.Lock()
+	d.pending = w
+	d.mu.Unlock()
 	go func() {
-		defer pendingWatchers.Delete(d)
+		defer func() {
+			d.mu.Lock()
+			d.pending = nil
+			d.mu.Unlock()
+		}()
 		if err := w.Run(ctx); err != nil {
 			d.log.Error("pending attachments: watcher stopped", "error", err)
 		}

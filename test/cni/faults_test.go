@@ -102,7 +102,7 @@ func cgroupProgs(t *testing.T, dir string) int {
 func waitProgs(t *testing.T, dir string, want int) {
 	t.Helper()
 	n := -1
-	if err := waitFor(2*time.Second, func() bool { n = cgroupProgs(t, dir); return n == want }); err != nil {
+	if err := waitFor(10*time.Second, func() bool { n = cgroupProgs(t, dir); return n == want }); err != nil {
 		t.Fatalf("%d programs attached to %s, want %d: %v", n, dir, want, err)
 	}
 }
