@@ -152,6 +152,14 @@ func NewCgroup(t testing.TB, parent string) string {
 // deepest first, since rmdir refuses a cgroup with children or tasks.
 func RemoveCgroup(t testing.TB, dir string) {
 	t.Helper()
+	if err := RemoveCgroupTree(dir); err != nil {
+		t.Error(err)
+	}
+}
+
+// RemoveCgroupTree is RemoveCgroup for programs (the benchmark) that have no
+// testing.TB: it returns what it could not remove.
+func RemoveCgroupTree(dir string) error {
 	var dirs []string
 	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		if err == nil && d.IsDir() {
@@ -159,6 +167,7 @@ func RemoveCgroup(t testing.TB, dir string) {
 		}
 		return nil
 	})
+	var errs []error
 	for i := len(dirs) - 1; i >= 0; i-- {
 		d := dirs[i]
 		deadline := time.Now().Add(5 * time.Second)
@@ -169,12 +178,13 @@ func RemoveCgroup(t testing.TB, dir string) {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Errorf("remove cgroup %s: %v", d, err)
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
 				break
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // killProcs SIGKILLs the processes listed in one cgroup, by PID: they are

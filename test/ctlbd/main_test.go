@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -53,7 +52,7 @@ type daemon struct {
 	args   []string
 	cmd    *exec.Cmd
 	done   chan struct{} // closed once the process is reaped
-	logs   *syncBuffer
+	logs   *testutil.SyncBuffer
 	// netns, when set, is the network namespace the daemon runs in (for
 	// the proxy and metrics listeners); nil means the test's own.
 	netns ns.NetNS
@@ -76,7 +75,7 @@ func newDaemon(t *testing.T, extra ...string) *daemon {
 // start runs the daemon and waits until its socket answers.
 func (d *daemon) start() {
 	d.t.Helper()
-	d.logs = &syncBuffer{}
+	d.logs = &testutil.SyncBuffer{}
 	d.cmd = exec.Command(ctlbd, d.args...)
 	d.cmd.Stdout = d.logs
 	d.cmd.Stderr = d.logs
@@ -177,24 +176,6 @@ func run(args ...string) (string, string, int) {
 		code = -1
 	}
 	return out.String(), errOut.String(), code
-}
-
-// syncBuffer collects a process's output for failure messages.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // lines splits a table's output into rows of fields.

@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -33,7 +32,7 @@ type Daemon struct {
 
 	cmd    *exec.Cmd
 	exited chan struct{}
-	logs   *syncBuffer
+	logs   *testutil.SyncBuffer
 }
 
 // Start mounts a private bpffs and runs `ctlbd run` on it until the test
@@ -51,7 +50,7 @@ func Start(t testing.TB, bin string) *Daemon {
 		BPFFS:    filepath.Join(testutil.MountBPFFS(t), "ctlb"),
 		Socket:   filepath.Join(dir, "ctlbd.sock"),
 		StateDir: filepath.Join(dir, "state"),
-		logs:     &syncBuffer{},
+		logs:     &testutil.SyncBuffer{},
 	}
 	d.cmd = exec.Command(bin, "run", "--bpffs", d.BPFFS, "--socket", d.Socket, "--state-dir", d.StateDir)
 	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
@@ -172,22 +171,4 @@ func (d *Daemon) LinkPins() []string {
 		}
 	}
 	return out
-}
-
-// syncBuffer collects a process's output for failure messages.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
