@@ -20,7 +20,7 @@ RUN go mod download
 COPY . .
 ENV CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH
 RUN set -e; \
-    ldflags="-s -w -X github.com/ctlb/ctlb/pkg/version.Version=${VERSION}"; \
+    ldflags="-s -w -X github.com/ctlb/ctlb/internal/version.Version=${VERSION}"; \
     go build -trimpath -buildvcs=false -ldflags "$ldflags" -o /out/ctlbd ./cmd/ctlbd; \
     go build -trimpath -buildvcs=false -ldflags "$ldflags" -o /out/ctlb ./plugins/meta/ctlb
 

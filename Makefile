@@ -7,16 +7,16 @@ SHELL := /bin/bash
 
 GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS  := -s -w -X github.com/ctlb/ctlb/pkg/version.Version=$(VERSION)
+LDFLAGS  := -s -w -X github.com/ctlb/ctlb/internal/version.Version=$(VERSION)
 GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 TESTFLAGS ?= -count=1 -timeout 40m
-BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o)
+BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o internal/*/*_bpfel.go internal/*/*_bpfel.o)
 
 .PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean
 
 # Fuzz targets as NAME:PACKAGE; each runs for FUZZTIME in make test.
 FUZZTIME ?= 10s
-FUZZ_TARGETS := FuzzParse:./pkg/config FuzzDecodeServiceRequest:./pkg/api FuzzParseAddrPort:./pkg/datapath FuzzParseConf:./pkg/cni FuzzCNIArgs:./pkg/cni FuzzCgroupDir:./pkg/podcgroup
+FUZZ_TARGETS := FuzzParse:./internal/config FuzzDecodeServiceRequest:./pkg/api FuzzParseAddrPort:./pkg/datapath FuzzParseConf:./internal/cni FuzzCNIArgs:./internal/cni FuzzCgroupDir:./internal/podcgroup
 
 all: build
 
@@ -29,12 +29,12 @@ build:
 
 # Rebuild the BPF objects (needs clang); they are committed so go build does not.
 generate: deps
-	$(GO) generate ./pkg/...
+	$(GO) generate ./pkg/... ./internal/...
 
 # CI: the committed BPF objects must be what the C sources compile to.
 check-generate: generate
 	@git diff --exit-code --stat -- $(BPF_GEN) || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
+	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' 'internal/*/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt wants changes in: $$out"; exit 1; }

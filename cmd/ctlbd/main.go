@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctlb/ctlb/pkg/cniinstall"
+	"github.com/ctlb/ctlb/internal/cniinstall"
 )
 
 // exitError carries the exit status of a failed command.

@@ -10,8 +10,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctlb/ctlb/pkg/config"
-	"github.com/ctlb/ctlb/pkg/daemon"
+	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/daemon"
 )
 
 func newRunCommand(g *globals) *cobra.Command {

@@ -3,9 +3,9 @@ package main
 import (
 	"runtime"
 
+	"github.com/ctlb/ctlb/internal/version"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
-	"github.com/ctlb/ctlb/pkg/version"
 )
 
 func localVersion() api.Version {

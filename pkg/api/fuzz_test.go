@@ -6,8 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/pkg/config"
 )
 
 // FuzzDecodeServiceRequest: the control API's request decoding and the

@@ -14,7 +14,7 @@ import (
 
 	"github.com/cilium/ebpf/link"
 
-	"github.com/ctlb/ctlb/pkg/cgroupv2"
+	"github.com/ctlb/ctlb/internal/cgroupv2"
 )
 
 // ErrNoAttachment means no attachment with that ID is pinned.

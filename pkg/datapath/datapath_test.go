@@ -18,8 +18,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/datapath"
-	"github.com/ctlb/ctlb/pkg/testutil"
 )
 
 func TestMain(m *testing.M) {

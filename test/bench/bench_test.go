@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ctlb/ctlb/pkg/cgroupv2"
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/bench/topo"
 )
 

@@ -15,7 +15,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctlb/ctlb/pkg/proxy"
+	"github.com/ctlb/ctlb/internal/proxy"
 	"github.com/ctlb/ctlb/test/bench/seedproxy"
 	"github.com/ctlb/ctlb/test/bench/workload"
 )

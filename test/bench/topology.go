@@ -15,7 +15,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/ctlb/ctlb/pkg/cgroupv2"
+	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/pkg/datapath"
 	"github.com/ctlb/ctlb/test/bench/topo"
 )

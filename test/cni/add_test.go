@@ -14,8 +14,8 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/ctlb/ctlb/pkg/cni"
-	"github.com/ctlb/ctlb/pkg/pending"
+	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/internal/pending"
 )
 
 // A pod found by K8S_POD_UID in the cgroupfs layout is redirected in every

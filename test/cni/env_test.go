@@ -21,13 +21,13 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/daemon"
+	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/pkg/cni"
-	"github.com/ctlb/ctlb/pkg/config"
-	"github.com/ctlb/ctlb/pkg/daemon"
 	"github.com/ctlb/ctlb/pkg/datapath"
-	"github.com/ctlb/ctlb/pkg/pending"
-	"github.com/ctlb/ctlb/pkg/testutil"
 )
 
 // The node's addresses: pods on 198.18.0.0/24 behind the bridge, Consul-like

@@ -26,12 +26,12 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/daemon"
+	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/pkg/cni"
-	"github.com/ctlb/ctlb/pkg/config"
-	"github.com/ctlb/ctlb/pkg/daemon"
-	"github.com/ctlb/ctlb/pkg/pending"
-	"github.com/ctlb/ctlb/pkg/testutil"
 )
 
 // Fault tests: each runs under a bounded load (a connect loop from an

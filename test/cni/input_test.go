@@ -11,9 +11,9 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 
-	"github.com/ctlb/ctlb/pkg/cni"
-	"github.com/ctlb/ctlb/pkg/config"
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // Bad input gets the spec's error JSON with a meaningful code, and changes

@@ -14,9 +14,9 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 
-	"github.com/ctlb/ctlb/pkg/cni"
-	"github.com/ctlb/ctlb/pkg/pending"
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // CHECK verifies for real and says what is wrong.

@@ -11,7 +11,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // refPlugins are the reference plugins the chains use, from Debian's

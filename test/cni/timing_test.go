@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ctlb/ctlb/pkg/cni"
+	"github.com/ctlb/ctlb/internal/cni"
 )
 
 // The time of one ADD, exec of the plugin included, as a runtime pays it:

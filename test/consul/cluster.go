@@ -24,7 +24,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // Ports every server listens on, on its own address.

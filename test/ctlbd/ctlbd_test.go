@@ -13,9 +13,9 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
-	"github.com/ctlb/ctlb/pkg/testutil"
 )
 
 const vip = "198.19.0.1:8502"

@@ -15,8 +15,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/pkg/testutil"
 )
 
 // scrape fetches /metrics from addr inside netns.

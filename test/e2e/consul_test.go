@@ -17,8 +17,8 @@ import (
 
 	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/pkg/testutil"
 	"github.com/ctlb/ctlb/test/consul"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
 	"github.com/ctlb/ctlb/test/runtime/images"

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
 	"github.com/ctlb/ctlb/test/runtime/images"
 )

@@ -17,7 +17,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/runtime/images"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/runtime/images"
 	"github.com/ctlb/ctlb/test/runtime/podman"
 )

@@ -29,7 +29,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
-	"github.com/ctlb/ctlb/pkg/config"
+	"github.com/ctlb/ctlb/internal/config"
 )
 
 const manifestDir = "../../conf/kubernetes"

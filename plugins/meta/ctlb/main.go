@@ -8,12 +8,12 @@ import (
 	cniversion "github.com/containernetworking/cni/pkg/version"
 	bv "github.com/containernetworking/plugins/pkg/utils/buildversion"
 
-	"github.com/ctlb/ctlb/pkg/cni"
-	"github.com/ctlb/ctlb/pkg/version"
+	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/internal/version"
 )
 
 func main() {
-	// One version for ctlbd and the plugin: pkg/version's, set at link time.
+	// One version for ctlbd and the plugin: internal/version's, set at link time.
 	bv.BuildVersion = version.Version
 	skel.PluginMainFuncs(skel.CNIFuncs{
 		Add:    cni.Add,

@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // Cgroup creates the cgroup dir (its parent must exist) and registers the
@@ -25,7 +25,7 @@ func Cgroup(u *Undo, dir string) error {
 }
 
 // RemoveCgroup kills what still runs in the cgroup tree at dir and removes
-// it deepest first (pkg/testutil's, without a testing.TB).
+// it deepest first (internal/testutil's, without a testing.TB).
 func RemoveCgroup(dir string) error { return testutil.RemoveCgroupTree(dir) }
 
 // CPU is CPU time: all of it, and the part spent in user mode.

@@ -1,7 +1,7 @@
 // Package topo builds what the benchmark runs in and takes it down again:
 // named network namespaces joined by veth pairs, cgroups, a private bpffs,
 // and child processes started by PID inside a namespace and a cgroup. It is
-// the program's counterpart of pkg/testutil, which is tied to testing.T:
+// the program's counterpart of internal/testutil, which is tied to testing.T:
 // every piece registers its own removal on an Undo stack, which the caller
 // unwinds on success, on error and on Ctrl-C alike.
 package topo

@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/pkg/testutil"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )
 

@@ -19,7 +19,7 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // Image references, in the form CRI normalises them to (no registry is ever

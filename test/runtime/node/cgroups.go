@@ -11,7 +11,7 @@ import (
 
 	"github.com/moby/sys/mountinfo"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // Hierarchies lists the mount points of every cgroup hierarchy: each v1

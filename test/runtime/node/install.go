@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ctlb/ctlb/pkg/testutil"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // A Tool is a command or file a test needs and the Debian package that

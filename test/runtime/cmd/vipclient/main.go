@@ -1,6 +1,6 @@
 // Command vipclient runs inside a test container: it dials a target (a VIP)
 // and prints, one JSON line each, which server answered. Test servers name
-// themselves in their first line (pkg/testutil.StartServers), so the line
+// themselves in their first line (internal/testutil.StartServers), so the line
 // says where the connection really landed.
 //
 // It first retries until one connection succeeds (the pod's redirect may be

@@ -1,0 +1,597 @@
+package cniinstall
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+
+	"github.com/ctlb/ctlb/internal/testutil"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/*/out from what Install writes")
+
+var testPlugin = NewPluginConf(DefaultBPFFS, DefaultSocket)
+
+// goldenActions is what Install must report for each case in testdata that
+// installs; the others (malformed-*) hold an error.txt instead.
+var goldenActions = map[string]Action{
+	"calico":          Inserted,
+	"flannel":         Inserted,
+	"cilium-chaining": Inserted,
+	"bridge":          Inserted,
+	"has-ctlb":        Unchanged,
+	"stale-ctlb":      Updated,
+	"conf":            Inserted,
+	"first-by-name":   Inserted,
+	"raw-bytes":       Inserted,
+}
+
+// TestInstallGolden runs Install, Install again, Uninstall and Uninstall
+// again on a copy of each testdata/<case>/in and checks the directory after
+// each step: against testdata/<case>/out after Install, against in/ (plugin
+// by plugin, byte for byte modulo whitespace) after Uninstall.
+func TestInstallGolden(t *testing.T) {
+	entries, err := os.ReadDir("testdata")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := 0
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		name := e.Name()
+		seen++
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			caseDir := filepath.Join("testdata", name)
+			in := snapshot(t, filepath.Join(caseDir, "in"))
+			opts := newOpts(t, in)
+			if wantErr, err := os.ReadFile(filepath.Join(caseDir, "error.txt")); err == nil {
+				checkRejected(t, opts, in, strings.TrimSpace(string(wantErr)))
+				return
+			}
+			wantAction, ok := goldenActions[name]
+			if !ok {
+				t.Fatalf("testdata/%s has no error.txt and no entry in goldenActions", name)
+			}
+			checkInstall(t, opts, caseDir, wantAction)
+			checkUninstall(t, opts, in)
+		})
+	}
+	if seen < 14 {
+		t.Fatalf("found %d golden cases in testdata, want at least 14", seen)
+	}
+}
+
+func checkInstall(t *testing.T, opts Options, caseDir string, wantAction Action) {
+	t.Helper()
+	res, err := Install(opts)
+	if err != nil {
+		t.Fatalf("Install: %v", err)
+	}
+	if res.Action != wantAction {
+		t.Errorf("Action = %q, want %q", res.Action, wantAction)
+	}
+	if !res.BinaryUpdated || res.Binary != filepath.Join(opts.BinDir, PluginType) {
+		t.Errorf("binary: got %s updated=%v, want %s updated", res.Binary, res.BinaryUpdated, filepath.Join(opts.BinDir, PluginType))
+	}
+	checkBinary(t, opts)
+
+	got := snapshot(t, opts.ConfDir)
+	outDir := filepath.Join(caseDir, "out")
+	if *update {
+		writeSnapshot(t, outDir, got)
+	}
+	if want := snapshot(t, outDir); !reflect.DeepEqual(got, want) {
+		t.Errorf("conf dir after Install differs from %s:\n%s", outDir, diffSnapshots(got, want))
+	}
+
+	// The runtime's view: libcni picks the same file, loads it, and finds
+	// ctlb chained with our config.
+	first, err := firstConfFile(opts.ConfDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first != res.ConfFile {
+		t.Errorf("runtime would load %s, Install reported %s", first, res.ConfFile)
+	}
+	list, err := libcni.ConfListFromFile(first)
+	if err != nil {
+		t.Fatalf("libcni cannot load %s: %v", first, err)
+	}
+	var found int
+	for _, p := range list.Plugins {
+		if p.Network.Type == PluginType {
+			found++
+			if !sameJSON(p.Bytes, testPlugin) {
+				t.Errorf("ctlb entry %s, want %s", p.Bytes, testPlugin)
+			}
+		}
+	}
+	if found != 1 {
+		t.Errorf("%s chains ctlb %d times, want once", first, found)
+	}
+
+	// Idempotent: a second run writes nothing at all.
+	before := modTimes(t, opts.ConfDir)
+	res2, err := Install(opts)
+	if err != nil {
+		t.Fatalf("second Install: %v", err)
+	}
+	if res2.Action != Unchanged || res2.BinaryUpdated || res2.ConfFile != res.ConfFile {
+		t.Errorf("second Install = %+v, want unchanged, binary not updated, same file", res2)
+	}
+	if after := modTimes(t, opts.ConfDir); !reflect.DeepEqual(before, after) {
+		t.Errorf("second Install touched files: before %v after %v", before, after)
+	}
+	if again := snapshot(t, opts.ConfDir); !reflect.DeepEqual(again, got) {
+		t.Errorf("second Install changed the conf dir:\n%s", diffSnapshots(again, got))
+	}
+}
+
+func checkUninstall(t *testing.T, opts Options, in map[string][]byte) {
+	t.Helper()
+	for round := 1; round <= 2; round++ {
+		if err := Uninstall(opts); err != nil {
+			t.Fatalf("Uninstall round %d: %v", round, err)
+		}
+		got := snapshot(t, opts.ConfDir)
+		if !reflect.DeepEqual(keys(got), keys(in)) {
+			t.Fatalf("round %d: conf dir has %v after Uninstall, want %v", round, keys(got), keys(in))
+		}
+		for name, want := range in {
+			checkRestored(t, name, got[name], want)
+		}
+		if _, err := os.Stat(filepath.Join(opts.BinDir, PluginType)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("round %d: plugin binary still there after Uninstall (err %v)", round, err)
+		}
+		if left := snapshot(t, opts.BinDir); len(left) != 0 {
+			t.Errorf("round %d: bin dir not empty: %v", round, keys(left))
+		}
+	}
+}
+
+// checkRestored compares a file after Uninstall with the original: equal
+// bytes, or, for a rewritten conflist, equal bytes once whitespace is
+// dropped; an original that chained ctlb itself must come back without it.
+func checkRestored(t *testing.T, name string, got, want []byte) {
+	t.Helper()
+	if bytes.Equal(got, want) {
+		return
+	}
+	if compact(t, got) == compact(t, want) {
+		return
+	}
+	var g, w map[string]any
+	if json.Unmarshal(got, &g) != nil || json.Unmarshal(want, &w) != nil {
+		t.Errorf("%s after Uninstall:\n%s\nwant:\n%s", name, got, want)
+		return
+	}
+	var kept []any
+	for _, p := range w["plugins"].([]any) {
+		if p.(map[string]any)["type"] != PluginType {
+			kept = append(kept, p)
+		}
+	}
+	w["plugins"] = kept
+	if !reflect.DeepEqual(g, w) {
+		t.Errorf("%s after Uninstall:\n%s\nwant the original less ctlb:\n%s", name, got, want)
+	}
+}
+
+func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr string) {
+	t.Helper()
+	_, err := Install(opts)
+	if err == nil {
+		t.Fatalf("Install accepted a malformed config")
+	}
+	t.Logf("Install: %v", err)
+	for _, want := range []string{wantErr, "left untouched", keys(in)[0]} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not contain %q", err, want)
+		}
+	}
+	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir changed by a failed Install:\n%s", diffSnapshots(got, in))
+	}
+	if left := snapshot(t, opts.BinDir); len(left) != 0 {
+		t.Errorf("failed Install still wrote %v into the bin dir", keys(left))
+	}
+	// Uninstall has nothing of ours to remove and must not touch the file;
+	// a malformed conflist is reported, a malformed .conf is not ours to read.
+	err = Uninstall(opts)
+	if strings.HasSuffix(keys(in)[0], ".conflist") && err == nil {
+		t.Errorf("Uninstall did not report the malformed conflist")
+	}
+	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir changed by Uninstall:\n%s", diffSnapshots(got, in))
+	}
+}
+
+func TestInstallNoNetworkConfig(t *testing.T) {
+	opts := newOpts(t, nil)
+	_, err := Install(opts)
+	if !errors.Is(err, ErrNoNetworkConfig) {
+		t.Fatalf("Install on an empty conf dir: %v, want ErrNoNetworkConfig", err)
+	}
+	if left := snapshot(t, opts.BinDir); len(left) != 0 {
+		t.Errorf("Install without a config still installed %v", keys(left))
+	}
+	opts.ConfDir = filepath.Join(t.TempDir(), "missing")
+	if _, err := Install(opts); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Errorf("Install with a missing conf dir: %v, want an error naming it", err)
+	}
+}
+
+func TestInstallMissingSourceBinaryChangesNothing(t *testing.T) {
+	in := snapshot(t, "testdata/calico/in")
+	opts := newOpts(t, in)
+	opts.SourceBinary = filepath.Join(t.TempDir(), "no-such-ctlb")
+	_, err := Install(opts)
+	if err == nil || !strings.Contains(err.Error(), "no-such-ctlb") {
+		t.Fatalf("Install: %v, want an error naming the missing binary", err)
+	}
+	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir changed:\n%s", diffSnapshots(got, in))
+	}
+}
+
+func TestInstallRejectsBadPluginConf(t *testing.T) {
+	in := snapshot(t, "testdata/flannel/in")
+	for _, bad := range []string{``, `[]`, `null`, `{"bpffs": "/x"}`, `{"type": ""}`, `{"type": "../ctlb"}`, `{"type": 3}`, `{"type": "ctlb"`} {
+		opts := newOpts(t, in)
+		opts.PluginConf = json.RawMessage(bad)
+		if _, err := Install(opts); err == nil || !strings.Contains(err.Error(), "PluginConf") {
+			t.Errorf("PluginConf %q: err %v, want one naming PluginConf", bad, err)
+		}
+		if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+			t.Errorf("PluginConf %q changed the conf dir", bad)
+		}
+	}
+}
+
+// TestInstallKeepsModeAndOwner: a rewritten config keeps the permissions
+// and owner its author gave it (Calico writes its files 0600 on some setups).
+func TestInstallKeepsModeAndOwner(t *testing.T) {
+	testutil.RequireRoot(t) // chown
+	for _, c := range []string{"calico", "conf"} {
+		in := snapshot(t, filepath.Join("testdata", c, "in"))
+		opts := newOpts(t, in)
+		src, err := firstConfFile(opts.ConfDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(src, 0o640); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(src, 1234, 5678); err != nil {
+			t.Fatal(err)
+		}
+		res, err := Install(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Stat(res.ConfFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uid, gid := fileOwner(fi)
+		if fi.Mode().Perm() != 0o640 || uid != 1234 || gid != 5678 {
+			t.Errorf("%s: %s mode %o owner %d:%d, want 640 1234:5678", c, res.ConfFile, fi.Mode().Perm(), uid, gid)
+		}
+		if err := Uninstall(opts); err != nil {
+			t.Fatal(err)
+		}
+		fi, err = os.Stat(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uid, gid = fileOwner(fi)
+		if fi.Mode().Perm() != 0o640 || uid != 1234 || gid != 5678 {
+			t.Errorf("%s: restored %s mode %o owner %d:%d, want 640 1234:5678", c, src, fi.Mode().Perm(), uid, gid)
+		}
+	}
+}
+
+// TestInstallReconvertsRewrittenConf: the primary CNI writes its .conf
+// again after ctlb converted it; the new .conf sorts first, so it is
+// converted again and Uninstall restores the newest original.
+func TestInstallReconvertsRewrittenConf(t *testing.T) {
+	in := snapshot(t, "testdata/conf/in")
+	opts := newOpts(t, in)
+	if _, err := Install(opts); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(opts.ConfDir, "10-mynet.conf")
+	newer := []byte(`{"cniVersion": "0.4.0", "name": "mynet", "type": "bridge", "bridge": "cni1", "ipam": {"type": "host-local", "subnet": "198.18.3.0/24"}}` + "\n")
+	if err := os.WriteFile(conf, newer, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Install(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ConvertedFrom != conf || res.Action != Inserted {
+		t.Errorf("Install after the rewrite = %+v, want %s converted and ctlb inserted", res, conf)
+	}
+	if err := Uninstall(opts); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]byte{"10-mynet.conf": newer}
+	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, want) {
+		t.Errorf("after Uninstall:\n%s", diffSnapshots(got, want))
+	}
+}
+
+// TestUninstallKeepsOthersLaterEdits: when someone changed the converted
+// conflist after Install, Uninstall removes only ctlb and keeps their edit
+// rather than restoring the stale .conf.
+func TestUninstallKeepsOthersLaterEdits(t *testing.T) {
+	in := snapshot(t, "testdata/conf/in")
+	opts := newOpts(t, in)
+	res, err := Install(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list map[string]any
+	data, _ := os.ReadFile(res.ConfFile)
+	if err := json.Unmarshal(data, &list); err != nil {
+		t.Fatal(err)
+	}
+	list["plugins"] = append([]any{list["plugins"].([]any)[0], map[string]any{"type": "portmap", "capabilities": map[string]any{"portMappings": true}}}, list["plugins"].([]any)[1:]...)
+	edited, _ := json.Marshal(list)
+	if err := os.WriteFile(res.ConfFile, edited, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Uninstall(opts); err != nil {
+		t.Fatal(err)
+	}
+	got := snapshot(t, opts.ConfDir)
+	if !reflect.DeepEqual(keys(got), []string{"10-mynet.conflist"}) {
+		t.Fatalf("after Uninstall: %v, want only the edited conflist", keys(got))
+	}
+	l, err := libcni.ConfListFromBytes(got["10-mynet.conflist"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var types []string
+	for _, p := range l.Plugins {
+		types = append(types, p.Network.Type)
+	}
+	if !reflect.DeepEqual(types, []string{"bridge", "portmap"}) {
+		t.Errorf("plugins after Uninstall %v, want [bridge portmap]", types)
+	}
+}
+
+// TestUninstallEveryConflist: ctlb followed the first file from one name to
+// another (a new primary CNI config appeared); Uninstall clears both.
+func TestUninstallEveryConflist(t *testing.T) {
+	in := snapshot(t, "testdata/flannel/in")
+	opts := newOpts(t, in)
+	if _, err := Install(opts); err != nil {
+		t.Fatal(err)
+	}
+	cilium, err := os.ReadFile("testdata/cilium-chaining/in/05-cilium.conflist")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(opts.ConfDir, "05-cilium.conflist"), cilium, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Install(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Base(res.ConfFile) != "05-cilium.conflist" || res.Action != Inserted {
+		t.Fatalf("Install with a new first file = %+v", res)
+	}
+	opts.KeepBinary = true
+	if err := Uninstall(opts); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]byte{"05-cilium.conflist": cilium, "10-flannel.conflist": in["10-flannel.conflist"]}
+	got := snapshot(t, opts.ConfDir)
+	for name := range want {
+		checkRestored(t, name, got[name], want[name])
+	}
+	if len(got) != len(want) {
+		t.Errorf("conf dir after Uninstall: %v", keys(got))
+	}
+	if _, err := os.Stat(filepath.Join(opts.BinDir, PluginType)); err != nil {
+		t.Errorf("KeepBinary: binary gone: %v", err)
+	}
+}
+
+func TestInstallUpdatesChangedBinary(t *testing.T) {
+	in := snapshot(t, "testdata/bridge/in")
+	opts := newOpts(t, in)
+	if _, err := Install(opts); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(opts.BinDir, PluginType)
+	// A running plugin keeps its inode; the new binary is a new file.
+	old, err := os.Open(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	newer := []byte("#!/bin/sh\n# ctlb plugin v2 stand-in\nexit 0\n")
+	if err := os.WriteFile(opts.SourceBinary, newer, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Install(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.BinaryUpdated || res.Action != Unchanged {
+		t.Errorf("Install with a new binary = %+v, want binary updated, conf unchanged", res)
+	}
+	checkBinary(t, opts)
+	oldStat, _ := old.Stat()
+	newStat, _ := os.Stat(dst)
+	if os.SameFile(oldStat, newStat) {
+		t.Errorf("binary overwritten in place; want a rename so running plugins keep their file")
+	}
+}
+
+func TestParseObjectKeepsOrderAndBytes(t *testing.T) {
+	in := []byte(`{"z": 1.50, "a": "caf\u00e9", "m": {"y": [1e3, null]}}`)
+	members, err := parseObject(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range members {
+		got = append(got, m.key+"="+string(m.value))
+	}
+	want := []string{`z=1.50`, `a="caf\u00e9"`, `m={"y": [1e3, null]}`}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("members %q, want %q", got, want)
+	}
+	for _, bad := range []string{`[]`, `{"a":1,"a":2}`, `{"a":1} x`, `{"a":`, `"s"`} {
+		if _, err := parseObject([]byte(bad)); err == nil {
+			t.Errorf("parseObject(%s) accepted", bad)
+		}
+	}
+}
+
+// newOpts lays out a fresh conf dir holding files, an empty bin dir and a
+// stand-in plugin binary (a small executable script).
+func newOpts(t *testing.T, files map[string][]byte) Options {
+	t.Helper()
+	root := t.TempDir()
+	o := Options{
+		ConfDir:      filepath.Join(root, "net.d"),
+		BinDir:       filepath.Join(root, "bin"),
+		SourceBinary: filepath.Join(root, "image", PluginType),
+		PluginConf:   testPlugin,
+	}
+	for _, d := range []string{o.ConfDir, o.BinDir, filepath.Dir(o.SourceBinary)} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeSnapshot(t, o.ConfDir, files)
+	if err := os.WriteFile(o.SourceBinary, []byte("#!/bin/sh\n# ctlb plugin stand-in\nexit 0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
+
+func checkBinary(t *testing.T, o Options) {
+	t.Helper()
+	want, err := os.ReadFile(o.SourceBinary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(o.BinDir, PluginType)
+	got, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatalf("plugin binary: %v", err)
+	}
+	fi, _ := os.Stat(dst)
+	if !bytes.Equal(got, want) || fi.Mode().Perm() != 0o755 {
+		t.Errorf("%s: %d bytes mode %o, want a 0755 copy of %s", dst, len(got), fi.Mode().Perm(), o.SourceBinary)
+	}
+}
+
+// snapshot reads every file of dir (no subdirectories in these tests).
+func snapshot(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][]byte{}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = b
+	}
+	return out
+}
+
+func writeSnapshot(t *testing.T, dir string, files map[string][]byte) {
+	t.Helper()
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func modTimes(t *testing.T, dir string) map[string]time.Time {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]time.Time{}
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = fi.ModTime()
+	}
+	return out
+}
+
+func keys(m map[string][]byte) []string {
+	var k []string
+	for name := range m {
+		k = append(k, name)
+	}
+	sort.Strings(k)
+	return k
+}
+
+func compact(t *testing.T, b []byte) string {
+	t.Helper()
+	var out bytes.Buffer
+	if err := json.Compact(&out, b); err != nil {
+		return "not JSON: " + string(b)
+	}
+	return out.String()
+}
+
+func diffSnapshots(got, want map[string][]byte) string {
+	var b strings.Builder
+	for _, name := range keys(got) {
+		if w, ok := want[name]; !ok {
+			b.WriteString("unexpected " + name + ":\n" + string(got[name]) + "\n")
+		} else if !bytes.Equal(w, got[name]) {
+			b.WriteString(name + " got:\n" + string(got[name]) + "\nwant:\n" + string(w) + "\n")
+		}
+	}
+	for _, name := range keys(want) {
+		if _, ok := got[name]; !ok {
+			b.WriteString("missing " + name + "\n")
+		}
+	}
+	return b.String()
+}
+
+func fileOwner(fi os.FileInfo) (int, int) {
+	_, uid, gid := ownership(fi)
+	return uid, gid
+}

@@ -1,0 +1,227 @@
+// Package config reads ctlbd's JSON configuration. Decoding is strict: an
+// unknown key is an error that names it, so a typo never silently turns a
+// setting off.
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/ctlb/ctlb/internal/proxy"
+	"github.com/ctlb/ctlb/internal/servers"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// Defaults, chosen so that one daemon per host needs no flags.
+const (
+	DefaultSocket   = api.DefaultSocket
+	DefaultStateDir = api.DefaultStateDir
+)
+
+// MaxSize bounds a config file; a larger one is refused rather than read.
+const MaxSize = 8 << 20
+
+// Config is the daemon's configuration file.
+type Config struct {
+	// BPFFS is the bpffs directory holding ctlb's pins.
+	BPFFS string `json:"bpffs,omitempty"`
+	// Socket is the control API's unix socket.
+	Socket string `json:"socket,omitempty"`
+	// SocketGroup, when set, is the one group (name or GID) besides root
+	// that may use the control socket (mode 0660 instead of 0600).
+	SocketGroup string `json:"socketGroup,omitempty"`
+	// StateDir holds pending attachments and other small state files.
+	StateDir string `json:"stateDir,omitempty"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `json:"logLevel,omitempty"`
+	// ReconcileInterval is how often ctlbd repairs pinned state (re-pins
+	// what was removed, drops attachments of dead cgroups). Default 5s.
+	ReconcileInterval Duration `json:"reconcileInterval,omitempty"`
+	// Metrics is the address of the Prometheus endpoint (/metrics), e.g.
+	// "127.0.0.1:9464"; empty turns it off.
+	Metrics string `json:"metrics,omitempty"`
+	// Services are the VIPs this daemon keeps in the maps.
+	Services []Service `json:"services,omitempty"`
+	// Proxy, when set, runs the fallback round-robin proxy for the listed
+	// VIPs, with the same server sets as the connect4 path.
+	Proxy *proxy.Config `json:"proxy,omitempty"`
+}
+
+// Service is one VIP in the config.
+type Service struct {
+	VIP string `json:"vip"`
+	// Servers is the static server list, "IP:PORT" each.
+	Servers []string `json:"servers,omitempty"`
+	// Empty is the empty-set policy: "reject" (default) or "passthrough".
+	Empty string `json:"empty,omitempty"`
+
+	// Discovery and health (see internal/servers). With any of these, ctlbd
+	// tracks the VIP: the union of the static list and every source gives
+	// the candidates, and only the healthy ones are written to the map.
+	// Without them, the static list is written as it is.
+	DNS    *servers.DNSConfig    `json:"dns,omitempty"`
+	Consul *servers.ConsulConfig `json:"consul,omitempty"`
+	Exec   *servers.ExecConfig   `json:"exec,omitempty"`
+	Health *servers.HealthConfig `json:"health,omitempty"`
+	// Panic keeps every candidate in the set when none is healthy (as
+	// Envoy's panic threshold does) instead of emptying it.
+	Panic bool `json:"panic,omitempty"`
+}
+
+// Tracked reports whether the VIP's set comes from sources and health
+// checks rather than straight from the static list.
+func (s Service) Tracked() bool {
+	return s.DNS != nil || s.Consul != nil || s.Exec != nil || s.Health != nil
+}
+
+// Sources is the tracker configuration of a tracked VIP.
+func (s Service) Sources() servers.Config {
+	c := servers.Config{Static: s.Servers, DNS: s.DNS, Consul: s.Consul, Exec: s.Exec, Panic: s.Panic}
+	if s.Health != nil {
+		c.Health = *s.Health
+	}
+	return c
+}
+
+// Parse decodes and validates a config.
+func Parse(data []byte) (*Config, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("decode config: %w", err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return nil, errors.New("decode config: trailing data after the JSON object")
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Load reads and parses the config file at path.
+func Load(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if len(data) > MaxSize {
+		return nil, fmt.Errorf("config %s: larger than %d bytes", path, MaxSize)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Default is the configuration with no file: defaults and no services.
+func Default() *Config {
+	c := &Config{}
+	c.applyDefaults()
+	return c
+}
+
+func (c *Config) applyDefaults() {
+	if c.BPFFS == "" {
+		c.BPFFS = datapath.DefaultDir
+	}
+	if c.Socket == "" {
+		c.Socket = DefaultSocket
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.ReconcileInterval == 0 {
+		c.ReconcileInterval = Duration(5 * time.Second)
+	}
+}
+
+// Validate checks every field, naming the one that is wrong.
+func (c *Config) Validate() error {
+	for _, p := range []struct{ name, val string }{{"bpffs", c.BPFFS}, {"socket", c.Socket}, {"stateDir", c.StateDir}} {
+		if !filepath.IsAbs(p.val) {
+			return fmt.Errorf("config %s: %q is not an absolute path", p.name, p.val)
+		}
+	}
+	if c.ReconcileInterval < Duration(100*time.Millisecond) {
+		return fmt.Errorf("config reconcileInterval: %s, want at least 100ms", time.Duration(c.ReconcileInterval))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("config logLevel: %q, want debug, info, warn or error", c.LogLevel)
+	}
+	if c.Metrics != "" {
+		host, port, err := net.SplitHostPort(c.Metrics)
+		p, perr := strconv.ParseUint(port, 10, 16)
+		if err != nil || perr != nil || p == 0 || (host != "" && net.ParseIP(host) == nil) {
+			return fmt.Errorf("config metrics: %q: want IP:PORT, or :PORT for every address", c.Metrics)
+		}
+	}
+	if c.Proxy != nil {
+		if err := c.Proxy.Validate(); err != nil {
+			return fmt.Errorf("config proxy: %w", err)
+		}
+	}
+	seen := map[netip.AddrPort]bool{}
+	for i, s := range c.Services {
+		svc, err := s.Datapath()
+		if err != nil {
+			return fmt.Errorf("config services[%d]: %w", i, err)
+		}
+		if s.Tracked() {
+			if err := s.Sources().Validate(); err != nil {
+				return fmt.Errorf("config services[%d]: VIP %s: %w", i, svc.VIP, err)
+			}
+		} else if s.Panic {
+			return fmt.Errorf("config services[%d]: VIP %s: panic needs health checks or a source (dns, consul, exec, health)", i, svc.VIP)
+		}
+		if seen[svc.VIP] {
+			return fmt.Errorf("config services[%d]: VIP %s is configured twice", i, svc.VIP)
+		}
+		seen[svc.VIP] = true
+	}
+	return nil
+}
+
+// Datapath converts the static part of a service for the maps.
+func (s Service) Datapath() (datapath.Service, error) {
+	vip, err := datapath.ParseVIP(s.VIP)
+	if err != nil {
+		return datapath.Service{}, err
+	}
+	policy, err := datapath.ParseEmptyPolicy(s.Empty)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	out := datapath.Service{VIP: vip, Empty: policy, Servers: []netip.AddrPort{}}
+	for _, raw := range s.Servers {
+		srv, err := datapath.ParseServer(raw)
+		if err != nil {
+			return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+		}
+		out.Servers = append(out.Servers, srv)
+	}
+	return out, out.Validate()
+}

@@ -1,0 +1,56 @@
+package config_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/ctlb/ctlb/internal/config"
+)
+
+// FuzzParse: no input may panic; every rejection names what is wrong, and
+// every accepted config is valid by the same rules the daemon applies.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(`{}`))
+	f.Add([]byte(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.1:8502"], "empty": "passthrough"}]}`))
+	f.Add([]byte(`{"bpffs": "/sys/fs/bpf/ctlb", "reconcileInterval": "1s", "logLevel": "debug"}`))
+	f.Add([]byte(`{"services": [{"vip": "198.19.0.1:99999"}]}`))
+	f.Add([]byte(`{"unknown": 1}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := config.Parse(data)
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("empty error message")
+			}
+			if c != nil {
+				t.Fatal("config returned with an error")
+			}
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("Parse accepted a config that Validate rejects: %v", err)
+		}
+		for _, s := range c.Services {
+			if _, err := s.Datapath(); err != nil {
+				t.Fatalf("accepted service %+v does not convert: %v", s, err)
+			}
+		}
+	})
+}
+
+func TestParseErrorsNameTheField(t *testing.T) {
+	cases := map[string]string{
+		`{"services": [{"vip": "198.19.0.1:80", "wieght": 1}]}`:                   `"wieght"`,
+		`{"reconcileInterval": "fast"}`:                                           `"fast"`,
+		`{"reconcileInterval": "1ms"}`:                                            "reconcileInterval",
+		`{"socket": "relative.sock"}`:                                             "socket",
+		`{"services": [{"vip": "198.19.0.1:80", "servers": ["127.0.0.1:80:1"]}]}`: `"127.0.0.1:80:1"`,
+		`{"services": [{"vip": "198.19.0.1:80", "empty": "sometimes"}]}`:          `"sometimes"`,
+		`{} {}`: "trailing data",
+	}
+	for in, want := range cases {
+		_, err := config.Parse([]byte(in))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(%s) = %v, want an error naming %s", in, err, want)
+		}
+	}
+}

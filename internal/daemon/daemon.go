@@ -1,0 +1,397 @@
+// Package daemon is ctlbd: the one writer of ctlb's service maps. It adopts
+// or creates the pinned objects, keeps every configured VIP's servers in
+// them, and serves the control API the CLI and the CNI plugin use.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/proxy"
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// Daemon is a running ctlbd.
+type Daemon struct {
+	log     *slog.Logger
+	cfgPath string
+	dp      *datapath.Datapath
+	cgroups cgroupv2.Hierarchy
+	lock    *os.File
+
+	// mu serialises every change of the service maps and of cfg.
+	mu    sync.Mutex
+	cfg   *config.Config
+	table serviceTable
+	// trackers are the VIPs kept by sources and health checks, by VIP.
+	trackers map[netip.AddrPort]*trackedService
+	// runCtx bounds the trackers; set by Run.
+	runCtx context.Context
+
+	registry *prometheus.Registry
+	proxy    *proxy.Proxy
+	// pending completes attachments whose cgroup appeared after ADD.
+	pending *pending.Watcher
+}
+
+// New prepares a daemon: it mounts bpffs where the pin directory needs one,
+// takes the pin directory's writer lock, and adopts (or first creates) the
+// pinned objects. cfgPath, when not empty, is re-read by Reload.
+func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) {
+	if err := ensureBPFFS(cfg.BPFFS, log); err != nil {
+		return nil, err
+	}
+	lock, err := lockDir(cfg.BPFFS)
+	if err != nil {
+		return nil, err
+	}
+	dp, err := datapath.Create(cfg.BPFFS)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	h, err := cgroupv2.Default()
+	if err != nil {
+		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)
+	}
+	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
+		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
+	d.registry = d.newRegistry()
+	return d, nil
+}
+
+// Datapath is the daemon's handle on the pinned objects.
+func (d *Daemon) Datapath() *datapath.Datapath { return d.dp }
+
+// Close releases the daemon's handles. Pinned objects and links stay:
+// connections keep being balanced while no daemon runs (invariant 1).
+func (d *Daemon) Close() error {
+	err := d.dp.Close()
+	d.lock.Close()
+	return err
+}
+
+// ensureBPFFS mounts a bpffs on dir when dir is not on one already.
+func ensureBPFFS(dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	if datapath.IsBPFFS(dir) {
+		return nil
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
+	}
+	log.Info("mounted bpffs", "dir", dir)
+	return nil
+}
+
+// lockDir takes an exclusive flock on the pin directory: one writer owns the
+// service maps at a time (invariant 4). The kernel drops it when the process
+// dies, so a SIGKILLed daemon never blocks its successor.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("another ctlbd owns %s (its maps have one writer)", dir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return f, nil
+}
+
+// Run applies the config and serves the control API until ctx ends.
+func (d *Daemon) Run(ctx context.Context) error {
+	d.runCtx = ctx
+	if err := d.loadTable(); err != nil {
+		return err
+	}
+	if err := d.applyServices(nil, d.cfg); err != nil {
+		return err
+	}
+	if d.cfg.Metrics != "" {
+		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
+			return err
+		}
+	}
+	if d.cfg.Proxy != nil {
+		p, err := proxy.New(*d.cfg.Proxy, d.table.targets, proxy.Options{Logger: d.log.With("part", "proxy"), Registerer: d.registry})
+		if err != nil {
+			return err
+		}
+		d.proxy = p
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_ = p.Shutdown(sctx)
+		}()
+		d.log.Info("fallback proxy serving", "listening", p.Listening())
+	}
+	if err := d.startPending(ctx); err != nil {
+		return err
+	}
+	d.Reconcile()
+	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
+	ln, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", len(d.cfg.Services))
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return fmt.Errorf("control API: %w", err)
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdownCtx)
+	os.Remove(d.cfg.Socket)
+	d.log.Info("ctlbd stopped; the data path stays in place")
+	return nil
+}
+
+// listenUnix listens on a root-only unix socket, replacing a stale one. With
+// a group, that group alone may use it too (0660).
+func listenUnix(path, group string) (net.Listener, error) {
+	gid := -1
+	if group != "" {
+		g, err := lookupGroup(group)
+		if err != nil {
+			return nil, fmt.Errorf("socketGroup %q: %w", group, err)
+		}
+		gid = g
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
+	}
+	// Bind in a private directory, fix the mode, then rename into place: the
+	// socket is never reachable with a wider mode, and no process-wide umask
+	// change races other goroutines creating files.
+	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".ctlbd-sock-")
+	if err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	defer os.RemoveAll(tmpDir)
+	tmp := filepath.Join(tmpDir, "s")
+	ln, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if gid >= 0 {
+		if err := os.Chown(path, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket %s: chown to group %s: %w", path, group, err)
+		}
+		if err := os.Chmod(path, 0o660); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket %s: %w", path, err)
+		}
+		// The group must reach the socket: it may traverse the directory,
+		// not list or change it.
+		dir := filepath.Dir(path)
+		if err := os.Chown(dir, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
+		}
+		if err := os.Chmod(dir, 0o710); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
+		}
+	}
+	return ln, nil
+}
+
+// lookupGroup takes a group name or a numeric GID.
+func lookupGroup(group string) (int, error) {
+	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(group)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(g.Gid)
+}
+
+// Reload re-reads the config file and applies it. A config that does not
+// parse or validate is rejected with the reason; the old one stays.
+func (d *Daemon) Reload() error {
+	if d.cfgPath == "" {
+		return errors.New("reload: ctlbd runs without a config file")
+	}
+	next, err := config.Load(d.cfgPath)
+	if err != nil {
+		return fmt.Errorf("reload rejected, old config kept: %w", err)
+	}
+	d.mu.Lock()
+	prev := d.cfg
+	d.mu.Unlock()
+	// Where the daemon lives (set by the file or by flags) changes only with a
+	// restart; the rest of the file applies now.
+	if next.BPFFS != prev.BPFFS || next.Socket != prev.Socket || next.StateDir != prev.StateDir {
+		d.log.Warn("reload: bpffs, socket and stateDir keep their running values until a restart",
+			"bpffs", prev.BPFFS, "socket", prev.Socket, "stateDir", prev.StateDir)
+	}
+	next.BPFFS, next.Socket, next.StateDir = prev.BPFFS, prev.Socket, prev.StateDir
+	if err := d.applyServices(prev, next); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	if err := d.reloadProxy(prev, next); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	d.mu.Lock()
+	d.cfg = next
+	d.mu.Unlock()
+	d.log.Info("config reloaded", "path", d.cfgPath, "services", len(next.Services))
+	return nil
+}
+
+// applyServices writes next's VIPs and removes the VIPs prev had that next
+// has not. A static VIP whose pinned set already matches is left alone, so a
+// restarted daemon adopts the maps without rewriting them. A tracked VIP
+// (sources, health checks) gets a tracker; its pinned set stays as it is
+// until the tracker publishes, so a restart leaves no gap, and a new VIP
+// starts empty with its policy. Trackers whose config did not change keep
+// running across a reload.
+func (d *Daemon) applyServices(prev, next *config.Config) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	want := map[netip.AddrPort]datapath.Service{}
+	var changed []datapath.Service
+	for _, s := range next.Services {
+		svc, err := s.Datapath()
+		if err != nil {
+			return err // Validate ran already; this is a programming error
+		}
+		want[svc.VIP] = svc
+		cur, ok, err := d.dp.Service(svc.VIP)
+		if err != nil {
+			return err
+		}
+		if s.Tracked() {
+			if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+				continue
+			}
+			if !ok || cur.Empty != svc.Empty {
+				keep := svc
+				keep.Servers = []netip.AddrPort{}
+				if ok {
+					keep.Servers = cur.Servers
+				}
+				changed = append(changed, keep)
+			}
+			continue
+		}
+		d.stopTracker(svc.VIP)
+		if !ok || !sameService(cur, svc) {
+			changed = append(changed, svc)
+		}
+	}
+	if err := d.setServices("config", changed...); err != nil {
+		return err
+	}
+	for _, s := range next.Services {
+		if !s.Tracked() {
+			continue
+		}
+		svc := want[mustVIP(s.VIP)]
+		if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+			continue
+		}
+		if err := d.startTracker(d.runCtx, s, svc); err != nil {
+			return err
+		}
+	}
+	if prev != nil {
+		for _, s := range prev.Services {
+			vip, err := datapath.ParseVIP(s.VIP)
+			if err != nil || want[vip].VIP.IsValid() {
+				continue
+			}
+			d.stopTracker(vip)
+			if _, err := d.deleteService("removed from config", vip); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// mustVIP parses a VIP that validation accepted already.
+func mustVIP(s string) netip.AddrPort {
+	v, _ := datapath.ParseVIP(s)
+	return v
+}
+
+func sameService(a, b datapath.Service) bool {
+	if a.VIP != b.VIP || a.Empty != b.Empty || len(a.Servers) != len(b.Servers) {
+		return false
+	}
+	for i := range a.Servers {
+		if a.Servers[i] != b.Servers[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// reloadProxy applies a new proxy section: its services change at runtime
+// (in steering mode, without a new socket); turning the proxy on or off, or
+// changing its mode or timeouts, waits for a restart.
+func (d *Daemon) reloadProxy(prev, next *config.Config) error {
+	switch {
+	case d.proxy == nil && next.Proxy == nil:
+		return nil
+	case d.proxy == nil || next.Proxy == nil:
+		d.log.Warn("reload: the proxy is turned on or off only with a restart")
+		next.Proxy = prev.Proxy
+		return nil
+	}
+	cur, nxt := *prev.Proxy, *next.Proxy
+	cur.Services, nxt.Services = nil, nil
+	if fmt.Sprint(cur) != fmt.Sprint(nxt) {
+		d.log.Warn("reload: proxy mode, timeouts and local VIP settings change only with a restart; services apply now")
+	}
+	if err := d.proxy.SetServices(next.Proxy.Services); err != nil {
+		return err
+	}
+	d.log.Info("proxy services reloaded", "listening", d.proxy.Listening())
+	return nil
+}

@@ -1,0 +1,304 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+
+	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/version"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
+)
+
+// Handler is the control API.
+func (d *Daemon) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+api.PathServices, d.listServices)
+	mux.HandleFunc("PUT "+api.PathServices, d.handleSetService)
+	mux.HandleFunc("DELETE "+api.PathServices+"/{vip}", d.handleDeleteService)
+	mux.HandleFunc("GET "+api.PathAttachments, d.listAttachments)
+	mux.HandleFunc("POST "+api.PathAttachments, d.attach)
+	mux.HandleFunc("DELETE "+api.PathAttachments, d.detach)
+	mux.HandleFunc("GET "+api.PathPending, d.listPending)
+	mux.HandleFunc("POST "+api.PathPending, d.notifyPending)
+	mux.HandleFunc("GET "+api.PathStatus, d.status)
+	mux.HandleFunc("GET "+api.PathVersion, d.version)
+	mux.HandleFunc("POST "+api.PathReload, d.reload)
+	return mux
+}
+
+// httpError is an error with the status it answers with.
+type httpError struct {
+	code int
+	err  error
+}
+
+func (e httpError) Error() string { return e.err.Error() }
+
+func badRequest(err error) error { return httpError{http.StatusBadRequest, err} }
+
+func reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		code := http.StatusInternalServerError
+		var he httpError
+		if errors.As(err, &he) {
+			code = he.code
+		}
+		w.WriteHeader(code)
+		_ = json.NewEncoder(w).Encode(api.Error{Error: err.Error()})
+		return
+	}
+	if v == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// decode reads a bounded, strictly-typed JSON body.
+func decode(_ http.ResponseWriter, r *http.Request, v any) error {
+	if err := api.Decode(r.Body, v); err != nil {
+		if errors.Is(err, api.ErrTooLarge) {
+			return httpError{http.StatusRequestEntityTooLarge, err}
+		}
+		return badRequest(err)
+	}
+	return nil
+}
+
+func (d *Daemon) listServices(w http.ResponseWriter, r *http.Request) {
+	svcs, err := d.dp.Services()
+	if svcs == nil {
+		svcs = []datapath.Service{}
+	}
+	reply(w, svcs, err)
+}
+
+func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
+	var req api.ServiceRequest
+	if err := decode(w, r, &req); err != nil {
+		reply(w, nil, err)
+		return
+	}
+	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty}.Datapath()
+	if err != nil {
+		reply(w, nil, badRequest(err))
+		return
+	}
+	d.mu.Lock()
+	if d.trackers[svc.VIP] != nil {
+		err = trackedConflict(svc.VIP)
+	} else {
+		err = d.setServices("api", svc)
+	}
+	d.mu.Unlock()
+	reply(w, svc, err)
+}
+
+func (d *Daemon) handleDeleteService(w http.ResponseWriter, r *http.Request) {
+	vip, err := datapath.ParseVIP(r.PathValue("vip"))
+	if err != nil {
+		reply(w, nil, badRequest(err))
+		return
+	}
+	d.mu.Lock()
+	var existed bool
+	if d.trackers[vip] != nil {
+		err = trackedConflict(vip)
+	} else {
+		existed, err = d.deleteService("api", vip)
+	}
+	d.mu.Unlock()
+	if err == nil && !existed {
+		err = httpError{http.StatusNotFound, fmt.Errorf("VIP %s is not configured", vip)}
+	}
+	reply(w, nil, err)
+}
+
+// trackedConflict refuses a CLI change of a VIP whose set its sources and
+// health checks keep: the next change of theirs would undo it.
+func trackedConflict(vip netip.AddrPort) error {
+	return httpError{http.StatusConflict, fmt.Errorf("VIP %s is kept by its config sources and health checks: change the config and reload", vip)}
+}
+
+func (d *Daemon) listAttachments(w http.ResponseWriter, r *http.Request) {
+	list, err := d.dp.Attachments()
+	if list == nil {
+		list = []datapath.Attachment{}
+	}
+	reply(w, list, err)
+}
+
+// cgroupDir resolves an API cgroup path to an existing directory inside the
+// v2 hierarchy, never its root: host-wide scope is the CNI plugin's explicit
+// "host" scope, not something a path can ask for by accident.
+func (d *Daemon) cgroupDir(path string) (string, error) {
+	if d.cgroups.Mount == "" {
+		return "", httpError{http.StatusServiceUnavailable, errors.New("no cgroup v2 hierarchy on this host")}
+	}
+	dir, err := d.cgroups.Resolve(path, false)
+	if err != nil {
+		return "", badRequest(err)
+	}
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		return "", badRequest(fmt.Errorf("cgroup %s does not exist", dir))
+	}
+	return dir, nil
+}
+
+func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+	var req api.AttachRequest
+	if err := decode(w, r, &req); err != nil {
+		reply(w, nil, err)
+		return
+	}
+	dir, err := d.cgroupDir(req.Cgroup)
+	if err != nil {
+		reply(w, nil, err)
+		return
+	}
+	a, err := d.attachCgroup(datapath.CgroupAttachmentID(0), dir)
+	reply(w, a, err)
+}
+
+// attachCgroup attaches to dir; an id of "cgroup-0" means one derived from
+// the cgroup's ID.
+func (d *Daemon) attachCgroup(id, dir string) (datapath.Attachment, error) {
+	if id == datapath.CgroupAttachmentID(0) {
+		cgID, err := cgroupv2.ID(dir)
+		if err != nil {
+			return datapath.Attachment{}, err
+		}
+		id = datapath.CgroupAttachmentID(cgID)
+	}
+	a, err := d.dp.Attach(id, dir)
+	if err == nil {
+		d.log.Info("attached", "id", id, "cgroup", dir)
+	}
+	return a, err
+}
+
+func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
+	var req api.AttachRequest
+	if err := decode(w, r, &req); err != nil {
+		reply(w, nil, err)
+		return
+	}
+	dir, err := d.cgroups.Resolve(req.Cgroup, false)
+	if err != nil {
+		reply(w, nil, badRequest(err))
+		return
+	}
+	list, err := d.dp.Attachments()
+	if err != nil {
+		reply(w, nil, err)
+		return
+	}
+	var removed []datapath.Attachment
+	for _, a := range list {
+		if a.CgroupPath != dir {
+			continue
+		}
+		if err := d.dp.Detach(a.ID); err != nil && !errors.Is(err, datapath.ErrNoAttachment) {
+			reply(w, nil, err)
+			return
+		}
+		d.log.Info("detached", "id", a.ID, "cgroup", dir)
+		removed = append(removed, a)
+	}
+	if len(removed) == 0 {
+		reply(w, nil, httpError{http.StatusNotFound, fmt.Errorf("no attachment on cgroup %s", dir)})
+		return
+	}
+	reply(w, removed, nil)
+}
+
+func (d *Daemon) status(w http.ResponseWriter, r *http.Request) {
+	st, err := d.Status()
+	reply(w, st, err)
+}
+
+// Status gathers what `ctlbd status` shows.
+func (d *Daemon) Status() (api.Status, error) {
+	st := api.Status{Version: version.Version, BPFFS: d.dp.Dir(), Services: []api.ServiceStatus{}}
+	svcs, err := d.dp.Services()
+	if err != nil {
+		return st, err
+	}
+	stats, err := d.dp.Stats()
+	if err != nil {
+		return st, err
+	}
+	byVIP := map[netip.AddrPort][]datapath.ServerStats{}
+	for _, s := range stats {
+		byVIP[s.VIP] = append(byVIP[s.VIP], s)
+	}
+	tracked := d.snapshots()
+	for _, svc := range svcs {
+		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), Servers: []api.ServerStatus{}}
+		counted := map[netip.AddrPort]datapath.ServerStats{}
+		for _, s := range byVIP[svc.VIP] {
+			counted[s.Server] = s
+		}
+		listed := map[netip.AddrPort]bool{}
+		if snap, ok := tracked[svc.VIP]; ok {
+			// Every candidate, in the set or not, with its sources and health.
+			ss.Tracked, ss.Panic, ss.Changes = true, snap.Panic, snap.Changes
+			for _, src := range snap.Sources {
+				ss.Sources = append(ss.Sources, api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError})
+			}
+			inMap := map[netip.AddrPort]bool{}
+			for _, srv := range svc.Servers {
+				inMap[srv] = true
+			}
+			for _, c := range snap.Servers {
+				st := counted[c.Addr]
+				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Addr.String(), Source: strings.Join(c.Sources, ","),
+					Health: c.Health.String(), InSet: inMap[c.Addr], Connects: st.Connects, Open: st.Open, LastError: c.LastError})
+				listed[c.Addr] = true
+			}
+		}
+		for _, srv := range svc.Servers {
+			if listed[srv] {
+				continue
+			}
+			c := counted[srv]
+			ss.Servers = append(ss.Servers, api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true, Connects: c.Connects, Open: c.Open})
+			listed[srv] = true
+		}
+		// Servers that left the set but still have open connections.
+		for _, c := range byVIP[svc.VIP] {
+			if !listed[c.Server] && c.Open > 0 {
+				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Server.String(), InSet: false, Connects: c.Connects, Open: c.Open})
+			}
+		}
+		st.Services = append(st.Services, ss)
+	}
+	atts, err := d.dp.Attachments()
+	if err != nil {
+		return st, err
+	}
+	st.Attachments = len(atts)
+	st.Pending = d.pendingCount()
+	return st, nil
+}
+
+func (d *Daemon) version(w http.ResponseWriter, r *http.Request) {
+	reply(w, api.Version{Version: version.Version, Commit: version.Commit(), Layout: datapath.Layout, Go: runtime.Version()}, nil)
+}
+
+func (d *Daemon) reload(w http.ResponseWriter, r *http.Request) {
+	if err := d.Reload(); err != nil {
+		reply(w, nil, badRequest(err))
+		return
+	}
+	reply(w, nil, nil)
+}

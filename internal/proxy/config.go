@@ -1,0 +1,193 @@
+package proxy
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/ctlb/ctlb/internal/vip"
+)
+
+// Listening modes.
+const (
+	// ModeListeners opens one listening socket per address and port.
+	ModeListeners = "listeners"
+	// ModeSteering opens one socket and steers every VIP:port to it with
+	// an sk_lookup program in the network namespace.
+	ModeSteering = "steering"
+)
+
+// Defaults for the fields left empty.
+const (
+	DefaultIdleTimeout    = 5 * time.Minute
+	DefaultConnectTimeout = 2 * time.Second
+	DefaultDrainTimeout   = 10 * time.Second
+)
+
+// Config is the proxy section of the ctlbd configuration, e.g.
+//
+//	{"mode": "steering",
+//	 "services": [{"vip": "198.18.100.1", "ports": [8502, 8500]}],
+//	 "idleTimeout": "5m", "connectTimeout": "2s", "drainTimeout": "10s",
+//	 "localVIP": {"enabled": true, "device": "ctlb0"}}
+//
+// Empty fields take the defaults above.
+type Config struct {
+	// Mode is "listeners" (the default) or "steering".
+	Mode     string    `json:"mode,omitempty"`
+	Services []Service `json:"services"`
+	// Durations in time.ParseDuration syntax ("5m", "2s").
+	IdleTimeout    string   `json:"idleTimeout,omitempty"`
+	ConnectTimeout string   `json:"connectTimeout,omitempty"`
+	DrainTimeout   string   `json:"drainTimeout,omitempty"`
+	LocalVIP       LocalVIP `json:"localVIP"`
+}
+
+// Service is one VIP the proxy serves. A client that dials VIP:port is sent
+// to a server of that VIP:port's set, the same set the connect4 path uses.
+type Service struct {
+	VIP   string `json:"vip"`
+	Ports []int  `json:"ports"`
+	// Listen lists the addresses clients dial to reach this VIP through
+	// the proxy; empty means the VIP itself, the usual case.
+	Listen []string `json:"listen,omitempty"`
+}
+
+// LocalVIP asks the proxy to put every VIP (and listen address) on a device
+// of the node as a /32, so that traffic to it is delivered locally.
+type LocalVIP struct {
+	Enabled bool `json:"enabled"`
+	// Device is "lo", an existing device, or a bridge created when
+	// missing; default "ctlb0".
+	Device string `json:"device,omitempty"`
+}
+
+// settings is a validated Config in usable form.
+type settings struct {
+	mode           string
+	dests          map[netip.AddrPort]netip.AddrPort // listen addr:port -> VIP:port
+	localAddrs     []netip.Addr                      // addresses to make local
+	idleTimeout    time.Duration
+	connectTimeout time.Duration
+	drainTimeout   time.Duration
+	localVIP       bool
+	device         string
+}
+
+// Validate checks the configuration; the error names the field and value
+// at fault.
+func (c Config) Validate() error {
+	_, err := c.settings()
+	return err
+}
+
+func (c Config) settings() (*settings, error) {
+	s := &settings{mode: c.Mode, device: c.LocalVIP.Device, localVIP: c.LocalVIP.Enabled}
+	switch c.Mode {
+	case "":
+		s.mode = ModeListeners
+	case ModeListeners, ModeSteering:
+	default:
+		return nil, fmt.Errorf("mode: %q is not %q or %q", c.Mode, ModeListeners, ModeSteering)
+	}
+	var err error
+	if s.idleTimeout, err = duration("idleTimeout", c.IdleTimeout, DefaultIdleTimeout); err != nil {
+		return nil, err
+	}
+	if s.connectTimeout, err = duration("connectTimeout", c.ConnectTimeout, DefaultConnectTimeout); err != nil {
+		return nil, err
+	}
+	if s.drainTimeout, err = duration("drainTimeout", c.DrainTimeout, DefaultDrainTimeout); err != nil {
+		return nil, err
+	}
+	if s.device == "" {
+		s.device = vip.DefaultDevice
+	}
+	if err := vip.ValidDeviceName(s.device); err != nil {
+		return nil, fmt.Errorf("localVIP.device: %w", err)
+	}
+	if s.dests, s.localAddrs, err = destinations(c.Services); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// destinations maps every listen address:port to its service VIP:port.
+func destinations(services []Service) (map[netip.AddrPort]netip.AddrPort, []netip.Addr, error) {
+	dests := make(map[netip.AddrPort]netip.AddrPort)
+	var local []netip.Addr
+	addLocal := func(a netip.Addr) {
+		for _, l := range local {
+			if l == a {
+				return
+			}
+		}
+		local = append(local, a)
+	}
+	for i, svc := range services {
+		field := fmt.Sprintf("services[%d]", i)
+		v, err := ipv4(field+".vip", svc.VIP)
+		if err != nil {
+			return nil, nil, err
+		}
+		if len(svc.Ports) == 0 {
+			return nil, nil, fmt.Errorf("%s.ports: empty (VIP %s needs at least one port)", field, v)
+		}
+		listen := []netip.Addr{v}
+		if len(svc.Listen) > 0 {
+			listen = listen[:0]
+			for j, l := range svc.Listen {
+				a, err := ipv4(fmt.Sprintf("%s.listen[%d]", field, j), l)
+				if err != nil {
+					return nil, nil, err
+				}
+				listen = append(listen, a)
+			}
+		}
+		for j, p := range svc.Ports {
+			if p < 1 || p > 65535 {
+				return nil, nil, fmt.Errorf("%s.ports[%d]: %d is not a port (1-65535)", field, j, p)
+			}
+			for _, l := range listen {
+				d := netip.AddrPortFrom(l, uint16(p))
+				if _, dup := dests[d]; dup {
+					return nil, nil, fmt.Errorf("%s.ports[%d]: %s is served twice", field, j, d)
+				}
+				dests[d] = netip.AddrPortFrom(v, uint16(p))
+			}
+		}
+		for _, l := range listen {
+			addLocal(l)
+		}
+	}
+	return dests, local, nil
+}
+
+func ipv4(field, s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("%s: %q is not an IPv4 address", field, s)
+	}
+	switch {
+	case !a.Is4():
+		return netip.Addr{}, fmt.Errorf("%s: %q is not an IPv4 address (only IPv4 is proxied)", field, s)
+	case a.IsUnspecified(), a.IsMulticast(), a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return netip.Addr{}, fmt.Errorf("%s: %q cannot be a VIP or listen address", field, s)
+	}
+	return a, nil
+}
+
+func duration(field, s string, def time.Duration) (time.Duration, error) {
+	if s == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		// Not wrapped: the parser's message only repeats the value.
+		return 0, fmt.Errorf("%s: %q is not a duration (e.g. \"5m\", \"2s\")", field, s)
+	}
+	if d <= 0 {
+		return 0, fmt.Errorf("%s: %q must be positive", field, s)
+	}
+	return d, nil
+}

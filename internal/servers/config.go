@@ -1,0 +1,226 @@
+package servers
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/ctlb/ctlb/internal/discovery"
+	"github.com/ctlb/ctlb/internal/health"
+)
+
+// Config is how one VIP finds and checks its servers; the daemon's config
+// embeds it per VIP. Every source given adds to the candidates (their
+// union); at least one is needed. Zero values mean the defaults.
+//
+//	{"static": ["198.18.0.10:8502"],
+//	 "dns": {"name": "consul-server.consul.svc", "resolver": "127.0.0.53:53", "interval": "5s", "port": 8502},
+//	 "consul": {"address": "http://127.0.0.1:8500", "service": "consul", "port": 8502},
+//	 "exec": {"command": ["/usr/local/bin/servers"], "interval": "10s"},
+//	 "health": {"type": "tcp", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 1},
+//	 "panic": true}
+type Config struct {
+	// Static lists servers as "a.b.c.d:port" (or "a.b.c.d" for port 8502).
+	Static []string      `json:"static,omitempty"`
+	DNS    *DNSConfig    `json:"dns,omitempty"`
+	Consul *ConsulConfig `json:"consul,omitempty"`
+	Exec   *ExecConfig   `json:"exec,omitempty"`
+	Health HealthConfig  `json:"health"`
+	// Panic publishes every candidate when none is healthy (as Envoy's
+	// panic threshold does), instead of an empty set.
+	Panic bool `json:"panic,omitempty"`
+}
+
+// DNSConfig resolves a name's A records (discovery.DNS).
+type DNSConfig struct {
+	Name string `json:"name"`
+	// Resolver is "ip:port" or "ip" (port 53); empty: /etc/resolv.conf.
+	Resolver string   `json:"resolver,omitempty"`
+	Port     uint16   `json:"port,omitempty"`
+	Interval Duration `json:"interval,omitempty"`
+}
+
+// ConsulConfig follows a service in a Consul catalog (discovery.Consul).
+type ConsulConfig struct {
+	Address    string `json:"address,omitempty"`
+	Service    string `json:"service,omitempty"`
+	Port       uint16 `json:"port,omitempty"`
+	Token      string `json:"token,omitempty"`
+	Datacenter string `json:"datacenter,omitempty"`
+}
+
+// ExecConfig runs a command that prints the servers (discovery.Exec).
+type ExecConfig struct {
+	Command  []string `json:"command"`
+	Interval Duration `json:"interval,omitempty"`
+	Timeout  Duration `json:"timeout,omitempty"`
+	Port     uint16   `json:"port,omitempty"`
+}
+
+// HealthConfig sets the active checks.
+type HealthConfig struct {
+	// Type is "tcp" (default) or "grpc" (grpc.health.v1).
+	Type     string   `json:"type,omitempty"`
+	Interval Duration `json:"interval,omitempty"`
+	Timeout  Duration `json:"timeout,omitempty"`
+	Rise     int      `json:"rise,omitempty"`
+	Fall     int      `json:"fall,omitempty"`
+	// GRPCService is the service name in the gRPC health request ("" is the
+	// whole server).
+	GRPCService string `json:"grpcService,omitempty"`
+}
+
+// Duration is a time.Duration written as a string in JSON ("1s", "500ms").
+type Duration time.Duration
+
+// UnmarshalJSON reads "1s"; a bare number is refused, since its unit would
+// be a guess.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration %s: want a string such as \"1s\" or \"500ms\"", b)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("duration %q: %w", s, err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalJSON writes "1s".
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// Validate checks every field and names the first bad one with its value.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(field string, value any, why string) {
+		errs = append(errs, fmt.Errorf("%s %q: %s", field, fmt.Sprint(value), why))
+	}
+	if len(c.Static) == 0 && c.DNS == nil && c.Consul == nil && c.Exec == nil {
+		errs = append(errs, errors.New("no server source: set at least one of static, dns, consul, exec"))
+	}
+	for i, s := range c.Static {
+		if _, err := discovery.ParseServer(s, discovery.DefaultPort); err != nil {
+			bad(fmt.Sprintf("static[%d]", i), s, "want an IPv4 address with an optional :port")
+		}
+	}
+	if d := c.DNS; d != nil {
+		if strings.TrimSpace(d.Name) == "" {
+			bad("dns.name", d.Name, "must not be empty")
+		}
+		if d.Resolver != "" {
+			if _, err := netip.ParseAddrPort(d.Resolver); err != nil {
+				if _, err := netip.ParseAddr(d.Resolver); err != nil {
+					bad("dns.resolver", d.Resolver, "want ip:port or ip")
+				}
+			}
+		}
+		if d.Interval < 0 {
+			bad("dns.interval", d.Interval, "must not be negative")
+		}
+	}
+	if cc := c.Consul; cc != nil {
+		if cc.Address != "" {
+			u, err := url.Parse(cc.Address)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				bad("consul.address", cc.Address, "want http://host:port or https://host:port")
+			}
+		}
+		if strings.ContainsAny(cc.Service, "/?# ") {
+			bad("consul.service", cc.Service, "not a service name")
+		}
+	}
+	if e := c.Exec; e != nil {
+		if len(e.Command) == 0 || e.Command[0] == "" {
+			bad("exec.command", e.Command, "must name a program")
+		}
+		if e.Interval < 0 {
+			bad("exec.interval", e.Interval, "must not be negative")
+		}
+		if e.Timeout < 0 {
+			bad("exec.timeout", e.Timeout, "must not be negative")
+		}
+	}
+	h := c.Health
+	switch h.Type {
+	case "", "tcp", "grpc":
+	default:
+		bad("health.type", h.Type, `want "tcp" or "grpc"`)
+	}
+	if h.GRPCService != "" && h.Type != "grpc" {
+		bad("health.grpcService", h.GRPCService, `only used with health.type "grpc"`)
+	}
+	if h.Interval < 0 {
+		bad("health.interval", h.Interval, "must not be negative")
+	}
+	if h.Timeout < 0 {
+		bad("health.timeout", h.Timeout, "must not be negative")
+	}
+	if h.Rise < 0 {
+		bad("health.rise", h.Rise, "must not be negative")
+	}
+	if h.Fall < 0 {
+		bad("health.fall", h.Fall, "must not be negative")
+	}
+	if p := c.HealthParams(); p.Timeout > p.Interval {
+		errs = append(errs, fmt.Errorf("health.timeout %q: must not exceed health.interval %q", p.Timeout, p.Interval))
+	}
+	return errors.Join(errs...)
+}
+
+// HealthParams gives the check timings with defaults filled in.
+func (c Config) HealthParams() health.Params {
+	return health.Params{
+		Interval: time.Duration(c.Health.Interval),
+		Timeout:  time.Duration(c.Health.Timeout),
+		Rise:     c.Health.Rise,
+		Fall:     c.Health.Fall,
+	}.WithDefaults()
+}
+
+// Checker gives the configured check.
+func (c Config) Checker() health.Checker {
+	if c.Health.Type == "grpc" {
+		return health.GRPC{Service: c.Health.GRPCService}
+	}
+	return health.TCP{}
+}
+
+// Sources builds the configured sources. Call Validate first.
+func (c Config) Sources() ([]discovery.Source, error) {
+	var out []discovery.Source
+	if len(c.Static) > 0 {
+		var st discovery.Static
+		for i, s := range c.Static {
+			ap, err := discovery.ParseServer(s, discovery.DefaultPort)
+			if err != nil {
+				return nil, fmt.Errorf("static[%d]: %w", i, err)
+			}
+			st.Servers = append(st.Servers, ap)
+		}
+		out = append(out, st)
+	}
+	if d := c.DNS; d != nil {
+		out = append(out, discovery.DNS{
+			Host: d.Name, Resolver: d.Resolver, Port: d.Port, Interval: time.Duration(d.Interval),
+		})
+	}
+	if cc := c.Consul; cc != nil {
+		out = append(out, discovery.Consul{
+			Address: cc.Address, Service: cc.Service, Port: cc.Port, Token: cc.Token, Datacenter: cc.Datacenter,
+		})
+	}
+	if e := c.Exec; e != nil {
+		out = append(out, discovery.Exec{
+			Command: e.Command, Port: e.Port, Interval: time.Duration(e.Interval), Timeout: time.Duration(e.Timeout),
+		})
+	}
+	return out, nil
+}

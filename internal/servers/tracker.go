@@ -1,0 +1,421 @@
+// Package servers keeps the healthy server set of one VIP: it takes the
+// union of the VIP's discovery sources as candidates, health-checks each
+// candidate, and reports every change of the healthy set exactly once, with
+// the reason, to the code that writes the service map.
+package servers
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ctlb/ctlb/internal/discovery"
+	"github.com/ctlb/ctlb/internal/health"
+)
+
+// OnChange receives the new healthy set (sorted, never shared with the
+// tracker) and why it changed. It is called from the tracker's goroutine,
+// one call at a time, in order; it should not block for long. The first
+// call comes once the first candidates have been checked (even if the set
+// is empty); after that, once per change.
+type OnChange func(healthy []netip.AddrPort, reason string)
+
+// Options build a Tracker from parts; Config.Options gives them from a
+// config.
+type Options struct {
+	Sources []discovery.Source
+	Checker health.Checker // nil: health.TCP
+	Health  health.Params  // zero fields: health defaults
+	Panic   bool
+	// OnChange is told of every change of the published set.
+	OnChange OnChange
+	// Logger gets one line per set change and per source failure or
+	// recovery; nil uses slog.Default.
+	Logger *slog.Logger
+}
+
+// Options turns a validated config into tracker options.
+func (c Config) Options(onChange OnChange, log *slog.Logger) (Options, error) {
+	if err := c.Validate(); err != nil {
+		return Options{}, err
+	}
+	srcs, err := c.Sources()
+	if err != nil {
+		return Options{}, err
+	}
+	return Options{
+		Sources: srcs, Checker: c.Checker(), Health: c.HealthParams(),
+		Panic: c.Panic, OnChange: onChange, Logger: log,
+	}, nil
+}
+
+// Tracker keeps the healthy set of one VIP. Create it with New, run it with
+// Run, read it with Snapshot.
+type Tracker struct {
+	name string
+	o    Options
+	log  *slog.Logger
+
+	events chan event
+
+	mu         sync.Mutex
+	sources    []*sourceState
+	servers    map[netip.AddrPort]*serverState
+	published  []netip.AddrPort
+	deferred   []string // reasons held while a candidate awaits its first check
+	inPanic    bool
+	changes    uint64
+	lastChange time.Time
+	lastReason string
+}
+
+type sourceState struct {
+	name     string
+	servers  []netip.AddrPort
+	answered bool
+	lastErr  error
+	errCount uint64
+	lastOK   time.Time
+	lastFail time.Time
+}
+
+type serverState struct {
+	gen    uint64
+	cancel context.CancelFunc
+	health health.State
+}
+
+type event struct {
+	source int // index into sources, or -1 for a health report
+	result discovery.Result
+	gen    uint64
+	report health.Report
+}
+
+// New makes a tracker for the VIP called name (used in logs and status).
+func New(name string, o Options) *Tracker {
+	if o.Checker == nil {
+		o.Checker = health.TCP{}
+	}
+	o.Health = o.Health.WithDefaults()
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	t := &Tracker{
+		name:    name,
+		o:       o,
+		log:     o.Logger.With("vip", name),
+		events:  make(chan event, 16),
+		servers: map[netip.AddrPort]*serverState{},
+	}
+	seen := map[string]int{}
+	for _, s := range o.Sources {
+		n := s.Name()
+		seen[n]++
+		if seen[n] > 1 {
+			n = fmt.Sprintf("%s#%d", n, seen[n])
+		}
+		t.sources = append(t.sources, &sourceState{name: n})
+	}
+	return t
+}
+
+// Run follows the sources and checks the servers until ctx is done, then
+// stops everything it started and returns. Call it once. To change a VIP's
+// config, run a new Tracker and stop the old one once the new one has
+// published its first set.
+func (t *Tracker) Run(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	for i, src := range t.o.Sources {
+		wg.Go(func() {
+			src.Run(ctx, func(r discovery.Result) {
+				select {
+				case t.events <- event{source: i, result: r}:
+				case <-ctx.Done():
+				}
+			})
+		})
+	}
+	var gen uint64
+	start := func(addr netip.AddrPort) *serverState {
+		gen++
+		mctx, mcancel := context.WithCancel(ctx)
+		st := &serverState{gen: gen, cancel: mcancel}
+		g := gen
+		wg.Go(func() {
+			health.Monitor(mctx, addr, t.o.Checker, t.o.Health, func(r health.Report) {
+				select {
+				case t.events <- event{source: -1, gen: g, report: r}:
+				case <-mctx.Done():
+				}
+			})
+		})
+		return st
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			t.mu.Lock()
+			for _, s := range t.servers {
+				s.cancel()
+			}
+			t.mu.Unlock()
+			return
+		case ev := <-t.events:
+			var reason string
+			if ev.source >= 0 {
+				reason = t.onSource(ev.source, ev.result, start)
+			} else {
+				reason = t.onHealth(ev.gen, ev.report)
+			}
+			if reason != "" {
+				t.publish(reason)
+			}
+		}
+	}
+}
+
+// onSource records a source's answer and starts or stops checks for the
+// candidates it added or dropped. It returns a reason when the candidates
+// changed.
+func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort) *serverState) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.sources[i]
+	now := time.Now()
+	if r.Err != nil {
+		s.errCount++
+		s.lastFail = now
+		// Log a failure when it starts or its text changes, not every retry.
+		if s.lastErr == nil || s.lastErr.Error() != r.Err.Error() {
+			t.log.Warn("server source failed; keeping its last good list",
+				"source", s.name, "err", r.Err, "kept", discovery.Format(s.servers))
+		}
+		s.lastErr = r.Err
+		return ""
+	}
+	if s.lastErr != nil {
+		t.log.Info("server source recovered", "source", s.name, "servers", discovery.Format(r.Servers))
+	}
+	s.lastErr = nil
+	s.lastOK = now
+	s.answered = true
+	next := discovery.Normalize(r.Servers)
+	if slices.Equal(next, s.servers) {
+		return ""
+	}
+	s.servers = next
+
+	cands := t.candidatesLocked()
+	var added, removed []string
+	for _, a := range cands {
+		if _, ok := t.servers[a]; !ok {
+			t.servers[a] = start(a)
+			added = append(added, a.String())
+		}
+	}
+	for a, st := range t.servers {
+		if !slices.Contains(cands, a) {
+			st.cancel()
+			delete(t.servers, a)
+			removed = append(removed, a.String())
+		}
+	}
+	if len(added) == 0 && len(removed) == 0 {
+		return "" // another source still lists what this one dropped
+	}
+	slices.Sort(added)
+	slices.Sort(removed)
+	var b strings.Builder
+	fmt.Fprintf(&b, "source %s", s.name)
+	if len(added) > 0 {
+		fmt.Fprintf(&b, " added %s", strings.Join(added, ","))
+	}
+	if len(removed) > 0 {
+		fmt.Fprintf(&b, " removed %s", strings.Join(removed, ","))
+	}
+	return b.String()
+}
+
+// onHealth records a check result and returns a reason when a server's
+// verdict changed.
+func (t *Tracker) onHealth(gen uint64, r health.Report) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st, ok := t.servers[r.Addr]
+	if !ok || st.gen != gen {
+		return "" // a report from a check that was stopped
+	}
+	st.health = r.State
+	if !r.Changed {
+		return ""
+	}
+	switch r.State.Verdict {
+	case health.Healthy:
+		return fmt.Sprintf("%s healthy after %d passing %s check(s)", r.Addr, r.State.Passes, t.o.Checker.Kind())
+	default:
+		return fmt.Sprintf("%s unhealthy after %d failed %s check(s): %v", r.Addr, r.State.Failures, t.o.Checker.Kind(), r.State.LastErr)
+	}
+}
+
+// candidatesLocked is the sorted union of the sources' lists.
+func (t *Tracker) candidatesLocked() []netip.AddrPort {
+	var all []netip.AddrPort
+	for _, s := range t.sources {
+		all = append(all, s.servers...)
+	}
+	return discovery.Normalize(all)
+}
+
+// publish computes the set to publish and calls OnChange if it differs from
+// the last one.
+//
+// A candidate awaiting its first check (at most one check timeout) holds
+// back a set that would be empty without it, and the first set of all: a
+// starting tracker must not announce a half-checked set (or, in panic mode,
+// every candidate), and a source that replaces all its servers (DNS {A} ->
+// {B}) must not empty the set between dropping A and checking B. A set
+// with healthy servers in it goes out at once: a dead server's removal is
+// never delayed. The reasons held go with the next change.
+func (t *Tracker) publish(reason string) {
+	t.mu.Lock()
+	cands := t.candidatesLocked()
+	var healthy []netip.AddrPort
+	pending := false
+	for _, a := range cands {
+		switch t.servers[a].health.Verdict {
+		case health.Healthy:
+			healthy = append(healthy, a)
+		case health.Pending:
+			pending = true
+		}
+	}
+	if pending && (t.changes == 0 || len(healthy) == 0) {
+		t.deferred = append(t.deferred, reason)
+		t.mu.Unlock()
+		return
+	}
+	if len(t.deferred) > 0 {
+		reason = strings.Join(append(t.deferred, reason), "; ")
+		t.deferred = nil
+	}
+	if t.changes == 0 {
+		reason = fmt.Sprintf("first set: %d of %d candidates healthy", len(healthy), len(cands))
+	}
+	set := healthy
+	panicNow := false
+	if len(healthy) == 0 && t.o.Panic && len(cands) > 0 {
+		set, panicNow = cands, true
+	}
+	if panicNow {
+		reason = fmt.Sprintf("panic: no healthy server, publishing all %d candidates; %s", len(cands), reason)
+	} else if t.inPanic {
+		reason = "panic over; " + reason
+	}
+	t.inPanic = panicNow
+	// The first set is always published once the first candidates are
+	// checked, even when empty, so a caller knows the tracker has decided.
+	first := t.changes == 0 && len(cands) > 0
+	if slices.Equal(set, t.published) && !first {
+		t.mu.Unlock()
+		return
+	}
+	t.published = set
+	t.changes++
+	t.lastChange = time.Now()
+	t.lastReason = reason
+	out := slices.Clone(set)
+	t.mu.Unlock()
+
+	t.log.Info("server set changed", "servers", discovery.Format(out), "count", len(out), "panic", panicNow, "reason", reason)
+	if t.o.OnChange != nil {
+		t.o.OnChange(out, reason)
+	}
+}
+
+// Healthy returns the set last published.
+func (t *Tracker) Healthy() []netip.AddrPort {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Clone(t.published)
+}
+
+// Snapshot is the state of a tracker for status output and metrics.
+type Snapshot struct {
+	VIP        string           `json:"vip"`
+	Published  []netip.AddrPort `json:"published"`
+	Panic      bool             `json:"panic"`
+	Changes    uint64           `json:"changes"`
+	LastChange time.Time        `json:"lastChange,omitzero"`
+	LastReason string           `json:"lastReason,omitempty"`
+	Servers    []ServerStatus   `json:"servers"`
+	Sources    []SourceStatus   `json:"sources"`
+}
+
+// ServerStatus is one candidate server.
+type ServerStatus struct {
+	Addr      netip.AddrPort `json:"addr"`
+	Sources   []string       `json:"sources"`
+	Health    health.Verdict `json:"health"`
+	Published bool           `json:"published"`
+	LastError string         `json:"lastError,omitempty"`
+	LastCheck time.Time      `json:"lastCheck,omitzero"`
+	Since     time.Time      `json:"since,omitzero"`
+}
+
+// SourceStatus is one source.
+type SourceStatus struct {
+	Name        string    `json:"name"`
+	Servers     int       `json:"servers"`
+	Answered    bool      `json:"answered"`
+	LastError   string    `json:"lastError,omitempty"`
+	Errors      uint64    `json:"errors"`
+	LastSuccess time.Time `json:"lastSuccess,omitzero"`
+	LastFailure time.Time `json:"lastFailure,omitzero"`
+}
+
+// Snapshot copies the current state.
+func (t *Tracker) Snapshot() Snapshot {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := Snapshot{
+		VIP: t.name, Published: slices.Clone(t.published), Panic: t.inPanic,
+		Changes: t.changes, LastChange: t.lastChange, LastReason: t.lastReason,
+	}
+	for _, src := range t.sources {
+		ss := SourceStatus{
+			Name: src.name, Servers: len(src.servers), Answered: src.answered,
+			Errors: src.errCount, LastSuccess: src.lastOK, LastFailure: src.lastFail,
+		}
+		if src.lastErr != nil {
+			ss.LastError = src.lastErr.Error()
+		}
+		s.Sources = append(s.Sources, ss)
+	}
+	for _, a := range slices.SortedFunc(maps.Keys(t.servers), netip.AddrPort.Compare) {
+		st := t.servers[a]
+		ss := ServerStatus{
+			Addr: a, Health: st.health.Verdict, Published: slices.Contains(t.published, a),
+			LastCheck: st.health.LastCheck, Since: st.health.Since,
+		}
+		if st.health.LastErr != nil {
+			ss.LastError = st.health.LastErr.Error()
+		}
+		for _, src := range t.sources {
+			if slices.Contains(src.servers, a) {
+				ss.Sources = append(ss.Sources, src.name)
+			}
+		}
+		s.Servers = append(s.Servers, ss)
+	}
+	return s
+}

@@ -1,0 +1,220 @@
+// Package testutil gives tests what they need from the real kernel, each
+// piece private to one test and removed when it ends, even on failure: a
+// network namespace, a bpffs mount, a cgroup. Tests run as root; outside CI a
+// test without root is skipped with the reason, inside CI (CI=true) it fails.
+package testutil
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/cgroupv2"
+)
+
+// InCI reports whether the test runs in CI, where nothing may be skipped.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Require fails the test in CI and skips it elsewhere when ok is false.
+func Require(t testing.TB, ok bool, why string) {
+	t.Helper()
+	if ok {
+		return
+	}
+	if InCI() {
+		t.Fatalf("missing requirement in CI: %s", why)
+	}
+	t.Skipf("skipped: %s", why)
+}
+
+// RequireRoot needs uid 0: every ctlb test uses BPF, cgroups and netns.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	Require(t, os.Geteuid() == 0, "needs root (BPF, cgroups, network namespaces)")
+}
+
+// NewNetNS creates a fresh network namespace with lo up and removes it when
+// the test ends. Nothing in it routes anywhere: a test host's traffic stays
+// on this machine.
+func NewNetNS(t testing.TB) ns.NetNS {
+	t.Helper()
+	RequireRoot(t)
+	netns, err := testutils.NewNS()
+	if err != nil {
+		t.Fatalf("new netns: %v", err)
+	}
+	t.Cleanup(func() {
+		netns.Close()
+		_ = testutils.UnmountNS(netns)
+	})
+	err = netns.Do(func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	})
+	if err != nil {
+		t.Fatalf("netns %s: lo up: %v", netns.Path(), err)
+	}
+	return netns
+}
+
+// AddLoopbackAddrs puts /32 addresses on lo inside netns (the kernel here has
+// no dummy links). Addresses must be in 127.0.0.0/8 or 198.18.0.0/15.
+func AddLoopbackAddrs(t testing.TB, netns ns.NetNS, addrs ...string) {
+	t.Helper()
+	err := netns.Do(func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if !strings.HasPrefix(a, "127.") && !strings.HasPrefix(a, "198.18.") && !strings.HasPrefix(a, "198.19.") {
+				return fmt.Errorf("test address %s outside 127/8 and 198.18/15", a)
+			}
+			addr, err := netlink.ParseAddr(a + "/32")
+			if err != nil {
+				return err
+			}
+			if err := netlink.AddrAdd(lo, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
+				return fmt.Errorf("add %s to lo: %w", a, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("netns %s: %v", netns.Path(), err)
+	}
+}
+
+// MountBPFFS mounts a private bpffs on a temporary directory and unmounts it
+// when the test ends, so pins never outlive the test or meet another test's.
+func MountBPFFS(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	dir, err := os.MkdirTemp("", "ctlb-bpffs-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		os.Remove(dir)
+		t.Fatalf("mount bpffs on %s: %v", dir, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount bpffs %s: %v", dir, err)
+		}
+		os.Remove(dir)
+	})
+	return dir
+}
+
+// V2Mount returns the cgroup v2 mount, failing the test when there is none.
+func V2Mount(t testing.TB) string {
+	t.Helper()
+	m, err := cgroupv2.Mountpoint()
+	Require(t, err == nil, fmt.Sprintf("cgroup v2: %v", err))
+	return m
+}
+
+// NewCgroup creates a fresh cgroup under the v2 mount (inside parent, a path
+// relative to the mount, when given) and removes it, and anything created
+// below it, when the test ends.
+func NewCgroup(t testing.TB, parent string) string {
+	t.Helper()
+	RequireRoot(t)
+	base := filepath.Join(V2Mount(t), parent)
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		t.Fatalf("mkdir %s: %v", base, err)
+	}
+	dir, err := os.MkdirTemp(base, "ctlb-test-")
+	if err != nil {
+		t.Fatalf("create cgroup: %v", err)
+	}
+	t.Cleanup(func() { RemoveCgroup(t, dir) })
+	return dir
+}
+
+// RemoveCgroup kills what still runs in the cgroup tree at dir and removes it
+// deepest first, since rmdir refuses a cgroup with children or tasks.
+func RemoveCgroup(t testing.TB, dir string) {
+	t.Helper()
+	if err := RemoveCgroupTree(dir); err != nil {
+		t.Error(err)
+	}
+}
+
+// RemoveCgroupTree is RemoveCgroup for programs (the benchmark) that have no
+// testing.TB: it returns what it could not remove.
+func RemoveCgroupTree(dir string) error {
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	var errs []error
+	for i := len(dirs) - 1; i >= 0; i-- {
+		d := dirs[i]
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			killProcs(d)
+			err := os.Remove(d)
+			if err == nil || errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			if time.Now().After(deadline) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// killProcs SIGKILLs the processes listed in one cgroup, by PID: they are
+// the test's own children placed there.
+func killProcs(dir string) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil && pid != os.Getpid() {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// OpenDir opens a directory for use as a cgroup fd (CLONE_INTO_CGROUP).
+func OpenDir(t testing.TB, dir string) *os.File {
+	t.Helper()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// LockThread pins the goroutine to its OS thread for the test, as namespace
+// switching needs.
+func LockThread(t testing.TB) {
+	runtime.LockOSThread()
+	t.Cleanup(runtime.UnlockOSThread)
+}
