@@ -28,7 +28,9 @@ type ClientSpec struct {
 	// Mode: "dial" (Count connections, one after another, each closed after
 	// the server named itself), "hold" (Count connections kept open until
 	// Stop), "storm" (Workers loops of connections until Stop or Duration),
-	// "udp" (Count datagrams, each answered by the server's address).
+	// "udp" (Count datagrams, each answered by the server's address),
+	// "watch" (Count connections held open, each watched: a line with an
+	// Event when one ends, and, with Reconnect, when it is replaced).
 	Mode   string `json:"mode"`
 	Target string `json:"target"`
 	// Targets, in dial mode, are dialed once each instead of Target.
@@ -36,6 +38,24 @@ type ClientSpec struct {
 	Count    int           `json:"count"`
 	Workers  int           `json:"workers"`
 	Duration time.Duration `json:"duration"`
+	// Reconnect, in watch mode, dials Target again when a held connection
+	// ends, as a long-lived client (a gRPC stream) does.
+	Reconnect bool `json:"reconnect,omitempty"`
+}
+
+// ClientEvent is one change of a held connection in watch mode.
+type ClientEvent struct {
+	// Index is the connection's position in Landed.
+	Index int `json:"index"`
+	// Server is the server it was on; Ended says how it ended.
+	Server string `json:"server"`
+	Ended  string `json:"ended,omitempty"`
+	// Reconnected names the server of the connection that replaced it;
+	// ReconnectError says why none could be made.
+	Reconnected    string `json:"reconnected,omitempty"`
+	ReconnectError string `json:"reconnectError,omitempty"`
+	// At is when the client saw it (Unix nanoseconds).
+	At int64 `json:"at"`
 }
 
 // ClientResult is what a client saw.
@@ -49,6 +69,8 @@ type ClientResult struct {
 	Total     int            `json:"total"`
 	Failed    int            `json:"failed"`
 	Errors    []string       `json:"errors"`
+	// Event is set on the lines that follow a watch client's first report.
+	Event *ClientEvent `json:"event,omitempty"`
 }
 
 // Client is a running client process.
@@ -206,6 +228,8 @@ func runClient(spec ClientSpec) {
 		for _, c := range held {
 			c.Close()
 		}
+	case "watch":
+		watch(ctx, spec, r)
 	case "udp":
 		for i := 0; i < spec.Count; i++ {
 			r.Total++
