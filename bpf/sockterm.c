@@ -68,14 +68,17 @@ struct {
 	__type(value, struct sock_state);
 } ctlb_socks_v1 SEC(".maps");
 
-/* What one termination pass has done for a departed pair. */
+/* What one termination pass is to do, and has done, for one pair. */
 struct term_count {
+	__u64 limit;     /* end at most this many sockets; 0: every one */
 	__u64 destroyed; /* sockets ended */
 	__u64 failed;    /* bpf_sock_destroy refused (e.g. -EOPNOTSUPP) */
 };
 
-/* The departed (VIP, server) pairs of one pass -> what was done to their
- * sockets. Private to ctlbd, which fills it before a pass and reads it after. */
+/* The (VIP, server) pairs of one pass -> what to do and what was done to
+ * their sockets: the departed servers, or, when ctlbd rebalances, a few
+ * sockets of the most loaded ones. Private to ctlbd, which fills it before
+ * a pass and reads it after. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -93,6 +96,9 @@ static __always_inline void terminate(struct sock *sk, struct sock_common *skc)
 	struct backend_key key = st->be;
 	struct term_count *tc = bpf_map_lookup_elem(&ctlb_term_v1, &key);
 	if (!tc)
+		return;
+	/* One reader runs the program at a time: no race on the count. */
+	if (tc->limit && tc->destroyed >= tc->limit)
 		return;
 	if (bpf_sock_destroy(skc) == 0)
 		__sync_fetch_and_add(&tc->destroyed, 1);

@@ -44,7 +44,7 @@ func newServiceCommand(g *globals) *cobra.Command {
 		Use:   "service",
 		Short: "Set, delete and list VIPs and their servers",
 	}
-	var empty string
+	var empty, onRemoved string
 	set := &cobra.Command{
 		Use:   "set VIP:PORT SERVER:PORT [SERVER:PORT...]",
 		Short: "Set a VIP's servers, replacing its set atomically",
@@ -52,12 +52,18 @@ func newServiceCommand(g *globals) *cobra.Command {
 a concurrent connect() sees the old set or the new one, never a mix or a gap.
 With no servers, connects to the VIP follow --empty: "reject" fails them at
 once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
-(where the fallback proxy may answer).`,
+(where the fallback proxy may answer).
+
+A server that leaves the set has its open connections ended at once
+(--on-server-removed terminate, the default): the clients see the connection
+aborted and reconnect through the VIP to a server still in the set. With
+"keep" they stay open until the applications close them.`,
 		Example: `  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502
-  ctlbd service set 198.18.255.1:8502 --empty passthrough`,
+  ctlbd service set 198.18.255.1:8502 --empty passthrough
+  ctlbd service set 198.18.255.1:8502 198.18.0.12:8502 --on-server-removed keep`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty}
+			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty, OnServerRemoved: onRemoved}
 			if req.Servers == nil {
 				req.Servers = []string{}
 			}
@@ -66,11 +72,12 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
-				fmt.Fprintf(w, "set %s: %d servers, empty %s\n", svc.VIP, len(svc.Servers), svc.Empty)
+				fmt.Fprintf(w, "set %s: %d servers, empty %s, on server removed %s\n", svc.VIP, len(svc.Servers), svc.Empty, svc.OnServerRemoved)
 			})
 		},
 	}
 	set.Flags().StringVar(&empty, "empty", "reject", `what a connect to the VIP does while its set is empty: "reject" or "passthrough"`)
+	set.Flags().StringVar(&onRemoved, "on-server-removed", "terminate", `what happens to the open connections of a server that leaves the set: "terminate" or "keep"`)
 	del := &cobra.Command{
 		Use:     "delete VIP:PORT",
 		Short:   "Delete a VIP: connects to it are no longer rewritten",
@@ -190,8 +197,9 @@ func newStatusCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status",
 		Short: "Show each VIP's servers with connects and open connections",
-		Long: `Show, per VIP and server, how many connects the kernel sent there and how many
-of those sockets are open now, with each server's source and health. Exits
+		Long: `Show, per VIP and server, how many connects the kernel sent there, how many
+of those sockets are open now, and how many ctlbd ended (ENDED) because the
+server left the set, with each server's source and health. Exits
 non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -200,13 +208,13 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tSERVER\tSOURCE\tHEALTH\tIN SET\tCONNECTS\tOPEN")
+				fmt.Fprintln(w, "VIP\tSERVER\tSOURCE\tHEALTH\tIN SET\tCONNECTS\tOPEN\tENDED")
 				for _, s := range st.Services {
 					if len(s.Servers) == 0 {
 						fmt.Fprintf(w, "%s\t(none: %s)\t\t\t\t\t\n", s.VIP, s.Empty)
 					}
 					for _, srv := range s.Servers {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%d\t%d\n", s.VIP, srv.Server, srv.Source, srv.Health, srv.InSet, srv.Connects, srv.Open)
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\n", s.VIP, srv.Server, srv.Source, srv.Health, srv.InSet, srv.Connects, srv.Open, srv.Terminated)
 					}
 				}
 				for _, s := range st.Services {
@@ -227,6 +235,7 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 					}
 				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
+				fmt.Fprintf(w, "connections of servers that leave a set are ended by: %s\n", st.Termination)
 			})
 		},
 	}

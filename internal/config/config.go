@@ -28,6 +28,12 @@ const (
 	DefaultStateDir = api.DefaultStateDir
 )
 
+// Rebalancing rates, in connections ended per second per VIP.
+const (
+	DefaultRebalanceRate = 2
+	MaxRebalanceRate     = 1000
+)
+
 // MaxSize bounds a config file; a larger one is refused rather than read.
 const MaxSize = 8 << 20
 
@@ -64,6 +70,18 @@ type Service struct {
 	Servers []string `json:"servers,omitempty"`
 	// Empty is the empty-set policy: "reject" (default) or "passthrough".
 	Empty string `json:"empty,omitempty"`
+	// OnServerRemoved is what happens to the open connections of a server
+	// that leaves the set (removed, or unhealthy): "terminate" (default)
+	// ends them so clients reconnect to a server in the set; "keep" leaves
+	// them to their applications.
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
+	// Rebalance, when true, ends a few connections per second on the most
+	// loaded servers after a server joins, until the newcomer holds its
+	// share (1/k of the VIP's open connections, ±1).
+	Rebalance bool `json:"rebalance,omitempty"`
+	// RebalanceRate is how many connections per second rebalancing may end
+	// (default 2: gentle, clients reconnect one by one).
+	RebalanceRate float64 `json:"rebalanceRate,omitempty"`
 
 	// Discovery and health (see internal/servers). With any of these, ctlbd
 	// tracks the VIP: the union of the static list and every source gives
@@ -215,7 +233,14 @@ func (s Service) Datapath() (datapath.Service, error) {
 	if err != nil {
 		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
 	}
-	out := datapath.Service{VIP: vip, Empty: policy, Servers: []netip.AddrPort{}}
+	removal, err := datapath.ParseRemovalPolicy(s.OnServerRemoved)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	if s.RebalanceRate < 0 || s.RebalanceRate > MaxRebalanceRate {
+		return datapath.Service{}, fmt.Errorf("VIP %s: rebalanceRate %v: want 0 (default %v) to %v connections per second", vip, s.RebalanceRate, DefaultRebalanceRate, MaxRebalanceRate)
+	}
+	out := datapath.Service{VIP: vip, Empty: policy, OnServerRemoved: removal, Servers: []netip.AddrPort{}}
 	for _, raw := range s.Servers {
 		srv, err := datapath.ParseServer(raw)
 		if err != nil {

@@ -49,6 +49,8 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
+	// ends ends the connections of servers that leave a set.
+	ends *endings
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -73,6 +75,7 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	}
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
 		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
+	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone)
 	d.registry = d.newRegistry()
 	return d, nil
 }
@@ -83,6 +86,7 @@ func (d *Daemon) Datapath() *datapath.Datapath { return d.dp }
 // Close releases the daemon's handles. Pinned objects and links stay:
 // connections keep being balanced while no daemon runs (invariant 1).
 func (d *Daemon) Close() error {
+	d.ends.close()
 	err := d.dp.Close()
 	d.lock.Close()
 	return err
@@ -127,6 +131,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.loadTable(); err != nil {
 		return err
 	}
+	go d.ends.run(ctx)
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
@@ -309,7 +314,7 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
 				continue
 			}
-			if !ok || cur.Empty != svc.Empty {
+			if !ok || cur.Empty != svc.Empty || cur.OnServerRemoved != svc.OnServerRemoved {
 				keep := svc
 				keep.Servers = []netip.AddrPort{}
 				if ok {
@@ -361,7 +366,7 @@ func mustVIP(s string) netip.AddrPort {
 }
 
 func sameService(a, b datapath.Service) bool {
-	if a.VIP != b.VIP || a.Empty != b.Empty || len(a.Servers) != len(b.Servers) {
+	if a.VIP != b.VIP || a.Empty != b.Empty || a.OnServerRemoved != b.OnServerRemoved || len(a.Servers) != len(b.Servers) {
 		return false
 	}
 	for i := range a.Servers {

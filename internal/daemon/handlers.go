@@ -88,7 +88,7 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, err)
 		return
 	}
-	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty}.Datapath()
+	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, OnServerRemoved: req.OnServerRemoved}.Datapath()
 	if err != nil {
 		reply(w, nil, badRequest(err))
 		return
@@ -243,7 +243,8 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	tracked := d.snapshots()
 	for _, svc := range svcs {
-		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), Servers: []api.ServerStatus{}}
+		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), OnServerRemoved: string(svc.OnServerRemoved), Servers: []api.ServerStatus{}}
+		ended := d.ends.terminated(svc.VIP)
 		counted := map[netip.AddrPort]datapath.ServerStats{}
 		for _, s := range byVIP[svc.VIP] {
 			counted[s.Server] = s
@@ -274,10 +275,16 @@ func (d *Daemon) Status() (api.Status, error) {
 			ss.Servers = append(ss.Servers, api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true, Connects: c.Connects, Open: c.Open})
 			listed[srv] = true
 		}
-		// Servers that left the set but still have open connections.
+		// Servers that left the set but still have open connections, or
+		// had them ended.
 		for _, c := range byVIP[svc.VIP] {
-			if !listed[c.Server] && c.Open > 0 {
+			if !listed[c.Server] && (c.Open > 0 || ended[c.Server] > 0) {
 				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Server.String(), InSet: false, Connects: c.Connects, Open: c.Open})
+			}
+		}
+		for i := range ss.Servers {
+			if srv, err := netip.ParseAddrPort(ss.Servers[i].Server); err == nil {
+				ss.Servers[i].Terminated = ended[srv]
 			}
 		}
 		st.Services = append(st.Services, ss)
@@ -288,6 +295,7 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
+	st.Termination = d.ends.how
 	return st, nil
 }
 

@@ -42,10 +42,13 @@ func (t *serviceTable) targets(vip netip.AddrPort) []netip.AddrPort {
 // writeSets writes sets to the maps (each swap atomic) and mirrors them.
 // Callers hold d.mu.
 func (d *Daemon) writeSets(svcs ...datapath.Service) error {
+	departed := d.departures(svcs)
 	if err := d.dp.SetServices(svcs); err != nil {
 		return err
 	}
 	d.table.put(svcs...)
+	// Only now: the clients' reconnects must find the new set.
+	d.ends.add(departed...)
 	return nil
 }
 
@@ -55,7 +58,7 @@ func (d *Daemon) setServices(reason string, svcs ...datapath.Service) error {
 		return err
 	}
 	for _, s := range svcs {
-		d.log.Info("service set", "vip", s.VIP, "servers", s.Servers, "empty", s.Empty, "reason", reason)
+		d.log.Info("service set", "vip", s.VIP, "servers", s.Servers, "empty", s.Empty, "onServerRemoved", s.OnServerRemoved, "reason", reason)
 	}
 	return nil
 }

@@ -77,7 +77,8 @@ type ClientResult struct {
 type Client struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
-	lines  *bufio.Scanner
+	lines  chan []byte // the client's report lines, closed at its exit
+	err    error       // why the lines ended, once lines is closed
 	waited bool
 }
 
@@ -122,8 +123,16 @@ func StartClient(t testing.TB, netns ns.NetNS, cgroupDir string, spec ClientSpec
 	if err != nil {
 		t.Fatalf("start client: %v", err)
 	}
-	c := &Client{cmd: cmd, stdin: stdin, lines: bufio.NewScanner(stdout)}
-	c.lines.Buffer(make([]byte, 1<<20), 64<<20)
+	c := &Client{cmd: cmd, stdin: stdin, lines: make(chan []byte, 1024)}
+	sc := bufio.NewScanner(stdout)
+	sc.Buffer(make([]byte, 1<<20), 64<<20)
+	go func() {
+		for sc.Scan() {
+			c.lines <- append([]byte(nil), sc.Bytes()...)
+		}
+		c.err = sc.Err()
+		close(c.lines)
+	}()
 	t.Cleanup(func() {
 		if !c.waited {
 			_ = cmd.Process.Kill()
@@ -137,14 +146,33 @@ func StartClient(t testing.TB, netns ns.NetNS, cgroupDir string, spec ClientSpec
 // dial, hold and udp, at the end for storm.
 func (c *Client) Result(t testing.TB) ClientResult {
 	t.Helper()
-	if !c.lines.Scan() {
-		t.Fatalf("client exited without a report: %v", c.lines.Err())
+	line, ok := <-c.lines
+	if !ok {
+		t.Fatalf("client exited without a report: %v", c.err)
 	}
 	var r ClientResult
-	if err := json.Unmarshal(c.lines.Bytes(), &r); err != nil {
-		t.Fatalf("client report %q: %v", c.lines.Text(), err)
+	if err := json.Unmarshal(line, &r); err != nil {
+		t.Fatalf("client report %q: %v", line, err)
 	}
 	return r
+}
+
+// Event waits up to within for a watch client's next event; nil if none came.
+func (c *Client) Event(t testing.TB, within time.Duration) *ClientEvent {
+	t.Helper()
+	select {
+	case line, ok := <-c.lines:
+		if !ok {
+			t.Fatalf("client exited: %v", c.err)
+		}
+		var r ClientResult
+		if err := json.Unmarshal(line, &r); err != nil || r.Event == nil {
+			t.Fatalf("client line %q is not an event: %v", line, err)
+		}
+		return r.Event
+	case <-time.After(within):
+		return nil
+	}
 }
 
 // Stop tells the client to finish (close held connections, end a storm) and

@@ -37,6 +37,8 @@ type ServiceRequest struct {
 	Servers []string `json:"servers"`
 	// Empty is "reject" (default) or "passthrough".
 	Empty string `json:"empty,omitempty"`
+	// OnServerRemoved is "terminate" (default) or "keep".
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
 }
 
 // AttachRequest attaches to or detaches from a cgroup (ctlbd attach/detach).
@@ -60,6 +62,9 @@ type ServerStatus struct {
 	InSet    bool   `json:"inSet"`
 	Connects uint64 `json:"connects"`
 	Open     int64  `json:"open"`
+	// Terminated counts connections ctlbd ended because the server left the
+	// set (or, rebalancing, to move them to a newcomer).
+	Terminated uint64 `json:"terminated,omitempty"`
 	// LastError is the last failed health check's error.
 	LastError string `json:"lastError,omitempty"`
 }
@@ -77,6 +82,8 @@ type ServiceStatus struct {
 	VIP     string         `json:"vip"`
 	Empty   string         `json:"empty"`
 	Servers []ServerStatus `json:"servers"`
+	// OnServerRemoved is "terminate" or "keep".
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
 	// Tracked VIPs get their set from sources and health checks.
 	Tracked bool           `json:"tracked"`
 	Panic   bool           `json:"panic,omitempty"`
@@ -91,6 +98,9 @@ type Status struct {
 	Services    []ServiceStatus `json:"services"`
 	Attachments int             `json:"attachments"`
 	Pending     int             `json:"pending"`
+	// Termination is how ctlbd ends connections to servers that leave a
+	// set ("bpf_sock_destroy"), or "unavailable: " and why.
+	Termination string `json:"termination,omitempty"`
 }
 
 // Version is ctlbd version.

@@ -42,6 +42,9 @@ type Service struct {
 	VIP     netip.AddrPort   `json:"vip"`
 	Servers []netip.AddrPort `json:"servers"`
 	Empty   EmptyPolicy      `json:"empty"`
+	// OnServerRemoved is what happens to the connections of a server that
+	// leaves the set; "" means terminate.
+	OnServerRemoved RemovalPolicy `json:"onServerRemoved,omitempty"`
 }
 
 // backendSlot is struct backend_slot: slot 0 is the header (addr = count,
@@ -98,6 +101,9 @@ func (s Service) Validate() error {
 		seen[srv] = true
 	}
 	if _, err := ParseEmptyPolicy(string(s.Empty)); err != nil {
+		return fmt.Errorf("VIP %s: %w", s.VIP, err)
+	}
+	if _, err := ParseRemovalPolicy(string(s.OnServerRemoved)); err != nil {
 		return fmt.Errorf("VIP %s: %w", s.VIP, err)
 	}
 	return nil
@@ -160,6 +166,9 @@ func (d *Datapath) SetService(s Service) error {
 	hdr := backendSlot{Addr: uint32(len(s.Servers))}
 	if policy == EmptyReject {
 		hdr.Flags = flagRejectEmpty
+	}
+	if s.OnServerRemoved == RemovalKeep {
+		hdr.Flags |= flagKeepOnRemoval
 	}
 	if err := inner.Put(uint32(0), hdr); err != nil {
 		return fmt.Errorf("VIP %s: write header: %w", s.VIP, err)
@@ -259,6 +268,10 @@ func readService(vip netip.AddrPort, innerID uint32) (Service, error) {
 	s := Service{VIP: vip, Empty: EmptyPassthrough, Servers: []netip.AddrPort{}}
 	if hdr.Flags&flagRejectEmpty != 0 {
 		s.Empty = EmptyReject
+	}
+	s.OnServerRemoved = RemovalTerminate
+	if hdr.Flags&flagKeepOnRemoval != 0 {
+		s.OnServerRemoved = RemovalKeep
 	}
 	for i := uint32(1); i <= hdr.Addr && i <= MaxServers; i++ {
 		var slot backendSlot

@@ -28,6 +28,7 @@ type socktermSockState struct {
 
 type socktermTermCount struct {
 	_         structs.HostLayout
+	Limit     uint64
 	Destroyed uint64
 	Failed    uint64
 }

@@ -25,6 +25,8 @@ var ErrTerminationUnavailable = errors.New("socket termination is unavailable on
 type Departed struct {
 	VIP    netip.AddrPort `json:"vip"`
 	Server netip.AddrPort `json:"server"`
+	// Limit, when not 0, ends at most that many of them (rebalancing).
+	Limit uint64 `json:"limit,omitempty"`
 }
 
 // Terminated is what one pass did for one departed server.
@@ -110,7 +112,7 @@ func (t *Terminator) Terminate(netns []*os.File, departed []Departed) ([]Termina
 	for i, dp := range departed {
 		keys[i] = socktermBackendKey{Vip: ip4(dp.VIP.Addr()), Vport: port(dp.VIP.Port()),
 			Addr: ip4(dp.Server.Addr()), Port: port(dp.Server.Port())}
-		if err := t.objs.CtlbTermV1.Put(keys[i], socktermTermCount{}); err != nil {
+		if err := t.objs.CtlbTermV1.Put(keys[i], socktermTermCount{Limit: dp.Limit}); err != nil {
 			t.clear(keys)
 			return nil, fmt.Errorf("terminate: mark %s of %s departed: %w", dp.Server, dp.VIP, err)
 		}
