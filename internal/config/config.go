@@ -31,7 +31,7 @@ const (
 // Rebalancing rates, in connections ended per second per VIP.
 const (
 	DefaultRebalanceRate = 2
-	MaxRebalanceRate     = 1000
+	MaxRebalanceRate     = 10
 )
 
 // MaxSize bounds a config file; a larger one is refused rather than read.
@@ -80,7 +80,7 @@ type Service struct {
 	// share (1/k of the VIP's open connections, ±1).
 	Rebalance bool `json:"rebalance,omitempty"`
 	// RebalanceRate is how many connections per second rebalancing may end
-	// (default 2: gentle, clients reconnect one by one).
+	// (default 2: gentle, clients reconnect one by one; at most 10).
 	RebalanceRate float64 `json:"rebalanceRate,omitempty"`
 
 	// Discovery and health (see internal/servers). With any of these, ctlbd

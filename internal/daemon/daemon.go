@@ -51,6 +51,8 @@ type Daemon struct {
 	pending *pending.Watcher
 	// ends ends the connections of servers that leave a set.
 	ends *endings
+	// reb moves connections onto servers that join a set (opt-in).
+	reb *rebalancer
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -76,6 +78,7 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
 		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
 	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone)
+	d.reb = newRebalancer(d)
 	d.registry = d.newRegistry()
 	return d, nil
 }
@@ -132,6 +135,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	go d.ends.run(ctx)
+	go d.reb.run(ctx)
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
@@ -298,6 +302,7 @@ func (d *Daemon) Reload() error {
 func (d *Daemon) applyServices(prev, next *config.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.reb.configure(next.Services)
 	want := map[netip.AddrPort]datapath.Service{}
 	var changed []datapath.Service
 	for _, s := range next.Services {

@@ -245,6 +245,7 @@ func (d *Daemon) Status() (api.Status, error) {
 	for _, svc := range svcs {
 		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), OnServerRemoved: string(svc.OnServerRemoved), Servers: []api.ServerStatus{}}
 		ended := d.ends.terminated(svc.VIP)
+		ss.Rebalancing = d.reb.rebalancing(svc.VIP)
 		counted := map[netip.AddrPort]datapath.ServerStats{}
 		for _, s := range byVIP[svc.VIP] {
 			counted[s.Server] = s

@@ -46,6 +46,7 @@ func (d *Daemon) writeSets(svcs ...datapath.Service) error {
 	if err := d.dp.SetServices(svcs); err != nil {
 		return err
 	}
+	d.reb.arrivals(svcs, d.table.targets)
 	d.table.put(svcs...)
 	// Only now: the clients' reconnects must find the new set.
 	d.ends.add(departed...)

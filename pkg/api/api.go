@@ -84,6 +84,9 @@ type ServiceStatus struct {
 	Servers []ServerStatus `json:"servers"`
 	// OnServerRemoved is "terminate" or "keep".
 	OnServerRemoved string `json:"onServerRemoved,omitempty"`
+	// Rebalancing is true while ctlbd moves connections onto a server
+	// that joined the set (config "rebalance").
+	Rebalancing bool `json:"rebalancing,omitempty"`
 	// Tracked VIPs get their set from sources and health checks.
 	Tracked bool           `json:"tracked"`
 	Panic   bool           `json:"panic,omitempty"`
