@@ -77,7 +77,7 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	}
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
 		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
-	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone)
+	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone, d.table.inSomeSet)
 	d.reb = newRebalancer(d)
 	d.registry = d.newRegistry()
 	return d, nil

@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -24,8 +28,13 @@ type endings struct {
 	log  *slog.Logger
 	dp   *datapath.Datapath
 	term *datapath.Terminator // nil: unavailable
+	// nl is the fallback where the kernel lacks bpf_sock_destroy.
+	nl *datapath.NetlinkTerminator
 	// how is the means in use, or why there is none.
 	how string
+	// inSomeSet tells whether a server is in any VIP's set (the netlink
+	// fallback cannot tell VIPs apart, so it keeps such servers' sockets).
+	inSomeSet func(server string) bool
 	// stillGone tells whether a departed server is still out of its set: a
 	// server back before its pass keeps its connections.
 	stillGone func(datapath.Departed) bool
@@ -51,13 +60,16 @@ type endingsPass struct {
 	Ended      uint64
 }
 
-func newEndings(dp *datapath.Datapath, log *slog.Logger, stillGone func(datapath.Departed) bool) *endings {
-	e := &endings{log: log, dp: dp, stillGone: stillGone, queue: map[datapath.Departed]*queued{},
+func newEndings(dp *datapath.Datapath, log *slog.Logger, stillGone func(datapath.Departed) bool, inSomeSet func(string) bool) *endings {
+	e := &endings{log: log, dp: dp, stillGone: stillGone, inSomeSet: inSomeSet, queue: map[datapath.Departed]*queued{},
 		counts: map[netip.AddrPort]map[netip.AddrPort]uint64{}, kick: make(chan struct{}, 1)}
 	term, err := dp.NewTerminator()
 	switch {
 	case err == nil:
 		e.term, e.how = term, "bpf_sock_destroy"
+	case errors.Is(err, datapath.ErrTerminationUnavailable) && netlinkDestroyWorks():
+		e.nl, e.how = dp.NewNetlinkTerminator(), "netlink SOCK_DESTROY (matched by peer address; bpf_sock_destroy: "+err.Error()+")"
+		log.Warn("no bpf_sock_destroy: connections to servers that leave a set are ended through netlink SOCK_DESTROY, matched by peer address (IPv4 TCP only)", "error", err)
 	case errors.Is(err, datapath.ErrTerminationUnavailable):
 		e.how = "unavailable: " + err.Error()
 		log.Warn("connections to servers that leave a set cannot be ended on this kernel; they stay open until their applications close them", "error", err)
@@ -69,7 +81,7 @@ func newEndings(dp *datapath.Datapath, log *slog.Logger, stillGone func(datapath
 }
 
 // available reports whether passes can end sockets.
-func (e *endings) available() bool { return e.term != nil }
+func (e *endings) available() bool { return e.term != nil || e.nl != nil }
 
 // close releases the programs.
 func (e *endings) close() {
@@ -80,7 +92,7 @@ func (e *endings) close() {
 
 // add queues departures for a pass now and a follow-up pass.
 func (e *endings) add(deps ...datapath.Departed) {
-	if len(deps) == 0 || e.term == nil {
+	if len(deps) == 0 || !e.available() {
 		return
 	}
 	now := time.Now()
@@ -97,7 +109,7 @@ func (e *endings) add(deps ...datapath.Departed) {
 
 // run does the passes until ctx ends.
 func (e *endings) run(ctx context.Context) {
-	if e.term == nil {
+	if !e.available() {
 		return
 	}
 	timer := time.NewTimer(time.Hour)
@@ -159,7 +171,7 @@ func (e *endings) passDue() time.Time {
 // pass ends the sockets of deps in every namespace holding attached pods
 // and counts them. It returns how many it ended per departure.
 func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminated {
-	if len(deps) == 0 || e.term == nil {
+	if len(deps) == 0 || !e.available() {
 		return nil
 	}
 	start := time.Now()
@@ -169,7 +181,12 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 		return nil
 	}
 	defer nss.Close()
-	res, err := e.term.Terminate(nss.Files(), deps)
+	var res []datapath.Terminated
+	if e.term != nil {
+		res, err = e.term.Terminate(nss.Files(), deps)
+	} else {
+		res, err = e.nl.Terminate(nss.Files(), deps, e.inSomeSet)
+	}
 	if err != nil {
 		e.log.Warn("end connections", "error", err)
 	}
@@ -245,4 +262,26 @@ func (d *Daemon) departures(svcs []datapath.Service) []datapath.Departed {
 // serverGone tells whether a departed server is still out of its VIP's set.
 func (d *Daemon) serverGone(dep datapath.Departed) bool {
 	return !slices.Contains(d.table.targets(dep.VIP), dep.Server)
+}
+
+// netlinkDestroyWorks probes for SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY):
+// destroying a socket that does not exist answers ENOENT where the request
+// is supported, EOPNOTSUPP where it is not.
+func netlinkDestroyWorks() bool {
+	err := netlink.SocketDestroy(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1})
+	return err == nil || errors.Is(err, unix.ENOENT)
+}
+
+// inSomeSet tells whether a server is in any VIP's set.
+func (t *serviceTable) inSomeSet(server string) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, set := range t.sets {
+		for _, s := range set {
+			if s.String() == server {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -101,3 +101,63 @@ func TestTerminateDeparted(t *testing.T) {
 	pod.Stop(t)
 	outside.Stop(t)
 }
+
+// The netlink fallback (kernels without bpf_sock_destroy) ends the same 2
+// sockets: held by the attached cgroup and peered with the departed server;
+// a socket to that server from outside the cgroup stays, and so do the
+// sockets of a server still in some set.
+func TestNetlinkTerminateFallback(t *testing.T) {
+	dp := newDatapath(t)
+	netns := testutil.NewNetNS(t)
+	srvs := servers[:2]
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
+	testutil.StartServers(t, netns, srvs...)
+	cg := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("test-nl", cg); err != nil {
+		t.Fatal(err)
+	}
+	v := netip.MustParseAddrPort(vip)
+	if err := dp.SetService(datapath.Service{VIP: v, Servers: aps(t, srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	pod := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip, Count: 4})
+	if r := pod.Result(t); r.Failed != 0 || r.PerServer[srvs[0]] != 2 {
+		t.Fatalf("held connections: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
+	}
+	outside := testutil.StartClient(t, netns, "", testutil.ClientSpec{Mode: "watch", Target: srvs[0], Count: 1})
+	if r := outside.Result(t); r.Failed != 0 {
+		t.Fatalf("outside client: %v", r.Errors)
+	}
+	nss, err := dp.AttachedNetNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nss.Close()
+	nl := dp.NewNetlinkTerminator()
+	gone := []datapath.Departed{{VIP: v, Server: netip.MustParseAddrPort(srvs[0])}}
+	// Still in some set: kept.
+	res, err := nl.Terminate(nss.Files(), gone, func(string) bool { return true })
+	if err != nil || res[0].Destroyed != 0 {
+		t.Fatalf("server still in a set: %+v, %v; want nothing ended", res, err)
+	}
+	start := time.Now()
+	res, err = nl.Terminate(nss.Files(), gone, func(string) bool { return false })
+	if err != nil || len(res) != 1 || res[0].Destroyed != 2 {
+		t.Fatalf("netlink terminate = %+v, %v; want 2 ended", res, err)
+	}
+	for range 2 {
+		ev := pod.Event(t, 2*time.Second)
+		if ev == nil || ev.Server != srvs[0] {
+			t.Fatalf("event %+v: want a connection on %s ended", ev, srvs[0])
+		}
+		t.Logf("netlink: connection %d on %s ended %v after the pass began: %s", ev.Index, ev.Server, time.Unix(0, ev.At).Sub(start), ev.Ended)
+	}
+	if ev := outside.Event(t, 300*time.Millisecond); ev != nil {
+		t.Fatalf("the connection from outside the cgroup ended: %+v", ev)
+	}
+	if ev := pod.Event(t, 300*time.Millisecond); ev != nil {
+		t.Fatalf("a connection on the other server ended: %+v", ev)
+	}
+	pod.Stop(t)
+	outside.Stop(t)
+}
