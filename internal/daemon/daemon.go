@@ -53,6 +53,8 @@ type Daemon struct {
 	ends *endings
 	// reb moves connections onto servers that join a set (opt-in).
 	reb *rebalancer
+	// fail returns servers the kernel marked failing to rotation.
+	fail *failWatch
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -79,6 +81,7 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
 	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone, d.table.inSomeSet)
 	d.reb = newRebalancer(d)
+	d.fail = newFailWatch(d)
 	d.registry = d.newRegistry()
 	return d, nil
 }
@@ -136,6 +139,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	go d.ends.run(ctx)
 	go d.reb.run(ctx)
+	go d.fail.run(ctx)
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}

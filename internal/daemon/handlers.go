@@ -286,6 +286,7 @@ func (d *Daemon) Status() (api.Status, error) {
 		for i := range ss.Servers {
 			if srv, err := netip.ParseAddrPort(ss.Servers[i].Server); err == nil {
 				ss.Servers[i].Terminated = ended[srv]
+				ss.Servers[i].Failing, ss.Servers[i].FailMarks, _ = d.fail.state(svc.VIP, srv)
 			}
 		}
 		st.Services = append(st.Services, ss)

@@ -65,6 +65,11 @@ type ServerStatus struct {
 	// Terminated counts connections ctlbd ended because the server left the
 	// set (or, rebalancing, to move them to a newcomer).
 	Terminated uint64 `json:"terminated,omitempty"`
+	// Failing is true while the kernel skips the server: a connect to it
+	// was refused or timed out, and no health check or probe has passed
+	// since. FailMarks counts such marks.
+	Failing   bool   `json:"failing,omitempty"`
+	FailMarks uint64 `json:"failMarks,omitempty"`
 	// LastError is the last failed health check's error.
 	LastError string `json:"lastError,omitempty"`
 }

@@ -62,6 +62,8 @@ type Datapath struct {
 	dir   string
 	objs  ctlbObjects
 	progs map[string]*ebpf.Program // by hook name
+	// v2m are maps opened by pin name for fail-fast and termination.
+	v2m v2maps
 }
 
 // Dir is the bpffs directory the objects are pinned in.
@@ -285,6 +287,7 @@ func (d *Datapath) closeProgs() {
 // never depends on a running process (invariant 1).
 func (d *Datapath) Close() error {
 	d.closeProgs()
+	d.v2m.close()
 	return d.objs.ctlbMaps.Close()
 }
 
