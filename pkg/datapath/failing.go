@@ -1,25 +1,22 @@
 package datapath
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
-	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 )
 
 // FailMark is a server slot the kernel has marked failing: a connect to it
 // was refused (RST to the SYN) or timed out, and connect skips it until the
 // hold-down passes (bpf/ctlb.h, ctlb_failing_v2).
 type FailMark struct {
-	Slot   uint32         `json:"slot"`
-	VIP    netip.AddrPort `json:"vip"`
-	Server netip.AddrPort `json:"server"`
+	Slot     uint32         `json:"slot"`
+	VIP      netip.AddrPort `json:"vip"`
+	Protocol Protocol       `json:"protocol"`
+	Server   netip.AddrPort `json:"server"`
 	// Until is the end of the hold-down on the kernel's monotonic clock
 	// (see Monotonic).
 	Until time.Duration `json:"until"`
@@ -27,34 +24,8 @@ type FailMark struct {
 	Strikes uint32 `json:"strikes"`
 }
 
-// Mirrors of bpf/ctlb.h's slot_fail_v2, svc_key_v2 and slot_info_v2.
-type slotFail struct {
-	UntilNs uint64
-	Strikes uint32
-	Flags   uint32
-}
-
-type svcKeyV2 struct {
-	Addr  [16]byte
-	Port  uint16
-	Proto uint8
-	Pad   uint8
-}
-
-type slotInfo struct {
-	VIP        svcKeyV2
-	Addr       [16]byte
-	Port       uint16
-	Flags      uint16
-	Svc        uint32
-	TermBudget uint32
-	Pad        uint32
-}
-
-type holdConfig struct {
-	HoldBaseNs uint64
-	HoldMaxNs  uint64
-}
+// Key is the VIP of the marked server.
+func (m FailMark) Key() ServiceKey { return ServiceKey{Protocol: m.Protocol, VIP: m.VIP} }
 
 // Hold-down defaults, as in bpf/ctlb.h.
 const (
@@ -63,85 +34,35 @@ const (
 )
 
 // Monotonic is the kernel's bpf_ktime_get_ns clock (CLOCK_MONOTONIC).
-func Monotonic() time.Duration {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return time.Duration(ts.Nano())
-}
-
-// v2maps are the layout-v2 maps the fail-fast and termination code reads,
-// opened by pin name on first use.
-type v2maps struct {
-	once                    sync.Once
-	err                     error
-	failing, slots, hold    *ebpf.Map
-	socks, counters, opened *ebpf.Map
-}
-
-func (d *Datapath) v2() (*v2maps, error) {
-	m := &d.v2m
-	m.once.Do(func() {
-		open := func(name string) *ebpf.Map {
-			if m.err != nil {
-				return nil
-			}
-			mp, err := ebpf.LoadPinnedMap(filepath.Join(d.dir, name), nil)
-			if err != nil {
-				m.err = fmt.Errorf("open pinned map %s: %w", name, err)
-			}
-			return mp
-		}
-		m.failing = open("ctlb_failing_v2")
-		m.slots = open("ctlb_slots_v2")
-		m.hold = open("ctlb_config_v2")
-		m.socks = open("ctlb_socks_v2")
-		m.counters = open("ctlb_counters_v2")
-		m.opened = open("ctlb_open_v2")
-	})
-	return m, m.err
-}
-
-func (m *v2maps) close() {
-	for _, mp := range []*ebpf.Map{m.failing, m.slots, m.hold, m.socks, m.counters, m.opened} {
-		if mp != nil {
-			mp.Close()
-		}
-	}
-}
-
-// slotAddr turns a 16-byte address and a network-order port into an AddrPort.
-func slotAddr(a [16]byte, p uint16) netip.AddrPort {
-	var pb [2]byte
-	binary.NativeEndian.PutUint16(pb[:], p)
-	return netip.AddrPortFrom(netip.AddrFrom16(a).Unmap(), binary.BigEndian.Uint16(pb[:]))
-}
+func Monotonic() time.Duration { return time.Duration(monotonicNow()) }
 
 // FailMarks lists the slots whose failing mark is set (its hold-down may
 // have passed already: the kernel then lets one probe through).
 func (d *Datapath) FailMarks() ([]FailMark, error) {
-	m, err := d.v2()
+	a, err := d.allocator()
 	if err != nil {
 		return nil, err
 	}
-	n := int(m.failing.MaxEntries())
-	keys := make([]uint32, n)
-	vals := make([]slotFail, n)
-	var cursor ebpf.MapBatchCursor
-	got, err := m.failing.BatchLookup(&cursor, keys, vals, nil)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil, fmt.Errorf("read failing marks: %w", err)
+	a.mu.Lock()
+	slots := make(map[uint32]slotKey, len(a.slots))
+	for sk, s := range a.slots {
+		slots[s] = sk
 	}
+	a.mu.Unlock()
 	var out []FailMark
-	for i := 0; i < got; i++ {
-		if vals[i].UntilNs == 0 || keys[i] == 0 {
+	for s, sk := range slots {
+		var f ctlbSlotFailV2
+		if err := d.maps.failing.Lookup(s, &f); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				continue
+			}
+			return nil, fmt.Errorf("read failing mark of slot %d: %w", s, err)
+		}
+		if f.UntilNs == 0 {
 			continue
 		}
-		var si slotInfo
-		if err := m.slots.Lookup(keys[i], &si); err != nil {
-			return nil, fmt.Errorf("read slot %d: %w", keys[i], err)
-		}
-		out = append(out, FailMark{Slot: keys[i], VIP: slotAddr(si.VIP.Addr, si.VIP.Port), Server: slotAddr(si.Addr, si.Port),
-			Until: time.Duration(vals[i].UntilNs), Strikes: vals[i].Strikes})
+		out = append(out, FailMark{Slot: s, VIP: sk.svc.VIP, Protocol: sk.svc.Protocol, Server: sk.server,
+			Until: time.Duration(f.UntilNs), Strikes: f.Strikes})
 	}
 	return out, nil
 }
@@ -149,11 +70,7 @@ func (d *Datapath) FailMarks() ([]FailMark, error) {
 // ClearFailMark returns a slot to rotation at once (a health check or a
 // probe by ctlbd passed).
 func (d *Datapath) ClearFailMark(slot uint32) error {
-	m, err := d.v2()
-	if err != nil {
-		return err
-	}
-	if err := m.failing.Put(slot, slotFail{}); err != nil {
+	if err := d.maps.failing.Put(slot, ctlbSlotFailV2{}); err != nil {
 		return fmt.Errorf("clear failing mark of slot %d: %w", slot, err)
 	}
 	return nil
@@ -163,11 +80,7 @@ func (d *Datapath) ClearFailMark(slot uint32) error {
 // with the given strikes: ctlbd's own probe failed, so no client connect
 // needs to be the probe.
 func (d *Datapath) HoldFailMark(slot uint32, until time.Duration, strikes uint32) error {
-	m, err := d.v2()
-	if err != nil {
-		return err
-	}
-	if err := m.failing.Put(slot, slotFail{UntilNs: uint64(until), Strikes: strikes}); err != nil {
+	if err := d.maps.failing.Put(slot, ctlbSlotFailV2{UntilNs: uint64(until), Strikes: strikes}); err != nil {
 		return fmt.Errorf("hold failing mark of slot %d: %w", slot, err)
 	}
 	return nil
@@ -175,12 +88,8 @@ func (d *Datapath) HoldFailMark(slot uint32, until time.Duration, strikes uint32
 
 // HoldTimes are the node's hold-down base and maximum (ctlb_config_v2).
 func (d *Datapath) HoldTimes() (base, max time.Duration, err error) {
-	m, err := d.v2()
-	if err != nil {
-		return 0, 0, err
-	}
-	var c holdConfig
-	if err := m.hold.Lookup(uint32(0), &c); err != nil {
+	var c ctlbConfigV2
+	if err := d.maps.config.Lookup(uint32(0), &c); err != nil {
 		return 0, 0, fmt.Errorf("read hold-down config: %w", err)
 	}
 	base, max = DefaultHoldBase, DefaultHoldMax

@@ -25,7 +25,7 @@ func ParseRemovalPolicy(s string) (RemovalPolicy, error) {
 	return "", fmt.Errorf("on-server-removed policy %q: want %q or %q", s, RemovalTerminate, RemovalKeep)
 }
 
-// flagKeepOnRemoval is a header flag the kernel ignores: it keeps the VIP's
+// flagKeepOnRemoval (CTLB_SVC_F_KEEP_ON_REMOVAL) is a header flag the kernel ignores: it keeps the VIP's
 // removal policy with its set in the pinned maps, so a restarted ctlbd
 // applies the policy the VIP was given without being told again.
 const flagKeepOnRemoval = 0x8000
