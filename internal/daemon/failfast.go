@@ -136,15 +136,11 @@ func (f *failWatch) probe(ctx context.Context, m datapath.FailMark, key datapath
 		delete(f.probing, m.Slot)
 		f.mu.Unlock()
 	}()
-	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
-	var dialer net.Dialer
-	c, err := dialer.DialContext(pctx, "tcp", m.Server.String())
-	cancel()
+	err := f.dial(ctx, m.Server)
 	if ctx.Err() != nil {
 		return
 	}
 	if err == nil {
-		c.Close()
 		f.clear(m, key, "probe connect by ctlbd succeeded")
 		return
 	}
@@ -188,4 +184,43 @@ func (f *failWatch) state(vip, server netip.AddrPort) (failing bool, marked, ret
 	defer f.mu.Unlock()
 	k := datapath.Departed{VIP: vip, Server: server}
 	return f.failing[k], f.marked[k], f.returned[k]
+}
+
+// dial probes a server the way the pods reach it: from ctlbd's own network
+// namespace and from every namespace holding attached pods, at once. One
+// success is enough.
+func (f *failWatch) dial(ctx context.Context, server netip.AddrPort) error {
+	nss, err := f.d.dp.AttachedNetNS()
+	if err != nil {
+		return err
+	}
+	defer nss.Close()
+	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	errs := make(chan error, nss.Len())
+	for _, ns := range nss.Files() {
+		go func() {
+			var c net.Conn
+			err := datapath.InNetNS(ns, func() error {
+				var dialer net.Dialer
+				var err error
+				c, err = dialer.DialContext(pctx, "tcp", server.String())
+				return err
+			})
+			if c != nil {
+				c.Close()
+			}
+			errs <- err
+		}()
+	}
+	var last error
+	for range nss.Len() {
+		if err := <-errs; err == nil {
+			cancel() // the others need not finish
+			return nil
+		} else {
+			last = err
+		}
+	}
+	return last
 }

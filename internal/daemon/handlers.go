@@ -281,12 +281,21 @@ func (d *Daemon) Status() (api.Status, error) {
 		for _, c := range byVIP[svc.VIP] {
 			if !listed[c.Server] && (c.Open > 0 || ended[c.Server] > 0) {
 				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Server.String(), InSet: false, Connects: c.Connects, Open: c.Open})
+				listed[c.Server] = true
+			}
+		}
+		// Departed servers whose slot the kernel has given back: what
+		// ctlbd ended is still worth showing.
+		for srv := range ended {
+			if !listed[srv] {
+				ss.Servers = append(ss.Servers, api.ServerStatus{Server: srv.String(), InSet: false})
 			}
 		}
 		for i := range ss.Servers {
 			if srv, err := netip.ParseAddrPort(ss.Servers[i].Server); err == nil {
 				ss.Servers[i].Terminated = ended[srv]
-				ss.Servers[i].Failing, ss.Servers[i].FailMarks, _ = d.fail.state(svc.VIP, srv)
+				_, ss.Servers[i].FailMarks, _ = d.fail.state(svc.VIP, srv)
+				ss.Servers[i].Failing = counted[srv].FailingFor > 0
 			}
 		}
 		st.Services = append(st.Services, ss)

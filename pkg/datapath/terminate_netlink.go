@@ -82,8 +82,11 @@ func (t *NetlinkTerminator) Terminate(netns []*os.File, departed []Departed, kee
 	return out, first
 }
 
-// inNetNS runs f on a locked thread inside ns; the thread is thrown away if
-// it cannot be put back into its own namespace.
+// InNetNS runs f on a locked OS thread inside the network namespace ns
+// (sockets f creates belong to ns); the thread is thrown away if it cannot
+// be put back into its own namespace.
+func InNetNS(ns *os.File, f func() error) error { return inNetNS(ns, f) }
+
 func inNetNS(ns *os.File, f func() error) error {
 	errc := make(chan error, 1)
 	go func() {

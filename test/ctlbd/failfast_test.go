@@ -35,7 +35,7 @@ func TestDeadServerCostsOneConnect(t *testing.T) {
 			srvs[1], r.Failed, r.Errors, r.PerServer, d.logs.String())
 	}
 	_, s := vipStatus(t, d, vip)
-	if row, _ := serverStatus(s, srvs[1]); !row.Failing || row.FailMarks == 0 {
+	if row, _ := serverStatus(s, srvs[1]); !row.Failing {
 		t.Errorf("status of the dead server = %+v, want failing", row)
 	}
 

@@ -64,6 +64,11 @@ func TestServerRemovedEndsItsConnections(t *testing.T) {
 		start := time.Now()
 		d.mustCLI("service", "set", vip, two[1])
 		cliDone := time.Since(start)
+		t.Cleanup(func() {
+			if t.Failed() {
+				t.Logf("daemon log:\n%s", d.logs.String())
+			}
+		})
 		for range 2 {
 			ev := c.Event(t, endDeadline-time.Since(start))
 			if ev == nil {
