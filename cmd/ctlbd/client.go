@@ -44,7 +44,7 @@ func newServiceCommand(g *globals) *cobra.Command {
 		Use:   "service",
 		Short: "Set, delete and list VIPs and their servers",
 	}
-	var empty, onRemoved string
+	var empty, onRemoved, balance string
 	set := &cobra.Command{
 		Use:   "set VIP:PORT SERVER:PORT [SERVER:PORT...]",
 		Short: "Set a VIP's servers, replacing its set atomically",
@@ -54,16 +54,22 @@ With no servers, connects to the VIP follow --empty: "reject" fails them at
 once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 (where the fallback proxy may answer).
 
+--balance chooses how a connect picks a server: "roundrobin" rotates (each
+node starts at a random point, so nodes do not all begin on one server),
+"random" picks at random, "least-open" takes the less loaded of two random
+servers by the kernel's count of open connections.
+
 A server that leaves the set has its open connections ended at once
 (--on-server-removed terminate, the default): the clients see the connection
 aborted and reconnect through the VIP to a server still in the set. With
 "keep" they stay open until the applications close them.`,
 		Example: `  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502
   ctlbd service set 198.18.255.1:8502 --empty passthrough
-  ctlbd service set 198.18.255.1:8502 198.18.0.12:8502 --on-server-removed keep`,
+  ctlbd service set 198.18.255.1:8502 198.18.0.12:8502 --on-server-removed keep
+  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502 --balance least-open`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty, OnServerRemoved: onRemoved}
+			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty, OnServerRemoved: onRemoved, Balance: balance}
 			if req.Servers == nil {
 				req.Servers = []string{}
 			}
@@ -72,11 +78,12 @@ aborted and reconnect through the VIP to a server still in the set. With
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
-				fmt.Fprintf(w, "set %s: %d servers, empty %s, on server removed %s\n", svc.VIP, len(svc.Servers), svc.Empty, svc.OnServerRemoved)
+				fmt.Fprintf(w, "set %s: %d servers, empty %s, balance %s, on server removed %s\n", svc.VIP, len(svc.Servers), svc.Empty, svc.Balance, svc.OnServerRemoved)
 			})
 		},
 	}
 	set.Flags().StringVar(&empty, "empty", "reject", `what a connect to the VIP does while its set is empty: "reject" or "passthrough"`)
+	set.Flags().StringVar(&balance, "balance", "roundrobin", `how a connect chooses a server: "roundrobin" (each node starts at a random point), "random", or "least-open" (the less loaded of two random servers)`)
 	set.Flags().StringVar(&onRemoved, "on-server-removed", "terminate", `what happens to the open connections of a server that leaves the set: "terminate" or "keep"`)
 	del := &cobra.Command{
 		Use:     "delete VIP:PORT",

@@ -70,6 +70,11 @@ type Service struct {
 	Servers []string `json:"servers,omitempty"`
 	// Empty is the empty-set policy: "reject" (default) or "passthrough".
 	Empty string `json:"empty,omitempty"`
+	// Balance is how connect() chooses a server: "roundrobin" (default;
+	// each node starts its rotation at a random point), "random", or
+	// "least-open" (the less loaded of two random servers, by the kernel's
+	// open-connection counts).
+	Balance string `json:"balance,omitempty"`
 	// OnServerRemoved is what happens to the open connections of a server
 	// that leaves the set (removed, or unhealthy): "terminate" (default)
 	// ends them so clients reconnect to a server in the set; "keep" leaves
@@ -240,7 +245,11 @@ func (s Service) Datapath() (datapath.Service, error) {
 	if s.RebalanceRate < 0 || s.RebalanceRate > MaxRebalanceRate {
 		return datapath.Service{}, fmt.Errorf("VIP %s: rebalanceRate %v: want 0 (default %v) to %v connections per second", vip, s.RebalanceRate, DefaultRebalanceRate, MaxRebalanceRate)
 	}
-	out := datapath.Service{VIP: vip, Empty: policy, OnServerRemoved: removal, Servers: []netip.AddrPort{}}
+	balance, err := datapath.ParseBalance(s.Balance)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	out := datapath.Service{VIP: vip, Empty: policy, Balance: balance, OnServerRemoved: removal, Servers: []netip.AddrPort{}}
 	for _, raw := range s.Servers {
 		srv, err := datapath.ParseServer(raw)
 		if err != nil {

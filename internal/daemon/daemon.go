@@ -323,7 +323,7 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
 				continue
 			}
-			if !ok || cur.Empty != svc.Empty || cur.OnServerRemoved != svc.OnServerRemoved {
+			if !ok || cur.Empty != svc.Empty || cur.Balance != svc.Balance || cur.OnServerRemoved != svc.OnServerRemoved {
 				keep := svc
 				keep.Servers = []netip.AddrPort{}
 				if ok {
@@ -375,7 +375,7 @@ func mustVIP(s string) netip.AddrPort {
 }
 
 func sameService(a, b datapath.Service) bool {
-	if a.VIP != b.VIP || a.Empty != b.Empty || a.OnServerRemoved != b.OnServerRemoved || len(a.Servers) != len(b.Servers) {
+	if a.VIP != b.VIP || a.Empty != b.Empty || a.Balance != b.Balance || a.OnServerRemoved != b.OnServerRemoved || len(a.Servers) != len(b.Servers) {
 		return false
 	}
 	for i := range a.Servers {

@@ -88,7 +88,7 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, err)
 		return
 	}
-	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, OnServerRemoved: req.OnServerRemoved}.Datapath()
+	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, OnServerRemoved: req.OnServerRemoved, Balance: req.Balance}.Datapath()
 	if err != nil {
 		reply(w, nil, badRequest(err))
 		return
@@ -243,7 +243,7 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	tracked := d.snapshots()
 	for _, svc := range svcs {
-		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), OnServerRemoved: string(svc.OnServerRemoved), Servers: []api.ServerStatus{}}
+		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), OnServerRemoved: string(svc.OnServerRemoved), Balance: string(svc.Balance), Servers: []api.ServerStatus{}}
 		ended := d.ends.terminated(svc.VIP)
 		ss.Rebalancing = d.reb.rebalancing(svc.VIP)
 		counted := map[netip.AddrPort]datapath.ServerStats{}

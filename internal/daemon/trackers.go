@@ -31,7 +31,7 @@ func (ts *trackedService) sameConfig(cfg config.Service) bool {
 // stopped has its late changes ignored. Callers hold d.mu.
 func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datapath.Service) error {
 	ts := &trackedService{vip: svc.VIP, cfg: cfg}
-	policy, removal := svc.Empty, svc.OnServerRemoved
+	policy, removal, balance := svc.Empty, svc.OnServerRemoved, svc.Balance
 	opts, err := cfg.Sources().Options(func(healthy []netip.AddrPort, reason string) {
 		d.mu.Lock()
 		defer d.mu.Unlock()
@@ -39,7 +39,7 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 			return // superseded or stopped
 		}
 		// The tracker logged the change and its reason already.
-		if err := d.writeSets(datapath.Service{VIP: ts.vip, Servers: healthy, Empty: policy, OnServerRemoved: removal}); err != nil {
+		if err := d.writeSets(datapath.Service{VIP: ts.vip, Servers: healthy, Empty: policy, Balance: balance, OnServerRemoved: removal}); err != nil {
 			d.log.Error("write healthy set", "vip", ts.vip, "reason", reason, "error", err)
 		}
 	}, d.log)

@@ -39,6 +39,8 @@ type ServiceRequest struct {
 	Empty string `json:"empty,omitempty"`
 	// OnServerRemoved is "terminate" (default) or "keep".
 	OnServerRemoved string `json:"onServerRemoved,omitempty"`
+	// Balance is "roundrobin" (default), "random" or "least-open".
+	Balance string `json:"balance,omitempty"`
 }
 
 // AttachRequest attaches to or detaches from a cgroup (ctlbd attach/detach).
@@ -89,6 +91,8 @@ type ServiceStatus struct {
 	Servers []ServerStatus `json:"servers"`
 	// OnServerRemoved is "terminate" or "keep".
 	OnServerRemoved string `json:"onServerRemoved,omitempty"`
+	// Balance is "roundrobin", "random" or "least-open".
+	Balance string `json:"balance,omitempty"`
 	// Rebalancing is true while ctlbd moves connections onto a server
 	// that joined the set (config "rebalance").
 	Rebalancing bool `json:"rebalancing,omitempty"`
