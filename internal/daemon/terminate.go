@@ -252,7 +252,7 @@ func (d *Daemon) departures(svcs []datapath.Service) []datapath.Departed {
 		}
 		for _, old := range d.table.targets(s.VIP) {
 			if !slices.Contains(s.Servers, old) {
-				out = append(out, datapath.Departed{VIP: s.VIP, Server: old})
+				out = append(out, datapath.Departed{VIP: s.VIP, Protocol: s.Key().Protocol, Server: old})
 			}
 		}
 	}

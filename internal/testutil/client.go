@@ -30,7 +30,8 @@ type ClientSpec struct {
 	// Stop), "storm" (Workers loops of connections until Stop or Duration),
 	// "udp" (Count datagrams, each answered by the server's address),
 	// "watch" (Count connections held open, each watched: a line with an
-	// Event when one ends, and, with Reconnect, when it is replaced).
+	// Event when one ends, and, with Reconnect, when it is replaced),
+	// "udpwatch" (the same with Count connected UDP sockets).
 	Mode   string `json:"mode"`
 	Target string `json:"target"`
 	// Targets, in dial mode, are dialed once each instead of Target.
@@ -258,6 +259,8 @@ func runClient(spec ClientSpec) {
 		}
 	case "watch":
 		watch(ctx, spec, r)
+	case "udpwatch":
+		udpWatch(ctx, spec, r)
 	case "udp":
 		for i := 0; i < spec.Count; i++ {
 			r.Total++

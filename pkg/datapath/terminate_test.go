@@ -161,3 +161,50 @@ func TestNetlinkTerminateFallback(t *testing.T) {
 	pod.Stop(t)
 	outside.Stop(t)
 }
+
+// Connected UDP sockets are ended too: 4 over 2 servers of a UDP VIP, one
+// server departs, its 2 sockets end, the others stay.
+func TestTerminateConnectedUDP(t *testing.T) {
+	dp := newDatapath(t)
+	term := newTerminator(t, dp)
+	netns := testutil.NewNetNS(t)
+	srvs := servers[:2]
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
+	for _, s := range srvs {
+		testutil.StartUDPEcho(t, netns, s)
+	}
+	cg := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("test-term-udp", cg); err != nil {
+		t.Fatal(err)
+	}
+	v := netip.MustParseAddrPort(vip)
+	if err := dp.SetService(datapath.Service{VIP: v, Protocol: datapath.UDP, Servers: aps(t, srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	pod := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "udpwatch", Target: vip, Count: 4})
+	if r := pod.Result(t); r.Failed != 0 || r.PerServer[srvs[0]] != 2 || r.PerServer[srvs[1]] != 2 {
+		t.Fatalf("connected UDP sockets: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
+	}
+	if err := dp.SetService(datapath.Service{VIP: v, Protocol: datapath.UDP, Servers: aps(t, srvs[1])}); err != nil {
+		t.Fatal(err)
+	}
+	nss, err := dp.AttachedNetNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nss.Close()
+	res, err := term.Terminate(nss.Files(), []datapath.Departed{{VIP: v, Protocol: datapath.UDP, Server: netip.MustParseAddrPort(srvs[0])}})
+	if err != nil || len(res) != 1 || res[0].Destroyed != 2 {
+		t.Fatalf("terminate = %+v, %v; want 2 UDP sockets ended", res, err)
+	}
+	for range 2 {
+		ev := pod.Event(t, 2*time.Second)
+		if ev == nil || ev.Server != srvs[0] || !strings.Contains(ev.Ended, "connection abort") {
+			t.Fatalf("event %+v: want a UDP socket on %s ended with ECONNABORTED", ev, srvs[0])
+		}
+	}
+	if ev := pod.Event(t, 300*time.Millisecond); ev != nil {
+		t.Fatalf("a UDP socket on the other server ended: %+v", ev)
+	}
+	pod.Stop(t)
+}
