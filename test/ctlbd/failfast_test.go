@@ -22,6 +22,10 @@ func TestDeadServerCostsOneConnect(t *testing.T) {
 	cg := testutil.NewCgroup(t, "")
 	d.mustCLI("attach", "--cgroup", cg)
 	d.mustCLI(append([]string{"service", "set", vip}, srvs...)...)
+	// A pod always has a process (its pause container): ctlbd finds the
+	// pod's network namespace through it, and probes from there.
+	resident := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip})
+	resident.Result(t)
 	if r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 6}); r.Failed != 0 || r.PerServer[srvs[1]] != 2 {
 		t.Fatalf("before: landed %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
 	}
