@@ -24,6 +24,8 @@ want containerd containerd
 want runc runc
 want podman podman
 want catatonit catatonit
+want java openjdk-17-jdk-headless
+want python3 python3
 for extra in ${CTLB_EXTRA_PACKAGES:-}; do need+=("$extra"); done
 
 if ((${#need[@]})); then

@@ -179,8 +179,12 @@ func Create(dir string) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := recoverMapPins(dir); err != nil {
-		return nil, err
+	if old == 0 {
+		// Same layout: map pins lost while no daemon ran are taken back
+		// from the programs that still use them.
+		if _, err := recoverMapPins(dir); err != nil {
+			return nil, err
+		}
 	}
 	spec, err := mainSpec()
 	if err != nil {

@@ -69,6 +69,12 @@ func repinByID(dir string, id ebpf.MapID, missing map[string]string, fixed *[]st
 	if pin == "" {
 		return nil
 	}
+	// Names are cut to 15 bytes by the kernel: check the format too.
+	if spec, err := mainSpec(); err == nil {
+		if ms := spec.Maps[pin]; ms != nil && (ms.Type != mi.Type || ms.KeySize != mi.KeySize || ms.ValueSize != mi.ValueSize) {
+			return nil
+		}
+	}
 	if err := m.Pin(filepath.Join(dir, pin)); err != nil {
 		return fmt.Errorf("re-pin map %s: %w", pin, err)
 	}

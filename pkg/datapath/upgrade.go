@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -160,14 +161,16 @@ func (d *Datapath) upgradeV1() (*UpgradeReport, error) {
 	}
 
 	// 3. Attachments.
-	n, err := d.upgradeAttachments()
+	n, err := d.upgradeAttachments(coll.Programs["ctlb_release_v1"])
 	rep.Attachments = n
 	if err != nil {
 		return rep, err
 	}
 
 	// 4. Counts. The v1 maps are frozen now: no v1 connect4 or release
-	// runs any more. Unpin first, so a restart never adds them twice.
+	// starts any more; one that started before the switch ends well within
+	// this pause. Unpin first, so a restart never adds them twice.
+	time.Sleep(50 * time.Millisecond)
 	for _, name := range []string{"ctlb_connects_v1", "ctlb_open_v1"} {
 		if old[name] != nil {
 			if err := os.Remove(filepath.Join(d.dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -412,7 +415,7 @@ func (d *Datapath) attachLegacyRelease(prog *ebpf.Program) error {
 }
 
 // upgradeAttachments gives every v1 attachment the v2 hooks.
-func (d *Datapath) upgradeAttachments() (int, error) {
+func (d *Datapath) upgradeAttachments(legacy *ebpf.Program) (int, error) {
 	entries, err := os.ReadDir(d.linksDir())
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -452,7 +455,7 @@ func (d *Datapath) upgradeAttachments() (int, error) {
 			c4.Close()
 			continue
 		}
-		err = d.upgradeAttachment(dir, cg, c4)
+		err = d.upgradeAttachment(dir, cg, c4, legacy)
 		c4.Close()
 		if err != nil {
 			return n, fmt.Errorf("upgrade attachment %s: %w", e.Name(), err)
@@ -462,7 +465,7 @@ func (d *Datapath) upgradeAttachments() (int, error) {
 	return n, nil
 }
 
-func (d *Datapath) upgradeAttachment(dir, cgroup string, c4 link.Link) error {
+func (d *Datapath) upgradeAttachment(dir, cgroup string, c4 link.Link, legacy *ebpf.Program) error {
 	// The v1 getpeername4 keeps answering for sockets opened under v1.
 	gp := filepath.Join(dir, "getpeername4")
 	if l, err := link.LoadPinnedLink(gp, nil); err == nil {
@@ -495,9 +498,25 @@ func (d *Datapath) upgradeAttachment(dir, cgroup string, c4 link.Link) error {
 	if err := c4.Update(d.progs["connect4"]); err != nil {
 		return fmt.Errorf("switch connect4 to v%d: %w", Layout, err)
 	}
-	// The root programs release every socket now, v1 ones included.
-	if err := os.Remove(filepath.Join(dir, "sock_release")); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove v1 release link: %w", err)
+	// The v1 release link now runs the v1-socket release of layout v2: it
+	// gives a v1 socket's count to its v2 slot. Replaced in place, not
+	// removed: a removed link detaches some time later (the kernel defers
+	// it), and a v1 release running after the counts were carried over
+	// would lose a decrement.
+	rl := filepath.Join(dir, "sock_release")
+	l, err := link.LoadPinnedLink(rl, nil)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("load v1 release link: %w", err)
+	}
+	defer l.Close()
+	if legacy == nil {
+		return os.Remove(rl)
+	}
+	if err := l.Update(legacy); err != nil {
+		return fmt.Errorf("switch v1 release link: %w", err)
 	}
 	return nil
 }

@@ -571,7 +571,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	}
 
 	// One map pin.
-	services := filepath.Join(e.bpffs, "ctlb_services_v1")
+	services := filepath.Join(e.bpffs, "ctlb_services_v2")
 	if err := os.Remove(services); err != nil {
 		t.Fatal(err)
 	}
@@ -595,8 +595,8 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 
 	// One pass of ctlbd's reconciler, the one its loop runs.
 	r := e.daemon.d.Reconcile()
-	if !slices.Contains(r.Repinned, "ctlb_services_v1") {
-		t.Fatalf("reconcile: %+v, want ctlb_services_v1 re-pinned", r)
+	if !slices.Contains(r.Repinned, "ctlb_services_v2") {
+		t.Fatalf("reconcile: %+v, want ctlb_services_v2 re-pinned", r)
 	}
 	if err := e.check(list, p); err != nil {
 		t.Fatalf("CHECK after the re-pin: %v", err)
