@@ -271,6 +271,7 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 
 // Del detaches and drops any pending record. It succeeds when everything is
 // already gone (link, pins, cgroup, netns) and on repeated calls.
+// DEL is best effort (ARCHITECTURE.md I5).
 func Del(args *skel.CmdArgs) error {
 	c, err := newCall(args, "DEL", false)
 	if err != nil {

@@ -64,6 +64,7 @@ func reply(w http.ResponseWriter, v any, err error) {
 }
 
 // decode reads a bounded, strictly-typed JSON body.
+// A refused request changes nothing (ARCHITECTURE.md I7).
 func decode(_ http.ResponseWriter, r *http.Request, v any) error {
 	if err := api.Decode(r.Body, v); err != nil {
 		if errors.Is(err, api.ErrTooLarge) {

@@ -57,6 +57,7 @@ func (d *Datapath) linksDir() string { return filepath.Join(d.dir, "links") }
 // directory renamed into place, so an attachment is whole or absent, never
 // half-made, even if the caller dies half-way. Attaching the same ID to the
 // same cgroup again is a no-op; to another cgroup it is an error.
+// The links are pinned before Attach returns, so they outlive the caller (ARCHITECTURE.md I1).
 func (d *Datapath) Attach(id, cgroupDir string) (Attachment, error) {
 	if err := ValidateAttachmentID(id); err != nil {
 		return Attachment{}, err

@@ -70,6 +70,7 @@ func (d *Datapath) Dir() string { return d.dir }
 // Create opens the objects pinned in dir, loading and pinning the embedded
 // ones first where they are missing. Only ctlbd creates: it is the writer
 // that owns the maps (invariant 4). dir must be on a bpffs.
+// Adopting, never rebuilding, is ARCHITECTURE.md I1; refusing other layouts is I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
