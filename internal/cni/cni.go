@@ -510,6 +510,24 @@ func (c *call) gc() error {
 			c.log.Info("GC: detached", "attachment", a.ID, "reason", reason)
 		}
 	}
+	if byList {
+		// A GC or DEL killed half-way through a detach left a temporary
+		// directory whose links still hold the programs: finish it.
+		ids, err := datapath.Interrupted(c.conf.BPFFS)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, id := range ids {
+			if !ownedAttachment(id) || validAtt[id] {
+				continue
+			}
+			if _, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			c.log.Info("GC: removed what an interrupted call left", "attachment", id)
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return cniErr(types.ErrInternal, "ctlb: GC", err)
 	}

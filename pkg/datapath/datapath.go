@@ -3,6 +3,10 @@
 // rest of ctlb typed operations on them: service sets, per-server counters
 // and cgroup attachments. Every other part of ctlb goes through it.
 //
+// It is public API: a third-party agent may adopt a node's pins and read or
+// drive them through this package (docs/ARCHITECTURE.md, "Parts"; the map
+// formats are docs/MAPS.md).
+//
 // Pinned layout (docs/MAPS.md has the map formats):
 //
 //	DIR/ctlb_services_v1 ... maps, pinned by name
