@@ -27,6 +27,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // DefaultDir is where ctlb pins its objects unless told otherwise.
@@ -100,6 +102,7 @@ func Create(dir string) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load maps pinned in %s: %w", dir, mapErr(err))
 	}
+	crashpoint.Hit(crashpoint.CreateMaps)
 	if err := d.adoptOrLoadPrograms(spec); err != nil {
 		d.objs.ctlbMaps.Close()
 		return nil, err
@@ -210,6 +213,7 @@ func (d *Datapath) adoptOrLoadPrograms(spec *ebpf.CollectionSpec) error {
 				return fmt.Errorf("pin program %s: %w", p, err)
 			}
 			d.progs[h.name] = prog
+			crashpoint.Hit(crashpoint.CreatePrograms)
 		default:
 			d.closeProgs()
 			return fmt.Errorf("open pinned program %s: %w", p, err)
@@ -262,6 +266,7 @@ func (d *Datapath) upgradeProgram(hook string, embedded *ebpf.Program) (*ebpf.Pr
 			prog.Close()
 			return nil, fmt.Errorf("upgrade %s: update link %s: %w", hook, lp, err)
 		}
+		crashpoint.Hit(crashpoint.Upgrade)
 	}
 	// Pin beside the old pin, then rename over it: the pin never vanishes.
 	p := filepath.Join(d.dir, progPin(hook))
