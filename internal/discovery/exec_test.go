@@ -50,7 +50,8 @@ func TestExecFollowsOutput(t *testing.T) {
 func TestExecErrors(t *testing.T) {
 	ctx := context.Background()
 	cases := map[string]Exec{
-		"bad output": {Command: []string{script(t, "echo 198.18.7.1 not-an-address")}},
+		"bad output": {Command: []string{script(t, "echo not-an-address")}},
+		"too much":   {Command: []string{script(t, "head -c 2000000 /dev/zero | tr '\\0' 'x'")}},
 		"empty":      {Command: []string{script(t, "true")}},
 		"timeout":    {Command: []string{script(t, "sleep 5")}, Timeout: 200 * time.Millisecond},
 		"missing":    {Command: []string{filepath.Join(t.TempDir(), "nonexistent")}},
@@ -58,7 +59,7 @@ func TestExecErrors(t *testing.T) {
 	}
 	for name, e := range cases {
 		start := time.Now()
-		got, err := e.Once(ctx)
+		got, _, err := e.Once(ctx)
 		if err == nil {
 			t.Errorf("%s: got %v, want an error", name, got)
 			continue

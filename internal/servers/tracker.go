@@ -49,8 +49,12 @@ func (c Config) Options(onChange OnChange, log *slog.Logger) (Options, error) {
 	if err != nil {
 		return Options{}, err
 	}
+	ck, err := c.Checker()
+	if err != nil {
+		return Options{}, err
+	}
 	return Options{
-		Sources: srcs, Checker: c.Checker(), Health: c.HealthParams(),
+		Sources: srcs, Checker: ck, Health: c.HealthParams(),
 		Panic: c.Panic, OnChange: onChange, Logger: log,
 	}, nil
 }
