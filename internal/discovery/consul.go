@@ -30,6 +30,10 @@ const (
 	// agent restarting, a proxy in the way) costs a few requests a second,
 	// never a tight loop; a change is still seen the moment it happens.
 	DefaultConsulMinInterval = 500 * time.Millisecond
+	// consulChangedInterval is the least time between the starts of two
+	// queries when the index moved: a catalog that changes all the time
+	// costs at most a few queries a second too.
+	consulChangedInterval = 100 * time.Millisecond
 	// Error back-off: from the first to the last, doubling, with jitter.
 	consulBackoffMin = time.Second
 	consulBackoffMax = 30 * time.Second
@@ -312,6 +316,12 @@ func (w *consulWatch) run(ctx context.Context) {
 			continue
 		}
 		bo.reset()
+		// A new index is news, fetched again soon; the same index again
+		// (a blocking query that did not block) waits the full interval.
+		floor := q.MinInterval
+		if next != index {
+			floor = min(q.MinInterval, consulChangedInterval)
+		}
 		// Consul's rules for the index: one that goes backwards means the
 		// catalog was restored or another server answered; start over.
 		// Never block on 0.
@@ -324,7 +334,7 @@ func (w *consulWatch) run(ctx context.Context) {
 			index = next
 		}
 		w.publish(ans)
-		if !sleep(ctx, time.Until(start.Add(jitter(q.MinInterval)))) {
+		if !sleep(ctx, time.Until(start.Add(jitter(floor)))) {
 			return
 		}
 	}

@@ -78,21 +78,29 @@ func (e Exec) Run(ctx context.Context, emit func(Result)) {
 	}
 }
 
-// limitedBuffer keeps at most n bytes and notes that more came.
+// limitedBuffer keeps at most n bytes and notes that more came. It wraps
+// the buffer rather than embedding it: an embedded bytes.Buffer would give
+// it ReadFrom, which io.Copy (and so os/exec) prefers to Write, and the cap
+// would never apply.
 type limitedBuffer struct {
-	bytes.Buffer
+	buf  bytes.Buffer
 	n    int
 	over bool
 }
 
 func (b *limitedBuffer) Write(p []byte) (int, error) {
-	if room := b.n - b.Len(); len(p) > room {
+	n := len(p)
+	if room := b.n - b.buf.Len(); n > room {
 		b.over = true
 		p = p[:max(room, 0)]
 	}
-	b.Buffer.Write(p)
-	return len(p), nil
+	b.buf.Write(p)
+	// Report all of p taken: a short write would stop the copy and hide
+	// the real outcome (the command's exit) behind io.ErrShortWrite.
+	return n, nil
 }
+
+func (b *limitedBuffer) String() string { return b.buf.String() }
 
 // Once runs the command one time and parses its output.
 func (e Exec) Once(ctx context.Context) ([]netip.AddrPort, []Rejected, error) {
