@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
@@ -78,7 +77,7 @@ func (GRPC) Kind() string { return "grpc" }
 func dialGRPC(addr netip.AddrPort, tc *tls.Config) (*grpc.ClientConn, error) {
 	creds := insecure.NewCredentials()
 	if tc != nil {
-		creds = credentials.NewTLS(tc)
+		creds = newTLSCreds(tc)
 	}
 	return grpc.NewClient("passthrough:///"+addr.String(), grpc.WithTransportCredentials(creds))
 }
