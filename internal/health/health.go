@@ -77,7 +77,7 @@ func (GRPC) Kind() string { return "grpc" }
 func dialGRPC(addr netip.AddrPort, tc *tls.Config) (*grpc.ClientConn, error) {
 	creds := insecure.NewCredentials()
 	if tc != nil {
-		creds = newTLSCreds(tc)
+		creds = TLSCredentials(tc)
 	}
 	return grpc.NewClient("passthrough:///"+addr.String(), grpc.WithTransportCredentials(creds))
 }

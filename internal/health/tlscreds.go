@@ -19,7 +19,10 @@ type alpnTolerantTLS struct {
 	cfg *tls.Config
 }
 
-func newTLSCreds(c *tls.Config) credentials.TransportCredentials {
+// TLSCredentials is gRPC client TLS with config c (cloned) that, unlike
+// credentials.NewTLS, accepts a server that does not negotiate ALPN, such
+// as Consul's gRPC TLS port. Test clients use it too.
+func TLSCredentials(c *tls.Config) credentials.TransportCredentials {
 	c = c.Clone()
 	if len(c.NextProtos) == 0 {
 		c.NextProtos = []string{"h2"}

@@ -457,6 +457,17 @@ type trackingDaemon struct {
 // health-checked every second.
 func startTrackingDaemon(t *testing.T, nd *node.Node, consulAddr string) *trackingDaemon {
 	t.Helper()
+	return startTrackingDaemonFor(t, nd, map[string]any{
+		"vip":    vip,
+		"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
+		"health": map[string]any{"interval": "1s", "timeout": "500ms"},
+		"empty":  "reject",
+	})
+}
+
+// startTrackingDaemonFor runs ctlbd in nd with one service, as given.
+func startTrackingDaemonFor(t *testing.T, nd *node.Node, service map[string]any) *trackingDaemon {
+	t.Helper()
 	bpffs := filepath.Join(testutil.MountBPFFS(t), "ctlb")
 	// A short directory of its own: the socket path must fit in sun_path.
 	dir, err := os.MkdirTemp("", "ctlb-d-")
@@ -473,12 +484,7 @@ func startTrackingDaemon(t *testing.T, nd *node.Node, consulAddr string) *tracki
 	}
 	cfg := map[string]any{
 		"bpffs": d.BPFFS, "socket": d.Socket, "stateDir": d.StateDir, "logLevel": "info",
-		"services": []map[string]any{{
-			"vip":    vip,
-			"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
-			"health": map[string]any{"interval": "1s", "timeout": "500ms"},
-			"empty":  "reject",
-		}},
+		"services": []map[string]any{service},
 	}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
