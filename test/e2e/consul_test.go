@@ -450,14 +450,20 @@ type trackingDaemon struct {
 // health-checked every second.
 func startTrackingDaemon(t *testing.T, nd *node.Node, consulAddr string) *trackingDaemon {
 	t.Helper()
+	return startTrackingDaemonFor(t, nd, map[string]any{
+		"vip":    vip,
+		"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
+		"health": map[string]any{"interval": "1s", "timeout": "500ms"},
+		"empty":  "reject",
+	})
+}
+
+// startTrackingDaemonFor runs ctlbd in nd with one service, as given.
+func startTrackingDaemonFor(t *testing.T, nd *node.Node, service map[string]any) *trackingDaemon {
+	t.Helper()
 	cfg := map[string]any{
 		"logLevel": "info",
-		"services": []map[string]any{{
-			"vip":    vip,
-			"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
-			"health": map[string]any{"interval": "1s", "timeout": "500ms"},
-			"empty":  "reject",
-		}},
+		"services": []map[string]any{service},
 	}
 	d := ctlbdtest.New(t, ctlbdtest.Options{
 		Bin:    ctlbdBin,
