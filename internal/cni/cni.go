@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -286,9 +285,7 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), daemonTimeout)
 	defer cancel()
-	var st pending.Status
-	err := api.NewClient(c.conf.Socket).Do(ctx, http.MethodPost, api.PathPending, nil,
-		pending.Notice{ContainerID: c.args.ContainerID, AttachmentID: id}, &st)
+	st, err := api.NewClient(c.conf.Socket).NotifyPending(ctx, c.args.ContainerID, id)
 	if err != nil {
 		// The record is the source of truth: ctlbd completes it when it
 		// (re)starts.
@@ -306,6 +303,7 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 // logFile, any prevResult), ctlbd down, pins, cgroup or netns gone, it
 // succeeds and prints nothing. Only a failure to remove state that is
 // there (an I/O error on the state directory or the bpffs) is an error.
+// (ARCHITECTURE.md I5)
 func Del(args *skel.CmdArgs) error {
 	c, err := newCall(args, "DEL", false, false)
 	if err != nil {
@@ -394,9 +392,7 @@ func Check(args *skel.CmdArgs) error {
 func (c *call) daemonStatus() (api.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), daemonTimeout)
 	defer cancel()
-	var st api.Status
-	err := api.NewClient(c.conf.Socket).Do(ctx, http.MethodGet, api.PathStatus, nil, nil, &st)
-	return st, err
+	return api.NewClient(c.conf.Socket).Status(ctx)
 }
 
 func (c *call) check() error {
@@ -635,6 +631,24 @@ func (c *call) gc() error {
 				errs = append(errs, err)
 			}
 			c.log.Info("GC: detached", "attachment", a.ID, "reason", reason)
+		}
+	}
+	if byList {
+		// A GC or DEL killed half-way through a detach left a temporary
+		// directory whose links still hold the programs: finish it.
+		ids, err := datapath.Interrupted(c.conf.BPFFS)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, id := range ids {
+			if !ownedBy(network, id) || validAtt[id] {
+				continue
+			}
+			if _, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			c.log.Info("GC: removed what an interrupted call left", "attachment", id)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

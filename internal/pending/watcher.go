@@ -42,23 +42,6 @@ type Status struct {
 	Error  string `json:"error,omitempty"`
 }
 
-// Notice is the body of POST /v1/pending: the plugin wrote a record.
-type Notice struct {
-	// ContainerID is the record's container.
-	ContainerID string `json:"containerID"`
-	// AttachmentID is the record's key; a plugin older than keys by
-	// attachment sends only ContainerID.
-	AttachmentID string `json:"attachmentID,omitempty"`
-}
-
-// Key is the record the notice is about.
-func (n Notice) Key() string {
-	if n.AttachmentID != "" {
-		return n.AttachmentID
-	}
-	return n.ContainerID
-}
-
 // Defaults of the watcher's timing.
 const (
 	// DefaultTTL is how long a record whose sandbox netns is gone is kept.

@@ -3,6 +3,10 @@
 // rest of ctlb typed operations on them: service sets, per-server counters
 // and cgroup attachments. Every other part of ctlb goes through it.
 //
+// It is public API: a third-party agent may adopt a node's pins and read or
+// drive them through this package (docs/ARCHITECTURE.md, "Parts"; the map
+// formats are docs/MAPS.md).
+//
 // Pinned layout (docs/MAPS.md has the map formats):
 //
 //	DIR/ctlb_services_v1 ... maps, pinned by name
@@ -70,6 +74,7 @@ func (d *Datapath) Dir() string { return d.dir }
 // Create opens the objects pinned in dir, loading and pinning the embedded
 // ones first where they are missing. Only ctlbd creates: it is the writer
 // that owns the maps (invariant 4). dir must be on a bpffs.
+// Adopting, never rebuilding, is ARCHITECTURE.md I1; refusing other layouts is I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err

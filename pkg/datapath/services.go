@@ -140,6 +140,7 @@ func ValidateServer(srv netip.AddrPort) error {
 // single map update: a concurrent connect() sees the old array or the new
 // one, never a mix, never a gap (invariant 3). The kernel frees the old array
 // once no program can still be reading it.
+// One inner map per set, swapped by one update: ARCHITECTURE.md I3.
 func (d *Datapath) SetService(s Service) error {
 	if err := s.Validate(); err != nil {
 		return err

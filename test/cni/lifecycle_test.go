@@ -59,7 +59,7 @@ func TestCheck(t *testing.T) {
 	wantCode(t, "CHECK against another cgroup", e.check(list, &pm), cni.ErrWrongCgroup, "not on the pod cgroup "+other)
 
 	// ctlbd down.
-	e.daemon.stop()
+	e.daemon.Stop()
 	wantCode(t, "CHECK with ctlbd down", e.check(list, p), types.ErrTryAgainLater, "ctlbd is unreachable")
 	e.startDaemon()
 	if err := e.check(list, p); err != nil {
@@ -108,7 +108,7 @@ func TestDel(t *testing.T) {
 	// A pending one, with ctlbd down: the record goes too.
 	s := e.cgroupfsPod("besteffort", false)
 	e.mustAdd(list, s)
-	e.daemon.stop()
+	e.daemon.Stop()
 	if err := e.del(list, s); err != nil {
 		t.Fatalf("DEL of a pending attachment with ctlbd down: %v", err)
 	}
@@ -189,7 +189,7 @@ func TestStatus(t *testing.T) {
 	if err := status(); err != nil {
 		t.Fatalf("STATUS: %v", err)
 	}
-	e.daemon.stop()
+	e.daemon.Stop()
 	if err := status(); err != nil {
 		t.Fatalf("STATUS with ctlbd down: %v, want ready", err)
 	}
@@ -280,7 +280,7 @@ func TestDelBestEffort(t *testing.T) {
 	// Everything wrong at once, ctlbd down: the attachment still goes.
 	p := e.cgroupfsPod("besteffort", true)
 	e.mustAdd(list, p)
-	e.daemon.stop()
+	e.daemon.Stop()
 	del("with an unopenable logFile, an undecodable prevResult, unknown keys, bad values and ctlbd down", p, func(c map[string]any) {
 		c["logFile"] = filepath.Join(t.TempDir(), "no-such-dir", "ctlb.log")
 		c["prevResult"] = "not a result"
