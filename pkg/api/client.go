@@ -91,10 +91,10 @@ func (c *Client) Pending(ctx context.Context) ([]PendingAttachment, error) {
 }
 
 // NotifyPending tells the daemon that a pending record was written for
-// containerID; it answers with what it did about it.
-func (c *Client) NotifyPending(ctx context.Context, containerID string) (PendingAttachment, error) {
+// containerID's attachment attachmentID; it answers with what it did about it.
+func (c *Client) NotifyPending(ctx context.Context, containerID, attachmentID string) (PendingAttachment, error) {
 	var out PendingAttachment
-	err := c.do(ctx, http.MethodPost, PathPending, PendingNotice{ContainerID: containerID}, &out)
+	err := c.do(ctx, http.MethodPost, PathPending, PendingNotice{ContainerID: containerID, AttachmentID: attachmentID}, &out)
 	return out, err
 }
 

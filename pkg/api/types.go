@@ -49,6 +49,17 @@ type Attachment struct {
 // pending attachment for this container and asks ctlbd to look at it now.
 type PendingNotice struct {
 	ContainerID string `json:"containerID"`
+	// AttachmentID is the record's key (one record per network and
+	// container); a plugin older than that sends only ContainerID.
+	AttachmentID string `json:"attachmentID,omitempty"`
+}
+
+// Key is the pending record the notice is about.
+func (n PendingNotice) Key() string {
+	if n.AttachmentID != "" {
+		return n.AttachmentID
+	}
+	return n.ContainerID
 }
 
 // NetnsID identifies a network namespace (device and inode of its nsfs file).

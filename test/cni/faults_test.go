@@ -109,11 +109,11 @@ func waitProgs(t *testing.T, dir string, want int) {
 // (its record and any temporary file).
 func (e *env) pinsOf(containerID string) []string {
 	e.t.Helper()
-	id := cni.AttachmentID(containerID)
+	id := cni.AttachmentID(netName, containerID)
 	var out []string
 	for _, d := range []struct{ dir, name, tmp string }{
 		{filepath.Join(e.bpffs, "links"), id, "-" + id + "-"},
-		{pending.Dir(e.stateDir), containerID + ".json", "-" + containerID + "-"},
+		{pending.Dir(e.stateDir), id + ".json", "-" + id + "-"},
 	} {
 		ents, err := os.ReadDir(d.dir)
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -171,7 +171,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 		if i < random {
 			diedOfKill = killAfter(t, c, time.Duration(rand.Int64N(int64(span))))
 		} else {
-			diedOfKill = e.killInAttach(t, c, cni.AttachmentID(p.id))
+			diedOfKill = e.killInAttach(t, c, cni.AttachmentID(netName, p.id))
 		}
 		if diedOfKill {
 			killed++
@@ -179,9 +179,9 @@ func TestKillPluginDuringAdd(t *testing.T) {
 		left := e.pinsOf(p.id)
 		state := "nothing"
 		switch {
-		case slices.Contains(left, "links/"+cni.AttachmentID(p.id)):
+		case slices.Contains(left, "links/"+cni.AttachmentID(netName, p.id)):
 			state = "attached"
-		case slices.Contains(left, "pending/"+p.id+".json"):
+		case slices.Contains(left, "pending/"+cni.AttachmentID(netName, p.id)+".json"):
 			state = "pending record"
 		}
 		for _, l := range left {
@@ -434,7 +434,7 @@ func TestManyPodsWhileServersChange(t *testing.T) {
 			}
 			if kind != 2 {
 				if err := waitFor(10*time.Second, func() bool {
-					a, err := e.dp.Attachment(cni.AttachmentID(p.id))
+					a, err := e.dp.Attachment(cni.AttachmentID(netName, p.id))
 					return err == nil && a.Alive && len(a.Missing) == 0
 				}); err != nil {
 					errs <- fmt.Errorf("pod %d (kind %d): not attached: %w", i, kind, err)
@@ -588,7 +588,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := os.Remove(filepath.Join(e.bpffs, "links", cni.AttachmentID(p.id), "connect4")); err != nil {
+	if err := os.Remove(filepath.Join(e.bpffs, "links", cni.AttachmentID(netName, p.id), "connect4")); err != nil {
 		t.Fatal(err)
 	}
 	removed := time.Now()

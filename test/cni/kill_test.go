@@ -31,7 +31,7 @@ func TestKillPluginDuringDel(t *testing.T) {
 			t.Fatalf("trial %d: ADD: %v: %s", i, err, out)
 		}
 		waitProgs(t, p.cgroup, 3)
-		id := cni.AttachmentID(p.id)
+		id := cni.AttachmentID(netName, p.id)
 		c := pluginCmd("DEL", p.id, p.netns.Path(), args(p), stdin)
 		if killOnEntry(t, c, links, "_del-"+id+"-", time.Duration(i%4)*20*time.Microsecond) {
 			killed++

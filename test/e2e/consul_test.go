@@ -17,6 +17,7 @@ import (
 
 	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -166,8 +167,8 @@ func TestConsulFlagship(t *testing.T) {
 	d.logStatus("ctlbd status")
 
 	step(t, "7. the pod never changed: one container process made every call, one attachment served it")
-	if atts := d.Attachments(); len(atts) != 1 || atts[0].ID != "cni-"+pod.ID || atts[0].CgroupPath != pod.CgroupDir(testutil.V2Mount(t)) || !atts[0].Alive {
-		t.Errorf("attachments = %+v, want one, cni-%s, alive on the pod cgroup", atts, pod.ID)
+	if atts := d.Attachments(); len(atts) != 1 || atts[0].ID != cni.AttachmentID(network.Name, pod.ID) || atts[0].CgroupPath != pod.CgroupDir(testutil.V2Mount(t)) || !atts[0].Alive {
+		t.Errorf("attachments = %+v, want one, %s, alive on the pod cgroup", atts, cni.AttachmentID(network.Name, pod.ID))
 	}
 	final := calls.stop(ctx, c)
 	for i, call := range final {
