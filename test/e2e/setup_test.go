@@ -27,6 +27,8 @@ type env struct {
 	daemon *ctlbd.Daemon
 	node   *node.Node
 	net    *node.Network
+	// pluginLog is the ctlb plugin's log (JSON lines), when chained.
+	pluginLog string
 }
 
 // newEnv builds a node whose conflist chains bridge, host-local, loopback
@@ -41,6 +43,7 @@ func newEnv(t *testing.T, withCtlb bool) *env {
 		e.daemon = ctlbd.Start(t, ctlbdBin)
 		e.daemon.SetService(vip, servers...)
 		logFile := filepath.Join(t.TempDir(), "ctlb-plugin.log")
+		e.pluginLog = logFile
 		spec.Ctlb = &node.CtlbPlugin{Binary: plugin, BPFFS: e.daemon.BPFFS, Socket: e.daemon.Socket, StateDir: e.daemon.StateDir, LogFile: logFile}
 		t.Cleanup(func() {
 			if t.Failed() {
