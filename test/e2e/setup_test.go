@@ -35,6 +35,13 @@ type env struct {
 // and, when withCtlb, the ctlb plugin, with ctlbd running and the VIP set.
 func newEnv(t *testing.T, withCtlb bool) *env {
 	t.Helper()
+	return newEnvWith(t, withCtlb, nil)
+}
+
+// newEnvWith is newEnv with the network spec changed by tweak (a CNI
+// version, other plugins) before it is installed.
+func newEnvWith(t *testing.T, withCtlb bool, tweak func(*node.NetworkSpec)) *env {
+	t.Helper()
 	testutil.RequireRoot(t)
 	e := &env{}
 	spec := node.NetworkSpec{Subnet: podSubnet, Gateway: podGateway}
@@ -55,6 +62,9 @@ func newEnv(t *testing.T, withCtlb bool) *env {
 	e.node = node.New(t)
 	testutil.AddLoopbackAddrs(t, e.node.NS, "198.18.200.1", "198.18.200.2", "198.18.200.3")
 	testutil.StartServers(t, e.node.NS, servers...)
+	if tweak != nil {
+		tweak(&spec)
+	}
 	e.net = node.InstallNetwork(t, spec)
 	return e
 }

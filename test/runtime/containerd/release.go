@@ -1,17 +1,15 @@
 package containerd
 
 import (
-	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/test/runtime/node"
 )
 
 // Release is one containerd release the suite runs against: Debian's 1.6,
@@ -69,33 +67,10 @@ func V2(t testing.TB) Release {
 const V2Name = "containerd-2.x"
 
 func buildV2() (Release, error) {
-	dir, err := RunHackScript("build-containerd.sh", 10*time.Minute)
+	dir, err := node.RunHackScript("build-containerd.sh", 10*time.Minute)
 	if err != nil {
 		return Release{}, err
 	}
 	// The cache directory is named by the version (v2.4.2).
 	return Release{Name: V2Name, Version: filepath.Base(dir), BinDir: dir, V2: true}, nil
-}
-
-// RunHackScript runs one of the module's hack/build-*.sh scripts, which
-// print the cache directory of what they built, and returns that directory.
-func RunHackScript(name string, limit time.Duration) (string, error) {
-	root, err := testutil.ModuleRoot()
-	if err != nil {
-		return "", err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), limit)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(root, "hack", name))
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("hack/%s: %w\n%s", name, err, stderr.String())
-	}
-	dir := strings.TrimSpace(string(out))
-	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
-		return "", fmt.Errorf("hack/%s printed %q, not a directory", name, dir)
-	}
-	return dir, nil
 }

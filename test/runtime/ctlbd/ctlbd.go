@@ -78,9 +78,14 @@ func Start(t testing.TB, bin string) *Daemon {
 	}
 }
 
-func (d *Daemon) stop() {
-	if d.t.Failed() {
-		d.t.Logf("ctlbd log:\n%s", d.logs.String())
+// Stop ends the daemon (SIGTERM, then SIGKILL after 10 s, by PID) and
+// waits until it is gone; the pins stay, as when an operator stops it.
+// Calling it again, or the test's cleanup after it, does nothing more.
+func (d *Daemon) Stop() {
+	select {
+	case <-d.exited:
+		return
+	default:
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -90,6 +95,13 @@ func (d *Daemon) stop() {
 		<-d.exited
 	}
 	_ = node.WaitGone(d.cmd.Process.Pid, 5*time.Second)
+}
+
+func (d *Daemon) stop() {
+	if d.t.Failed() {
+		d.t.Logf("ctlbd log:\n%s", d.logs.String())
+	}
+	d.Stop()
 }
 
 // Logs is the daemon's output so far.
