@@ -37,7 +37,15 @@ func (e *env) startContainerd(t *testing.T, rel containerd.Release) *containerd.
 // and returns what it saw once it exited.
 func runClient(t *testing.T, pod *containerd.Pod, name, target string, count int, deadline time.Duration) (images.ClientRun, int32) {
 	t.Helper()
-	ct := pod.RunContainer(t, containerd.ContainerSpec{Name: name, Image: images.ClientRef, Args: images.ClientArgs(target, count, deadline)})
+	r, code, _ := runClientAttempt(t, pod, name, 0, target, count, deadline)
+	return r, code
+}
+
+// runClientAttempt is runClient for a container's attempt-th start (a
+// restart is a new container of the same name); it returns the container.
+func runClientAttempt(t *testing.T, pod *containerd.Pod, name string, attempt uint32, target string, count int, deadline time.Duration) (images.ClientRun, int32, *containerd.Container) {
+	t.Helper()
+	ct := pod.RunContainer(t, containerd.ContainerSpec{Name: name, Attempt: attempt, Image: images.ClientRef, Args: images.ClientArgs(target, count, deadline)})
 	code, err := ct.Wait(deadline + 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -50,7 +58,7 @@ func runClient(t *testing.T, pod *containerd.Pod, name, target string, count int
 	if err != nil {
 		t.Fatal(err)
 	}
-	return r, code
+	return r, code, ct
 }
 
 // TestContainerdWithoutCtlb is the control: the same node and pod with

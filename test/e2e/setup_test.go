@@ -35,19 +35,29 @@ type env struct {
 // and, when withCtlb, the ctlb plugin, with ctlbd running and the VIP set.
 func newEnv(t *testing.T, withCtlb bool) *env {
 	t.Helper()
-	return newEnvWith(t, withCtlb, nil)
+	return newEnvWith(t, envOptions{ctlb: withCtlb})
 }
 
-// newEnvWith is newEnv with the network spec changed by tweak (a CNI
-// version, other plugins) before it is installed.
-func newEnvWith(t *testing.T, withCtlb bool, tweak func(*node.NetworkSpec)) *env {
+// envOptions change what newEnvWith builds.
+type envOptions struct {
+	ctlb bool
+	// tweak changes the network spec (a CNI version, other plugins)
+	// before it is installed.
+	tweak func(*node.NetworkSpec)
+	// daemonArgs are more flags of ctlbd run.
+	daemonArgs []string
+}
+
+// newEnvWith is newEnv with options.
+func newEnvWith(t *testing.T, o envOptions) *env {
 	t.Helper()
+	withCtlb, tweak := o.ctlb, o.tweak
 	testutil.RequireRoot(t)
 	e := &env{}
 	spec := node.NetworkSpec{Subnet: podSubnet, Gateway: podGateway}
 	if withCtlb {
 		requirePlugin(t)
-		e.daemon = ctlbd.Start(t, ctlbdBin)
+		e.daemon = ctlbd.Start(t, ctlbdBin, o.daemonArgs...)
 		e.daemon.SetService(vip, servers...)
 		logFile := filepath.Join(t.TempDir(), "ctlb-plugin.log")
 		e.pluginLog = logFile

@@ -44,7 +44,7 @@ func networkReady(t *testing.T, c *containerd.Containerd) *cri.RuntimeCondition 
 func TestContainerdNetworkStatus(t *testing.T) {
 	rel := containerd.V2(t)
 	plugins := node.ReferencePlugins(t)
-	e := newEnvWith(t, true, func(s *node.NetworkSpec) { s.CNIVersion, s.PluginDir = "1.1.0", plugins })
+	e := newEnvWith(t, envOptions{ctlb: true, tweak: func(s *node.NetworkSpec) { s.CNIVersion, s.PluginDir = "1.1.0", plugins }})
 	c := e.startContainerd(t, rel)
 
 	cond := networkReady(t, c)

@@ -45,6 +45,9 @@ type Options struct {
 	SandboxImage string
 	// Release is the containerd release; Debian's 1.6 when zero.
 	Release Release
+	// NRISocket is where containerd 2.x serves NRI plugins; a file in the
+	// containerd's own directory when empty.
+	NRISocket string
 }
 
 // Containerd is one running private containerd.
@@ -100,7 +103,10 @@ func Start(t testing.TB, opts Options) *Containerd {
 	if c.Release.Name == "" {
 		c.Release = Debian
 	}
-	c.NRISocket = filepath.Join(dir, "nri.sock")
+	c.NRISocket = opts.NRISocket
+	if c.NRISocket == "" {
+		c.NRISocket = filepath.Join(dir, "nri.sock")
+	}
 	t.Cleanup(c.cleanup)
 	// kubelet makes the QoS-level cgroups when the node starts, long before
 	// any pod: only a pod's own cgroup can be missing when its sandbox

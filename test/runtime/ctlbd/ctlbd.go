@@ -36,8 +36,8 @@ type Daemon struct {
 }
 
 // Start mounts a private bpffs and runs `ctlbd run` on it until the test
-// ends (SIGTERM, then SIGKILL, by PID).
-func Start(t testing.TB, bin string) *Daemon {
+// ends (SIGTERM, then SIGKILL, by PID). args are more flags of ctlbd run.
+func Start(t testing.TB, bin string, args ...string) *Daemon {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "ctlb-d-")
 	if err != nil {
@@ -52,7 +52,7 @@ func Start(t testing.TB, bin string) *Daemon {
 		StateDir: filepath.Join(dir, "state"),
 		logs:     &testutil.SyncBuffer{},
 	}
-	d.cmd = exec.Command(bin, "run", "--bpffs", d.BPFFS, "--socket", d.Socket, "--state-dir", d.StateDir)
+	d.cmd = exec.Command(bin, append([]string{"run", "--bpffs", d.BPFFS, "--socket", d.Socket, "--state-dir", d.StateDir}, args...)...)
 	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := d.cmd.Start(); err != nil {

@@ -126,8 +126,9 @@ func (n *Network) conflist() map[string]any {
 			"bpffs":    c.BPFFS,
 			"socket":   c.Socket,
 			"stateDir": c.StateDir,
-			// containerd >= 1.7 then passes runtimeConfig.cgroupPath.
-			"capabilities": map[string]bool{"cgroupPath": true},
+			// containerd >= 1.7 then passes runtimeConfig.cgroupPath, and
+			// the pod annotations (container scope through NRI).
+			"capabilities": map[string]bool{"cgroupPath": true, "io.kubernetes.cri.pod-annotations": true},
 		}
 		if c.LogFile != "" {
 			p["logFile"] = c.LogFile
