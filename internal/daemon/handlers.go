@@ -155,6 +155,15 @@ func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, err)
 		return
 	}
+	if req.Host {
+		if req.Cgroup != "" {
+			reply(w, nil, badRequest(fmt.Errorf("host scope attaches at the cgroup v2 root: cgroup %q contradicts it", req.Cgroup)))
+			return
+		}
+		a, err := d.AttachHost()
+		reply(w, a, err)
+		return
+	}
 	dir, err := d.cgroupDir(req.Cgroup)
 	if err != nil {
 		reply(w, nil, err)
@@ -185,6 +194,19 @@ func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
 	var req api.AttachRequest
 	if err := decode(w, r, &req); err != nil {
 		reply(w, nil, err)
+		return
+	}
+	if req.Host {
+		if req.Cgroup != "" {
+			reply(w, nil, badRequest(fmt.Errorf("host scope is the cgroup v2 root: cgroup %q contradicts it", req.Cgroup)))
+			return
+		}
+		a, err := d.DetachHost()
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, []datapath.Attachment{a}, nil)
 		return
 	}
 	dir, err := d.cgroups.Resolve(req.Cgroup, false)
@@ -283,6 +305,8 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
+	st.HostScope = d.hostAttached()
+	d.nriStatus(&st)
 	return st, nil
 }
 
