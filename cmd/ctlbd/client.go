@@ -98,8 +98,7 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 }
 
 func newAttachCommand(g *globals) *cobra.Command {
-	var cgroup string
-	var host bool
+	var tg target
 	cmd := &cobra.Command{
 		Use:   "attach (--cgroup PATH | --host)",
 		Short: "Attach ctlb to a cgroup, or host-wide: its processes' connects to VIPs are balanced",
@@ -117,12 +116,13 @@ until "ctlbd detach --host".`,
   ctlbd attach --host`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := cgroupOrHost(cgroup, host); err != nil {
+			req, err := tg.request()
+			if err != nil {
 				return err
 			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			a, err := c.Attach(ctx, api.AttachRequest{Cgroup: cgroup, Host: host})
+			a, err := c.Attach(ctx, req)
 			if err != nil {
 				return err
 			}
@@ -131,25 +131,34 @@ until "ctlbd detach --host".`,
 			})
 		},
 	}
-	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory")
-	cmd.Flags().BoolVar(&host, "host", false, "attach at the cgroup v2 root: every process of the host")
+	tg.flags(cmd, "attach at the cgroup v2 root: every process of the host")
 	return cmd
 }
 
-// cgroupOrHost wants exactly one of --cgroup and --host.
-func cgroupOrHost(cgroup string, host bool) error {
+// target is what attach and detach act on: --cgroup PATH or --host.
+type target struct {
+	cgroup string
+	host   bool
+}
+
+func (tg *target) flags(cmd *cobra.Command, hostHelp string) {
+	cmd.Flags().StringVar(&tg.cgroup, "cgroup", "", "cgroup v2 directory")
+	cmd.Flags().BoolVar(&tg.host, "host", false, hostHelp)
+}
+
+// request wants exactly one of --cgroup and --host.
+func (tg *target) request() (api.AttachRequest, error) {
 	switch {
-	case cgroup == "" && !host:
-		return errors.New("need --cgroup PATH or --host")
-	case cgroup != "" && host:
-		return fmt.Errorf("--cgroup %q and --host exclude each other: --host is the cgroup v2 root", cgroup)
+	case tg.cgroup == "" && !tg.host:
+		return api.AttachRequest{}, errors.New("need --cgroup PATH or --host")
+	case tg.cgroup != "" && tg.host:
+		return api.AttachRequest{}, fmt.Errorf("--cgroup %q and --host exclude each other: --host is the cgroup v2 root", tg.cgroup)
 	}
-	return nil
+	return api.AttachRequest{Cgroup: tg.cgroup, Host: tg.host}, nil
 }
 
 func newDetachCommand(g *globals) *cobra.Command {
-	var cgroup string
-	var host bool
+	var tg target
 	cmd := &cobra.Command{
 		Use:   "detach (--cgroup PATH | --host)",
 		Short: "Detach ctlb from a cgroup (every attachment on it), or the host-wide attachment",
@@ -157,12 +166,13 @@ func newDetachCommand(g *globals) *cobra.Command {
   ctlbd detach --host`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := cgroupOrHost(cgroup, host); err != nil {
+			req, err := tg.request()
+			if err != nil {
 				return err
 			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			removed, err := c.Detach(ctx, api.AttachRequest{Cgroup: cgroup, Host: host})
+			removed, err := c.Detach(ctx, req)
 			if err != nil {
 				return err
 			}
@@ -173,8 +183,7 @@ func newDetachCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory")
-	cmd.Flags().BoolVar(&host, "host", false, "remove the host-wide attachment (ctlbd attach --host, \"hostScope\": true)")
+	tg.flags(cmd, "remove the host-wide attachment (ctlbd attach --host, \"hostScope\": true)")
 	return cmd
 }
 
