@@ -141,14 +141,15 @@ func (p Params) Validate() error {
 	return nil
 }
 
-// Verdict is the health of one server.
+// Verdict is the health of one server: healthy, unhealthy or unchecked, the
+// one vocabulary of code, API (api.HealthHealthy...), CLI and metrics.
 type Verdict int
 
-// A server starts Pending (never checked). As in Envoy, its first passing
+// A server starts Unchecked (no check finished yet). As in Envoy, its first passing
 // check makes it Healthy at once: Rise applies to a server coming back from
 // Unhealthy, so a new server takes traffic after one check, not Rise.
 const (
-	Pending Verdict = iota
+	Unchecked Verdict = iota
 	Healthy
 	Unhealthy
 )
@@ -160,7 +161,7 @@ func (v Verdict) String() string {
 	case Unhealthy:
 		return "unhealthy"
 	default:
-		return "pending"
+		return "unchecked"
 	}
 }
 
@@ -185,7 +186,7 @@ func (s *State) Observe(err error, now time.Time, p Params) bool {
 		s.Passes++
 		s.Failures = 0
 		s.LastErr = nil
-		if s.Verdict == Pending || (s.Verdict == Unhealthy && s.Passes >= p.Rise) {
+		if s.Verdict == Unchecked || (s.Verdict == Unhealthy && s.Passes >= p.Rise) {
 			s.Verdict = Healthy
 		}
 	} else {
@@ -194,7 +195,7 @@ func (s *State) Observe(err error, now time.Time, p Params) bool {
 		s.LastErr = err
 		// A server never seen healthy is unhealthy at its first failure:
 		// there is nothing to protect from flapping yet.
-		if s.Verdict == Pending || (s.Verdict == Healthy && s.Failures >= p.Fall) {
+		if s.Verdict == Unchecked || (s.Verdict == Healthy && s.Failures >= p.Fall) {
 			s.Verdict = Unhealthy
 		}
 	}

@@ -219,7 +219,7 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 		// Log a failure when it starts or its text changes, not every retry.
 		if s.lastErr == nil || s.lastErr.Error() != r.Err.Error() {
 			t.log.Warn("server source failed; keeping its last good list",
-				"source", s.name, "err", r.Err, "kept", logList(s.servers))
+				"source", s.name, "error", r.Err, "kept", logList(s.servers))
 		}
 		s.lastErr = r.Err
 		return ""
@@ -380,7 +380,7 @@ func (t *Tracker) publish(reason string) {
 		switch t.servers[a].health.Verdict {
 		case health.Healthy:
 			healthy = append(healthy, a)
-		case health.Pending:
+		case health.Unchecked:
 			pending = true
 		}
 	}

@@ -48,7 +48,7 @@ func TestConsulFlagshipTLS(t *testing.T) {
 	})
 	all := grpcAddrs(cl.Servers()...)
 	d.waitSet(ctx, all, 30*time.Second)
-	t.Logf("ctlbd put all three servers in the VIP's set %v after it was started", time.Since(d.started).Round(time.Millisecond))
+	t.Logf("ctlbd put all three servers in the VIP's set %v after it was started", time.Since(d.Started).Round(time.Millisecond))
 	d.logStatus("ctlbd status")
 
 	step(t, "3. containerd in the node with the ctlb CNI plugin; a pod whose client makes TLS gRPC calls with a token")
