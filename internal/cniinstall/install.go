@@ -75,7 +75,8 @@ type Options struct {
 // bpffs directory holding ctlb's pins and ctlbd's control socket.
 func NewPluginConf(bpffs, socket string) json.RawMessage {
 	// The cgroupPath capability asks runtimes that have it (containerd
-	// 1.7.1+) to pass the pod's cgroup, the first thing the plugin tries.
+	// 1.7.0+, CRI-O 1.28+; podman never) to pass the pod's cgroup, the
+	// first thing the plugin tries.
 	b, _ := json.Marshal(struct {
 		Type         string          `json:"type"`
 		BPFFS        string          `json:"bpffs"`
