@@ -4,9 +4,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
-	"log/slog"
 	"path/filepath"
 	"syscall"
 	"time"
@@ -21,9 +21,9 @@ import (
 // the DaemonSet's init container (once) and in its watcher (--watch).
 func NewCommand() *cobra.Command {
 	var (
-		opts      Options
-		bpffs     string
-		socket    string
+		opts          Options
+		bpffs         string
+		socket        string
 		uninstall     bool
 		watch         bool
 		output        string
