@@ -12,6 +12,8 @@ import (
 
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/daemon"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 func newRunCommand(g *globals) *cobra.Command {
@@ -90,8 +92,8 @@ different --bpffs and --socket.`,
 	}
 	f := cmd.Flags()
 	f.StringVarP(&cfgPath, "config", "c", "", "JSON config file (see conf/ctlbd.json)")
-	f.StringVar(&bpffs, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")
-	f.StringVar(&stateDir, "state-dir", config.DefaultStateDir, "directory for pending attachments")
+	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory for ctlb's pins")
+	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&nriSocket, "nri-socket", "", "run the NRI plugin on this runtime NRI socket (e.g. /var/run/nri/nri.sock): container scope for pods annotated ctlb.io/containers")

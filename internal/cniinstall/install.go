@@ -23,14 +23,14 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/cni"
 )
 
 // Defaults of a node where the runtime uses the standard CNI locations.
 const (
 	DefaultBinDir  = "/opt/cni/bin"
 	DefaultConfDir = "/etc/cni/net.d"
-	DefaultBPFFS   = "/sys/fs/bpf/ctlb"
-	DefaultSocket  = "/run/ctlb/ctlbd.sock"
 	PluginType     = "ctlb"
 )
 
@@ -187,6 +187,9 @@ func install(s settings) (Result, error) {
 		res.Backup = file + BackupSuffix
 	}
 
+	if err := checkVersion(file, cl); err != nil {
+		return Result{}, err
+	}
 	switch i := cl.indexOf(s.pluginType); {
 	case i < 0:
 		cl.plugins = append(cl.plugins, s.plugin)
@@ -236,6 +239,28 @@ func install(s settings) (Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// checkVersion refuses a network config whose cniVersion the plugin cannot
+// serve: chained into it, ctlb would fail every pod's ADD and DEL with
+// "incompatible CNI versions", which stops pods from starting and from being
+// torn down.
+func checkVersion(file string, cl *conflist) error {
+	v := ""
+	if raw, ok := lookup(cl.members, "cniVersion"); ok {
+		if err := json.Unmarshal(raw, &v); err != nil {
+			return fmt.Errorf("%s: cniVersion %s is not a string, left untouched", file, raw)
+		}
+	}
+	if !cni.SupportsVersion(v) {
+		shown := v
+		if shown == "" {
+			shown = "(none, which means 0.1.0)"
+		}
+		return fmt.Errorf("%s has cniVersion %s; the ctlb plugin serves %s: refusing to chain ctlb into it, left untouched (upgrade the primary CNI's config to 0.3.0 or later)",
+			file, shown, strings.Join(cni.Versions.SupportedVersions(), ", "))
+	}
+	return nil
 }
 
 // Uninstall takes out what Install put in: the plugin from every conflist

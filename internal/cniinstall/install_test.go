@@ -16,11 +16,13 @@ import (
 	"github.com/containernetworking/cni/libcni"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*/out from what Install writes")
 
-var testPlugin = NewPluginConf(DefaultBPFFS, DefaultSocket)
+var testPlugin = NewPluginConf(datapath.DefaultDir, api.DefaultSocket)
 
 // goldenActions is what Install must report for each case in testdata that
 // installs; the others (malformed-*) hold an error.txt instead.
@@ -194,7 +196,7 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 	t.Helper()
 	_, err := Install(opts)
 	if err == nil {
-		t.Fatalf("Install accepted a malformed config")
+		t.Fatalf("Install accepted a config it must refuse")
 	}
 	t.Logf("Install: %v", err)
 	for _, want := range []string{wantErr, "left untouched", keys(in)[0]} {
@@ -210,9 +212,15 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 	}
 	// Uninstall has nothing of ours to remove and must not touch the file;
 	// a malformed conflist is reported, a malformed .conf is not ours to read.
+	// A well-formed conflist of a version ctlb does not serve is simply
+	// not ours.
 	err = Uninstall(opts)
-	if strings.HasSuffix(keys(in)[0], ".conflist") && err == nil {
+	malformed := !strings.Contains(wantErr, "cniVersion")
+	if malformed && strings.HasSuffix(keys(in)[0], ".conflist") && err == nil {
 		t.Errorf("Uninstall did not report the malformed conflist")
+	}
+	if !malformed && err != nil {
+		t.Errorf("Uninstall of a conflist without ctlb: %v", err)
 	}
 	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
 		t.Errorf("conf dir changed by Uninstall:\n%s", diffSnapshots(got, in))

@@ -61,7 +61,7 @@ func Watch(ctx context.Context, opts Options) error {
 				if errors.Is(err, ErrNoNetworkConfig) {
 					level = slog.LevelInfo
 				}
-				log.Log(ctx, level, "cni config not installed yet", "reason", why, "err", err)
+				log.Log(ctx, level, "cni config not installed yet", "reason", why, "error", err)
 			}
 			lastErr = err.Error()
 		case res.Action != Unchanged || res.BinaryUpdated || lastErr != "":
@@ -100,7 +100,7 @@ func Watch(ctx context.Context, opts Options) error {
 				return errors.New("cni watch: watcher closed")
 			}
 			// An overflow loses events: look at everything again.
-			log.Warn("cni watch error, re-checking", "err", err)
+			log.Warn("cni watch error, re-checking", "error", err)
 			why = "watch error"
 			timer.Reset(settle)
 		case <-timer.C:

@@ -109,6 +109,7 @@ func ensureBPFFS(dir string, log *slog.Logger) error {
 // lockDir takes an exclusive flock on the pin directory: one writer owns the
 // service maps at a time (invariant 4). The kernel drops it when the process
 // dies, so a SIGKILLed daemon never blocks its successor.
+// This is ARCHITECTURE.md I4.
 func lockDir(dir string) (*os.File, error) {
 	f, err := os.Open(dir)
 	if err != nil {

@@ -44,8 +44,10 @@ func TestConfigJSON(t *testing.T) {
 	if st := srcs[0].(discovery.Static); st.Servers[1].String() != "198.18.0.11:8502" {
 		t.Fatalf("static without port: %v", st.Servers)
 	}
-	if g, ok := c.Checker().(health.GRPC); !ok || g.Service != "xds" {
-		t.Fatalf("checker %#v", c.Checker())
+	if ck, err := c.Checker(); err != nil {
+		t.Fatal(err)
+	} else if g, ok := ck.(health.GRPC); !ok || g.Service != "xds" {
+		t.Fatalf("checker %#v", ck)
 	}
 	// Round trip: durations are written back as strings.
 	b, err := json.Marshal(c)
@@ -72,8 +74,10 @@ func TestConfigDefaults(t *testing.T) {
 	if p.Interval != time.Second || p.Timeout != 500*time.Millisecond || p.Rise != 2 || p.Fall != 1 {
 		t.Fatalf("defaults %+v", p)
 	}
-	if _, ok := c.Checker().(health.TCP); !ok {
-		t.Fatalf("default checker %#v", c.Checker())
+	if ck, err := c.Checker(); err != nil {
+		t.Fatal(err)
+	} else if _, ok := ck.(health.TCP); !ok {
+		t.Fatalf("default checker %#v", ck)
 	}
 }
 

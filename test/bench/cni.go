@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/ctlb/ctlb/internal/cni"
 )
 
 // CNIResult is the time of the ctlb CNI plugin's ADD and DEL, the plugin
@@ -117,7 +119,7 @@ func (e *env) runCNI(ctx context.Context, cfg Config, label string, attached int
 	defer func() {
 		// Detach what a failed run left attached.
 		for _, id := range ids[:added] {
-			_ = e.dp.Detach("cni-" + id)
+			_ = e.dp.Detach(cni.AttachmentID("ctlb-bench", id))
 		}
 	}()
 	c0, err := e.counters(nil)

@@ -17,7 +17,7 @@ import (
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/pkg/datapath"
-	"github.com/ctlb/ctlb/test/bench/topo"
+	"github.com/ctlb/ctlb/internal/topo"
 )
 
 // The topology. A "node" namespace routes between a "pod" namespace, where

@@ -110,7 +110,13 @@ func TestAddBeforeCgroupPodUID(t *testing.T) {
 	if len(list) != 1 || list[0].ContainerID != p.id || list[0].PodUID != p.uid || list[0].State != pending.StatePending {
 		t.Fatalf("GET /v1/pending: %+v, want the pod's record, pending", list)
 	}
-	wantCode(t, "CHECK while pending", e.check(e.chain(nil), p), cni.ErrStillPending, "still pending")
+	// Right after ADD, CHECK grants the runtime time to make the cgroup
+	// (pendingGrace, 10s by default); past it, pending is an error.
+	if err := e.check(e.chain(nil), p); err != nil {
+		t.Fatalf("CHECK right after ADD, pending: %v", err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	wantCode(t, "CHECK while pending past pendingGrace", e.check(e.chain(map[string]any{"pendingGrace": "1ms"}), p), cni.ErrStillPending, "still pending after")
 
 	// runc creates the pod cgroup, then the container's.
 	mkdirAll(t, p.cgroup)
@@ -119,7 +125,7 @@ func TestAddBeforeCgroupPodUID(t *testing.T) {
 	ctr := container(t, p, "app")
 	wantRedirected(t, p, ctr)
 	e.wantAttached(p)
-	if _, err := os.Stat(filepath.Join(pending.Dir(e.stateDir), p.id+".json")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(pending.Dir(e.stateDir), cni.AttachmentID(netName, p.id)+".json")); !os.IsNotExist(err) {
 		t.Fatalf("pending record still there after completion: %v", err)
 	}
 	if err := e.check(e.chain(nil), p); err != nil {
@@ -135,7 +141,7 @@ func TestAddBeforeCgroupPodUID(t *testing.T) {
 func wantRecord(t *testing.T, e *env, p *pod) {
 	t.Helper()
 	dir := pending.Dir(e.stateDir)
-	fi, err := os.Stat(filepath.Join(dir, p.id+".json"))
+	fi, err := os.Stat(filepath.Join(dir, cni.AttachmentID(netName, p.id)+".json"))
 	if err != nil {
 		t.Fatalf("pending record: %v", err)
 	}
@@ -232,7 +238,7 @@ func TestPrevResultPassedThrough(t *testing.T) {
 // the source of truth, and ctlbd completes it when it starts.
 func TestPendingWhileDaemonDown(t *testing.T) {
 	e := newEnv(t)
-	e.daemon.stop()
+	e.daemon.Stop()
 	p := e.cgroupfsPod("besteffort", false)
 	e.mustAdd(e.chain(nil), p)
 	wantRecord(t, e, p)

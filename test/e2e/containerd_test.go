@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
 	"github.com/ctlb/ctlb/test/runtime/images"
@@ -87,19 +88,19 @@ func TestContainerdWithoutCtlb(t *testing.T) {
 }
 
 // checkAttached finds the pod's attachment in ctlbd's list: the plugin
-// names it after the sandbox ("cni-<ID>") and it sits on the pod cgroup.
+// names it after the network and the sandbox (cni.AttachmentID) and it sits on the pod cgroup.
 func checkAttached(t *testing.T, e *env, pod *containerd.Pod) {
 	t.Helper()
 	want := pod.CgroupDir(testutil.V2Mount(t))
 	for _, a := range e.daemon.Attachments() {
-		if a.ID == "cni-"+pod.ID {
+		if a.ID == cni.AttachmentID(e.net.Name, pod.ID) {
 			if a.CgroupPath != want || !a.Alive {
 				t.Errorf("pod %s attachment %+v, want alive on %s", pod.Name, a, want)
 			}
 			return
 		}
 	}
-	t.Errorf("pod %s: no attachment cni-%s in %+v", pod.Name, pod.ID, e.daemon.Attachments())
+	t.Errorf("pod %s: no attachment %s in %+v", pod.Name, cni.AttachmentID(e.net.Name, pod.ID), e.daemon.Attachments())
 }
 
 // pluginLines are the ctlb plugin's log lines about one sandbox whose

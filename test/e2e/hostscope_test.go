@@ -6,8 +6,8 @@ import (
 	"testing"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
-	"github.com/ctlb/ctlb/test/runtime/ctlbd"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )
 
@@ -33,16 +33,14 @@ func TestHostScope(t *testing.T) {
 		return testutil.RunClient(t, nd.NS, cg, testutil.ClientSpec{Mode: "dial", Target: hostVIP, Count: count})
 	}
 
-	d := ctlbd.Start(t, ctlbdBin)
+	d := ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbdBin})
 	d.SetService(hostVIP, hostServers...)
 	if r := dial(1); r.Failed != 1 {
 		t.Fatalf("before attach --host: %+v, want the VIP unreachable", r)
 	}
 
 	var a api.Attachment
-	if err := d.JSON(&a, "attach", "--host"); err != nil {
-		t.Fatal(err)
-	}
+	d.JSON(&a, "attach", "--host")
 	if a.CgroupPath != v2 || !a.Alive {
 		t.Fatalf("attach --host: %+v, want alive on the cgroup v2 root %s", a, v2)
 	}
@@ -65,10 +63,10 @@ func TestHostScope(t *testing.T) {
 	if r := dial(1); r.Failed != 1 {
 		t.Fatalf("after detach --host: %+v, want the VIP unreachable again", r)
 	}
-	if _, err := d.CLI("detach", "--host"); err == nil {
+	if _, _, code := d.CLI("detach", "--host"); code == 0 {
 		t.Errorf("detach --host with nothing attached succeeded, want an error saying so")
 	}
-	if _, err := d.CLI("attach", "--host", "--cgroup", "/x"); err == nil {
+	if _, _, code := d.CLI("attach", "--host", "--cgroup", "/x"); code == 0 {
 		t.Errorf("attach --host --cgroup /x succeeded, want a usage error")
 	}
 	d.Stop()
@@ -78,7 +76,7 @@ func TestHostScope(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(`{"hostScope": true}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d = ctlbd.Start(t, ctlbdBin, "--config", cfg)
+	d = ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbdBin, Args: []string{"--config", cfg}})
 	d.SetService(hostVIP, hostServers...)
 	if !d.Status().HostScope {
 		t.Fatalf("config hostScope: status reports no host scope")
@@ -92,7 +90,7 @@ func TestHostScope(t *testing.T) {
 
 // assertNothingAttached checks that ctlbd lists no attachment and no link
 // pin is left.
-func assertNothingAttached(t *testing.T, d *ctlbd.Daemon, when string) {
+func assertNothingAttached(t *testing.T, d *ctlbdtest.Daemon, when string) {
 	t.Helper()
 	if atts := d.Attachments(); len(atts) != 0 {
 		t.Errorf("%s: attachments %+v, want none", when, atts)

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
-	"github.com/ctlb/ctlb/test/runtime/ctlbd"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )
 
@@ -28,7 +28,7 @@ func TestContainerdInstallCNIWatch(t *testing.T) {
 	requirePlugin(t)
 	forEachRelease(t, func(t *testing.T, rel containerd.Release) {
 		e := newEnv(t, false)
-		e.daemon = ctlbd.Start(t, ctlbdBin)
+		e.daemon = ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbdBin})
 		e.daemon.SetService(vip, servers...)
 		c := e.startContainerd(t, rel)
 

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/ctlb/ctlb/internal/testutil"
-	"github.com/ctlb/ctlb/test/runtime/ctlbd"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )
 
@@ -24,7 +24,7 @@ var servers = []string{"198.18.200.1:8502", "198.18.200.2:8502", "198.18.200.3:9
 // env is one test's node: ctlbd (when the plugin is chained), the node
 // namespace with the servers, and the CNI network the runtime reads.
 type env struct {
-	daemon *ctlbd.Daemon
+	daemon *ctlbdtest.Daemon
 	node   *node.Node
 	net    *node.Network
 	// pluginLog is the ctlb plugin's log (JSON lines), when chained.
@@ -57,7 +57,7 @@ func newEnvWith(t *testing.T, o envOptions) *env {
 	spec := node.NetworkSpec{Subnet: podSubnet, Gateway: podGateway}
 	if withCtlb {
 		requirePlugin(t)
-		e.daemon = ctlbd.Start(t, ctlbdBin, o.daemonArgs...)
+		e.daemon = ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbdBin, Args: o.daemonArgs})
 		e.daemon.SetService(vip, servers...)
 		logFile := filepath.Join(t.TempDir(), "ctlb-plugin.log")
 		e.pluginLog = logFile
