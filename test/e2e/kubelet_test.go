@@ -9,6 +9,7 @@ import (
 
 	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
 	"github.com/ctlb/ctlb/test/runtime/images"
@@ -54,7 +55,7 @@ func checkStaticAttached(t *testing.T, e *env, s staticRun) {
 	t.Helper()
 	want := testutil.V2Mount(t) + s.pod.CgroupParent(s.sb)
 	for _, a := range e.daemon.Attachments() {
-		if a.ID == "cni-"+s.sb.Id {
+		if a.ID == cni.AttachmentID(e.net.Name, s.sb.Id) {
 			if a.CgroupPath != want || !a.Alive {
 				t.Errorf("static pod %s: attachment %+v, want alive on %s", s.pod.Name, a, want)
 			}
@@ -65,7 +66,7 @@ func checkStaticAttached(t *testing.T, e *env, s staticRun) {
 			return
 		}
 	}
-	t.Errorf("static pod %s: no attachment cni-%s in %+v", s.pod.Name, s.sb.Id, e.daemon.Attachments())
+	t.Errorf("static pod %s: no attachment %s in %+v", s.pod.Name, cni.AttachmentID(e.net.Name, s.sb.Id), e.daemon.Attachments())
 }
 
 // waitDetached waits until the pods' sandboxes are gone and ctlbd lists no
@@ -81,7 +82,7 @@ func waitDetached(t *testing.T, e *env, runs ...staticRun) {
 				left++
 			}
 			if s.sb != nil {
-				ids["cni-"+s.sb.Id] = true
+				ids[cni.AttachmentID(e.net.Name, s.sb.Id)] = true
 			}
 		}
 		var atts []string
