@@ -208,9 +208,19 @@ func (ct *Container) Wait(limit time.Duration) (int32, error) {
 // CRI log file ("TIMESTAMP STREAM P|F TEXT" lines, P marking a partial
 // line continued by the next).
 func (ct *Container) Stdout() ([]string, error) {
-	f, err := os.Open(ct.LogPath)
+	out, err := ReadCRILog(ct.LogPath)
 	if err != nil {
 		return nil, fmt.Errorf("container %s log: %w", ct.Name, err)
+	}
+	return out, nil
+}
+
+// ReadCRILog reads the standard output lines of a CRI container log file
+// (kubelet's and containerd's format).
+func ReadCRILog(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
 	}
 	defer f.Close()
 	var out []string

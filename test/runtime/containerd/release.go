@@ -74,3 +74,22 @@ func buildV2() (Release, error) {
 	// The cache directory is named by the version (v2.4.2).
 	return Release{Name: V2Name, Version: filepath.Base(dir), BinDir: dir, V2: true}, nil
 }
+
+// ReleaseEnv names the release FromEnv picks: "1.6" (the default) or "2.x".
+const ReleaseEnv = "CTLB_CONTAINERD"
+
+// FromEnv is the release $CTLB_CONTAINERD names, for tests that run once,
+// on one release (the Consul flagship): Debian's 1.6 by default, 2.x with
+// CTLB_CONTAINERD=2.x.
+func FromEnv(t testing.TB) Release {
+	t.Helper()
+	switch v := os.Getenv(ReleaseEnv); v {
+	case "", "1.6", Debian.Name:
+		return Debian
+	case "2", "2.x", V2Name:
+		return V2(t)
+	default:
+		t.Fatalf("%s=%q: want 1.6 or 2.x", ReleaseEnv, v)
+		return Release{}
+	}
+}
