@@ -3,6 +3,10 @@
 // rest of ctlb typed operations on them: service sets, per-server counters
 // and cgroup attachments. Every other part of ctlb goes through it.
 //
+// It is public API: a third-party agent may adopt a node's pins and read or
+// drive them through this package (docs/ARCHITECTURE.md, "Parts"; the map
+// formats are docs/MAPS.md).
+//
 // Pinned layout (docs/MAPS.md has the map formats):
 //
 //	DIR/ctlb_services_v2 ... maps, pinned by name
@@ -27,6 +31,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // DefaultDir is where ctlb pins its objects unless told otherwise.
@@ -168,6 +173,7 @@ func mainSpec() (*ebpf.CollectionSpec, error) {
 // ones first where they are missing, and upgrading pins of layout v1 in
 // place. Only ctlbd creates: it is the writer that owns the maps (invariant
 // 4). dir must be on a bpffs.
+// Adopting, never rebuilding, is ARCHITECTURE.md I1; refusing other layouts is I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
@@ -207,6 +213,7 @@ func Create(dir string) (*Datapath, error) {
 			return nil, fmt.Errorf("map %s: %w", name, err)
 		}
 	}
+	crashpoint.Hit(crashpoint.CreateMaps)
 	if err := d.adoptOrLoadPrograms(coll); err != nil {
 		d.maps.close()
 		return nil, err
@@ -319,6 +326,7 @@ func (d *Datapath) adoptOrLoadPrograms(coll *ebpf.Collection) error {
 				return fmt.Errorf("pin program %s: %w", p, err)
 			}
 			d.progs[h.name] = prog
+			crashpoint.Hit(crashpoint.CreatePrograms)
 		default:
 			d.closeProgs()
 			return fmt.Errorf("open pinned program %s: %w", p, err)
@@ -414,6 +422,7 @@ func (d *Datapath) upgradeProgram(hook string, embedded *ebpf.Program) (*ebpf.Pr
 			prog.Close()
 			return nil, fmt.Errorf("upgrade %s: update link %s: %w", hook, lp, err)
 		}
+		crashpoint.Hit(crashpoint.Upgrade)
 	}
 	// Pin beside the old pin, then rename over it: the pin never vanishes.
 	p := filepath.Join(d.dir, progPin(hook))

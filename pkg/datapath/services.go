@@ -11,6 +11,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // EmptyPolicy says what a connect() to a VIP with no usable server does.
@@ -343,6 +345,7 @@ func (d *Datapath) newInner(s Service, svc uint32, slots []uint32) (*ebpf.Map, e
 // single map update: a concurrent connect() sees the old array or the new
 // one, never a mix, never a gap (invariant 3). The kernel frees the old array
 // once no program can still be reading it.
+// One inner map per set, swapped by one update: ARCHITECTURE.md I3.
 func (d *Datapath) SetService(s Service) error { return d.SetServices([]Service{s}) }
 
 // BatchMode says how SetServices writes many VIPs: "batch" (one
@@ -417,9 +420,11 @@ func (d *Datapath) SetServices(svcs []Service) error {
 		keys = append(keys, svcKey(k))
 		inners = append(inners, inner)
 	}
+	crashpoint.Hit(crashpoint.SetPrepared)
 	if err := d.putOuter(keys, inners); err != nil {
 		return err
 	}
+	crashpoint.Hit(crashpoint.SetSwapped)
 	for _, s := range svcs {
 		if err := a.retireOthers(d, s.Key(), s.Servers); err != nil {
 			return err

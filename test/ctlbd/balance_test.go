@@ -11,19 +11,19 @@ import (
 // two random servers), so every server ends at 13 ±1.
 func TestLeastOpenEvensOutPiledServer(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
+	d.Start()
 	netns := testutil.NewNetNS(t)
 	srvs := []string{"127.0.0.71:8502", "127.0.0.72:8502", "127.0.0.73:8502"}
 	testutil.AddLoopbackAddrs(t, netns, "127.0.0.71", "127.0.0.72", "127.0.0.73")
 	testutil.StartServers(t, netns, srvs...)
 	cg := testutil.NewCgroup(t, "")
-	d.mustCLI("attach", "--cgroup", cg)
-	d.mustCLI("service", "set", vip, srvs[0], "--balance", "least-open")
+	d.MustCLI("attach", "--cgroup", cg)
+	d.MustCLI("service", "set", vip, srvs[0], "--balance", "least-open")
 	piled := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "hold", Target: vip, Count: 9})
 	if r := piled.Result(t); r.Failed != 0 || r.PerServer[srvs[0]] != 9 {
 		t.Fatalf("piled connections: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
 	}
-	d.mustCLI(append([]string{"service", "set", vip, "--balance", "least-open"}, srvs...)...)
+	d.MustCLI(append([]string{"service", "set", vip, "--balance", "least-open"}, srvs...)...)
 	fresh := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "hold", Target: vip, Count: 30})
 	r := fresh.Result(t)
 	if r.Failed != 0 {

@@ -14,14 +14,14 @@ import (
 // hold-down, and it gets connects again.
 func TestDeadServerCostsOneConnect(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
+	d.Start()
 	netns := testutil.NewNetNS(t)
 	srvs := []string{"127.0.0.61:8502", "127.0.0.62:8502", "127.0.0.63:8502"}
 	testutil.AddLoopbackAddrs(t, netns, "127.0.0.61", "127.0.0.62", "127.0.0.63")
 	running := testutil.StartServers(t, netns, srvs...)
 	cg := testutil.NewCgroup(t, "")
-	d.mustCLI("attach", "--cgroup", cg)
-	d.mustCLI(append([]string{"service", "set", vip}, srvs...)...)
+	d.MustCLI("attach", "--cgroup", cg)
+	d.MustCLI(append([]string{"service", "set", vip}, srvs...)...)
 	// A pod always has a process (its pause container): ctlbd finds the
 	// pod's network namespace through it, and probes from there.
 	resident := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip})
@@ -36,7 +36,7 @@ func TestDeadServerCostsOneConnect(t *testing.T) {
 	t.Logf("server %s died: 30 sequential connects: %d failed %v, landed %v (in %v)", srvs[1], r.Failed, r.Errors, r.PerServer, time.Since(died))
 	if r.Failed > 1 || r.PerServer[srvs[1]] != 0 || r.PerServer[srvs[0]]+r.PerServer[srvs[2]] < 29 {
 		t.Fatalf("30 connects after %s died: %d failed (%v), landed %v; want at most 1 failed and none on it\n%s",
-			srvs[1], r.Failed, r.Errors, r.PerServer, d.logs.String())
+			srvs[1], r.Failed, r.Errors, r.PerServer, d.Logs())
 	}
 	_, s := vipStatus(t, d, vip)
 	if row, _ := serverStatus(s, srvs[1]); !row.Failing {
@@ -59,7 +59,7 @@ func TestDeadServerCostsOneConnect(t *testing.T) {
 		}
 		if time.Since(back) > holdDown+500*time.Millisecond {
 			_, s := vipStatus(t, d, vip)
-			t.Fatalf("%s listens again but got no connect within %v: last %v, status %+v\n%s", srvs[1], holdDown+500*time.Millisecond, r.PerServer, s, d.logs.String())
+			t.Fatalf("%s listens again but got no connect within %v: last %v, status %+v\n%s", srvs[1], holdDown+500*time.Millisecond, r.PerServer, s, d.Logs())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -41,7 +41,7 @@ func newFleet(t *testing.T, srvs []string, balance string) *fleet {
 		var cgs []string
 		for range 4 {
 			cg := testutil.NewCgroup(t, "")
-			n.d.mustCLI("attach", "--cgroup", cg)
+			n.d.MustCLI("attach", "--cgroup", cg)
 			cgs = append(cgs, cg)
 		}
 		f.nodes = append(f.nodes, n)

@@ -6,10 +6,11 @@ import (
 	"time"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 )
 
 // openPerServer is the VIP's open connections per server, from status.
-func openPerServer(t *testing.T, d *daemon, v string) (map[string]int64, bool) {
+func openPerServer(t *testing.T, d *ctlbdtest.Daemon, v string) (map[string]int64, bool) {
 	t.Helper()
 	_, s := vipStatus(t, d, v)
 	out := map[string]int64{}
@@ -32,14 +33,14 @@ func TestRebalanceOntoNewServer(t *testing.T) {
 	testutil.StartServers(t, n.netns, srvs...)
 	n.start()
 	cg := testutil.NewCgroup(t, "")
-	n.d.mustCLI("attach", "--cgroup", cg)
+	n.d.MustCLI("attach", "--cgroup", cg)
 	c := testutil.StartClient(t, n.netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip, Count: 12, Reconnect: true})
 	if r := c.Result(t); r.Failed != 0 {
 		t.Fatalf("held connections: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
 	}
 	n.writeConfig(conf(4))
 	start := time.Now()
-	n.d.mustCLI("reload")
+	n.d.MustCLI("reload")
 	var open map[string]int64
 	var busy bool
 	for {
@@ -56,7 +57,7 @@ func TestRebalanceOntoNewServer(t *testing.T) {
 			break
 		}
 		if time.Since(start) > 10*time.Second {
-			t.Fatalf("10 s after the 4th server joined: open %v (rebalancing %v); want %s at 3±1, none above 4\n%s", open, busy, srvs[3], n.d.logs.String())
+			t.Fatalf("10 s after the 4th server joined: open %v (rebalancing %v); want %s at 3±1, none above 4\n%s", open, busy, srvs[3], n.d.Logs())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 )
 
@@ -29,10 +30,10 @@ func serverStatus(s api.ServiceStatus, srv string) (api.ServerStatus, bool) {
 }
 
 // vipStatus is the one VIP's status from the daemon.
-func vipStatus(t *testing.T, d *daemon, v string) (api.Status, api.ServiceStatus) {
+func vipStatus(t *testing.T, d *ctlbdtest.Daemon, v string) (api.Status, api.ServiceStatus) {
 	t.Helper()
 	var st api.Status
-	d.jsonCLI(&st, "status")
+	d.JSON(&st, "status")
 	for _, s := range st.Services {
 		if s.VIP == v {
 			return st, s
@@ -48,7 +49,7 @@ func vipStatus(t *testing.T, d *daemon, v string) (api.Status, api.ServiceStatus
 // untouched; with --on-server-removed keep none ends.
 func TestServerRemovedEndsItsConnections(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
+	d.Start()
 	netns, cg := newPod(t, d)
 	two := servers[:2]
 	if st, _ := vipStatusOrEmpty(t, d); !strings.HasPrefix(st.Termination, "bpf_sock_destroy") {
@@ -56,23 +57,23 @@ func TestServerRemovedEndsItsConnections(t *testing.T) {
 	}
 
 	t.Run("terminate", func(t *testing.T) {
-		d.mustCLI(append([]string{"service", "set", vip}, two...)...)
+		d.MustCLI(append([]string{"service", "set", vip}, two...)...)
 		c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip, Count: 4, Reconnect: true})
 		if r := c.Result(t); r.Failed != 0 || r.PerServer[two[0]] != 2 || r.PerServer[two[1]] != 2 {
 			t.Fatalf("held connections: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
 		}
 		start := time.Now()
-		d.mustCLI("service", "set", vip, two[1])
+		d.MustCLI("service", "set", vip, two[1])
 		cliDone := time.Since(start)
 		t.Cleanup(func() {
 			if t.Failed() {
-				t.Logf("daemon log:\n%s", d.logs.String())
+				t.Logf("daemon log:\n%s", d.Logs())
 			}
 		})
 		for range 2 {
 			ev := c.Event(t, endDeadline-time.Since(start))
 			if ev == nil {
-				t.Fatalf("a connection on %s still open %v after it left the set\n%s", two[0], endDeadline, d.logs.String())
+				t.Fatalf("a connection on %s still open %v after it left the set\n%s", two[0], endDeadline, d.Logs())
 			}
 			if ev.Server != two[0] || !strings.Contains(ev.Ended, "connection abort") || ev.Reconnected != two[1] {
 				t.Fatalf("event %+v: want a connection on %s aborted and replaced by one on %s", ev, two[0], two[1])
@@ -95,15 +96,15 @@ func TestServerRemovedEndsItsConnections(t *testing.T) {
 	})
 
 	t.Run("keep", func(t *testing.T) {
-		d.mustCLI(append([]string{"service", "set", vip, "--on-server-removed", "keep"}, two...)...)
+		d.MustCLI(append([]string{"service", "set", vip, "--on-server-removed", "keep"}, two...)...)
 		c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip, Count: 4})
 		r := c.Result(t)
 		if r.Failed != 0 || r.PerServer[two[0]] != 2 || r.PerServer[two[1]] != 2 {
 			t.Fatalf("held connections: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
 		}
-		d.mustCLI("service", "set", vip, two[1], "--on-server-removed", "keep")
+		d.MustCLI("service", "set", vip, two[1], "--on-server-removed", "keep")
 		if ev := c.Event(t, endDeadline); ev != nil {
-			t.Fatalf("keep: a connection ended: %+v\n%s", ev, d.logs.String())
+			t.Fatalf("keep: a connection ended: %+v\n%s", ev, d.Logs())
 		}
 		_, s := vipStatus(t, d, vip)
 		if s.OnServerRemoved != "keep" {
@@ -117,17 +118,17 @@ func TestServerRemovedEndsItsConnections(t *testing.T) {
 	})
 
 	// A bad policy is refused, naming the value, and changes nothing.
-	_, errOut, code := d.cli("service", "set", vip, two[0], "--on-server-removed", "drop")
+	_, errOut, code := d.CLI("service", "set", vip, two[0], "--on-server-removed", "drop")
 	if code == 0 || !strings.Contains(errOut, `"drop"`) {
 		t.Errorf("bad --on-server-removed: exit %d, %q; want an error naming the value", code, errOut)
 	}
 }
 
 // vipStatusOrEmpty is the daemon's status, services or not.
-func vipStatusOrEmpty(t *testing.T, d *daemon) (api.Status, bool) {
+func vipStatusOrEmpty(t *testing.T, d *ctlbdtest.Daemon) (api.Status, bool) {
 	t.Helper()
 	var st api.Status
-	d.jsonCLI(&st, "status")
+	d.JSON(&st, "status")
 	return st, len(st.Services) > 0
 }
 
@@ -153,7 +154,7 @@ func TestServerHostRemovedEndsItsConnections(t *testing.T) {
 	n.start()
 	n.waitSet(vip, slices.Clone(srvs), 5*time.Second)
 	cg := testutil.NewCgroup(t, "")
-	n.d.mustCLI("attach", "--cgroup", cg)
+	n.d.MustCLI("attach", "--cgroup", cg)
 
 	held := testutil.StartClient(t, n.netns, cg, testutil.ClientSpec{Mode: "watch", Target: vip, Count: 9, Reconnect: true})
 	if r := held.Result(t); r.Failed != 0 || r.PerServer[srvs[0]] != 3 {
@@ -179,7 +180,7 @@ func TestServerHostRemovedEndsItsConnections(t *testing.T) {
 	for range 3 {
 		ev := held.Event(t, endDeadline-time.Since(start))
 		if ev == nil {
-			t.Fatalf("a held connection on %s still open %v after its host was removed\n%s", srvs[0], endDeadline, n.d.logs.String())
+			t.Fatalf("a held connection on %s still open %v after its host was removed\n%s", srvs[0], endDeadline, n.d.Logs())
 		}
 		if ev.Server != srvs[0] || ev.Reconnected == "" || ev.Reconnected == srvs[0] {
 			t.Fatalf("event %+v: want a connection on %s ended and replaced on a live server", ev, srvs[0])
