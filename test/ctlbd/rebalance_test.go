@@ -10,7 +10,7 @@ import (
 )
 
 // openPerServer is the VIP's open connections per server, from status.
-func openPerServer(t *testing.T, d *ctlbdtest.Daemon, v string) (map[string]int64, bool) {
+func openPerServer(t testing.TB, d *ctlbdtest.Daemon, v string) (map[string]int64, bool) {
 	t.Helper()
 	_, s := vipStatus(t, d, v)
 	out := map[string]int64{}

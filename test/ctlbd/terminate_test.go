@@ -30,7 +30,7 @@ func serverStatus(s api.ServiceStatus, srv string) (api.ServerStatus, bool) {
 }
 
 // vipStatus is the one VIP's status from the daemon.
-func vipStatus(t *testing.T, d *ctlbdtest.Daemon, v string) (api.Status, api.ServiceStatus) {
+func vipStatus(t testing.TB, d *ctlbdtest.Daemon, v string) (api.Status, api.ServiceStatus) {
 	t.Helper()
 	var st api.Status
 	d.JSON(&st, "status")
@@ -125,7 +125,7 @@ func TestServerRemovedEndsItsConnections(t *testing.T) {
 }
 
 // vipStatusOrEmpty is the daemon's status, services or not.
-func vipStatusOrEmpty(t *testing.T, d *ctlbdtest.Daemon) (api.Status, bool) {
+func vipStatusOrEmpty(t testing.TB, d *ctlbdtest.Daemon) (api.Status, bool) {
 	t.Helper()
 	var st api.Status
 	d.JSON(&st, "status")
