@@ -195,6 +195,9 @@ func (f *failWatch) dial(ctx context.Context, server netip.AddrPort) error {
 		return err
 	}
 	defer nss.Close()
+	if err := nss.AddPath("/proc/self/ns/net"); err != nil {
+		return err
+	}
 	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	errs := make(chan error, nss.Len())

@@ -181,6 +181,7 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 		return nil
 	}
 	defer nss.Close()
+	listed := time.Since(start)
 	var res []datapath.Terminated
 	if e.term != nil {
 		res, err = e.term.Terminate(nss.Files(), deps)
@@ -210,7 +211,7 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 	for _, r := range res {
 		if r.Destroyed > 0 || r.Failed > 0 {
 			e.log.Info("ended connections", "vip", r.VIP, "server", r.Server, "ended", r.Destroyed, "refused", r.Failed,
-				"reason", why, "namespaces", nss.Len(), "took", took)
+				"reason", why, "namespaces", nss.Len(), "took", took, "listing", listed)
 		}
 	}
 	return res

@@ -8,8 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
 
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/cgroupv2"
 )
 
 // netnsID identifies a network namespace: the device and inode of its nsfs file.
@@ -113,26 +118,107 @@ func readPIDs(path string) ([]int, error) {
 }
 
 // AttachedNetNS opens the network namespaces that may hold sockets ctlb
-// directed: the caller's own and those of every process in an attached
-// cgroup (and its descendants). The caller closes the set.
+// directed: those of every process in an attached cgroup (and its
+// descendants). The caller closes the set.
 func (d *Datapath) AttachedNetNS() (*NetNSSet, error) {
 	s := &NetNSSet{}
-	if err := s.AddPath("/proc/self/ns/net"); err != nil {
-		return nil, err
-	}
-	atts, err := d.Attachments()
+	dirs, err := d.attachedCgroupDirs()
 	if err != nil {
 		s.Close()
 		return nil, err
 	}
-	for _, a := range atts {
-		if !a.Alive || a.CgroupPath == "" {
-			continue
-		}
-		if err := s.AddCgroup(a.CgroupPath); err != nil {
+	for _, dir := range dirs {
+		if err := s.AddCgroup(dir); err != nil {
 			s.Close()
 			return nil, err
 		}
 	}
 	return s, nil
+}
+
+// cgroupPathCache maps attached cgroups' IDs to their directories, so that
+// a termination pass (which must start within milliseconds of a set
+// change) does not walk the whole cgroup tree: a cached path is used when
+// its inode is still the cgroup's ID, and a miss walks the tree once.
+type cgroupPathCache struct {
+	mu    sync.Mutex
+	paths map[uint64]string
+}
+
+// attachedCgroupDirs lists the directories of the live attached cgroups.
+func (d *Datapath) attachedCgroupDirs() ([]string, error) {
+	entries, err := os.ReadDir(d.linksDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list attachments: %w", err)
+	}
+	var ids []uint64
+	for _, e := range entries {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), "_") {
+			continue
+		}
+		if id := d.attachmentCgroupID(e.Name()); id != 0 {
+			ids = append(ids, id)
+		}
+	}
+	c := &d.cgPaths
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fresh := func(id uint64) bool {
+		p, ok := c.paths[id]
+		if !ok {
+			return false
+		}
+		got, err := cgroupv2.ID(p)
+		return err == nil && got == id
+	}
+	for _, id := range ids {
+		if !fresh(id) {
+			h, err := cgroupv2.Default()
+			if err != nil {
+				return nil, err
+			}
+			idx, err := h.IndexByID()
+			if err != nil {
+				return nil, fmt.Errorf("list attached cgroups: %w", err)
+			}
+			c.paths = map[uint64]string{}
+			for _, id := range ids {
+				if p, ok := idx[id]; ok {
+					c.paths[id] = p
+				}
+			}
+			break
+		}
+	}
+	var out []string
+	for _, id := range ids {
+		if p, ok := c.paths[id]; ok {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+// attachmentCgroupID reads the cgroup ID from the first of an attachment's
+// link pins that is there; 0 when none is (or the cgroup is gone).
+func (d *Datapath) attachmentCgroupID(id string) uint64 {
+	dir := filepath.Join(d.linksDir(), id)
+	for _, h := range hooks {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, h.name), nil)
+		if err != nil {
+			continue
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			continue
+		}
+		if cg := info.Cgroup(); cg != nil && cg.CgroupId != 0 {
+			return cg.CgroupId
+		}
+	}
+	return 0
 }

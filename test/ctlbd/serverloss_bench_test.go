@@ -85,6 +85,11 @@ func BenchmarkServerLoss(b *testing.B) {
 			time.Sleep(200 * time.Millisecond)
 		}
 		resident.Stop(b)
+		for _, l := range strings.Split(d.Logs(), "\n") {
+			if strings.Contains(l, "ended connections") {
+				b.Log(l)
+			}
+		}
 
 		// Rebalance: 12 held on 3, a 4th joins a VIP with rebalance on.
 		rebalance = append(rebalance, measureRebalance(b, srvs))
