@@ -114,7 +114,7 @@ func BenchmarkServerLoss(b *testing.B) {
 	p50, mx = ms(backAfter)
 	b.ReportMetric(p50, "ms-back-in-rotation-p50")
 	b.ReportMetric(mx, "ms-back-in-rotation-max")
-	p50, mx = ms(rebalance)
+	p50, _ = ms(rebalance)
 	b.ReportMetric(p50, "ms-rebalance-p50")
 	b.Logf("set change to socket end: %d sockets, p50 %v; failed connects per server death: %v; back in rotation after listening again: p50 %v; rebalance 12 on 3 -> 4: %v",
 		len(toEnd), toEnd[len(toEnd)/2], failedPerDeath, backAfter[len(backAfter)/2], rebalance)
