@@ -42,7 +42,16 @@ func (t *serviceTable) targets(vip netip.AddrPort) []netip.AddrPort {
 // writeSets writes sets to the maps (each swap atomic) and mirrors them.
 // Callers hold d.mu.
 func (d *Daemon) writeSets(svcs ...datapath.Service) error {
-	departed := d.departures(svcs)
+	return d.writeSetsEnding(true, svcs...)
+}
+
+// writeSetsEnding is writeSets; end says whether the connections of servers
+// that leave the sets are ended (per their VIP's policy).
+func (d *Daemon) writeSetsEnding(end bool, svcs ...datapath.Service) error {
+	var departed []datapath.Departed
+	if end {
+		departed = d.departures(svcs)
+	}
 	if err := d.dp.SetServices(svcs); err != nil {
 		return err
 	}

@@ -16,6 +16,8 @@ type trackedService struct {
 	vip     netip.AddrPort
 	cfg     config.Service
 	tracker *servers.Tracker
+	// published is set once the tracker's first set is written.
+	published bool
 	cancel  context.CancelFunc
 }
 
@@ -39,7 +41,12 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 			return // superseded or stopped
 		}
 		// The tracker logged the change and its reason already.
-		if err := d.writeSets(datapath.Service{VIP: ts.vip, Servers: healthy, Empty: policy, Balance: balance, OnServerRemoved: removal}); err != nil {
+		// A tracker's first set (after a start, restart or reload) comes
+		// from a view still filling up (a slow source may not have
+		// answered): it ends no connection; later changes do.
+		first := !ts.published
+		ts.published = true
+		if err := d.writeSetsEnding(!first, datapath.Service{VIP: ts.vip, Servers: healthy, Empty: policy, Balance: balance, OnServerRemoved: removal}); err != nil {
 			d.log.Error("write healthy set", "vip", ts.vip, "reason", reason, "error", err)
 		}
 	}, d.log)
