@@ -18,7 +18,7 @@ type trackedService struct {
 	tracker *servers.Tracker
 	// published is set once the tracker's first set is written.
 	published bool
-	cancel  context.CancelFunc
+	cancel    context.CancelFunc
 }
 
 // sameConfig tells whether a running tracker was built from cfg already.
