@@ -139,8 +139,9 @@ func newAttachCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "attach --cgroup PATH",
 		Short: "Attach ctlb to a cgroup: its processes' connects to VIPs are balanced",
-		Long: `Attach connect4, getpeername4 and sock_release to a cgroup v2 directory with
-pinned bpf_links. Every process in the cgroup and its descendants is covered,
+		Long: `Attach ctlb's programs (connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6,
+sock_ops) to a cgroup v2 directory with pinned bpf_links; sock_release is
+attached once at the cgroup v2 root by the daemon. Every process in the cgroup and its descendants is covered,
 including ones started later. PATH is absolute or relative to the cgroup v2
 mount; the v2 root itself is refused. Pods are attached by the CNI plugin;
 this command is for everything else.`,

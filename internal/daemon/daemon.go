@@ -67,6 +67,10 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 		lock.Close()
 		return nil, err
 	}
+	if up := dp.Upgraded(); up != nil {
+		log.Info("layout upgraded", "from", up.From, "to", datapath.Layout, "services", up.Services,
+			"attachments", up.Attachments, "openSockets", up.OpenSockets, "removedPins", up.RemovedPins)
+	}
 	h, err := cgroupv2.Default()
 	if err != nil {
 		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)

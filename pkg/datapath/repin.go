@@ -45,5 +45,12 @@ func (d *Datapath) Repin() ([]string, error) {
 		}
 		fixed = append(fixed, name)
 	}
+	// The root release link dies with its pin: attach it again.
+	if _, err := os.Lstat(filepath.Join(d.dir, rootLinkPin)); errors.Is(err, fs.ErrNotExist) && d.progs[rootHook.name] != nil {
+		if err := d.ensureRootRelease(); err != nil {
+			return fixed, fmt.Errorf("repin: %w", err)
+		}
+		fixed = append(fixed, rootLinkPin)
+	}
 	return fixed, nil
 }
