@@ -76,6 +76,14 @@ func pluginCmd(cmd, containerID, netns, cniArgs string, stdin []byte) *exec.Cmd 
 	return c
 }
 
+// podHooks are the hooks of one attachment (layout v2; sock_release sits
+// once at the cgroup root, not per pod).
+var podHooks = []ebpf.AttachType{
+	ebpf.AttachCGroupSockOps, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername,
+	ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg, ebpf.AttachCGroupInet4Connect,
+	ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg,
+}
+
 // cgroupProgs counts the programs attached directly to a cgroup on ctlb's
 // hooks: the kernel's word on what an attachment left behind.
 func cgroupProgs(t *testing.T, dir string) int {
@@ -86,7 +94,7 @@ func cgroupProgs(t *testing.T, dir string) int {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInetSockRelease} {
+	for _, at := range podHooks {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			t.Fatalf("query %s programs of %s: %v", at, dir, err)
@@ -204,7 +212,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 			e.waitAttached(p, 5*time.Second)
 		}
 		e.wantAttached(p)
-		waitProgs(t, p.cgroup, 3) // one per hook: nothing of the killed ADD stays attached beside them
+		waitProgs(t, p.cgroup, len(podHooks)) // one per hook: nothing of the killed ADD stays attached beside them
 		if i%5 == 0 || state != "nothing" {
 			e.wantRedirectedFromNode(container(t, p, "app"))
 		}
@@ -639,7 +647,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 		t.Fatalf("ctlbd did not report the repair loudly:\n%s", logs)
 	}
 	e.wantAttached(p)
-	waitProgs(t, p.cgroup, 3) // one per hook: the repair left no duplicate
+	waitProgs(t, p.cgroup, len(podHooks)) // one per hook: the repair left no duplicate
 	wantRedirected(t, p, container(t, p, "app"))
 	finishLoad(t, "pin removal and repair", load)
 }
@@ -727,7 +735,7 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 	}
 	e.wantAttached(c)
 	wantRedirected(t, c, container(t, c, "app"))
-	waitProgs(t, dir, 3)
+	waitProgs(t, dir, len(podHooks))
 
 	// ctlbd's reconciler, running every 200 ms, removes a dead one unasked.
 	e.restartDaemon(200 * time.Millisecond)
@@ -737,6 +745,12 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 		t.Fatalf("ctlbd's reconciler did not remove the dead attachment: %v", err)
 	}
 	t.Logf("ctlbd's reconciler (every 200ms) removed the dead attachment %s after the cgroup went", time.Since(gone).Round(time.Millisecond))
+	// The attachment leaves listings at the rename that starts its detach;
+	// its link pins go a moment later.
+	_ = waitFor(2*time.Second, func() bool {
+		links, _ := e.leftovers()
+		return len(links) == 1 && !strings.HasPrefix(links[0], "_")
+	})
 	e.wantNothingLeftBut(1)
 
 	// And a pod of the same name still attaches.
