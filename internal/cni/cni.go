@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/nri/annotation"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/podcgroup"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -142,8 +143,17 @@ func (c *call) hints() (podcgroup.Hints, error) {
 	return podcgroup.Hints{CgroupPath: c.conf.cgroupPath(), PodUID: uid, Netns: c.args.Netns}, nil
 }
 
-// attachmentID is this call's datapath attachment.
-func (c *call) attachmentID() string { return AttachmentID(c.conf.Name, c.args.ContainerID) }
+// attachmentID is this call's datapath attachment: the container's, or,
+// with a static cgroupPath in the config, one shared by every pod of the
+// network (the kernel allows 64 programs per hook and cgroup: one link set
+// per pod on one cgroup would run out, and would run the program once per
+// pod on every connect).
+func (c *call) attachmentID() string {
+	if c.conf.CgroupPath != "" {
+		return staticAttachmentID(c.conf.Name, c.conf.CgroupPath)
+	}
+	return AttachmentID(c.conf.Name, c.args.ContainerID)
+}
 
 func (c *call) owner() Owner {
 	return Owner{Network: c.conf.Name, ContainerID: c.args.ContainerID, IfName: c.args.IfName}
@@ -187,6 +197,9 @@ func (c *call) add() error {
 		return nil
 	}
 
+	if c.nriScoped() {
+		return nil
+	}
 	hints, err := c.hints()
 	if err != nil {
 		return err
@@ -217,7 +230,7 @@ func (c *call) add() error {
 		// input changes nothing.
 		if len(before) == 0 {
 			if unlock, lerr := lockOwners(c.conf.StateDir); lerr == nil {
-				_, _ = removeOwner(c.conf.StateDir, id, c.args.IfName)
+				_, _ = removeOwner(c.conf.StateDir, id, c.owner())
 				unlock()
 			}
 		}
@@ -333,7 +346,7 @@ func (c *call) del() error {
 		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 	}
 	defer unlock()
-	left, err := removeOwner(c.conf.StateDir, id, c.args.IfName)
+	left, err := removeOwner(c.conf.StateDir, id, c.owner())
 	if err != nil {
 		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 	}
@@ -431,13 +444,22 @@ func (c *call) check() error {
 		if err != nil {
 			return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 		}
-		if !slices.ContainsFunc(owners, func(o Owner) bool { return o.IfName == c.args.IfName }) {
+		if !slices.Contains(owners, c.owner()) {
 			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: interface %s of container %s holds no attachment in network %q (no ADD recorded)",
 				c.args.IfName, c.args.ContainerID, c.conf.Name), nil)
 		}
 	}
 
 	a, err := dp.Attachment(id)
+	if _, ok := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations); ok && errors.Is(err, datapath.ErrNoAttachment) {
+		// Container scope: ADD left the pod to ctlbd's NRI plugin, which
+		// must still be connected to attach the pod's next containers.
+		if st.NRI != api.NRIConnected {
+			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: pod is NRI-scoped (%s) but ctlbd's NRI plugin is %s, and there is no pod-level attachment %s",
+				annotation.Containers, orNone(st.NRI), id), nil)
+		}
+		return nil
+	}
 	if errors.Is(err, datapath.ErrNoAttachment) {
 		if rec, perr := pending.Read(c.conf.StateDir, id); perr == nil {
 			age := time.Since(rec.Created)
@@ -475,6 +497,37 @@ func (c *call) check() error {
 			id, a.CgroupPath, a.CgroupID, expect.Dir, want, expect.Source), nil)
 	}
 	return nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "not configured"
+	}
+	return s
+}
+
+// nriScoped decides container scope at ADD: the pod's annotations name
+// containers and ctlbd's NRI plugin is connected, so ctlbd attaches those
+// containers' cgroups and the pod gets no pod-level attachment. Without a
+// connected NRI plugin the pod falls back to pod scope, and the log says so.
+func (c *call) nriScoped() bool {
+	names, ok := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations)
+	if !ok {
+		return false
+	}
+	st, err := c.daemonStatus()
+	if err == nil && st.NRI == api.NRIConnected {
+		c.log.Info("NRI-scoped: ctlbd's NRI plugin attaches the named containers; no pod-level attachment",
+			"containers", names, "annotation", annotation.Containers, "nriSocket", st.NRISocket)
+		return true
+	}
+	state := orNone(st.NRI)
+	if err != nil {
+		state = "unknown: " + err.Error()
+	}
+	c.log.Warn("pod asks for container scope, but ctlbd's NRI plugin is not connected: falling back to pod scope (every container of the pod)",
+		"containers", names, "annotation", annotation.Containers, "nri", state)
+	return false
 }
 
 func describeHints(f podcgroup.Found) string {
@@ -579,11 +632,22 @@ func (c *call) gc() error {
 				if validOwner[o] {
 					continue
 				}
-				if _, err := removeOwner(c.conf.StateDir, id, o.IfName); err != nil {
+				if _, err := removeOwner(c.conf.StateDir, id, o); err != nil {
 					errs = append(errs, err)
 					continue
 				}
 				c.log.Info("GC: owner removed", "attachment", id, "containerID", o.ContainerID, "ifName", o.IfName)
+			}
+		}
+	}
+
+	// An attachment still owned by a valid interface stays, whatever its
+	// ID (a static cgroupPath's is shared by many containers).
+	if byList {
+		ids, _ := ownedAttachments(c.conf.StateDir, network)
+		for _, id := range ids {
+			if owners, err := listOwners(c.conf.StateDir, id); err == nil && len(owners) > 0 {
+				validAtt[id] = true
 			}
 		}
 	}

@@ -149,10 +149,28 @@ func (d *Daemon) cgroupDir(path string) (string, error) {
 	return dir, nil
 }
 
-func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+// decodeAttach reads an attach or detach request: a cgroup, or host scope.
+func decodeAttach(w http.ResponseWriter, r *http.Request) (api.AttachRequest, bool) {
 	var req api.AttachRequest
-	if err := decode(w, r, &req); err != nil {
+	err := decode(w, r, &req)
+	if err == nil && req.Host && req.Cgroup != "" {
+		err = badRequest(fmt.Errorf("host scope is the cgroup v2 root: cgroup %q contradicts it", req.Cgroup))
+	}
+	if err != nil {
 		reply(w, nil, err)
+		return req, false
+	}
+	return req, true
+}
+
+func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+	req, ok := decodeAttach(w, r)
+	if !ok {
+		return
+	}
+	if req.Host {
+		a, err := d.AttachHost()
+		reply(w, apiAttachment(a), err)
 		return
 	}
 	dir, err := d.cgroupDir(req.Cgroup)
@@ -182,9 +200,17 @@ func (d *Daemon) attachCgroup(id, dir string) (datapath.Attachment, error) {
 }
 
 func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
-	var req api.AttachRequest
-	if err := decode(w, r, &req); err != nil {
-		reply(w, nil, err)
+	req, ok := decodeAttach(w, r)
+	if !ok {
+		return
+	}
+	if req.Host {
+		a, err := d.DetachHost()
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, []api.Attachment{apiAttachment(a)}, nil)
 		return
 	}
 	dir, err := d.cgroups.Resolve(req.Cgroup, false)
@@ -287,6 +313,8 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
+	st.HostScope = d.hostAttached()
+	d.nriStatus(&st)
 	return st, nil
 }
 

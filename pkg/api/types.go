@@ -30,6 +30,9 @@ type Service struct {
 // AttachRequest attaches to or detaches from a cgroup (ctlbd attach/detach).
 type AttachRequest struct {
 	Cgroup string `json:"cgroup"`
+	// Host asks for host scope: the one attachment at the cgroup v2 root
+	// (Cgroup must then be empty).
+	Host bool `json:"host,omitempty"`
 }
 
 // Attachment is one attachment of ctlb's programs to a cgroup.
@@ -149,7 +152,21 @@ type Status struct {
 	Services    []ServiceStatus `json:"services"`
 	Attachments int             `json:"attachments"`
 	Pending     int             `json:"pending"`
+	// NRI is the NRI plugin's state, NRIConnected or NRIDisconnected;
+	// empty when ctlbd runs none. The CNI plugin leaves pods annotated
+	// ctlb.io/containers to it only while it is connected.
+	NRI string `json:"nri,omitempty"`
+	// NRISocket is the runtime socket the NRI plugin uses.
+	NRISocket string `json:"nriSocket,omitempty"`
+	// HostScope says ctlb is attached at the cgroup v2 root (every process).
+	HostScope bool `json:"hostScope,omitempty"`
 }
+
+// States of ctlbd's NRI plugin in Status.NRI.
+const (
+	NRIConnected    = "connected"
+	NRIDisconnected = "disconnected"
+)
 
 // Version is ctlbd version.
 type Version struct {

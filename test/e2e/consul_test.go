@@ -83,7 +83,8 @@ func TestConsulFlagship(t *testing.T) {
 		}
 	})
 	network := node.InstallNetwork(t, spec)
-	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef})
+	// CTLB_CONTAINERD=2.x runs it on containerd 2.x.
+	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef, Release: containerd.FromEnv(t)})
 	c.Import(t, imgs.PauseTar)
 	c.Import(t, grpcClientImage(t))
 	pod := c.RunPod(t, containerd.PodSpec{Name: "consul-client"})
