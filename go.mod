@@ -3,6 +3,7 @@ module github.com/ctlb/ctlb
 go 1.26.7
 
 require (
+	github.com/containerd/cgroups/v3 v3.1.3
 	github.com/containerd/nri v0.12.3
 	github.com/containernetworking/plugins v1.9.1
 	github.com/hashicorp/consul/api v1.34.5
@@ -13,6 +14,8 @@ require (
 	golang.org/x/sys v0.49.0
 	google.golang.org/grpc v1.85.0
 )
+
+require github.com/moby/sys/userns v0.1.0 // indirect
 
 require (
 	github.com/armon/go-metrics v0.4.1 // indirect

@@ -22,8 +22,11 @@ want nft nftables
 want gnuplot gnuplot-nox
 want containerd containerd
 want runc runc
+want crun crun
 want podman podman
 want catatonit catatonit
+want java openjdk-17-jdk-headless
+want python3 python3
 for extra in ${CTLB_EXTRA_PACKAGES:-}; do need+=("$extra"); done
 
 if ((${#need[@]})); then

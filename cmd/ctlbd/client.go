@@ -255,7 +255,13 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 						if src.LastError != "" {
 							line += ", last: " + src.LastError
 						}
+						if src.Rejected > 0 && len(src.RejectedFirst) > 0 {
+							line += fmt.Sprintf(", %d entries left out (first: %s: %s)", src.Rejected, src.RejectedFirst[0].Entry, src.RejectedFirst[0].Reason)
+						}
 						fmt.Fprintln(w, line)
+					}
+					if s.Trimmed > 0 {
+						fmt.Fprintf(w, "  %d candidates left out over the limit of servers per VIP\n", s.Trimmed)
 					}
 				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)

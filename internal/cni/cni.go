@@ -143,8 +143,17 @@ func (c *call) hints() (podcgroup.Hints, error) {
 	return podcgroup.Hints{CgroupPath: c.conf.cgroupPath(), PodUID: uid, Netns: c.args.Netns}, nil
 }
 
-// attachmentID is this call's datapath attachment.
-func (c *call) attachmentID() string { return AttachmentID(c.conf.Name, c.args.ContainerID) }
+// attachmentID is this call's datapath attachment: the container's, or,
+// with a static cgroupPath in the config, one shared by every pod of the
+// network (the kernel allows 64 programs per hook and cgroup: one link set
+// per pod on one cgroup would run out, and would run the program once per
+// pod on every connect).
+func (c *call) attachmentID() string {
+	if c.conf.CgroupPath != "" {
+		return staticAttachmentID(c.conf.Name, c.conf.CgroupPath)
+	}
+	return AttachmentID(c.conf.Name, c.args.ContainerID)
+}
 
 func (c *call) owner() Owner {
 	return Owner{Network: c.conf.Name, ContainerID: c.args.ContainerID, IfName: c.args.IfName}
@@ -221,7 +230,7 @@ func (c *call) add() error {
 		// input changes nothing.
 		if len(before) == 0 {
 			if unlock, lerr := lockOwners(c.conf.StateDir); lerr == nil {
-				_, _ = removeOwner(c.conf.StateDir, id, c.args.IfName)
+				_, _ = removeOwner(c.conf.StateDir, id, c.owner())
 				unlock()
 			}
 		}
@@ -337,7 +346,7 @@ func (c *call) del() error {
 		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 	}
 	defer unlock()
-	left, err := removeOwner(c.conf.StateDir, id, c.args.IfName)
+	left, err := removeOwner(c.conf.StateDir, id, c.owner())
 	if err != nil {
 		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 	}
@@ -435,7 +444,7 @@ func (c *call) check() error {
 		if err != nil {
 			return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 		}
-		if !slices.ContainsFunc(owners, func(o Owner) bool { return o.IfName == c.args.IfName }) {
+		if !slices.Contains(owners, c.owner()) {
 			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: interface %s of container %s holds no attachment in network %q (no ADD recorded)",
 				c.args.IfName, c.args.ContainerID, c.conf.Name), nil)
 		}
@@ -623,11 +632,22 @@ func (c *call) gc() error {
 				if validOwner[o] {
 					continue
 				}
-				if _, err := removeOwner(c.conf.StateDir, id, o.IfName); err != nil {
+				if _, err := removeOwner(c.conf.StateDir, id, o); err != nil {
 					errs = append(errs, err)
 					continue
 				}
 				c.log.Info("GC: owner removed", "attachment", id, "containerID", o.ContainerID, "ifName", o.IfName)
+			}
+		}
+	}
+
+	// An attachment still owned by a valid interface stays, whatever its
+	// ID (a static cgroupPath's is shared by many containers).
+	if byList {
+		ids, _ := ownedAttachments(c.conf.StateDir, network)
+		for _, id := range ids {
+			if owners, err := listOwners(c.conf.StateDir, id); err == nil && len(owners) > 0 {
+				validAtt[id] = true
 			}
 		}
 	}

@@ -122,6 +122,8 @@ var readKeys = []string{
 // tolerated too: the spec reserves that prefix for itself.
 var toleratedKeys = map[string]bool{
 	"capabilities": true, "args": true, "ipam": true, "dns": true, "ipMasq": true,
+	// install-cni's mark on the entry it wrote (internal/cniinstall).
+	"installedBy": true,
 }
 
 func knownKey(k string) bool {

@@ -56,6 +56,13 @@ func AttachmentID(network, containerID string) string {
 	return hashedAttachmentPrefix + netTag(network) + "-" + hex.EncodeToString(sum[:20])
 }
 
+// staticAttachmentID is the one attachment of a network whose config names
+// a static cgroupPath, shared by all its containers.
+func staticAttachmentID(network, cgroupPath string) string {
+	sum := sha256.Sum256([]byte(cgroupPath))
+	return AttachmentID(network, "static-"+hex.EncodeToString(sum[:12]))
+}
+
 // ownedBy reports whether the attachment ID is one the plugin made for the
 // network: ctlbd's own ("cgroup-N"), the host scope's and other networks'
 // are never its business.
@@ -71,13 +78,19 @@ type Owner struct {
 	IfName      string `json:"ifName"`
 }
 
-// ownersDir holds <attachmentID>/<ifName>.json for every owner.
+// ownersDir holds <attachmentID>/<hash>.json for every owner.
 func ownersDir(stateDir string) string { return filepath.Join(stateDir, "attachments") }
 
-// ownerFile is where an owner is recorded. Interface names are validated by
-// skel (no '/', not "." or ".."), and the ".json" suffix keeps them files.
-func ownerFile(stateDir, attID, ifName string) string {
-	return filepath.Join(ownersDir(stateDir), attID, ifName+".json")
+// ownerFile is where an owner is recorded: named by a hash of container ID
+// and interface, since a shared attachment (static cgroupPath) has many
+// containers' interfaces of the same name.
+func ownerFile(stateDir, attID string, o Owner) string {
+	return filepath.Join(ownersDir(stateDir), attID, ownerName(o))
+}
+
+func ownerName(o Owner) string {
+	sum := sha256.Sum256([]byte(o.ContainerID + "\x00" + o.IfName))
+	return hex.EncodeToString(sum[:16]) + ".json"
 }
 
 // lockOwners serialises owner bookkeeping of a state directory: the ADD of
@@ -109,7 +122,7 @@ func addOwner(stateDir, attID string, o Owner) error {
 		return fmt.Errorf("attachment %s: create owners: %w", attID, err)
 	}
 	b, _ := json.Marshal(o)
-	p := ownerFile(stateDir, attID, o.IfName)
+	p := ownerFile(stateDir, attID, o)
 	tmp := p + ".tmp"
 	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("attachment %s: record owner %s: %w", attID, o.IfName, err)
@@ -123,9 +136,9 @@ func addOwner(stateDir, attID string, o Owner) error {
 
 // removeOwner drops one owner and returns how many remain; the owners
 // directory goes with the last. Call it with the lock held.
-func removeOwner(stateDir, attID, ifName string) (int, error) {
-	if err := os.Remove(ownerFile(stateDir, attID, ifName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return 0, fmt.Errorf("attachment %s: remove owner %s: %w", attID, ifName, err)
+func removeOwner(stateDir, attID string, o Owner) (int, error) {
+	if err := os.Remove(ownerFile(stateDir, attID, o)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return 0, fmt.Errorf("attachment %s: remove owner %s/%s: %w", attID, o.ContainerID, o.IfName, err)
 	}
 	owners, err := listOwners(stateDir, attID)
 	if err != nil {
@@ -139,7 +152,7 @@ func removeOwner(stateDir, attID, ifName string) (int, error) {
 	return len(owners), nil
 }
 
-// listOwners reads the owners of one attachment, sorted by interface.
+// listOwners reads the owners of one attachment, sorted.
 func listOwners(stateDir, attID string) ([]Owner, error) {
 	dir := filepath.Join(ownersDir(stateDir), attID)
 	ents, err := os.ReadDir(dir)
@@ -159,12 +172,14 @@ func listOwners(stateDir, attID string) ([]Owner, error) {
 			continue
 		}
 		var o Owner
-		if json.Unmarshal(b, &o) != nil || o.IfName+".json" != e.Name() {
+		if json.Unmarshal(b, &o) != nil || ownerName(o) != e.Name() {
 			continue
 		}
 		out = append(out, o)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].IfName < out[j].IfName })
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].ContainerID < out[j].ContainerID || out[i].ContainerID == out[j].ContainerID && out[i].IfName < out[j].IfName
+	})
 	return out, nil
 }
 

@@ -272,9 +272,13 @@ func (d *Daemon) Status() (api.Status, error) {
 		listed := map[netip.AddrPort]bool{}
 		if snap, ok := tracked[svc.VIP]; ok {
 			// Every candidate, in the set or not, with its sources and health.
-			ss.Tracked, ss.Panic, ss.Changes = true, snap.Panic, snap.Changes
+			ss.Tracked, ss.Panic, ss.Changes, ss.Trimmed = true, snap.Panic, snap.Changes, snap.Trimmed
 			for _, src := range snap.Sources {
-				ss.Sources = append(ss.Sources, api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError})
+				as := api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError, Rejected: src.Rejected}
+				for _, r := range src.RejectedFirst {
+					as.RejectedFirst = append(as.RejectedFirst, api.RejectedEntry{Entry: r.Entry, Reason: r.Reason})
+				}
+				ss.Sources = append(ss.Sources, as)
 			}
 			inMap := map[netip.AddrPort]bool{}
 			for _, srv := range svc.Servers {

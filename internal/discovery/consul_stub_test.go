@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -198,5 +199,54 @@ func TestConsulSharedWatch(t *testing.T) {
 	t.Logf("5 sources, one query: %d requests in 2s", n)
 	if n > 6 {
 		t.Fatalf("%d requests in 2s for 5 sources of one query: the watch is not shared", n)
+	}
+}
+
+// TestConsulLoopbackOfAnotherHost: a catalog instance on a loopback address
+// is kept only when it is the node of the agent asked over loopback; on
+// any other node it is that host's own loopback, and is rejected with the
+// reason.
+func TestConsulLoopbackOfAnotherHost(t *testing.T) {
+	t.Parallel()
+	stub := newStubConsul(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/agent/self" {
+			w.Write([]byte(`{"Config":{"NodeName":"local"}}`))
+			return
+		}
+		w.Header().Set("X-Consul-Index", "7")
+		w.Write([]byte(`[{"Node":{"Node":"local","Address":"127.0.0.1"},"Service":{"ID":"a"}},
+			{"Node":{"Node":"remote","Address":"127.0.0.1"},"Service":{"ID":"b"}},
+			{"Node":{"Node":"remote2","Address":"198.18.9.2"},"Service":{"ID":"c","Address":"::ffff:198.18.9.3"}},
+			{"Node":{"Node":"bad","Address":"consul-2.example"},"Service":{"ID":"d"}}]`))
+	})
+	c := run(t, Consul{Address: stub.url, Port: 8503})
+	r, _ := c.waitFor(t, 0, 5*time.Second, "a list", func(r Result) bool { return r.Err == nil })
+	if want := aps(t, "127.0.0.1:8503", "198.18.9.3:8503"); !slices.Equal(Normalize(r.Servers), want) {
+		t.Fatalf("servers %v, want %v", r.Servers, want)
+	}
+	if len(r.Rejected) != 2 || !strings.Contains(r.Rejected[0].Reason, "loopback address of another host") ||
+		!strings.Contains(r.Rejected[1].Reason, "not an IP address") {
+		t.Fatalf("rejected %+v", r.Rejected)
+	}
+	t.Logf("rejected: %+v", r.Rejected)
+}
+
+// TestConsulEnvironment: the standard CONSUL_* variables fill what the
+// config leaves unset, and never override what it sets.
+func TestConsulEnvironment(t *testing.T) {
+	t.Setenv(EnvHTTPAddr, "198.18.9.1:8501")
+	t.Setenv(EnvHTTPTokenFile, "/run/consul/token")
+	t.Setenv(EnvCACert, "/run/consul/ca.pem")
+	t.Setenv(EnvClientCert, "/run/consul/cert.pem")
+	t.Setenv(EnvClientKey, "/run/consul/key.pem")
+	t.Setenv(EnvTLSServerName, "server.dc1.consul")
+	got := Consul{}.Resolved()
+	want := TLS{CAFile: "/run/consul/ca.pem", CertFile: "/run/consul/cert.pem", KeyFile: "/run/consul/key.pem", ServerName: "server.dc1.consul"}
+	if got.Address != "http://198.18.9.1:8501" || got.TokenFile != "/run/consul/token" || got.TLS != want {
+		t.Fatalf("from the environment: %+v", got)
+	}
+	set := Consul{Address: "https://198.18.9.2:8501", Token: "inline", TLS: TLS{CAFile: "/etc/ca.pem", ServerName: "x"}}.Resolved()
+	if set.Address != "https://198.18.9.2:8501" || set.TokenFile != "" || set.TLS.CAFile != "/etc/ca.pem" || set.TLS.ServerName != "x" || set.TLS.CertFile != "/run/consul/cert.pem" {
+		t.Fatalf("config wins over the environment: %+v", set)
 	}
 }

@@ -85,7 +85,7 @@ func TestExecKillsProcessGroup(t *testing.T) {
 		wantErr bool
 	}{
 		// The grandchild holds no pipe: only the group kill reaches it.
-		"timeout": {body: `sleep 60 >/dev/null 2>&1 & echo $! > "$1"; sleep 60`, timeout: 300 * time.Millisecond, wantErr: true},
+		"timeout": {body: `sleep 60 >/dev/null 2>&1 & echo $! > "$1"; sleep 60`, timeout: 2 * time.Second, wantErr: true},
 		"ends":    {body: `sleep 60 >/dev/null 2>&1 & echo $! > "$1"; echo 198.18.7.1`, timeout: 5 * time.Second},
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -145,9 +145,11 @@ func (p Params) Validate() error {
 // one vocabulary of code, API (api.HealthHealthy...), CLI and metrics.
 type Verdict int
 
-// A server starts Unchecked (no check finished yet). As in Envoy, its first passing
-// check makes it Healthy at once: Rise applies to a server coming back from
-// Unhealthy, so a new server takes traffic after one check, not Rise.
+// A server starts Unchecked (no check finished yet). As in Envoy, its first
+// passing check makes it Healthy at once: Rise applies to a server coming
+// back from Unhealthy after it was Healthy, so a new server takes traffic
+// after one passing check, not Rise, even when its first checks failed
+// (a Consul server still joining its cluster).
 const (
 	Unchecked Verdict = iota
 	Healthy
@@ -176,6 +178,8 @@ type State struct {
 	LastErr   error     // error of the last failed check, nil after a pass
 	LastCheck time.Time // when the last check finished
 	Since     time.Time // when Verdict last changed
+	// WasHealthy is set once the server has been Healthy.
+	WasHealthy bool
 }
 
 // Observe records one check result and reports whether the verdict changed.
@@ -186,7 +190,11 @@ func (s *State) Observe(err error, now time.Time, p Params) bool {
 		s.Passes++
 		s.Failures = 0
 		s.LastErr = nil
-		if s.Verdict == Unchecked || (s.Verdict == Unhealthy && s.Passes >= p.Rise) {
+		// Rise guards against a server that flaps: one never seen
+		// healthy (a new server that failed while it was still joining
+		// its cluster) has nothing to flap from and goes in at its first
+		// pass.
+		if s.Verdict == Unchecked || (s.Verdict == Unhealthy && (s.Passes >= p.Rise || !s.WasHealthy)) {
 			s.Verdict = Healthy
 		}
 	} else {
@@ -198,6 +206,9 @@ func (s *State) Observe(err error, now time.Time, p Params) bool {
 		if s.Verdict == Unchecked || (s.Verdict == Healthy && s.Failures >= p.Fall) {
 			s.Verdict = Unhealthy
 		}
+	}
+	if s.Verdict == Healthy {
+		s.WasHealthy = true
 	}
 	if s.Verdict != prev {
 		s.Since = now

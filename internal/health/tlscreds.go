@@ -56,7 +56,7 @@ func (a *alpnTolerantTLS) ServerHandshake(net.Conn) (net.Conn, credentials.AuthI
 }
 
 func (a *alpnTolerantTLS) Info() credentials.ProtocolInfo {
-	return credentials.ProtocolInfo{SecurityProtocol: "tls", SecurityVersion: "1.2", ServerName: a.cfg.ServerName}
+	return credentials.ProtocolInfo{SecurityProtocol: "tls"}
 }
 
 func (a *alpnTolerantTLS) Clone() credentials.TransportCredentials {

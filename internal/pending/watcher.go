@@ -325,10 +325,23 @@ func (l *loop) pass(full, scan bool) map[string]Status {
 		}
 	}
 	var byNetns map[podcgroup.NetnsID]string
+	var refused map[podcgroup.NetnsID]error
 	if len(wantNetns) > 0 && scan {
 		var err error
-		if byNetns, err = l.w.resolver.FindByNetns(wantNetns); err != nil {
+		if byNetns, refused, err = l.w.resolver.FindByNetns(wantNetns); err != nil {
 			l.w.log.Warn("pending records: process scan", "error", err)
+		}
+	}
+	// A sandbox whose processes sit in a shared cgroup is not attached
+	// there: say why in the record's status, once per change.
+	for _, e := range entries {
+		if err := refused[e.rec.NetnsID]; err != nil && e.rec.hasNetns() {
+			l.w.mu.Lock()
+			if e.lastErr != err.Error() {
+				e.lastErr = err.Error()
+				l.w.log.Warn("pending attachment: refusing the sandbox's cgroup", "attachment", e.rec.Key(), "error", err)
+			}
+			l.w.mu.Unlock()
 		}
 	}
 

@@ -64,38 +64,62 @@ func TestConsulSecureReadiness(t *testing.T) {
 	// lists it and when it enters the set.
 	added := time.Now()
 	s4 := c.AddServer()
-	portOpen := make(chan time.Duration, 1)
+	// A probe beside the tracker: when the TCP port first accepts, and
+	// whether a consul check failed while it already did (the window in
+	// which a TCP check would have let the server in too early).
+	k, err := cfg.Checker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	type probeResult struct {
+		portOpen   time.Duration
+		failedOpen int   // consul checks failed with the port open
+		lastErr    error // of those
+		ready      time.Duration
+	}
+	probed := make(chan probeResult, 1)
 	go func() {
+		var r probeResult
+		r.portOpen, r.ready = -1, -1
 		for time.Since(added) < 30*time.Second {
 			conn, err := net.DialTimeout("tcp", s4.GRPCAddr().String(), 100*time.Millisecond)
 			if err == nil {
 				conn.Close()
-				portOpen <- time.Since(added)
-				return
+				if r.portOpen < 0 {
+					r.portOpen = time.Since(added)
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+				err := k.Check(ctx, s4.GRPCAddr())
+				cancel()
+				if err == nil {
+					r.ready = time.Since(added)
+					break
+				}
+				r.failedOpen++
+				r.lastErr = err
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+		probed <- r
 	}()
 	want := grpcAddrs(c.Servers())
 	ch, next := rec.wait(t, next, want, 30*time.Second)
 	entered := ch.at.Sub(added)
 	// The moment it is in, it serves: a WatchServers call on it succeeds.
-	k, _ := cfg.Checker()
 	ctx, cancel = context.WithTimeout(context.Background(), 2*time.Second)
 	err = k.Check(ctx, s4.GRPCAddr())
 	cancel()
 	if err != nil {
 		t.Fatalf("the new server entered the set (%s) but a WatchServers call fails: %v", ch.reason, err)
 	}
-	var opened time.Duration
-	select {
-	case opened = <-portOpen:
-	default:
-		opened = -1
+	pr := <-probed
+	t.Logf("FIGURE new server: TLS gRPC port open after %s; consul check first passed (probe) after %s, failing %d times with the port open (last: %v); in the set after %s (%s)",
+		pr.portOpen.Round(time.Millisecond), pr.ready.Round(time.Millisecond), pr.failedOpen, pr.lastErr, entered.Round(time.Millisecond), ch.reason)
+	if pr.portOpen < 0 || entered < pr.portOpen {
+		t.Fatalf("the server entered the set (%s) before its port opened (%s)", entered, pr.portOpen)
 	}
-	t.Logf("new server: TLS gRPC port open after %s, in the set after %s (%s)", opened.Round(time.Millisecond), entered.Round(time.Millisecond), ch.reason)
-	if opened >= 0 && entered < opened {
-		t.Fatalf("the server entered the set (%s) before its port opened (%s)", entered, opened)
+	if pr.failedOpen == 0 {
+		t.Errorf("the consul check never failed while the new server's port was open: it tells nothing a TCP check does not")
 	}
 	for _, s := range tr.Snapshot().Servers {
 		if s.Addr == s4.GRPCAddr() {

@@ -117,6 +117,17 @@ type SourceStatus struct {
 	Servers   int    `json:"servers"`
 	Errors    uint64 `json:"errors"`
 	LastError string `json:"lastError,omitempty"`
+	// Rejected counts the entries of the source's last answer that were
+	// left out (not an address, wrong family, not unicast, listed twice,
+	// another host's loopback); RejectedFirst shows the first few.
+	Rejected      int             `json:"rejected,omitempty"`
+	RejectedFirst []RejectedEntry `json:"rejectedFirst,omitempty"`
+}
+
+// RejectedEntry is one entry of a source's answer left out, and why.
+type RejectedEntry struct {
+	Entry  string `json:"entry"`
+	Reason string `json:"reason"`
 }
 
 // ServiceStatus is one VIP in ctlbd status.
@@ -129,6 +140,9 @@ type ServiceStatus struct {
 	Panic   bool           `json:"panic,omitempty"`
 	Changes uint64         `json:"changes,omitempty"`
 	Sources []SourceStatus `json:"sources,omitempty"`
+	// Trimmed counts the candidates left out over the most servers a VIP
+	// may have (the highest addresses go).
+	Trimmed int `json:"trimmed,omitempty"`
 }
 
 // Status is ctlbd status.

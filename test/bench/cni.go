@@ -32,7 +32,7 @@ type CNIResult struct {
 
 // cniConf is the plugin's network config as a runtime hands it over, with
 // the bridge plugin's result as prevResult and the pod cgroup passed through
-// the cgroupPath capability (containerd >= 1.7.1).
+// the cgroupPath capability (containerd >= 1.7.0, CRI-O >= 1.28).
 func (e *env) cniConf(stateDir, cgroupRel string) []byte {
 	conf := map[string]any{
 		"cniVersion": "1.0.0",

@@ -10,12 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // A pod found by K8S_POD_UID in the cgroupfs layout is redirected in every
@@ -249,4 +251,36 @@ func TestPendingWhileDaemonDown(t *testing.T) {
 	mkdirAll(t, p.cgroup)
 	e.waitAttached(p, 5*time.Second)
 	wantRedirected(t, p, container(t, p, "app"))
+}
+
+// The systemd driver's OCI form, as a runtime may pass it in cgroupPath
+// (kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>), resolves to the
+// pod slice: here it does not exist yet, so the pending record names
+// exactly that slice. A form whose slice is not a pod's is refused with
+// code 7, never left pending.
+func TestAddSystemdOCIForm(t *testing.T) {
+	e := newEnv(t)
+	uid := newUID()
+	u := strings.ReplaceAll(uid, "-", "_")
+	p := e.newPod(uid, "")
+	p.rt.CapabilityArgs = map[string]any{"cgroupPath": "kubepods-besteffort-pod" + u + ".slice:cri-containerd:" + p.id}
+	e.mustAdd(e.chain(nil), p)
+	rec, err := pending.Read(e.stateDir, cni.AttachmentID(netName, p.id))
+	want := filepath.Join(testutil.V2Mount(t), "kubepods.slice", "kubepods-besteffort.slice", "kubepods-besteffort-pod"+u+".slice")
+	if err != nil || rec.CgroupDir != want {
+		t.Fatalf("pending record %+v (%v): want cgroupDir %s", rec, err, want)
+	}
+	if err := e.del(e.chain(nil), p); err != nil {
+		t.Fatal(err)
+	}
+	e.wantNothingLeft()
+
+	for _, bad := range []string{"kubepods-besteffort.slice:cri-containerd:" + p.id, "system.slice:docker:" + p.id} {
+		q := e.newPod(uid, "")
+		q.rt.CapabilityArgs = map[string]any{"cgroupPath": bad}
+		_, err := e.add(e.chain(nil), q)
+		wantCode(t, "ADD with cgroupPath "+bad, err, types.ErrInvalidNetworkConfig, "not a pod's")
+		_ = e.del(e.chain(nil), q)
+	}
+	e.wantNothingLeft()
 }

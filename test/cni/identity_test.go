@@ -7,12 +7,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // runAs runs the ctlb binary for one (network, container, interface), as a
@@ -147,4 +149,44 @@ func TestAttachmentIdentity(t *testing.T) {
 	if owners, _ := os.ReadDir(filepath.Join(e.stateDir, "attachments")); len(owners) != 0 {
 		t.Fatalf("owner records left: %v", owners)
 	}
+}
+
+// A static cgroupPath in the config attaches once for the whole network:
+// every pod shares that attachment (one set of programs on the cgroup, not
+// one per pod: the kernel allows 64 per hook), and the last DEL detaches.
+func TestStaticCgroupPathShared(t *testing.T) {
+	e := newEnv(t)
+	shared := filepath.Join(e.cgroups, "shared")
+	mkdirAll(t, shared)
+	rel := strings.TrimPrefix(shared, testutil.V2Mount(t))
+	extra := map[string]any{"cgroupPath": rel}
+	var pods []*pod
+	for range 3 {
+		p := e.cgroupfsPod("besteffort", false)
+		if err := e.runAs("ADD", netName, "eth0", p, extra); err != nil {
+			t.Fatalf("ADD: %v", err)
+		}
+		pods = append(pods, p)
+	}
+	links, _ := e.leftovers()
+	if len(links) != 1 {
+		t.Fatalf("attachments %v, want one shared by the network's pods", links)
+	}
+	waitProgs(t, shared, perAttachment)
+	for _, p := range pods {
+		if err := e.runAs("CHECK", netName, "eth0", p, extra); err != nil {
+			t.Fatalf("CHECK: %v", err)
+		}
+	}
+	e.wantRedirectedFromNode(shared)
+	for i, p := range pods {
+		if err := e.runAs("DEL", netName, "eth0", p, extra); err != nil {
+			t.Fatal(err)
+		}
+		if links, _ := e.leftovers(); (len(links) == 1) != (i < len(pods)-1) {
+			t.Fatalf("after DEL %d of %d: attachments %v", i+1, len(pods), links)
+		}
+	}
+	waitProgs(t, shared, 0)
+	e.wantNothingLeft()
 }

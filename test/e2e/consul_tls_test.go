@@ -43,7 +43,7 @@ func TestConsulFlagshipTLS(t *testing.T) {
 			"address": source.HTTPAddr(), "service": "consul", "port": consul.GRPCTLSPort,
 			"tokenFile": cl.TokenFile, "tls": tlsCfg,
 		},
-		"health": map[string]any{"type": "consul", "interval": "1s", "timeout": "500ms", "tls": tlsCfg},
+		"health": map[string]any{"type": "consul", "interval": "1s", "timeout": "1s", "tls": tlsCfg},
 		"empty":  "reject",
 	})
 	all := grpcAddrs(cl.Servers()...)
