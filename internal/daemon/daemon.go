@@ -18,9 +18,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf/rlimit"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctlb/ctlb/internal/bpffs"
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/pending"
@@ -88,18 +90,22 @@ func (d *Daemon) Close() error {
 	return err
 }
 
-// ensureBPFFS mounts a bpffs on dir when dir is not on one already.
+// ensureBPFFS puts the pin directory on a bpffs, mounting one where needed
+// (internal/bpffs), and lifts the memlock limit on kernels that still charge
+// BPF maps to it (before 5.11). Lifting it needs CAP_SYS_RESOURCE; a kernel
+// that accounts BPF memory to the memory cgroup needs neither, so a failure
+// is only logged.
 func ensureBPFFS(dir string, log *slog.Logger) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
+	if err := rlimit.RemoveMemlock(); err != nil {
+		log.Warn("could not lift RLIMIT_MEMLOCK; maps may fail to load on kernels before 5.11", "error", err)
 	}
-	if datapath.IsBPFFS(dir) {
-		return nil
+	mounted, err := bpffs.Ensure(dir)
+	if err != nil {
+		return err
 	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
+	if mounted != "" {
+		log.Info("mounted bpffs", "dir", mounted)
 	}
-	log.Info("mounted bpffs", "dir", dir)
 	return nil
 }
 
