@@ -16,7 +16,7 @@ import (
 
 func newRunCommand(g *globals) *cobra.Command {
 	var (
-		cfgPath, bpffs, stateDir, logLevel, logFormat string
+		cfgPath, bpffs, stateDir, logLevel, logFormat, metrics string
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -52,6 +52,9 @@ different --bpffs and --socket.`,
 			if f.Changed("state-dir") {
 				cfg.StateDir = stateDir
 			}
+			if f.Changed("metrics") {
+				cfg.Metrics = metrics
+			}
 			if f.Changed("log-level") {
 				cfg.LogLevel = logLevel
 			}
@@ -85,6 +88,7 @@ different --bpffs and --socket.`,
 	f.StringVarP(&cfgPath, "config", "c", "", "JSON config file (see conf/ctlbd.json)")
 	f.StringVar(&bpffs, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")
 	f.StringVar(&stateDir, "state-dir", config.DefaultStateDir, "directory for pending attachments")
+	f.StringVar(&metrics, "metrics", "", "IP:PORT for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464, or the node's address; \"\" turns them off)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	return cmd

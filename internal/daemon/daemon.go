@@ -51,6 +51,8 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
+	// ready is what /readyz reports.
+	ready readiness
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -130,17 +132,19 @@ func lockDir(dir string) (*os.File, error) {
 // Run applies the config and serves the control API until ctx ends.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.runCtx = ctx
+	// Metrics and probes first: /readyz says what is not done yet.
+	if d.cfg.Metrics != "" {
+		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
+			return err
+		}
+	}
 	if err := d.loadTable(); err != nil {
 		return err
 	}
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
-	if d.cfg.Metrics != "" {
-		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
-			return err
-		}
-	}
+	d.ready.configApplied.Store(true)
 	if d.cfg.Proxy != nil {
 		p, err := proxy.New(*d.cfg.Proxy, d.table.targets, proxy.Options{Logger: d.log.With("part", "proxy"), Registerer: d.registry})
 		if err != nil {
@@ -166,6 +170,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
+	d.ready.serving.Store(true)
 	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", len(d.cfg.Services))
 	select {
 	case <-ctx.Done():

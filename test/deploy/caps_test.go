@@ -1,4 +1,4 @@
-// Package caps finds, by running it, the capabilities ctlbd needs: the
+// caps_test.go finds, by running it, the capabilities ctlbd needs: the
 // daemon runs as root with its bounding set cut to a list (setpriv), and
 // does everything a node agent does: create and pin its maps and programs,
 // set a VIP, attach a pod cgroup, complete a pending attachment by scanning
@@ -6,14 +6,13 @@
 // hand its socket to a group. With the list, every step works; without any
 // one capability of it, some step fails. The list is what the DaemonSet and
 // the systemd unit grant (charts/ctlb, conf/systemd/ctlbd.service).
-package caps
+
+package deploy
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -44,30 +43,6 @@ var (
 	Needed          = []string{"sys_admin", "sys_ptrace"}
 	NeededWithGroup = append(slices.Clone(Needed), "chown")
 )
-
-var ctlbd string
-
-// pendingDeadline bounds the wait for a netns scan to complete a pending
-// attachment (the watcher scans about every second).
-const pendingDeadline = 10 * time.Second
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "ctlb-caps-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bins, err := testutil.BuildBinaries(dir, "./cmd/ctlbd")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	ctlbd = bins["ctlbd"]
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
 
 // node is what the steps act on: a pin directory, a pod cgroup to attach,
 // and a sandbox (a process in its own netns, in a container cgroup below
@@ -319,53 +294,6 @@ func TestMinimalCapabilities(t *testing.T) {
 		})
 	}
 }
-
-// call makes one control API request; out, when set, gets the JSON answer.
-func call(c *http.Client, method, path, body string, out any) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, "http://ctlbd"+path, strings.NewReader(body))
-	if err != nil {
-		return err
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(b)))
-	}
-	if out != nil {
-		return json.Unmarshal(b, out)
-	}
-	return nil
-}
-
-func unixClient(sock string) *http.Client {
-	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}}}
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-func lastLine(s string) string {
-	l := strings.Split(strings.TrimSpace(s), "\n")
-	return l[len(l)-1]
-}
-
-func firstLine(s string) string { return strings.SplitN(s, "\n", 2)[0] }
 
 // TestRunOnPlainSysfs: `ctlbd run --bpffs <sys>/fs/bpf/ctlb` where <sys> is
 // a sysfs with no bpffs on fs/bpf (the issue's host), in a private mount
