@@ -2,11 +2,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,26 +14,15 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
-// call runs one API request with a bounded time.
-func (g *globals) call(method, path string, query url.Values, in, out any) error {
+// client returns the typed API client and a context bounding one call.
+func (g *globals) client() (*api.Client, context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	return api.NewClient(g.socket).Do(ctx, method, path, query, in, out)
+	return api.NewClient(g.socket), ctx, cancel
 }
 
-// print writes v as JSON with -o json, else calls table.
+// print writes v in the -o format.
 func (g *globals) print(w io.Writer, v any, table func(*tabwriter.Writer)) error {
-	switch g.output {
-	case "json":
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		return enc.Encode(v)
-	case "table", "":
-		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		table(tw)
-		return tw.Flush()
-	}
-	return fmt.Errorf("--output %q: want table or json", g.output)
+	return printResult(w, g.output, v, table)
 }
 
 func newServiceCommand(g *globals) *cobra.Command {
@@ -57,12 +43,10 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
   ctlbd service set 198.18.255.1:8502 --empty passthrough`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty}
-			if req.Servers == nil {
-				req.Servers = []string{}
-			}
-			var svc datapath.Service
-			if err := g.call(http.MethodPut, api.PathServices, nil, req, &svc); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			svc, err := c.SetService(ctx, api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty})
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
@@ -80,7 +64,9 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 			if _, err := datapath.ParseVIP(args[0]); err != nil {
 				return err
 			}
-			return g.call(http.MethodDelete, api.PathServices+"/"+url.PathEscape(args[0]), nil, nil, nil)
+			c, ctx, cancel := g.client()
+			defer cancel()
+			return c.DeleteService(ctx, args[0])
 		},
 	}
 	list := &cobra.Command{
@@ -88,8 +74,10 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 		Short: "List VIPs and their servers as the maps hold them",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var svcs []datapath.Service
-			if err := g.call(http.MethodGet, api.PathServices, nil, nil, &svcs); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			svcs, err := c.Services(ctx)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svcs, func(w *tabwriter.Writer) {
@@ -121,8 +109,10 @@ this command is for everything else.`,
 		Example: "  ctlbd attach --cgroup /system.slice/myapp.service",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var a datapath.Attachment
-			if err := g.call(http.MethodPost, api.PathAttachments, nil, api.AttachRequest{Cgroup: cgroup}, &a); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			a, err := c.Attach(ctx, cgroup)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), a, func(w *tabwriter.Writer) {
@@ -143,8 +133,10 @@ func newDetachCommand(g *globals) *cobra.Command {
 		Example: "  ctlbd detach --cgroup /system.slice/myapp.service",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var removed []datapath.Attachment
-			if err := g.call(http.MethodDelete, api.PathAttachments, nil, api.AttachRequest{Cgroup: cgroup}, &removed); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			removed, err := c.Detach(ctx, cgroup)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), removed, func(w *tabwriter.Writer) {
@@ -165,8 +157,10 @@ func newAttachmentsCommand(g *globals) *cobra.Command {
 		Short: "List attachments; a dead one's cgroup is gone and GC removes it",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var list []datapath.Attachment
-			if err := g.call(http.MethodGet, api.PathAttachments, nil, nil, &list); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			list, err := c.Attachments(ctx)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), list, func(w *tabwriter.Writer) {
@@ -195,8 +189,10 @@ of those sockets are open now, with each server's source and health. Exits
 non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var st api.Status
-			if err := g.call(http.MethodGet, api.PathStatus, nil, nil, &st); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			st, err := c.Status(ctx)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
@@ -238,7 +234,9 @@ func newReloadCommand(g *globals) *cobra.Command {
 		Short: "Re-read the daemon's config file (as SIGHUP does); a bad one is rejected",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.call(http.MethodPost, api.PathReload, nil, nil, nil)
+			c, ctx, cancel := g.client()
+			defer cancel()
+			return c.Reload(ctx)
 		},
 	}
 }
@@ -254,8 +252,10 @@ func newVersionCommand(g *globals) *cobra.Command {
 				Client api.Version  `json:"client"`
 				Daemon *api.Version `json:"daemon,omitempty"`
 			}{Client: local}
-			var d api.Version
-			if err := g.call(http.MethodGet, api.PathVersion, nil, nil, &d); err == nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			d, err := c.Version(ctx)
+			if err == nil {
 				out.Daemon = &d
 			}
 			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {

@@ -12,6 +12,8 @@ import (
 
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/daemon"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 func newRunCommand(g *globals) *cobra.Command {
@@ -86,8 +88,8 @@ different --bpffs and --socket.`,
 	}
 	f := cmd.Flags()
 	f.StringVarP(&cfgPath, "config", "c", "", "JSON config file (see conf/ctlbd.json)")
-	f.StringVar(&bpffs, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")
-	f.StringVar(&stateDir, "state-dir", config.DefaultStateDir, "directory for pending attachments")
+	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory for ctlb's pins")
+	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
 	f.StringVar(&metrics, "metrics", "", "IP:PORT for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464, or the node's address; \"\" turns them off)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -258,8 +257,7 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), daemonTimeout)
 	defer cancel()
-	var st pending.Status
-	err := api.NewClient(c.conf.Socket).Do(ctx, http.MethodPost, api.PathPending, nil, pending.Notice{ContainerID: c.args.ContainerID}, &st)
+	st, err := api.NewClient(c.conf.Socket).NotifyPending(ctx, c.args.ContainerID)
 	if err != nil {
 		// The record is the source of truth: ctlbd completes it when it
 		// (re)starts.
@@ -337,9 +335,7 @@ func Check(args *skel.CmdArgs) error {
 func (c *call) daemonStatus() (api.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), daemonTimeout)
 	defer cancel()
-	var st api.Status
-	err := api.NewClient(c.conf.Socket).Do(ctx, http.MethodGet, api.PathStatus, nil, nil, &st)
-	return st, err
+	return api.NewClient(c.conf.Socket).Status(ctx)
 }
 
 func (c *call) check() error {

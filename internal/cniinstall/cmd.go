@@ -10,6 +10,9 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // NewCommand returns `install-cni`, the subcommand the ctlbd binary runs in
@@ -72,8 +75,8 @@ chained when another agent rewrites the config.`,
 	f.StringVar(&opts.BinDir, "bin-dir", DefaultBinDir, "CNI plugin binary directory of the host")
 	f.StringVar(&opts.ConfDir, "conf-dir", DefaultConfDir, "CNI network config directory of the host")
 	f.StringVar(&opts.SourceBinary, "plugin", defaultPluginBinary(), "ctlb CNI plugin binary to install")
-	f.StringVar(&bpffs, "bpffs", DefaultBPFFS, "bpffs directory of ctlb's pins, written into the plugin config")
-	f.StringVar(&socket, "socket", DefaultSocket, "ctlbd control socket, written into the plugin config")
+	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory of ctlb's pins, written into the plugin config")
+	f.StringVar(&socket, "socket", api.DefaultSocket, "ctlbd control socket, written into the plugin config")
 	f.BoolVar(&uninstall, "uninstall", false, "remove ctlb from the network configs (and the binary, unless --keep-binary)")
 	f.BoolVar(&opts.KeepBinary, "keep-binary", false, "with --uninstall: leave the plugin binary for pods whose runtime replays cached configs at DEL")
 	f.BoolVar(&watch, "watch", false, "install, then re-install whenever another agent rewrites the config, until SIGTERM")

@@ -29,8 +29,6 @@ import (
 const (
 	DefaultBinDir  = "/opt/cni/bin"
 	DefaultConfDir = "/etc/cni/net.d"
-	DefaultBPFFS   = "/sys/fs/bpf/ctlb"
-	DefaultSocket  = "/run/ctlb/ctlbd.sock"
 	PluginType     = "ctlb"
 )
 

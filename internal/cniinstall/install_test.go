@@ -16,11 +16,13 @@ import (
 	"github.com/containernetworking/cni/libcni"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*/out from what Install writes")
 
-var testPlugin = NewPluginConf(DefaultBPFFS, DefaultSocket)
+var testPlugin = NewPluginConf(datapath.DefaultDir, api.DefaultSocket)
 
 // goldenActions is what Install must report for each case in testdata that
 // installs; the others (malformed-*) hold an error.txt instead.

@@ -22,12 +22,6 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
-// Defaults, chosen so that one daemon per host needs no flags.
-const (
-	DefaultSocket   = api.DefaultSocket
-	DefaultStateDir = api.DefaultStateDir
-)
-
 // MaxSize bounds a config file; a larger one is refused rather than read.
 const MaxSize = 8 << 20
 
@@ -144,10 +138,10 @@ func (c *Config) applyDefaults() {
 		c.BPFFS = datapath.DefaultDir
 	}
 	if c.Socket == "" {
-		c.Socket = DefaultSocket
+		c.Socket = api.DefaultSocket
 	}
 	if c.StateDir == "" {
-		c.StateDir = DefaultStateDir
+		c.StateDir = api.DefaultStateDir
 	}
 	if c.LogLevel == "" {
 		c.LogLevel = "info"

@@ -53,7 +53,7 @@ func reply(w http.ResponseWriter, v any, err error) {
 			code = he.code
 		}
 		w.WriteHeader(code)
-		_ = json.NewEncoder(w).Encode(api.Error{Error: err.Error()})
+		_ = json.NewEncoder(w).Encode(api.ErrorResponse{Error: err.Error()})
 		return
 	}
 	if v == nil {
@@ -76,10 +76,7 @@ func decode(_ http.ResponseWriter, r *http.Request, v any) error {
 
 func (d *Daemon) listServices(w http.ResponseWriter, r *http.Request) {
 	svcs, err := d.dp.Services()
-	if svcs == nil {
-		svcs = []datapath.Service{}
-	}
-	reply(w, svcs, err)
+	reply(w, apiServices(svcs), err)
 }
 
 func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
@@ -100,7 +97,7 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		err = d.setServices("api", svc)
 	}
 	d.mu.Unlock()
-	reply(w, svc, err)
+	reply(w, apiService(svc), err)
 }
 
 func (d *Daemon) handleDeleteService(w http.ResponseWriter, r *http.Request) {
@@ -131,10 +128,7 @@ func trackedConflict(vip netip.AddrPort) error {
 
 func (d *Daemon) listAttachments(w http.ResponseWriter, r *http.Request) {
 	list, err := d.dp.Attachments()
-	if list == nil {
-		list = []datapath.Attachment{}
-	}
-	reply(w, list, err)
+	reply(w, apiAttachments(list), err)
 }
 
 // cgroupDir resolves an API cgroup path to an existing directory inside the
@@ -166,7 +160,7 @@ func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a, err := d.attachCgroup(datapath.CgroupAttachmentID(0), dir)
-	reply(w, a, err)
+	reply(w, apiAttachment(a), err)
 }
 
 // attachCgroup attaches to dir; an id of "cgroup-0" means one derived from
@@ -218,7 +212,7 @@ func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, httpError{http.StatusNotFound, fmt.Errorf("no attachment on cgroup %s", dir)})
 		return
 	}
-	reply(w, removed, nil)
+	reply(w, apiAttachments(removed), nil)
 }
 
 func (d *Daemon) status(w http.ResponseWriter, r *http.Request) {

@@ -42,11 +42,6 @@ type Status struct {
 	Error  string `json:"error,omitempty"`
 }
 
-// Notice is the body of POST /v1/pending: the plugin wrote a record.
-type Notice struct {
-	ContainerID string `json:"containerID"`
-}
-
 // Defaults of the watcher's timing.
 const (
 	// DefaultTTL is how long a record whose sandbox netns is gone is kept.

@@ -232,7 +232,7 @@ func TestPrevResultPassedThrough(t *testing.T) {
 // the source of truth, and ctlbd completes it when it starts.
 func TestPendingWhileDaemonDown(t *testing.T) {
 	e := newEnv(t)
-	e.daemon.stop()
+	e.daemon.Stop()
 	p := e.cgroupfsPod("besteffort", false)
 	e.mustAdd(e.chain(nil), p)
 	wantRecord(t, e, p)

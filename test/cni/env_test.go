@@ -7,8 +7,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"log/slog"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,9 +21,9 @@ import (
 
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/config"
-	"github.com/ctlb/ctlb/internal/daemon"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -55,15 +53,8 @@ type env struct {
 	cgroups  string // the test's cgroup parent: <v2>/ctlb-test-XXXX
 	cni      *libcni.CNIConfig
 	services []config.Service
-	daemon   *runningDaemon
+	daemon   *ctlbdtest.Daemon
 	dp       *datapath.Datapath
-}
-
-type runningDaemon struct {
-	d      *daemon.Daemon
-	cancel context.CancelFunc
-	done   chan error
-	log    string
 }
 
 func newEnv(t *testing.T) *env {
@@ -105,67 +96,28 @@ func newEnvWith(t *testing.T, services []config.Service) *env {
 	return e
 }
 
-// startDaemon runs ctlbd in-process with the VIP's servers configured.
+// startDaemon runs ctlbd in-process with the env's services, on the
+// env's bpffs, socket and state directory (the plugin config names them).
+// The tests remove pins and cgroups on purpose: the daemon's repair loop
+// must not race them (it runs once at start, which is enough here).
 func (e *env) startDaemon() {
-	t := e.t
-	t.Helper()
-	cfg := config.Default()
-	cfg.BPFFS, cfg.Socket, cfg.StateDir = e.bpffs, e.socket, e.stateDir
-	// The tests remove pins and cgroups on purpose: the daemon's repair loop
-	// must not race them (it runs once at start, which is enough here).
-	cfg.ReconcileInterval = config.Duration(time.Hour)
-	cfg.Services = e.services
-	logPath := filepath.Join(t.TempDir(), "ctlbd.log")
-	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.NewTextHandler(lf, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	d, err := daemon.New(cfg, "", log)
-	if err != nil {
-		lf.Close()
-		t.Fatalf("ctlbd: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	rd := &runningDaemon{d: d, cancel: cancel, done: make(chan error, 1), log: logPath}
-	go func() { rd.done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		rd.stop()
-		lf.Close()
-	})
-	e.daemon = rd
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := e.status(); err == nil {
-			return
-		}
-		select {
-		case err := <-rd.done:
-			t.Fatalf("ctlbd exited: %v", err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ctlbd did not answer on %s within 10s", e.socket)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	e.t.Helper()
+	e.startDaemonEvery(time.Hour)
 }
 
-func (rd *runningDaemon) stop() {
-	if rd.d == nil {
-		return
-	}
-	rd.cancel()
-	select {
-	case <-rd.done:
-	case <-time.After(10 * time.Second):
-	}
-	rd.d.Close()
-	rd.d = nil
+// startDaemonEvery is startDaemon with the reconciler running every
+// interval.
+func (e *env) startDaemonEvery(every time.Duration) {
+	e.t.Helper()
+	e.daemon = ctlbdtest.Start(e.t, ctlbdtest.Options{
+		BPFFS: e.bpffs, Socket: e.socket, StateDir: e.stateDir,
+		Config: map[string]any{"reconcileInterval": every.String(), "services": e.services},
+	})
 }
 
 func (e *env) dumpLogs() {
-	for _, p := range []string{e.daemon.log, e.logFile} {
+	e.t.Logf("--- ctlbd (last 6000 bytes):\n%s", e.daemon.LogTail(6000))
+	for _, p := range []string{e.logFile} {
 		b, err := os.ReadFile(p)
 		if err != nil {
 			continue
@@ -182,18 +134,16 @@ func (e *env) dumpLogs() {
 func (e *env) status() (api.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	var st api.Status
-	err := api.NewClient(e.socket).Do(ctx, http.MethodGet, api.PathStatus, nil, nil, &st)
-	return st, err
+	return api.NewClient(e.socket).Status(ctx)
 }
 
 // pendingList asks ctlbd for its pending attachments.
-func (e *env) pendingList() []pending.Status {
+func (e *env) pendingList() []api.PendingAttachment {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	var out []pending.Status
-	if err := api.NewClient(e.socket).Do(ctx, http.MethodGet, api.PathPending, nil, nil, &out); err != nil {
+	out, err := api.NewClient(e.socket).Pending(ctx)
+	if err != nil {
 		e.t.Fatalf("GET %s: %v", api.PathPending, err)
 	}
 	return out

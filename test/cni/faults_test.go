@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,10 +25,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cni"
-	"github.com/ctlb/ctlb/internal/config"
-	"github.com/ctlb/ctlb/internal/daemon"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 )
 
@@ -327,7 +324,8 @@ func (e *env) wantNothingLeftBut(n int) {
 
 // setServers writes the VIP's server set through ctlbd's API.
 func (e *env) setServers(ctx context.Context, set []string) error {
-	return api.NewClient(e.socket).Do(ctx, http.MethodPut, api.PathServices, nil, api.ServiceRequest{VIP: vip, Servers: set}, nil)
+	_, err := api.NewClient(e.socket).SetService(ctx, api.ServiceRequest{VIP: vip, Servers: set})
+	return err
 }
 
 // 200 pods ADDed and DELeted 24 at a time, as kubelet does, a third on the
@@ -455,8 +453,8 @@ func TestManyPodsWhileServersChange(t *testing.T) {
 		t.Fatalf("ctlbd status %+v (%v): want only the load pod's attachment and no pending record", st, err)
 	}
 	want, _ := last.Load().([]string)
-	var listed []api.Service
-	if err := api.NewClient(e.socket).Do(context.Background(), http.MethodGet, api.PathServices, nil, nil, &listed); err != nil {
+	listed, err := api.NewClient(e.socket).Services(context.Background())
+	if err != nil {
 		t.Fatal(err)
 	}
 	if len(listed) != 1 || fmt.Sprint(addrs(listed[0].Servers)) != fmt.Sprint(want) {
@@ -490,53 +488,12 @@ func waitFor(limit time.Duration, cond func() bool) error {
 }
 
 // restartDaemon replaces the env's ctlbd with one that reconciles every
-// interval, on the same bpffs, socket and state directory, and returns its
-// log.
-func (e *env) restartDaemon(every time.Duration) *syncWriter {
-	t := e.t
-	t.Helper()
-	e.daemon.stop()
-	cfg := config.Default()
-	cfg.BPFFS, cfg.Socket, cfg.StateDir = e.bpffs, e.socket, e.stateDir
-	cfg.ReconcileInterval = config.Duration(every)
-	cfg.Services = e.services
-	var logs bytes.Buffer
-	lw := &syncWriter{w: &logs}
-	d, err := daemon.New(cfg, "", slog.New(slog.NewTextHandler(lw, &slog.HandlerOptions{Level: slog.LevelDebug})))
-	if err != nil {
-		t.Fatalf("ctlbd: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	rd := &runningDaemon{d: d, cancel: cancel, done: make(chan error, 1), log: e.daemon.log}
-	go func() { rd.done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		rd.stop()
-		if t.Failed() {
-			t.Logf("--- ctlbd (reconciling every %s):\n%s", every, lw.String())
-		}
-	})
-	e.daemon = rd
-	if err := waitFor(10*time.Second, func() bool { _, err := e.status(); return err == nil }); err != nil {
-		t.Fatalf("restarted ctlbd does not answer: %v", err)
-	}
-	return lw
-}
-
-type syncWriter struct {
-	mu sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (s *syncWriter) Write(b []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(b)
-}
-
-func (s *syncWriter) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.String()
+// interval, on the same bpffs, socket and state directory.
+func (e *env) restartDaemon(every time.Duration) *ctlbdtest.Daemon {
+	e.t.Helper()
+	e.daemon.Stop()
+	e.startDaemonEvery(every)
+	return e.daemon
 }
 
 // objectPins are the map and program pins ctlbd keeps in its bpffs.
@@ -594,7 +551,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	}
 
 	// One pass of ctlbd's reconciler, the one its loop runs.
-	r := e.daemon.d.Reconcile()
+	r := e.daemon.Daemon().Reconcile()
 	if !slices.Contains(r.Repinned, "ctlb_services_v1") {
 		t.Fatalf("reconcile: %+v, want ctlb_services_v1 re-pinned", r)
 	}
@@ -635,7 +592,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	if got := e.objectPins(); fmt.Sprint(got) != fmt.Sprint(pins) {
 		t.Fatalf("pins after the repair %v, want %v", got, pins)
 	}
-	if logs := logs.String(); !strings.Contains(logs, "pinned them again") || !strings.Contains(logs, "re-attached") {
+	if logs := logs.Logs(); !strings.Contains(logs, "pinned them again") || !strings.Contains(logs, "re-attached") {
 		t.Fatalf("ctlbd did not report the repair loudly:\n%s", logs)
 	}
 	e.wantAttached(p)

@@ -14,6 +14,8 @@ import (
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // Bad input gets the spec's error JSON with a meaningful code, and changes
@@ -109,7 +111,7 @@ func TestExampleConflist(t *testing.T) {
 			ipam["dataDir"] = e.dataDir
 		case "ctlb":
 			// The shipped values are the defaults.
-			if m["bpffs"] != "/sys/fs/bpf/ctlb" || m["socket"] != config.DefaultSocket || m["stateDir"] != config.DefaultStateDir {
+			if m["bpffs"] != datapath.DefaultDir || m["socket"] != api.DefaultSocket || m["stateDir"] != api.DefaultStateDir {
 				t.Fatalf("example ctlb entry %v: want the default paths", m)
 			}
 			m["bpffs"], m["socket"], m["stateDir"], m["logFile"] = e.bpffs, e.socket, e.stateDir, e.logFile

@@ -58,7 +58,7 @@ func TestCheck(t *testing.T) {
 	wantCode(t, "CHECK against another cgroup", e.check(list, &pm), cni.ErrWrongCgroup, "not on the pod cgroup "+other)
 
 	// ctlbd down.
-	e.daemon.stop()
+	e.daemon.Stop()
 	wantCode(t, "CHECK with ctlbd down", e.check(list, p), types.ErrTryAgainLater, "ctlbd is unreachable")
 	e.startDaemon()
 	if err := e.check(list, p); err != nil {
@@ -107,7 +107,7 @@ func TestDel(t *testing.T) {
 	// A pending one, with ctlbd down: the record goes too.
 	s := e.cgroupfsPod("besteffort", false)
 	e.mustAdd(list, s)
-	e.daemon.stop()
+	e.daemon.Stop()
 	if err := e.del(list, s); err != nil {
 		t.Fatalf("DEL of a pending attachment with ctlbd down: %v", err)
 	}
@@ -185,7 +185,7 @@ func TestStatus(t *testing.T) {
 	if err := status(); err != nil {
 		t.Fatalf("STATUS: %v", err)
 	}
-	e.daemon.stop()
+	e.daemon.Stop()
 	wantCode(t, "STATUS with ctlbd down", status(), types.ErrPluginNotAvailable, "ctlbd is unreachable")
 	e.startDaemon()
 	if err := status(); err != nil {

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/ctlb/ctlb/internal/testutil"
-	"github.com/ctlb/ctlb/test/runtime/ctlbd"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )
 
@@ -24,7 +24,7 @@ var servers = []string{"198.18.200.1:8502", "198.18.200.2:8502", "198.18.200.3:9
 // env is one test's node: ctlbd (when the plugin is chained), the node
 // namespace with the servers, and the CNI network the runtime reads.
 type env struct {
-	daemon *ctlbd.Daemon
+	daemon *ctlbdtest.Daemon
 	node   *node.Node
 	net    *node.Network
 }
@@ -38,7 +38,7 @@ func newEnv(t *testing.T, withCtlb bool) *env {
 	spec := node.NetworkSpec{Subnet: podSubnet, Gateway: podGateway}
 	if withCtlb {
 		requirePlugin(t)
-		e.daemon = ctlbd.Start(t, ctlbdBin)
+		e.daemon = ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbdBin})
 		e.daemon.SetService(vip, servers...)
 		logFile := filepath.Join(t.TempDir(), "ctlb-plugin.log")
 		spec.Ctlb = &node.CtlbPlugin{Binary: plugin, BPFFS: e.daemon.BPFFS, Socket: e.daemon.Socket, StateDir: e.daemon.StateDir, LogFile: logFile}
