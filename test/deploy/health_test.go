@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // probeDeadline bounds the wait for a probe to change its answer.
@@ -44,13 +46,12 @@ func TestHealthAndReadiness(t *testing.T) {
 	gate := filepath.Join(dir, "gate")
 	// An exec source that answers only once the test opens the gate.
 	script := fmt.Sprintf(`while [ ! -e %s ]; do sleep 0.05; done; echo 198.18.0.2:80`, gate)
-	cfg := filepath.Join(dir, "ctlbd.json")
-	writeJSON(t, cfg, map[string]any{"services": []any{map[string]any{
+	cfg := map[string]any{"services": []any{map[string]any{
 		"vip": "198.18.255.1:80", "empty": "reject",
 		"exec": map[string]any{"command": []string{"sh", "-c", script}, "interval": "1s", "timeout": "60s"},
-	}}})
+	}}}
 	addr := freePort(t)
-	p := startDaemon(t, nil, "--config", cfg, "--metrics", addr)
+	startDaemon(t, cfg, "--metrics", addr)
 
 	h, err := getProbe(addr, "/healthz")
 	if err != nil || h.code != http.StatusOK || h.Checks["maps"] != "ok" {
@@ -68,14 +69,10 @@ func TestHealthAndReadiness(t *testing.T) {
 	if err := os.WriteFile(gate, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, probeDeadline, "/readyz ok after the source answered", func() string {
+	testutil.Eventually(t, "/readyz ok after the source answered", probeDeadline, func() (bool, string) {
 		r, err := getProbe(addr, "/readyz")
-		if err != nil || r.code != http.StatusOK || r.Status != "ok" {
-			return fmt.Sprintf("%+v %v", r, err)
-		}
-		return ""
+		return err == nil && r.code == http.StatusOK && r.Status == "ok", fmt.Sprintf("%+v %v", r, err)
 	})
-	_ = p
 }
 
 // TestMetricsBindOnlyTheirAddress: the listener takes the address it is

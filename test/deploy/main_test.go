@@ -12,14 +12,12 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 )
 
 var ctlbd string // path of the built binary
@@ -93,81 +91,12 @@ func lastLine(s string) string {
 
 func firstLine(s string) string { return strings.SplitN(s, "\n", 2)[0] }
 
-// proc is a ctlbd daemon a test started, ended by PID at cleanup.
-type proc struct {
-	cmd    *exec.Cmd
-	logs   *testutil.SyncBuffer
-	exited chan struct{}
-	sock   string
-}
-
-// startDaemon runs `ctlbd run` with a private bpffs, socket and state dir
-// plus args, and waits until the control socket answers. cmd, when set,
-// is adjusted before the start (environment).
-func startDaemon(t *testing.T, adjust func(*exec.Cmd), args ...string) *proc {
+// startDaemon runs the ctlbd binary through the shared runner (private
+// bpffs, socket and state dir) with cfg as its config file (nil: none) and
+// extra `run` flags.
+func startDaemon(t *testing.T, cfg map[string]any, args ...string) *ctlbdtest.Daemon {
 	t.Helper()
-	dir := t.TempDir()
-	p := &proc{sock: filepath.Join(dir, "ctlbd.sock"), logs: &testutil.SyncBuffer{}, exited: make(chan struct{})}
-	all := append([]string{"run", "--bpffs", filepath.Join(testutil.MountBPFFS(t), "ctlb"), "--socket", p.sock,
-		"--state-dir", filepath.Join(dir, "state")}, args...)
-	p.cmd = exec.Command(ctlbd, all...)
-	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
-	if adjust != nil {
-		adjust(p.cmd)
-	}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = p.cmd.Wait(); close(p.exited) }()
-	t.Cleanup(p.stop)
-	c := p.client()
-	deadline := time.Now().Add(10 * time.Second)
-	for call(c, "GET", "/v1/status", "", nil) != nil {
-		select {
-		case <-p.exited:
-			t.Fatalf("ctlbd exited at start:\n%s", p.logs.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ctlbd socket not up after 10s:\n%s", p.logs.String())
-		}
-	}
-	return p
-}
-
-func (p *proc) client() *http.Client { return unixClient(p.sock) }
-
-// stop ends the daemon with SIGTERM (SIGKILL after 10 s) and reaps it.
-func (p *proc) stop() {
-	select {
-	case <-p.exited:
-		return
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exited:
-	case <-time.After(10 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.exited
-	}
-}
-
-// waitFor polls cond until it returns "" or the deadline passes; the test
-// then fails with what cond last said.
-func waitFor(t *testing.T, deadline time.Duration, what string, cond func() string) {
-	t.Helper()
-	end := time.Now().Add(deadline)
-	for {
-		last := cond()
-		if last == "" {
-			return
-		}
-		if time.Now().After(end) {
-			t.Fatalf("%s: not after %v; last seen: %s", what, deadline, last)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbd, Config: cfg, Args: args})
 }
 
 func writeJSON(t *testing.T, path string, v any) {
