@@ -12,7 +12,7 @@ GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 TESTFLAGS ?= -count=1 -timeout 40m
 BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o internal/*/*_bpfel.go internal/*/*_bpfel.o)
 
-.PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean
+.PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean manifests
 
 # Fuzz targets as NAME:PACKAGE; each runs for FUZZTIME in make test.
 FUZZTIME ?= 10s
@@ -35,6 +35,11 @@ generate: deps
 check-generate: generate
 	@git diff --exit-code --stat -- $(BPF_GEN) || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' 'internal/*/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
+
+# The plain Kubernetes manifests are the Helm chart rendered (one source);
+# test/manifests fails when conf/kubernetes/ctlb.yaml is stale.
+manifests:
+	$(GO) run ./hack/render-chart -chart charts/ctlb -o conf/kubernetes/ctlb.yaml
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt wants changes in: $$out"; exit 1; }

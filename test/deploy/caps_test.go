@@ -29,21 +29,6 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
-// Needed is the minimal set for ctlbd in a Kubernetes pod (bpffs mounted
-// by the init container), and NeededWithGroup adds what socketGroup takes.
-//
-// CAP_SYS_ADMIN: a daemon that adopts pinned maps opens each VIP's inner
-// backend array by ID (BPF_MAP_GET_FD_BY_ID), which only CAP_SYS_ADMIN may
-// do; and the kernel's bpf_capable() and bpf_net_capable() accept
-// CAP_SYS_ADMIN for CAP_BPF and CAP_NET_ADMIN, so those two add nothing
-// beside it (the test shows each is dispensable). CAP_SYS_PTRACE: reading
-// /proc/PID/ns/net of a sandbox process that has more capabilities than
-// ctlbd. CAP_CHOWN: giving the socket to socketGroup.
-var (
-	Needed          = []string{"sys_admin", "sys_ptrace"}
-	NeededWithGroup = append(slices.Clone(Needed), "chown")
-)
-
 // node is what the steps act on: a pin directory, a pod cgroup to attach,
 // and a sandbox (a process in its own netns, in a container cgroup below
 // another pod cgroup) that only a /proc scan finds.
