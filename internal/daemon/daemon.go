@@ -53,6 +53,10 @@ type Daemon struct {
 	pending *pending.Watcher
 	// ready is what /readyz reports.
 	ready readiness
+
+	// NoConfigWatch turns off applying the config file when it changes
+	// (set before Run); SIGHUP and `ctlbd reload` still do.
+	NoConfigWatch bool
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -160,6 +164,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	if err := d.startPending(ctx); err != nil {
 		return err
+	}
+	if d.cfgPath != "" && !d.NoConfigWatch {
+		if err := d.watchConfig(ctx); err != nil {
+			return err
+		}
 	}
 	d.Reconcile()
 	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))

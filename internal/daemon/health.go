@@ -16,6 +16,9 @@ type readiness struct {
 	configApplied atomic.Bool
 	// serving: the control API listens (the CNI plugin can reach ctlbd).
 	serving atomic.Bool
+	// configWatch: the config file is watched (when there is one and
+	// watching is on).
+	configWatch atomic.Bool
 }
 
 // Probe is the answer of /healthz and /readyz: each check's verdict, "ok"
@@ -49,6 +52,9 @@ func (d *Daemon) readyChecks() map[string]string {
 		c["pendingWatcher"] = "no cgroup v2 hierarchy: pending attachments cannot be completed"
 	} else {
 		c["pendingWatcher"] = okIf(d.pendingWatcher() != nil, "not running")
+	}
+	if d.cfgPath != "" && !d.NoConfigWatch {
+		c["configWatch"] = okIf(d.ready.configWatch.Load(), "the config file is not being watched")
 	}
 	var waiting []string
 	for vip, snap := range d.snapshots() {
