@@ -11,6 +11,8 @@ require (
 	google.golang.org/grpc v1.85.0
 )
 
+require github.com/coreos/go-systemd/v22 v22.7.0
+
 require (
 	dario.cat/mergo v1.0.1 // indirect
 	github.com/Masterminds/goutils v1.1.1 // indirect

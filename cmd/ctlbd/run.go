@@ -33,8 +33,11 @@ is written (the file's directory is watched, so a Kubernetes ConfigMap
 update, which swaps a symlink, counts too); SIGHUP and "ctlbd reload" re-read
 it as well. A bad config is rejected and logged, the old one keeps running.
 
-Flags override the config file. Two daemons can run side by side with
-different --bpffs and --socket.`,
+An example config ships as conf/ctlbd.json (the systemd unit,
+conf/systemd/ctlbd.service, reads it from /etc/ctlb/ctlbd.json; under
+systemd the daemon reports readiness with sd_notify). Flags override the
+config file. Two daemons can run side by side with different --bpffs and
+--socket.`,
 		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
   ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /tmp/ctlbd.sock`,
 		Args: cobra.NoArgs,
@@ -95,7 +98,7 @@ different --bpffs and --socket.`,
 	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory for ctlb's pins")
 	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
 	f.StringVar(&metrics, "metrics", "", "IP:PORT for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464, or the node's address; \"\" turns them off)")
-	f.BoolVar(&noWatch, "no-config-watch", false, "do not apply the config file when it changes (SIGHUP and `ctlbd reload` still do)")
+	f.BoolVar(&noWatch, "no-config-watch", false, "do not apply the config file when it changes (SIGHUP and \"ctlbd reload\" still do)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	return cmd

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf/rlimit"
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
@@ -180,12 +181,17 @@ func (d *Daemon) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	d.ready.serving.Store(true)
-	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", len(d.cfg.Services))
+	d.mu.Lock()
+	nServices := len(d.cfg.Services)
+	d.mu.Unlock()
+	d.notify(readyState(nServices))
+	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", nServices)
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
 		return fmt.Errorf("control API: %w", err)
 	}
+	d.notify(sddaemon.SdNotifyStopping)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(shutdownCtx)
