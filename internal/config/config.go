@@ -32,8 +32,13 @@ type Config struct {
 	// Socket is the control API's unix socket.
 	Socket string `json:"socket,omitempty"`
 	// SocketGroup, when set, is the one group (name or GID) besides root
-	// that may use the control socket (mode 0660 instead of 0600).
+	// that may use the control socket (mode 0660 instead of 0600), read
+	// only: status, service list, attachments, pending.
 	SocketGroup string `json:"socketGroup,omitempty"`
+	// SocketWriteGroup, when set, is a group (name or GID) whose members
+	// may also change things (set and delete services, attach, reload);
+	// socketGroup members only read (status, lists). Root always may.
+	SocketWriteGroup string `json:"socketWriteGroup,omitempty"`
 	// StateDir holds pending attachments and other small state files.
 	StateDir string `json:"stateDir,omitempty"`
 	// LogLevel is debug, info, warn or error.

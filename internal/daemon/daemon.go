@@ -8,13 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
@@ -173,11 +169,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.Reconcile()
 	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
-	ln, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup)
+	ln, roles, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup, d.cfg.SocketWriteGroup, d.log)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: roles.authorize(d.Handler()), ConnContext: peerContext, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	d.ready.serving.Store(true)
@@ -198,82 +194,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	os.Remove(d.cfg.Socket)
 	d.log.Info("ctlbd stopped; the data path stays in place")
 	return nil
-}
-
-// listenUnix listens on a root-only unix socket, replacing a stale one. With
-// a group, that group alone may use it too (0660).
-func listenUnix(path, group string) (net.Listener, error) {
-	gid := -1
-	if group != "" {
-		g, err := lookupGroup(group)
-		if err != nil {
-			return nil, fmt.Errorf("socketGroup %q: %w", group, err)
-		}
-		gid = g
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
-	}
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
-	}
-	// Bind in a private directory, fix the mode, then rename into place: the
-	// socket is never reachable with a wider mode, and no process-wide umask
-	// change races other goroutines creating files.
-	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".ctlbd-sock-")
-	if err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
-	}
-	defer os.RemoveAll(tmpDir)
-	tmp := filepath.Join(tmpDir, "s")
-	ln, err := net.Listen("unix", tmp)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if gid >= 0 {
-		if err := os.Chown(path, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket %s: chown to group %s: %w", path, group, err)
-		}
-		if err := os.Chmod(path, 0o660); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket %s: %w", path, err)
-		}
-		// The group must reach the socket: it may traverse the directory,
-		// not list or change it.
-		dir := filepath.Dir(path)
-		if err := os.Chown(dir, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
-		}
-		if err := os.Chmod(dir, 0o710); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
-		}
-	}
-	return ln, nil
-}
-
-// lookupGroup takes a group name or a numeric GID.
-func lookupGroup(group string) (int, error) {
-	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
-		return gid, nil
-	}
-	g, err := user.LookupGroup(group)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(g.Gid)
 }
 
 // Reload re-reads the config file and applies it. A config that does not

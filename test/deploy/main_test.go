@@ -39,6 +39,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	ctlbd = bins["ctlbd"]
+	// Unprivileged users in the socket tests must be able to run it.
+	_ = os.Chmod(dir, 0o755)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
