@@ -173,7 +173,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: roles.authorize(d.Handler()), ConnContext: peerContext, ReadHeaderTimeout: 10 * time.Second}
+	api := d.cfg.ControlAPI
+	srv := &http.Server{
+		Handler:     roles.authorize(d.Handler()),
+		ConnContext: peerContext,
+		// A stalled or idle client cannot hold a connection forever.
+		ReadHeaderTimeout: min(time.Duration(api.ReadTimeout), 10*time.Second),
+		ReadTimeout:       time.Duration(api.ReadTimeout),
+		WriteTimeout:      time.Duration(api.WriteTimeout),
+		IdleTimeout:       time.Duration(api.IdleTimeout),
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	d.ready.serving.Store(true)
