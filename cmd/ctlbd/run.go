@@ -18,8 +18,8 @@ import (
 
 func newRunCommand(g *globals) *cobra.Command {
 	var (
-		cfgPath, bpffs, stateDir, logLevel, logFormat, metrics string
-		noWatch                                                bool
+		cfgPath, bpffs, stateDir, logLevel, logFormat, metrics, nriSocket string
+		noWatch, hostScope                                                bool
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -66,6 +66,12 @@ config file. Two daemons can run side by side with different --bpffs and
 			if f.Changed("log-level") {
 				cfg.LogLevel = logLevel
 			}
+			if f.Changed("nri-socket") {
+				cfg.NRI = &config.NRIConfig{Socket: nriSocket}
+			}
+			if f.Changed("host-scope") {
+				cfg.HostScope = hostScope
+			}
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
@@ -101,6 +107,8 @@ config file. Two daemons can run side by side with different --bpffs and
 	f.BoolVar(&noWatch, "no-config-watch", false, "do not apply the config file when it changes (SIGHUP and \"ctlbd reload\" still do)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	f.StringVar(&nriSocket, "nri-socket", "", "run the NRI plugin on this runtime NRI socket (e.g. /var/run/nri/nri.sock): container scope for pods annotated ctlb.io/containers")
+	f.BoolVar(&hostScope, "host-scope", false, "attach at the cgroup v2 root when starting: every process of the host (config hostScope)")
 	return cmd
 }
 

@@ -73,7 +73,7 @@ func (d *Daemon) notifyPending(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, err)
 		return
 	}
-	if err := pending.ValidateContainerID(req.ContainerID); err != nil {
+	if err := pending.ValidateContainerID(req.Key()); err != nil {
 		reply(w, nil, badRequest(err))
 		return
 	}
@@ -84,7 +84,7 @@ func (d *Daemon) notifyPending(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	st, err := pw.Kick(ctx, req.ContainerID)
+	st, err := pw.Kick(ctx, req.Key())
 	if err != nil {
 		reply(w, nil, httpError{http.StatusServiceUnavailable, err})
 		return

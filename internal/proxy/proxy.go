@@ -250,7 +250,7 @@ func (p *Proxy) apply(dests map[netip.AddrPort]netip.AddrPort, local []netip.Add
 	}
 	for _, d := range removed {
 		if err := p.closeDest(d); err != nil {
-			p.log.Warn("stop serving", "dest", d, "err", err)
+			p.log.Warn("stop serving", "dest", d, "error", err)
 		}
 	}
 	if len(added)+len(removed) > 0 {
@@ -366,7 +366,7 @@ func (p *Proxy) serve(l *net.TCPListener) {
 			// Out of file descriptors and the like: wait a little
 			// rather than spin, and keep serving.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed", "listener", l.Addr().String(), "err", err, "retry_in", delay)
+			p.log.Warn("accept failed", "listener", l.Addr().String(), "error", err, "retryIn", delay)
 			time.Sleep(delay)
 			continue
 		}
@@ -488,7 +488,7 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	err := pp.run(tm.toTarget, tm.fromTarget)
 	if debug {
 		p.log.Debug("connection closed", "service", svc.name, "client", c.RemoteAddr().String(), "target", target,
-			"duration", time.Since(start), "err", err)
+			"duration", time.Since(start), "error", err)
 	}
 }
 
@@ -545,7 +545,7 @@ func (p *Proxy) dial(svc *service) (*net.TCPConn, netip.AddrPort, string) {
 		}
 		p.backoff.failed(t)
 		p.m.dialFailures.WithLabelValues(svc.name, t.String()).Inc()
-		p.rejects.warn("dial "+svc.name+" "+t.String(), "dial failed", "service", svc.name, "target", t, "err", err)
+		p.rejects.warn("dial "+svc.name+" "+t.String(), "dial failed", "service", svc.name, "target", t, "error", err)
 	}
 	return nil, netip.AddrPort{}, rejectDialFailed
 }
@@ -601,7 +601,7 @@ func (p *Proxy) stopAccepting() {
 	}
 	if p.steer != nil {
 		if err := p.steer.Close(); err != nil {
-			p.log.Warn("detach steering", "err", err)
+			p.log.Warn("detach steering", "error", err)
 		}
 		p.steer = nil
 	}

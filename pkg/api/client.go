@@ -62,17 +62,19 @@ func (c *Client) Services(ctx context.Context) ([]Service, error) {
 	return out, err
 }
 
-// Attach attaches ctlb to a cgroup v2 directory.
-func (c *Client) Attach(ctx context.Context, cgroup string) (Attachment, error) {
+// Attach attaches ctlb to a cgroup v2 directory, or (req.Host) once at
+// the cgroup v2 root.
+func (c *Client) Attach(ctx context.Context, req AttachRequest) (Attachment, error) {
 	var a Attachment
-	err := c.do(ctx, http.MethodPost, PathAttachments, AttachRequest{Cgroup: cgroup}, &a)
+	err := c.do(ctx, http.MethodPost, PathAttachments, req, &a)
 	return a, err
 }
 
-// Detach removes every attachment on a cgroup and returns them.
-func (c *Client) Detach(ctx context.Context, cgroup string) ([]Attachment, error) {
+// Detach removes every attachment on a cgroup (or the host-wide one) and
+// returns them.
+func (c *Client) Detach(ctx context.Context, req AttachRequest) ([]Attachment, error) {
 	var out []Attachment
-	err := c.do(ctx, http.MethodDelete, PathAttachments, AttachRequest{Cgroup: cgroup}, &out)
+	err := c.do(ctx, http.MethodDelete, PathAttachments, req, &out)
 	return out, err
 }
 
@@ -91,10 +93,10 @@ func (c *Client) Pending(ctx context.Context) ([]PendingAttachment, error) {
 }
 
 // NotifyPending tells the daemon that a pending record was written for
-// containerID; it answers with what it did about it.
-func (c *Client) NotifyPending(ctx context.Context, containerID string) (PendingAttachment, error) {
+// containerID's attachment attachmentID; it answers with what it did about it.
+func (c *Client) NotifyPending(ctx context.Context, containerID, attachmentID string) (PendingAttachment, error) {
 	var out PendingAttachment
-	err := c.do(ctx, http.MethodPost, PathPending, PendingNotice{ContainerID: containerID}, &out)
+	err := c.do(ctx, http.MethodPost, PathPending, PendingNotice{ContainerID: containerID, AttachmentID: attachmentID}, &out)
 	return out, err
 }
 

@@ -38,6 +38,9 @@ const (
 	vip       = "198.19.255.1:8502"
 )
 
+// netName is the network of the tests' conflists.
+const netName = "ctlbnet"
+
 var servers = []string{"198.18.1.11:8502", "198.18.1.12:8502", "198.18.1.13:8502"}
 
 // env is one test's node: a network namespace with the pod bridge, the
@@ -186,7 +189,7 @@ func (e *env) bridgeConf() map[string]any {
 // 1.0.0; ctlb-only lists use 1.1.0 for GC and STATUS.
 func (e *env) netList(version string, plugins ...map[string]any) *libcni.NetworkConfigList {
 	e.t.Helper()
-	raw, err := json.Marshal(map[string]any{"cniVersion": version, "name": "ctlbnet", "plugins": plugins})
+	raw, err := json.Marshal(map[string]any{"cniVersion": version, "name": netName, "plugins": plugins})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -223,6 +226,7 @@ type pod struct {
 	uid    string // K8S_POD_UID; empty for runtimes without one
 	netns  ns.NetNS
 	cgroup string // the pod cgroup (may not exist yet)
+	net    string // the network its attachment is looked up in
 	rt     *libcni.RuntimeConf
 }
 
@@ -241,7 +245,7 @@ func newUID() string {
 // caller's business (it may be made before or after ADD).
 func (e *env) newPod(uid, cgroup string) *pod {
 	e.t.Helper()
-	p := &pod{id: randHex(32), uid: uid, netns: testutil.NewNetNS(e.t), cgroup: cgroup}
+	p := &pod{id: randHex(32), uid: uid, netns: testutil.NewNetNS(e.t), cgroup: cgroup, net: netName}
 	p.rt = &libcni.RuntimeConf{
 		ContainerID: p.id,
 		NetNS:       p.netns.Path(),
@@ -356,7 +360,7 @@ func wantCode(t *testing.T, what string, err error, code uint, want string) {
 // attachment reads the pod's attachment, if any.
 func (e *env) attachment(p *pod) (datapath.Attachment, bool) {
 	e.t.Helper()
-	a, err := e.dp.Attachment(cni.AttachmentID(p.id))
+	a, err := e.dp.Attachment(cni.AttachmentID(p.net, p.id))
 	if errors.Is(err, datapath.ErrNoAttachment) {
 		return a, false
 	}
@@ -397,28 +401,39 @@ func (e *env) waitAttached(p *pod, limit time.Duration) time.Duration {
 // leftovers lists attachment directories and pending records.
 func (e *env) leftovers() (links, records []string) {
 	e.t.Helper()
-	ents, err := os.ReadDir(filepath.Join(e.bpffs, "links"))
+	list := func(dir string) []string {
+		ents, err := os.ReadDir(dir)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			e.t.Fatal(err)
+		}
+		var out []string
+		for _, d := range ents {
+			out = append(out, d.Name())
+		}
+		return out
+	}
+	return list(filepath.Join(e.bpffs, "links")), list(pending.Dir(e.stateDir))
+}
+
+// owners lists the attachments that have owner records.
+func (e *env) owners() []string {
+	e.t.Helper()
+	ents, err := os.ReadDir(filepath.Join(e.stateDir, "attachments"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		e.t.Fatal(err)
 	}
+	var out []string
 	for _, d := range ents {
-		links = append(links, d.Name())
+		out = append(out, d.Name())
 	}
-	ents, err = os.ReadDir(pending.Dir(e.stateDir))
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		e.t.Fatal(err)
-	}
-	for _, d := range ents {
-		records = append(records, d.Name())
-	}
-	return links, records
+	return out
 }
 
 func (e *env) wantNothingLeft() {
 	e.t.Helper()
 	links, records := e.leftovers()
-	if len(links) > 0 || len(records) > 0 {
-		e.t.Fatalf("left over: link pins %v, pending records %v", links, records)
+	if owners := e.owners(); len(links) > 0 || len(records) > 0 || len(owners) > 0 {
+		e.t.Fatalf("left over: link pins %v, pending records %v, attachment owners %v", links, records, owners)
 	}
 }
 
@@ -522,7 +537,7 @@ func (e *env) pluginStdin(version string, extra map[string]any, withPrev bool) [
 	c := e.ctlbConf(extra)
 	delete(c, "capabilities")
 	c["cniVersion"] = version
-	c["name"] = "ctlbnet"
+	c["name"] = netName
 	if withPrev {
 		c["prevResult"] = prevResult("198.18.0.9")
 	}

@@ -242,7 +242,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{[]string{"attach", "--cgroup", cg + "/../.."}, `".."`},
 		{[]string{"attach", "--cgroup", cg + "/missing"}, "does not exist"},
 		{[]string{"detach", "--cgroup", cg + "/missing"}, "no attachment"},
-		{[]string{"status", "-o", "yaml"}, `"yaml"`},
+		{[]string{"status", "-o", "xml"}, `"xml"`},
 	}
 	for _, c := range cases {
 		_, errOut, code := d.CLI(c.args...)
@@ -371,5 +371,24 @@ func TestTwoDaemons(t *testing.T) {
 	_, errOut, code := run("run", "--bpffs", a.BPFFS, "--socket", filepath.Join(t.TempDir(), "c.sock"))
 	if code == 0 || !strings.Contains(errOut, "another ctlbd owns") {
 		t.Fatalf("second daemon on the same bpffs: exit %d, %q", code, errOut)
+	}
+}
+
+// TestOutputFormats: every listing prints as table, json and yaml, the
+// yaml with the API's field names.
+func TestOutputFormats(t *testing.T) {
+	d := newDaemon(t)
+	d.Start()
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
+	out := d.MustCLI("service", "list", "-o", "yaml")
+	for _, want := range []string{"vip: " + vip, "empty: reject", "servers:", "- " + servers[0]} {
+		if !strings.Contains(out, want) {
+			t.Errorf("service list -o yaml = %q, want it to contain %q", out, want)
+		}
+	}
+	for _, args := range [][]string{{"status"}, {"attachments"}, {"version"}} {
+		if out := d.MustCLI(append(args, "-o", "yaml")...); strings.TrimSpace(out) == "" || strings.HasPrefix(strings.TrimSpace(out), "{") {
+			t.Errorf("%v -o yaml = %q, want YAML", args, out)
+		}
 	}
 }

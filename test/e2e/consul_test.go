@@ -17,6 +17,7 @@ import (
 
 	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -82,7 +83,8 @@ func TestConsulFlagship(t *testing.T) {
 		}
 	})
 	network := node.InstallNetwork(t, spec)
-	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef})
+	// CTLB_CONTAINERD=2.x runs it on containerd 2.x.
+	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef, Release: containerd.FromEnv(t)})
 	c.Import(t, imgs.PauseTar)
 	c.Import(t, grpcClientImage(t))
 	pod := c.RunPod(t, containerd.PodSpec{Name: "consul-client"})
@@ -166,8 +168,8 @@ func TestConsulFlagship(t *testing.T) {
 	d.logStatus("ctlbd status")
 
 	step(t, "7. the pod never changed: one container process made every call, one attachment served it")
-	if atts := d.Attachments(); len(atts) != 1 || atts[0].ID != "cni-"+pod.ID || atts[0].CgroupPath != pod.CgroupDir(testutil.V2Mount(t)) || !atts[0].Alive {
-		t.Errorf("attachments = %+v, want one, cni-%s, alive on the pod cgroup", atts, pod.ID)
+	if atts := d.Attachments(); len(atts) != 1 || atts[0].ID != cni.AttachmentID(network.Name, pod.ID) || atts[0].CgroupPath != pod.CgroupDir(testutil.V2Mount(t)) || !atts[0].Alive {
+		t.Errorf("attachments = %+v, want one, %s, alive on the pod cgroup", atts, cni.AttachmentID(network.Name, pod.ID))
 	}
 	final := calls.stop(ctx, c)
 	for i, call := range final {
@@ -450,14 +452,20 @@ type trackingDaemon struct {
 // health-checked every second.
 func startTrackingDaemon(t *testing.T, nd *node.Node, consulAddr string) *trackingDaemon {
 	t.Helper()
+	return startTrackingDaemonFor(t, nd, map[string]any{
+		"vip":    vip,
+		"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
+		"health": map[string]any{"interval": "1s", "timeout": "500ms"},
+		"empty":  "reject",
+	})
+}
+
+// startTrackingDaemonFor runs ctlbd in nd with one service, as given.
+func startTrackingDaemonFor(t *testing.T, nd *node.Node, service map[string]any) *trackingDaemon {
+	t.Helper()
 	cfg := map[string]any{
 		"logLevel": "info",
-		"services": []map[string]any{{
-			"vip":    vip,
-			"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
-			"health": map[string]any{"interval": "1s", "timeout": "500ms"},
-			"empty":  "reject",
-		}},
+		"services": []map[string]any{service},
 	}
 	d := ctlbdtest.New(t, ctlbdtest.Options{
 		Bin:    ctlbdBin,
