@@ -22,6 +22,7 @@ want nft nftables
 want gnuplot gnuplot-nox
 want containerd containerd
 want runc runc
+want crun crun
 want podman podman
 want catatonit catatonit
 want java openjdk-17-jdk-headless

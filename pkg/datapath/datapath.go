@@ -3,6 +3,10 @@
 // rest of ctlb typed operations on them: service sets, per-server counters
 // and cgroup attachments. Every other part of ctlb goes through it.
 //
+// It is public API: a third-party agent may adopt a node's pins and read or
+// drive them through this package (docs/ARCHITECTURE.md, "Parts"; the map
+// formats are docs/MAPS.md).
+//
 // Pinned layout (docs/MAPS.md has the map formats):
 //
 //	DIR/ctlb_services_v2 ... maps, pinned by name
@@ -27,6 +31,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // DefaultDir is where ctlb pins its objects unless told otherwise.
@@ -68,6 +73,16 @@ var hooks = []hook{
 	{"connect6", ebpf.AttachCGroupInet6Connect},
 	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
 	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+}
+
+// AttachTypes are the hooks one attachment puts on its cgroup, one program
+// each (tools and tests compare them with what the kernel lists).
+func AttachTypes() []ebpf.AttachType {
+	out := make([]ebpf.AttachType, 0, len(hooks))
+	for _, h := range hooks {
+		out = append(out, h.attach)
+	}
+	return out
 }
 
 // rootHook is attached once per node, at the cgroup v2 root: release must
@@ -167,7 +182,8 @@ func mainSpec() (*ebpf.CollectionSpec, error) {
 // Create opens the objects pinned in dir, loading and pinning the embedded
 // ones first where they are missing, and upgrading pins of layout v1 in
 // place. Only ctlbd creates: it is the writer that owns the maps (invariant
-// 4). dir must be on a bpffs.
+// 4). dir must be on a bpffs. Adopting, never rebuilding, is
+// ARCHITECTURE.md I1; refusing unknown layouts and upgrading known ones, I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
@@ -196,6 +212,7 @@ func Create(dir string) (*Datapath, error) {
 		return nil, fmt.Errorf("load BPF objects pinned in %s: %w", dir, mapErr(err))
 	}
 	defer coll.Close()
+	crashpoint.Hit(crashpoint.CreateMaps)
 	for name, dst := range d.maps.byName() {
 		m, ok := coll.Maps[name]
 		if !ok {
@@ -319,6 +336,7 @@ func (d *Datapath) adoptOrLoadPrograms(coll *ebpf.Collection) error {
 				return fmt.Errorf("pin program %s: %w", p, err)
 			}
 			d.progs[h.name] = prog
+			crashpoint.Hit(crashpoint.CreatePrograms)
 		default:
 			d.closeProgs()
 			return fmt.Errorf("open pinned program %s: %w", p, err)
@@ -414,6 +432,7 @@ func (d *Datapath) upgradeProgram(hook string, embedded *ebpf.Program) (*ebpf.Pr
 			prog.Close()
 			return nil, fmt.Errorf("upgrade %s: update link %s: %w", hook, lp, err)
 		}
+		crashpoint.Hit(crashpoint.Upgrade)
 	}
 	// Pin beside the old pin, then rename over it: the pin never vanishes.
 	p := filepath.Join(d.dir, progPin(hook))

@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // Repin puts back pins of maps and programs that were removed while this
@@ -44,9 +46,11 @@ func (d *Datapath) Repin() ([]string, error) {
 			return fixed, fmt.Errorf("repin %s: %w", path, err)
 		}
 		fixed = append(fixed, name)
+		crashpoint.Hit(crashpoint.Repin)
 	}
-	// The root release link dies with its pin: attach it again.
-	if _, err := os.Lstat(filepath.Join(d.dir, rootLinkPin)); errors.Is(err, fs.ErrNotExist) && d.progs[rootHook.name] != nil {
+	// The root release link is a link, not a handle this process holds:
+	// with its pin gone the kernel detached it, so it is attached again.
+	if _, err := os.Lstat(filepath.Join(d.dir, rootLinkPin)); errors.Is(err, fs.ErrNotExist) {
 		if err := d.ensureRootRelease(); err != nil {
 			return fixed, fmt.Errorf("repin: %w", err)
 		}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // EmptyPolicy says what a connect() to a VIP with no usable server does.
@@ -405,9 +407,11 @@ func (d *Datapath) SetServices(svcs []Service) error {
 		keys = append(keys, svcKey(k))
 		inners = append(inners, inner)
 	}
+	crashpoint.Hit(crashpoint.SetPrepared)
 	if err := d.putOuter(keys, inners); err != nil {
 		return err
 	}
+	crashpoint.Hit(crashpoint.SetSwapped)
 	for _, s := range svcs {
 		if err := a.retireOthers(d, s.Key(), s.Servers); err != nil {
 			return err
@@ -416,7 +420,8 @@ func (d *Datapath) SetServices(svcs []Service) error {
 	return nil
 }
 
-// putOuter points each key at its inner array.
+// putOuter points each key at its inner array: one update per VIP, so a
+// connect sees the old set or the new one (ARCHITECTURE.md I3).
 func (d *Datapath) putOuter(keys []ctlbSvcKeyV2, inners []*ebpf.Map) error {
 	d.batchMu.Lock()
 	noBatch := d.noBatch
