@@ -8,19 +8,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf/rlimit"
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctlb/ctlb/internal/bpffs"
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/nri"
@@ -42,7 +41,7 @@ type Daemon struct {
 	cfg   *config.Config
 	table serviceTable
 	// trackers are the VIPs kept by sources and health checks, by VIP.
-	trackers map[netip.AddrPort]*trackedService
+	trackers map[datapath.ServiceKey]*trackedService
 	// runCtx bounds the trackers; set by Run.
 	runCtx context.Context
 
@@ -56,6 +55,12 @@ type Daemon struct {
 	reb *rebalancer
 	// fail returns servers the kernel marked failing to rotation.
 	fail *failWatch
+	// ready is what /readyz reports.
+	ready readiness
+
+	// NoConfigWatch turns off applying the config file when it changes
+	// (set before Run); SIGHUP and `ctlbd reload` still do.
+	NoConfigWatch bool
 	// nri is the NRI plugin (container scope) when the config asks for it.
 	nri *nri.Plugin
 }
@@ -76,12 +81,16 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 		lock.Close()
 		return nil, err
 	}
+	if up := dp.Upgraded(); up != nil {
+		log.Info("layout upgraded", "from", up.From, "to", datapath.Layout, "services", up.Services,
+			"attachments", up.Attachments, "openSockets", up.OpenSockets, "removedPins", up.RemovedPins)
+	}
 	h, err := cgroupv2.Default()
 	if err != nil {
 		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)
 	}
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
-		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
+		trackers: map[datapath.ServiceKey]*trackedService{}, runCtx: context.Background()}
 	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone, d.table.inSomeSet)
 	d.reb = newRebalancer(d)
 	d.fail = newFailWatch(d)
@@ -101,18 +110,22 @@ func (d *Daemon) Close() error {
 	return err
 }
 
-// ensureBPFFS mounts a bpffs on dir when dir is not on one already.
+// ensureBPFFS puts the pin directory on a bpffs, mounting one where needed
+// (internal/bpffs), and lifts the memlock limit on kernels that still charge
+// BPF maps to it (before 5.11). Lifting it needs CAP_SYS_RESOURCE; a kernel
+// that accounts BPF memory to the memory cgroup needs neither, so a failure
+// is only logged.
 func ensureBPFFS(dir string, log *slog.Logger) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
+	if err := rlimit.RemoveMemlock(); err != nil {
+		log.Warn("could not lift RLIMIT_MEMLOCK; maps may fail to load on kernels before 5.11", "error", err)
 	}
-	if datapath.IsBPFFS(dir) {
-		return nil
+	mounted, err := bpffs.Ensure(dir)
+	if err != nil {
+		return err
 	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
+	if mounted != "" {
+		log.Info("mounted bpffs", "dir", mounted)
 	}
-	log.Info("mounted bpffs", "dir", dir)
 	return nil
 }
 
@@ -138,6 +151,12 @@ func lockDir(dir string) (*os.File, error) {
 // Run applies the config and serves the control API until ctx ends.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.runCtx = ctx
+	// Metrics and probes first: /readyz says what is not done yet.
+	if d.cfg.Metrics != "" {
+		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
+			return err
+		}
+	}
 	if err := d.loadTable(); err != nil {
 		return err
 	}
@@ -147,11 +166,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
-	if d.cfg.Metrics != "" {
-		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
-			return err
-		}
-	}
+	d.ready.configApplied.Store(true)
 	if d.cfg.Proxy != nil {
 		p, err := proxy.New(*d.cfg.Proxy, d.table.targets, proxy.Options{Logger: d.log.With("part", "proxy"), Registerer: d.registry})
 		if err != nil {
@@ -168,6 +183,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.startPending(ctx); err != nil {
 		return err
 	}
+	if d.cfgPath != "" && !d.NoConfigWatch {
+		if err := d.watchConfig(ctx); err != nil {
+			return err
+		}
+	}
 	if d.cfg.HostScope {
 		if _, err := d.AttachHost(); err != nil {
 			return fmt.Errorf("config hostScope: %w", err)
@@ -176,101 +196,40 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.startNRI(ctx)
 	d.Reconcile()
 	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
-	ln, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup)
+	ln, roles, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup, d.cfg.SocketWriteGroup, d.log)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	api := d.cfg.ControlAPI
+	srv := &http.Server{
+		Handler:     roles.authorize(d.Handler()),
+		ConnContext: peerContext,
+		// A stalled or idle client cannot hold a connection forever.
+		ReadHeaderTimeout: min(time.Duration(api.ReadTimeout), 10*time.Second),
+		ReadTimeout:       time.Duration(api.ReadTimeout),
+		WriteTimeout:      time.Duration(api.WriteTimeout),
+		IdleTimeout:       time.Duration(api.IdleTimeout),
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", len(d.cfg.Services))
+	d.ready.serving.Store(true)
+	d.mu.Lock()
+	nServices := len(d.cfg.Services)
+	d.mu.Unlock()
+	d.notify(readyState(nServices))
+	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", nServices)
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
 		return fmt.Errorf("control API: %w", err)
 	}
+	d.notify(sddaemon.SdNotifyStopping)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(shutdownCtx)
 	os.Remove(d.cfg.Socket)
 	d.log.Info("ctlbd stopped; the data path stays in place")
 	return nil
-}
-
-// listenUnix listens on a root-only unix socket, replacing a stale one. With
-// a group, that group alone may use it too (0660).
-func listenUnix(path, group string) (net.Listener, error) {
-	gid := -1
-	if group != "" {
-		g, err := lookupGroup(group)
-		if err != nil {
-			return nil, fmt.Errorf("socketGroup %q: %w", group, err)
-		}
-		gid = g
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
-	}
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
-	}
-	// Bind in a private directory, fix the mode, then rename into place: the
-	// socket is never reachable with a wider mode, and no process-wide umask
-	// change races other goroutines creating files.
-	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".ctlbd-sock-")
-	if err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
-	}
-	defer os.RemoveAll(tmpDir)
-	tmp := filepath.Join(tmpDir, "s")
-	ln, err := net.Listen("unix", tmp)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if gid >= 0 {
-		if err := os.Chown(path, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket %s: chown to group %s: %w", path, group, err)
-		}
-		if err := os.Chmod(path, 0o660); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket %s: %w", path, err)
-		}
-		// The group must reach the socket: it may traverse the directory,
-		// not list or change it.
-		dir := filepath.Dir(path)
-		if err := os.Chown(dir, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
-		}
-		if err := os.Chmod(dir, 0o710); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
-		}
-	}
-	return ln, nil
-}
-
-// lookupGroup takes a group name or a numeric GID.
-func lookupGroup(group string) (int, error) {
-	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
-		return gid, nil
-	}
-	g, err := user.LookupGroup(group)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(g.Gid)
 }
 
 // Reload re-reads the config file and applies it. A config that does not
@@ -317,20 +276,20 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.reb.configure(next.Services)
-	want := map[netip.AddrPort]datapath.Service{}
+	want := map[datapath.ServiceKey]datapath.Service{}
 	var changed []datapath.Service
 	for _, s := range next.Services {
 		svc, err := s.Datapath()
 		if err != nil {
 			return err // Validate ran already; this is a programming error
 		}
-		want[svc.VIP] = svc
-		cur, ok, err := d.dp.Service(svc.VIP)
+		want[svc.Key()] = svc
+		cur, ok, err := d.dp.ServiceOf(svc.Key())
 		if err != nil {
 			return err
 		}
 		if s.Tracked() {
-			if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+			if ts := d.trackers[svc.Key()]; ts != nil && ts.sameConfig(s) {
 				continue
 			}
 			if !ok || cur.Empty != svc.Empty || cur.Balance != svc.Balance || cur.OnServerRemoved != svc.OnServerRemoved {
@@ -343,7 +302,7 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			}
 			continue
 		}
-		d.stopTracker(svc.VIP)
+		d.stopTracker(svc.Key())
 		if !ok || !sameService(cur, svc) {
 			changed = append(changed, svc)
 		}
@@ -355,8 +314,9 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 		if !s.Tracked() {
 			continue
 		}
-		svc := want[mustVIP(s.VIP)]
-		if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+		svc, _ := s.Datapath()
+		svc = want[svc.Key()]
+		if ts := d.trackers[svc.Key()]; ts != nil && ts.sameConfig(s) {
 			continue
 		}
 		if err := d.startTracker(d.runCtx, s, svc); err != nil {
@@ -365,12 +325,12 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 	}
 	if prev != nil {
 		for _, s := range prev.Services {
-			vip, err := datapath.ParseVIP(s.VIP)
-			if err != nil || want[vip].VIP.IsValid() {
+			old, err := s.Datapath()
+			if err != nil || want[old.Key()].VIP.IsValid() {
 				continue
 			}
-			d.stopTracker(vip)
-			if _, err := d.deleteService("removed from config", vip); err != nil {
+			d.stopTracker(old.Key())
+			if _, err := d.deleteService("removed from config", old.Key()); err != nil {
 				return err
 			}
 		}
@@ -378,14 +338,9 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 	return nil
 }
 
-// mustVIP parses a VIP that validation accepted already.
-func mustVIP(s string) netip.AddrPort {
-	v, _ := datapath.ParseVIP(s)
-	return v
-}
-
 func sameService(a, b datapath.Service) bool {
-	if a.VIP != b.VIP || a.Empty != b.Empty || a.Balance != b.Balance || a.OnServerRemoved != b.OnServerRemoved || len(a.Servers) != len(b.Servers) {
+	a, b = a.Normalized(), b.Normalized()
+	if a.Key() != b.Key() || a.Empty != b.Empty || a.Balance != b.Balance || a.OnServerRemoved != b.OnServerRemoved || len(a.Servers) != len(b.Servers) {
 		return false
 	}
 	for i := range a.Servers {

@@ -87,7 +87,7 @@ func (f *failWatch) step(ctx context.Context) error {
 	failing := map[datapath.Departed]bool{}
 	for _, m := range marks {
 		live[m.Slot] = true
-		key := datapath.Departed{VIP: m.VIP, Server: m.Server}
+		key := datapath.Departed{VIP: m.VIP, Protocol: m.Protocol, Server: m.Server}
 		failing[key] = m.Until > mono
 		f.mu.Lock()
 		first, ok := f.seen[m.Slot]
@@ -102,7 +102,7 @@ func (f *failWatch) step(ctx context.Context) error {
 			f.d.log.Info("server marked failing by the kernel: connects skip it", "vip", m.VIP, "server", m.Server,
 				"strikes", m.Strikes, "holdDown", (m.Until - mono).Round(time.Millisecond))
 		}
-		if snap, isTracked := tracked[m.VIP]; isTracked {
+		if snap, isTracked := tracked[m.Key()]; isTracked {
 			for _, s := range snap.Servers {
 				if s.Addr == m.Server && s.Health == health.Healthy && s.LastError == "" && s.LastCheck.After(first) {
 					f.clear(m, key, "health check passed")
@@ -179,10 +179,10 @@ func (f *failWatch) clear(m datapath.FailMark, key datapath.Departed, why string
 
 // state is, per server of a VIP, whether it is failing now and how often it
 // was marked and returned.
-func (f *failWatch) state(vip, server netip.AddrPort) (failing bool, marked, returned uint64) {
+func (f *failWatch) state(key datapath.ServiceKey, server netip.AddrPort) (failing bool, marked, returned uint64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	k := datapath.Departed{VIP: vip, Server: server}
+	k := datapath.Departed{VIP: key.VIP, Protocol: key.Protocol, Server: server}
 	return f.failing[k], f.marked[k], f.returned[k]
 }
 

@@ -17,11 +17,19 @@ import (
 
 var (
 	descConnects = prometheus.NewDesc("ctlb_server_connects_total",
-		"Connects the kernel sent to a server of a VIP (connect4 rewrites).", []string{"vip", "server"}, nil)
+		"Connects (attempts) the kernel sent to a server of a VIP (connect and first-datagram rewrites).", []string{"vip", "protocol", "server"}, nil)
+	descEstablished = prometheus.NewDesc("ctlb_server_established_total",
+		"TCP connects to a server of a VIP whose handshake completed.", []string{"vip", "protocol", "server"}, nil)
+	descFailed = prometheus.NewDesc("ctlb_server_failed_total",
+		"TCP connects to a server of a VIP that the server refused or that timed out.", []string{"vip", "protocol", "server"}, nil)
+	descTerminated = prometheus.NewDesc("ctlb_server_terminated_total",
+		"Sockets to a server of a VIP that ctlb ended.", []string{"vip", "protocol", "server"}, nil)
+	descFailing = prometheus.NewDesc("ctlb_server_failing",
+		"1 while connects skip a server after failed connects (hold-down).", []string{"vip", "protocol", "server"}, nil)
 	descOpen = prometheus.NewDesc("ctlb_server_open_connections",
-		"Sockets open now that were sent to a server of a VIP.", []string{"vip", "server"}, nil)
+		"Sockets open now that were sent to a server of a VIP.", []string{"vip", "protocol", "server"}, nil)
 	descServers = prometheus.NewDesc("ctlb_service_servers",
-		"Servers in a VIP's set in the maps.", []string{"vip"}, nil)
+		"Servers in a VIP's set in the maps.", []string{"vip", "protocol"}, nil)
 	descAttachments = prometheus.NewDesc("ctlb_attachments",
 		"Cgroup attachments pinned.", nil, nil)
 	descDeadAttachments = prometheus.NewDesc("ctlb_attachments_dead",
@@ -36,8 +44,8 @@ var (
 		"Failed answers of a server source (DNS, Consul, exec); the last good answer is kept.", []string{"vip", "source"}, nil)
 	descSetChanges = prometheus.NewDesc("ctlb_service_set_changes_total",
 		"Changes of a tracked VIP's healthy set written to the map.", []string{"vip"}, nil)
-	descTerminated = prometheus.NewDesc("ctlb_server_terminated_connections_total",
-		"Connections ctlbd ended because their server left the VIP's set (or to rebalance onto a newcomer).", []string{"vip", "server"}, nil)
+	descEnded = prometheus.NewDesc("ctlb_server_terminated_connections_total",
+		"Connections ctlbd ended because their server left the VIP's set (or to rebalance onto a newcomer), counted by ctlbd since it started: unlike ctlb_server_terminated_total it stays after the departed server's slot is given back.", []string{"vip", "protocol", "server"}, nil)
 	descTermination = prometheus.NewDesc("ctlb_termination_available",
 		"1 when ctlbd can end connections to servers that leave a set (bpf_sock_destroy), 0 when this kernel cannot.", nil, nil)
 	descPanic = prometheus.NewDesc("ctlb_service_panic",
@@ -49,8 +57,8 @@ var (
 type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descTerminated, descTermination} {
+	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination} {
 		ch <- d
 	}
 }
@@ -59,15 +67,24 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	d := c.d
 	if stats, err := d.dp.Stats(); err == nil {
 		for _, s := range stats {
-			ch <- prometheus.MustNewConstMetric(descConnects, prometheus.CounterValue, float64(s.Connects), s.VIP.String(), s.Server.String())
-			ch <- prometheus.MustNewConstMetric(descOpen, prometheus.GaugeValue, float64(s.Open), s.VIP.String(), s.Server.String())
+			l := []string{s.VIP.String(), string(s.Protocol), s.Server.String()}
+			failing := 0.0
+			if s.FailingFor > 0 {
+				failing = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descConnects, prometheus.CounterValue, float64(s.Attempts), l...)
+			ch <- prometheus.MustNewConstMetric(descEstablished, prometheus.CounterValue, float64(s.Established), l...)
+			ch <- prometheus.MustNewConstMetric(descFailed, prometheus.CounterValue, float64(s.Failed), l...)
+			ch <- prometheus.MustNewConstMetric(descTerminated, prometheus.CounterValue, float64(s.Terminated), l...)
+			ch <- prometheus.MustNewConstMetric(descFailing, prometheus.GaugeValue, failing, l...)
+			ch <- prometheus.MustNewConstMetric(descOpen, prometheus.GaugeValue, float64(s.Open), l...)
 		}
 	} else {
 		ch <- prometheus.NewInvalidMetric(descConnects, err)
 	}
 	if svcs, err := d.dp.Services(); err == nil {
 		for _, s := range svcs {
-			ch <- prometheus.MustNewConstMetric(descServers, prometheus.GaugeValue, float64(len(s.Servers)), s.VIP.String())
+			ch <- prometheus.MustNewConstMetric(descServers, prometheus.GaugeValue, float64(len(s.Servers)), s.VIP.String(), string(s.Protocol))
 		}
 	}
 	if atts, err := d.dp.Attachments(); err == nil {
@@ -82,9 +99,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pendingCount()))
 	ch <- prometheus.MustNewConstMetric(descTermination, prometheus.GaugeValue, boolFloat(d.ends.available()))
-	for vip, m := range d.ends.all() {
+	for key, m := range d.ends.all() {
 		for srv, n := range m {
-			ch <- prometheus.MustNewConstMetric(descTerminated, prometheus.CounterValue, float64(n), vip.String(), srv.String())
+			ch <- prometheus.MustNewConstMetric(descEnded, prometheus.CounterValue, float64(n), key.VIP.String(), string(key.Protocol), srv.String())
 		}
 	}
 	for vip, snap := range d.snapshots() {
@@ -123,14 +140,18 @@ func (d *Daemon) newRegistry() *prometheus.Registry {
 	return r
 }
 
-// serveMetrics serves /metrics on addr until ctx ends.
+// serveMetrics serves /metrics, /healthz and /readyz on addr until ctx ends.
 func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("metrics: listen %s: %w", addr, err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	// Liveness and readiness probes (Kubernetes' httpGet) on the same
+	// listener: the metrics address is the one the kubelet can reach.
+	mux.Handle("GET /healthz", serveProbe(d.healthChecks))
+	mux.Handle("GET /readyz", serveProbe(d.readyChecks))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()

@@ -33,11 +33,11 @@ type rebalancer struct {
 
 	mu sync.Mutex
 	// opts are the VIPs that opt in, with their rates (connections/s).
-	opts   map[netip.AddrPort]float64
-	active map[netip.AddrPort]*rebalance
+	opts   map[datapath.ServiceKey]float64
+	active map[datapath.ServiceKey]*rebalance
 	kick   chan struct{}
 	// last is what the last finished rebalance of each VIP did.
-	last map[netip.AddrPort]RebalanceReport
+	last map[datapath.ServiceKey]RebalanceReport
 }
 
 // rebalance is one VIP's rebalancing in progress.
@@ -59,29 +59,33 @@ type RebalanceReport struct {
 }
 
 func newRebalancer(d *Daemon) *rebalancer {
-	return &rebalancer{d: d, opts: map[netip.AddrPort]float64{}, active: map[netip.AddrPort]*rebalance{},
-		kick: make(chan struct{}, 1), last: map[netip.AddrPort]RebalanceReport{}}
+	return &rebalancer{d: d, opts: map[datapath.ServiceKey]float64{}, active: map[datapath.ServiceKey]*rebalance{},
+		kick: make(chan struct{}, 1), last: map[datapath.ServiceKey]RebalanceReport{}}
 }
 
 // configure records which VIPs of cfg rebalance, and how fast. A VIP that
 // stops opting in stops rebalancing.
 func (r *rebalancer) configure(svcs []config.Service) {
-	opts := map[netip.AddrPort]float64{}
+	opts := map[datapath.ServiceKey]float64{}
 	for _, s := range svcs {
 		if !s.Rebalance {
 			continue
+		}
+		svc, err := s.Datapath()
+		if err != nil {
+			continue // Validate ran already
 		}
 		rate := s.RebalanceRate
 		if rate == 0 {
 			rate = config.DefaultRebalanceRate
 		}
-		opts[mustVIP(s.VIP)] = rate
+		opts[svc.Key()] = rate
 	}
 	r.mu.Lock()
 	r.opts = opts
-	for vip := range r.active {
-		if _, ok := opts[vip]; !ok {
-			delete(r.active, vip)
+	for key := range r.active {
+		if _, ok := opts[key]; !ok {
+			delete(r.active, key)
 		}
 	}
 	r.mu.Unlock()
@@ -90,16 +94,16 @@ func (r *rebalancer) configure(svcs []config.Service) {
 // arrivals starts rebalancing the VIPs of svcs that gain servers, when they
 // opt in and had servers before (a first set has nothing to move). Callers
 // hold d.mu and call it before the sets are mirrored.
-func (r *rebalancer) arrivals(svcs []datapath.Service, before func(netip.AddrPort) []netip.AddrPort) {
+func (r *rebalancer) arrivals(svcs []datapath.Service, before func(datapath.ServiceKey) []netip.AddrPort) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	started := false
 	for _, s := range svcs {
-		rate, ok := r.opts[s.VIP]
+		rate, ok := r.opts[s.Key()]
 		if !ok {
 			continue
 		}
-		old := before(s.VIP)
+		old := before(s.Key())
 		if len(old) == 0 {
 			continue
 		}
@@ -112,14 +116,14 @@ func (r *rebalancer) arrivals(svcs []datapath.Service, before func(netip.AddrPor
 		if len(news) == 0 {
 			continue
 		}
-		rb := r.active[s.VIP]
+		rb := r.active[s.Key()]
 		if rb == nil {
 			rb = &rebalance{rate: rate, started: time.Now(), lastTick: time.Now(), tokens: 1}
-			r.active[s.VIP] = rb
+			r.active[s.Key()] = rb
 		}
 		rb.newcomers = append(rb.newcomers, news...)
 		started = true
-		r.d.log.Info("rebalancing onto new servers", "vip", s.VIP, "newcomers", news, "rate", rate)
+		r.d.log.Info("rebalancing onto new servers", "vip", s.Key(), "newcomers", news, "rate", rate)
 	}
 	if started {
 		select {
@@ -151,9 +155,9 @@ func (r *rebalancer) step() {
 		r.mu.Unlock()
 		return
 	}
-	vips := make([]netip.AddrPort, 0, len(r.active))
-	for v := range r.active {
-		vips = append(vips, v)
+	keys := make([]datapath.ServiceKey, 0, len(r.active))
+	for k := range r.active {
+		keys = append(keys, k)
 	}
 	r.mu.Unlock()
 	stats, err := r.d.dp.Stats()
@@ -161,22 +165,22 @@ func (r *rebalancer) step() {
 		r.d.log.Error("rebalance: read open counts", "error", err)
 		return
 	}
-	for _, vip := range vips {
+	for _, key := range keys {
 		open := map[netip.AddrPort]int64{}
 		for _, s := range stats {
-			if s.VIP == vip {
+			if s.Key() == key {
 				open[s.Server] = s.Open
 			}
 		}
-		r.stepVIP(vip, r.d.table.targets(vip), open)
+		r.stepVIP(key, r.d.table.setOf(key), open)
 	}
 }
 
 // stepVIP ends connections of one VIP while the newcomers hold less than
 // their share.
-func (r *rebalancer) stepVIP(vip netip.AddrPort, set []netip.AddrPort, open map[netip.AddrPort]int64) {
+func (r *rebalancer) stepVIP(key datapath.ServiceKey, set []netip.AddrPort, open map[netip.AddrPort]int64) {
 	r.mu.Lock()
-	rb := r.active[vip]
+	rb := r.active[key]
 	if rb == nil {
 		r.mu.Unlock()
 		return
@@ -211,8 +215,8 @@ func (r *rebalancer) stepVIP(vip netip.AddrPort, set []netip.AddrPort, open map[
 	}
 	balanced := len(rb.newcomers) == 0 || low >= share || fromOpen-low <= 1
 	if balanced || now.Sub(rb.started) > rebalanceFor || rb.ended > int(4*total)+len(set) {
-		r.d.steer(vip, nil)
-		r.finish(vip, rb, balanced)
+		r.d.steer(key, nil)
+		r.finish(key, rb, balanced)
 		return
 	}
 	var under []netip.AddrPort
@@ -221,7 +225,7 @@ func (r *rebalancer) stepVIP(vip netip.AddrPort, set []netip.AddrPort, open map[
 			under = append(under, s)
 		}
 	}
-	r.d.steer(vip, under)
+	r.d.steer(key, under)
 	r.mu.Lock()
 	if rb.tokens < 1 {
 		r.mu.Unlock()
@@ -232,7 +236,7 @@ func (r *rebalancer) stepVIP(vip netip.AddrPort, set []netip.AddrPort, open map[
 	// One connection per tick: the client reconnects on its own time, so
 	// the next step looks at the counts again rather than guess where it
 	// landed.
-	res := r.d.ends.pass([]datapath.Departed{{VIP: vip, Server: from, Limit: 1}}, "rebalance onto a new server")
+	res := r.d.ends.pass([]datapath.Departed{{VIP: key.VIP, Protocol: key.Protocol, Server: from, Limit: 1}}, "rebalance onto a new server")
 	if len(res) == 1 && res[0].Destroyed > 0 {
 		r.mu.Lock()
 		rb.ended++
@@ -241,31 +245,31 @@ func (r *rebalancer) stepVIP(vip netip.AddrPort, set []netip.AddrPort, open map[
 }
 
 // finish ends a VIP's rebalance and keeps its report.
-func (r *rebalancer) finish(vip netip.AddrPort, rb *rebalance, balanced bool) {
+func (r *rebalancer) finish(key datapath.ServiceKey, rb *rebalance, balanced bool) {
 	rep := RebalanceReport{Newcomers: rb.newcomers, Ended: rb.ended, Took: time.Since(rb.started), Balanced: balanced}
 	r.mu.Lock()
-	if r.active[vip] == rb {
-		delete(r.active, vip)
+	if r.active[key] == rb {
+		delete(r.active, key)
 	}
-	r.last[vip] = rep
+	r.last[key] = rep
 	r.mu.Unlock()
-	r.d.log.Info("rebalance done", "vip", vip, "newcomers", rep.Newcomers, "ended", rep.Ended, "took", rep.Took, "balanced", balanced)
+	r.d.log.Info("rebalance done", "vip", key, "newcomers", rep.Newcomers, "ended", rep.Ended, "took", rep.Took, "balanced", balanced)
 }
 
 // rebalancing reports whether a VIP is being rebalanced now.
-func (r *rebalancer) rebalancing(vip netip.AddrPort) bool {
+func (r *rebalancer) rebalancing(key datapath.ServiceKey) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.active[vip] != nil
+	return r.active[key] != nil
 }
 
 // steer writes a VIP's entry with only the given servers of its set, or,
 // with none, its whole set again. The mirror (and so departures, the proxy
 // and status) keeps the whole set: steering never ends a connection.
-func (d *Daemon) steer(vip netip.AddrPort, only []netip.AddrPort) {
+func (d *Daemon) steer(key datapath.ServiceKey, only []netip.AddrPort) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	full := d.table.targets(vip)
+	full := d.table.setOf(key)
 	want := full
 	if len(only) > 0 {
 		want = slices.DeleteFunc(slices.Clone(full), func(s netip.AddrPort) bool { return !slices.Contains(only, s) })
@@ -273,12 +277,12 @@ func (d *Daemon) steer(vip netip.AddrPort, only []netip.AddrPort) {
 	if len(want) == 0 {
 		want = full
 	}
-	cur, ok, err := d.dp.Service(vip)
+	cur, ok, err := d.dp.ServiceOf(key)
 	if err != nil || !ok || slices.Equal(cur.Servers, want) {
 		return
 	}
 	cur.Servers = want
 	if err := d.dp.SetService(cur); err != nil {
-		d.log.Error("rebalance: steer new connects", "vip", vip, "servers", want, "error", err)
+		d.log.Error("rebalance: steer new connects", "vip", key, "servers", want, "error", err)
 	}
 }

@@ -13,6 +13,9 @@ import (
 type serviceTable struct {
 	mu   sync.RWMutex
 	sets map[netip.AddrPort][]netip.AddrPort
+	// byKey holds every VIP's set, TCP and UDP: what departures and
+	// arrivals are computed against.
+	byKey map[datapath.ServiceKey][]netip.AddrPort
 }
 
 func (t *serviceTable) put(svcs ...datapath.Service) {
@@ -21,15 +24,31 @@ func (t *serviceTable) put(svcs ...datapath.Service) {
 	if t.sets == nil {
 		t.sets = map[netip.AddrPort][]netip.AddrPort{}
 	}
+	if t.byKey == nil {
+		t.byKey = map[datapath.ServiceKey][]netip.AddrPort{}
+	}
 	for _, s := range svcs {
-		t.sets[s.VIP] = append([]netip.AddrPort(nil), s.Servers...)
+		t.byKey[s.Key()] = append([]netip.AddrPort(nil), s.Servers...)
+		if s.Key().Protocol == datapath.TCP { // the proxy serves TCP
+			t.sets[s.VIP] = append([]netip.AddrPort(nil), s.Servers...)
+		}
 	}
 }
 
-func (t *serviceTable) remove(vip netip.AddrPort) {
+func (t *serviceTable) remove(key datapath.ServiceKey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	delete(t.sets, vip)
+	delete(t.byKey, key)
+	if key.Protocol == datapath.TCP {
+		delete(t.sets, key.VIP)
+	}
+}
+
+// setOf is the set last written for a VIP of either protocol.
+func (t *serviceTable) setOf(key datapath.ServiceKey) []netip.AddrPort {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.byKey[key]
 }
 
 // targets is the proxy's view: the servers of the VIP:port a client dialed.
@@ -55,7 +74,7 @@ func (d *Daemon) writeSetsEnding(end bool, svcs ...datapath.Service) error {
 	if err := d.dp.SetServices(svcs); err != nil {
 		return err
 	}
-	d.reb.arrivals(svcs, d.table.targets)
+	d.reb.arrivals(svcs, d.table.setOf)
 	d.table.put(svcs...)
 	// Only now: the clients' reconnects must find the new set.
 	d.ends.add(departed...)
@@ -68,20 +87,20 @@ func (d *Daemon) setServices(reason string, svcs ...datapath.Service) error {
 		return err
 	}
 	for _, s := range svcs {
-		d.log.Info("service set", "vip", s.VIP, "servers", s.Servers, "empty", s.Empty, "onServerRemoved", s.OnServerRemoved, "reason", reason)
+		d.log.Info("service set", "vip", s.VIP, "protocol", s.Key().Protocol, "servers", s.Servers, "empty", s.Empty, "balance", s.Balance, "onServerRemoved", s.OnServerRemoved, "reason", reason)
 	}
 	return nil
 }
 
 // deleteService removes a VIP from the maps and the mirror. Callers hold d.mu.
-func (d *Daemon) deleteService(reason string, vip netip.AddrPort) (bool, error) {
-	existed, err := d.dp.DeleteService(vip)
+func (d *Daemon) deleteService(reason string, key datapath.ServiceKey) (bool, error) {
+	existed, err := d.dp.DeleteServiceKey(key)
 	if err != nil {
 		return existed, err
 	}
-	d.table.remove(vip)
+	d.table.remove(key)
 	if existed {
-		d.log.Info("service deleted", "vip", vip, "reason", reason)
+		d.log.Info("service deleted", "vip", key.VIP, "protocol", key.Protocol, "reason", reason)
 	}
 	return existed, nil
 }

@@ -41,7 +41,7 @@ type endings struct {
 
 	mu     sync.Mutex
 	queue  map[datapath.Departed]*queued
-	counts map[netip.AddrPort]map[netip.AddrPort]uint64
+	counts map[datapath.ServiceKey]map[netip.AddrPort]uint64
 	last   endingsPass
 	kick   chan struct{}
 }
@@ -62,7 +62,7 @@ type endingsPass struct {
 
 func newEndings(dp *datapath.Datapath, log *slog.Logger, stillGone func(datapath.Departed) bool, inSomeSet func(string) bool) *endings {
 	e := &endings{log: log, dp: dp, stillGone: stillGone, inSomeSet: inSomeSet, queue: map[datapath.Departed]*queued{},
-		counts: map[netip.AddrPort]map[netip.AddrPort]uint64{}, kick: make(chan struct{}, 1)}
+		counts: map[datapath.ServiceKey]map[netip.AddrPort]uint64{}, kick: make(chan struct{}, 1)}
 	term, err := dp.NewTerminator()
 	switch {
 	case err == nil:
@@ -199,10 +199,10 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 			continue
 		}
 		ended += r.Destroyed
-		m := e.counts[r.VIP]
+		m := e.counts[r.Key()]
 		if m == nil {
 			m = map[netip.AddrPort]uint64{}
-			e.counts[r.VIP] = m
+			e.counts[r.Key()] = m
 		}
 		m[r.Server] += r.Destroyed
 	}
@@ -218,17 +218,17 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 }
 
 // terminated is how many connections were ended per server of a VIP.
-func (e *endings) terminated(vip netip.AddrPort) map[netip.AddrPort]uint64 {
+func (e *endings) terminated(key datapath.ServiceKey) map[netip.AddrPort]uint64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return cloneCounts(e.counts[vip])
+	return cloneCounts(e.counts[key])
 }
 
 // all is every count, by VIP and server.
-func (e *endings) all() map[netip.AddrPort]map[netip.AddrPort]uint64 {
+func (e *endings) all() map[datapath.ServiceKey]map[netip.AddrPort]uint64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	out := make(map[netip.AddrPort]map[netip.AddrPort]uint64, len(e.counts))
+	out := make(map[datapath.ServiceKey]map[netip.AddrPort]uint64, len(e.counts))
 	for v, m := range e.counts {
 		out[v] = cloneCounts(m)
 	}
@@ -251,7 +251,7 @@ func (d *Daemon) departures(svcs []datapath.Service) []datapath.Departed {
 		if s.OnServerRemoved == datapath.RemovalKeep {
 			continue
 		}
-		for _, old := range d.table.targets(s.VIP) {
+		for _, old := range d.table.setOf(s.Key()) {
 			if !slices.Contains(s.Servers, old) {
 				out = append(out, datapath.Departed{VIP: s.VIP, Protocol: s.Key().Protocol, Server: old})
 			}
@@ -262,7 +262,7 @@ func (d *Daemon) departures(svcs []datapath.Service) []datapath.Departed {
 
 // serverGone tells whether a departed server is still out of its VIP's set.
 func (d *Daemon) serverGone(dep datapath.Departed) bool {
-	return !slices.Contains(d.table.targets(dep.VIP), dep.Server)
+	return !slices.Contains(d.table.setOf(dep.Key()), dep.Server)
 }
 
 // netlinkDestroyWorks probes for SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY):
@@ -277,7 +277,7 @@ func netlinkDestroyWorks() bool {
 func (t *serviceTable) inSomeSet(server string) bool {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	for _, set := range t.sets {
+	for _, set := range t.byKey {
 		for _, s := range set {
 			if s.String() == server {
 				return true

@@ -75,6 +75,16 @@ var hooks = []hook{
 	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
 }
 
+// AttachTypes are the hooks one attachment puts on its cgroup, one program
+// each (tools and tests compare them with what the kernel lists).
+func AttachTypes() []ebpf.AttachType {
+	out := make([]ebpf.AttachType, 0, len(hooks))
+	for _, h := range hooks {
+		out = append(out, h.attach)
+	}
+	return out
+}
+
 // rootHook is attached once per node, at the cgroup v2 root: release must
 // run for a socket even after its pod was detached, or open counts leak.
 var rootHook = hook{"sock_release", ebpf.AttachCgroupInetSockRelease}
@@ -175,8 +185,8 @@ func mainSpec() (*ebpf.CollectionSpec, error) {
 // Create opens the objects pinned in dir, loading and pinning the embedded
 // ones first where they are missing, and upgrading pins of layout v1 in
 // place. Only ctlbd creates: it is the writer that owns the maps (invariant
-// 4). dir must be on a bpffs.
-// Adopting, never rebuilding, is ARCHITECTURE.md I1; refusing other layouts is I6.
+// 4). dir must be on a bpffs. Adopting, never rebuilding, is
+// ARCHITECTURE.md I1; refusing unknown layouts and upgrading known ones, I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
@@ -205,6 +215,7 @@ func Create(dir string) (*Datapath, error) {
 		return nil, fmt.Errorf("load BPF objects pinned in %s: %w", dir, mapErr(err))
 	}
 	defer coll.Close()
+	crashpoint.Hit(crashpoint.CreateMaps)
 	for name, dst := range d.maps.byName() {
 		m, ok := coll.Maps[name]
 		if !ok {
@@ -216,7 +227,6 @@ func Create(dir string) (*Datapath, error) {
 			return nil, fmt.Errorf("map %s: %w", name, err)
 		}
 	}
-	crashpoint.Hit(crashpoint.CreateMaps)
 	if err := d.adoptOrLoadPrograms(coll); err != nil {
 		d.maps.close()
 		return nil, err

@@ -345,7 +345,6 @@ func (d *Datapath) newInner(s Service, svc uint32, slots []uint32) (*ebpf.Map, e
 // single map update: a concurrent connect() sees the old array or the new
 // one, never a mix, never a gap (invariant 3). The kernel frees the old array
 // once no program can still be reading it.
-// One inner map per set, swapped by one update: ARCHITECTURE.md I3.
 func (d *Datapath) SetService(s Service) error { return d.SetServices([]Service{s}) }
 
 // BatchMode says how SetServices writes many VIPs: "batch" (one
@@ -433,7 +432,8 @@ func (d *Datapath) SetServices(svcs []Service) error {
 	return nil
 }
 
-// putOuter points each key at its inner array.
+// putOuter points each key at its inner array: one update per VIP, so a
+// connect sees the old set or the new one (ARCHITECTURE.md I3).
 func (d *Datapath) putOuter(keys []ctlbSvcKeyV2, inners []*ebpf.Map) error {
 	d.batchMu.Lock()
 	noBatch := d.noBatch

@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -772,4 +773,88 @@ func TestBulkSetServices(t *testing.T) {
 	if s, ok, _ := dp.Service(svcs[n-1].VIP); !ok || len(s.Servers) != 1 || s.Servers[0].String() != "127.0.0.13:9001" {
 		t.Errorf("last VIP after the bulk replacement: %+v", s)
 	}
+}
+
+// TestBPFCostPerConnect logs the kernel's run time per program and per
+// IPv4 TCP connect for layout v1 (testdata) and v2, side by side. It
+// asserts behaviour only (the connects land); the figures are for the
+// benchmark notes. With run-time stats on, each program run also pays the
+// kernel's two clock reads, so the absolute figures are high; compare the
+// two layouts.
+func TestBPFCostPerConnect(t *testing.T) {
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	testutil.Require(t, err == nil, fmt.Sprintf("BPF run-time stats: %v", err))
+	defer stats.Close()
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12", "198.18.100.1")
+	testutil.StartServers(t, netns, vip, "127.0.0.11:9001", "127.0.0.12:9001")
+	const n = 2000
+
+	measure := func(name string, progs map[string]*ebpf.Program, cg string) {
+		before := map[string]*ebpf.ProgramStats{}
+		for h, p := range progs {
+			st, err := p.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			before[h] = st
+		}
+		r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: n})
+		if r.Failed != 0 || count(r.Landed)[vip] != 0 {
+			t.Fatalf("%s: %d failed, landed %v", name, r.Failed, count(r.Landed))
+		}
+		var total float64
+		var parts []string
+		for h, p := range progs {
+			after, err := p.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			rb, ra := before[h].Runtime, after.Runtime
+			cb, ca := before[h].RunCount, after.RunCount
+			if ca == cb {
+				continue
+			}
+			avg := float64(ra-rb) / float64(ca-cb)
+			if h == "sock_release" {
+				total += avg // one per client socket; the root program also sees the servers'
+			} else {
+				total += float64(ra-rb) / n
+			}
+			parts = append(parts, fmt.Sprintf("%s %.0f ns x %d", h, avg, ca-cb))
+		}
+		t.Logf("%s: %.0f ns of BPF per connect (%s)", name, total, strings.Join(parts, ", "))
+	}
+
+	// v1
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	cg1 := testutil.NewCgroup(t, "")
+	pinV1(t, dir, cg1, "cost-v1", vip, "127.0.0.11:9001", "127.0.0.12:9001")
+	v1 := map[string]*ebpf.Program{}
+	for _, h := range []string{"connect4", "getpeername4", "sock_release"} {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "ctlb_"+h+"_v1"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		v1[h] = p
+	}
+	measure("layout v1", v1, cg1)
+
+	// v2
+	dp, netns2, cg2 := attached(t, "cost-v2")
+	_ = netns2
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	v2 := map[string]*ebpf.Program{}
+	for _, h := range []string{"connect4", "getpeername4", "sock_ops", "sock_release"} {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dp.Dir(), "ctlb_"+h+"_v2"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		v2[h] = p
+	}
+	measure("layout v2", v2, cg2)
 }

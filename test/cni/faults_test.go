@@ -18,7 +18,6 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
@@ -29,6 +28,7 @@ import (
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // Fault tests: each runs under a bounded load (a connect loop from an
@@ -73,6 +73,9 @@ func pluginCmd(cmd, containerID, netns, cniArgs string, stdin []byte) *exec.Cmd 
 	return c
 }
 
+// perAttachment is how many programs one attachment puts on its cgroup.
+var perAttachment = len(datapath.AttachTypes())
+
 // cgroupProgs counts the programs attached directly to a cgroup on ctlb's
 // hooks: the kernel's word on what an attachment left behind.
 func cgroupProgs(t *testing.T, dir string) int {
@@ -83,7 +86,7 @@ func cgroupProgs(t *testing.T, dir string) int {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInetSockRelease} {
+	for _, at := range datapath.AttachTypes() {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			t.Fatalf("query %s programs of %s: %v", at, dir, err)
@@ -202,7 +205,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 			e.waitAttached(p, 5*time.Second)
 		}
 		e.wantAttached(p)
-		waitProgs(t, p.cgroup, 3) // one per hook: nothing of the killed ADD stays attached beside them
+		waitProgs(t, p.cgroup, perAttachment) // one per hook: nothing of the killed ADD stays attached beside them
 		if i%5 == 0 || state != "nothing" {
 			e.wantRedirectedFromNode(container(t, p, "app"))
 		}
@@ -614,7 +617,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 		t.Fatalf("ctlbd did not report the repair loudly:\n%s", logs)
 	}
 	e.wantAttached(p)
-	waitProgs(t, p.cgroup, 3) // one per hook: the repair left no duplicate
+	waitProgs(t, p.cgroup, perAttachment) // one per hook: the repair left no duplicate
 	wantRedirected(t, p, container(t, p, "app"))
 	finishLoad(t, "pin removal and repair", load)
 }
@@ -702,7 +705,7 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 	}
 	e.wantAttached(c)
 	wantRedirected(t, c, container(t, c, "app"))
-	waitProgs(t, dir, 3)
+	waitProgs(t, dir, perAttachment)
 
 	// ctlbd's reconciler, running every 200 ms, removes a dead one unasked.
 	e.restartDaemon(200 * time.Millisecond)
@@ -712,6 +715,12 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 		t.Fatalf("ctlbd's reconciler did not remove the dead attachment: %v", err)
 	}
 	t.Logf("ctlbd's reconciler (every 200ms) removed the dead attachment %s after the cgroup went", time.Since(gone).Round(time.Millisecond))
+	// The attachment leaves listings at the rename that starts its detach;
+	// its link pins go a moment later.
+	_ = waitFor(2*time.Second, func() bool {
+		links, _ := e.leftovers()
+		return len(links) == 1 && !strings.HasPrefix(links[0], "_")
+	})
 	e.wantNothingLeftBut(1)
 
 	// And a pod of the same name still attaches.
