@@ -50,7 +50,29 @@ func (d *Datapath) FailMarks() ([]FailMark, error) {
 	}
 	a.mu.Unlock()
 	var out []FailMark
-	for s, sk := range slots {
+	add := func(s uint32, f ctlbSlotFailV2) {
+		if sk, ok := slots[s]; ok && f.UntilNs != 0 {
+			out = append(out, FailMark{Slot: s, VIP: sk.svc.VIP, Protocol: sk.svc.Protocol, Server: sk.server,
+				Until: time.Duration(f.UntilNs), Strikes: f.Strikes})
+		}
+	}
+	if len(slots) > batchFailMarks {
+		// Many servers: one batch read of the whole array beats a
+		// lookup per slot (ctlbd reads the marks ten times a second).
+		n := int(d.maps.failing.MaxEntries())
+		keys := make([]uint32, n)
+		vals := make([]ctlbSlotFailV2, n)
+		var cursor ebpf.MapBatchCursor
+		got, err := d.maps.failing.BatchLookup(&cursor, keys, vals, nil)
+		if err == nil || errors.Is(err, ebpf.ErrKeyNotExist) {
+			for i := 0; i < got; i++ {
+				add(keys[i], vals[i])
+			}
+			return out, nil
+		}
+		// No batch support: fall through to single lookups.
+	}
+	for s := range slots {
 		var f ctlbSlotFailV2
 		if err := d.maps.failing.Lookup(s, &f); err != nil {
 			if errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -58,14 +80,14 @@ func (d *Datapath) FailMarks() ([]FailMark, error) {
 			}
 			return nil, fmt.Errorf("read failing mark of slot %d: %w", s, err)
 		}
-		if f.UntilNs == 0 {
-			continue
-		}
-		out = append(out, FailMark{Slot: s, VIP: sk.svc.VIP, Protocol: sk.svc.Protocol, Server: sk.server,
-			Until: time.Duration(f.UntilNs), Strikes: f.Strikes})
+		add(s, f)
 	}
 	return out, nil
 }
+
+// batchFailMarks is the slot count above which FailMarks reads the whole
+// failing array in one batch.
+const batchFailMarks = 256
 
 // ClearFailMark returns a slot to rotation at once (a health check or a
 // probe by ctlbd passed).
