@@ -32,7 +32,8 @@ func TestFailMarks(t *testing.T) {
 			if err != nil || !ok {
 				t.Fatalf("slot of %s: %v, %v", victim, ok, err)
 			}
-			until := datapath.Monotonic() + time.Second
+			// Long enough to outlast a loaded machine's slowest Stats read.
+			until := datapath.Monotonic() + time.Minute
 			if err := dp.HoldFailMark(slot, until, 2); err != nil {
 				t.Fatal(err)
 			}
