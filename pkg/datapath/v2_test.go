@@ -773,6 +773,21 @@ func TestBulkSetServices(t *testing.T) {
 	if s, ok, _ := dp.Service(svcs[n-1].VIP); !ok || len(s.Servers) != 1 || s.Servers[0].String() != "127.0.0.13:9001" {
 		t.Errorf("last VIP after the bulk replacement: %+v", s)
 	}
+
+	// The fallback for kernels without batch updates, for comparison.
+	datapath.ForceParallel(dp)
+	for i := range svcs {
+		svcs[i].Servers = aps(t, "127.0.0.12:9001")
+	}
+	start = time.Now()
+	if err := dp.SetServices(svcs); err != nil {
+		t.Fatal(err)
+	}
+	d = time.Since(start)
+	t.Logf("replaced %d VIPs' sets in %v (%.0f VIPs/s) with %s single updates", n, d, n/d.Seconds(), dp.BatchMode())
+	if s, ok, _ := dp.Service(svcs[0].VIP); !ok || len(s.Servers) != 1 || s.Servers[0].String() != "127.0.0.12:9001" {
+		t.Errorf("first VIP after the parallel replacement: %+v", s)
+	}
 }
 
 // TestBPFCostPerConnect logs the kernel's run time per program and per
