@@ -497,6 +497,11 @@ func TestMPTCP(t *testing.T) {
 		}
 	}
 	assertOpen(t, dp, map[string]int64{"127.0.0.11:9001": 2, "127.0.0.12:9001": 2})
+	for k, s := range statsBy(t, dp) {
+		if s.Attempts != 2 || s.Established != 2 || s.Failed != 0 {
+			t.Errorf("MPTCP %s: %+v, want 2 attempts, 2 established (sock_ops on the subflow counts for the MPTCP socket)", k, s)
+		}
+	}
 	p.stop(t)
 	assertOpen(t, dp, map[string]int64{"127.0.0.11:9001": 0, "127.0.0.12:9001": 0})
 }
@@ -872,4 +877,35 @@ func TestBPFCostPerConnect(t *testing.T) {
 		v2[h] = p
 	}
 	measure("layout v2", v2, cg2)
+}
+
+// TestFailFastIPv6: the failing mark works the same for an IPv6 VIP, and
+// for dual-stack sockets dialing an IPv4 VIP as ::ffff:VIP.
+func TestFailFastIPv6(t *testing.T) {
+	dp, netns, cg := attached(t, "failfast6")
+	const v6vip = "[2001:2::100]:8502"
+	srvs := []string{"[2001:2::11]:9001", "[2001:2::12]:9001"} // the second refuses
+	testutil.AddLoopbackAddrs(t, netns, "2001:2::11", "2001:2::12", "127.0.0.11", "127.0.0.12")
+	testutil.StartServers(t, netns, srvs[0], "127.0.0.11:9001")
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(v6vip), Servers: aps(t, srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: v6vip, Count: 20})
+	if r.Failed > 1 {
+		t.Errorf("IPv6: %d of 20 sequential connects failed, want at most 1: %v", r.Failed, r.Errors)
+	}
+	if s := statsBy(t, dp)[v6vip+" "+srvs[1]]; s.Failed != 1 || s.FailingFor == 0 {
+		t.Errorf("IPv6 refusing server: %+v, want 1 failed and marked failing", s)
+	}
+
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	py := runPy(t, netns, cg, "tcp6", "::ffff:198.18.100.1", "80", "20")
+	if len(py.Errors) > 1 {
+		t.Errorf("dual-stack: %d of 20 sequential connects failed, want at most 1: %v", len(py.Errors), py.Errors)
+	}
+	if s := statsBy(t, dp)[vip+" 127.0.0.12:9001"]; s.Failed != 1 {
+		t.Errorf("dual-stack refusing server: %+v, want 1 failed", s)
+	}
 }
