@@ -215,6 +215,9 @@ func TestIPv6VIP(t *testing.T) {
 
 	// Atomic swap under a connect storm.
 	sets := [][]netip.AddrPort{aps(t, srvs[:1]...), aps(t, srvs[1:]...)}
+	if err := dp.SetService(datapath.Service{VIP: v, Servers: sets[1]}); err != nil {
+		t.Fatal(err) // a set before the storm: the passthrough above is over
+	}
 	c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: v6vip, Workers: 2, Count: 20000, Duration: time.Minute})
 	for i := 0; i < 200; i++ {
 		if err := dp.SetService(datapath.Service{VIP: v, Servers: sets[i%2]}); err != nil {
