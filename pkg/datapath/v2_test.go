@@ -619,10 +619,19 @@ func TestUpgradeV1ToV2(t *testing.T) {
 	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 100000, Duration: time.Minute})
 	time.Sleep(300 * time.Millisecond)
 
+	// A v2 plugin meeting only v1 pins says so.
+	if _, err := datapath.Open(dir); !errors.Is(err, datapath.ErrLayout) {
+		t.Errorf("Open of v1 pins: %v, want ErrLayout", err)
+	}
 	start := time.Now()
 	dp, err := datapath.Create(dir)
 	if err != nil {
 		t.Fatalf("upgrade: %v", err)
+	}
+	if o, err := datapath.Open(dir); err != nil {
+		t.Errorf("Open after the upgrade: %v", err)
+	} else {
+		o.Close()
 	}
 	defer dp.Close()
 	took := time.Since(start)
