@@ -185,9 +185,9 @@ func (a *slotAllocator) slot(d *Datapath, k ServiceKey, svc uint32, srv netip.Ad
 		s = a.next
 		a.next++
 	}
-	if err := d.zeroSlot(s); err != nil {
-		return 0, err
-	}
+	// No zeroing here: a slot never given out is zero, and sweep zeroes a
+	// slot before it returns to the free list (and before its info says
+	// unused, so a restart never takes a dirty slot for a free one).
 	if err := d.writeSlotInfo(s, sk, svc, slotUsed, true); err != nil {
 		return 0, err
 	}
