@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -97,21 +98,31 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 }
 
 func newAttachCommand(g *globals) *cobra.Command {
-	var cgroup string
+	var tg target
 	cmd := &cobra.Command{
-		Use:   "attach --cgroup PATH",
-		Short: "Attach ctlb to a cgroup: its processes' connects to VIPs are balanced",
+		Use:   "attach (--cgroup PATH | --host)",
+		Short: "Attach ctlb to a cgroup, or host-wide: its processes' connects to VIPs are balanced",
 		Long: `Attach connect4, getpeername4 and sock_release to a cgroup v2 directory with
 pinned bpf_links. Every process in the cgroup and its descendants is covered,
 including ones started later. PATH is absolute or relative to the cgroup v2
 mount; the v2 root itself is refused. Pods are attached by the CNI plugin;
-this command is for everything else.`,
-		Example: "  ctlbd attach --cgroup /system.slice/myapp.service",
-		Args:    cobra.NoArgs,
+this command is for everything else.
+
+--host attaches once at the cgroup v2 root instead: every process of the host,
+whatever its cgroup, for hosts and VMs that run no CNI at all (the config's
+"hostScope": true does the same when ctlbd starts). It is idempotent, and stays
+until "ctlbd detach --host".`,
+		Example: `  ctlbd attach --cgroup /system.slice/myapp.service
+  ctlbd attach --host`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			req, err := tg.request()
+			if err != nil {
+				return err
+			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			a, err := c.Attach(ctx, cgroup)
+			a, err := c.Attach(ctx, req)
 			if err != nil {
 				return err
 			}
@@ -120,22 +131,48 @@ this command is for everything else.`,
 			})
 		},
 	}
-	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory (required)")
-	_ = cmd.MarkFlagRequired("cgroup")
+	tg.flags(cmd, "attach at the cgroup v2 root: every process of the host")
 	return cmd
 }
 
+// target is what attach and detach act on: --cgroup PATH or --host.
+type target struct {
+	cgroup string
+	host   bool
+}
+
+func (tg *target) flags(cmd *cobra.Command, hostHelp string) {
+	cmd.Flags().StringVar(&tg.cgroup, "cgroup", "", "cgroup v2 directory")
+	cmd.Flags().BoolVar(&tg.host, "host", false, hostHelp)
+}
+
+// request wants exactly one of --cgroup and --host.
+func (tg *target) request() (api.AttachRequest, error) {
+	switch {
+	case tg.cgroup == "" && !tg.host:
+		return api.AttachRequest{}, errors.New("need --cgroup PATH or --host")
+	case tg.cgroup != "" && tg.host:
+		return api.AttachRequest{}, fmt.Errorf("--cgroup %q and --host exclude each other: --host is the cgroup v2 root", tg.cgroup)
+	}
+	return api.AttachRequest{Cgroup: tg.cgroup, Host: tg.host}, nil
+}
+
 func newDetachCommand(g *globals) *cobra.Command {
-	var cgroup string
+	var tg target
 	cmd := &cobra.Command{
-		Use:     "detach --cgroup PATH",
-		Short:   "Detach ctlb from a cgroup (every attachment on it)",
-		Example: "  ctlbd detach --cgroup /system.slice/myapp.service",
-		Args:    cobra.NoArgs,
+		Use:   "detach (--cgroup PATH | --host)",
+		Short: "Detach ctlb from a cgroup (every attachment on it), or the host-wide attachment",
+		Example: `  ctlbd detach --cgroup /system.slice/myapp.service
+  ctlbd detach --host`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			req, err := tg.request()
+			if err != nil {
+				return err
+			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			removed, err := c.Detach(ctx, cgroup)
+			removed, err := c.Detach(ctx, req)
 			if err != nil {
 				return err
 			}
@@ -146,8 +183,7 @@ func newDetachCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory (required)")
-	_ = cmd.MarkFlagRequired("cgroup")
+	tg.flags(cmd, "remove the host-wide attachment (ctlbd attach --host, \"hostScope\": true)")
 	return cmd
 }
 
@@ -219,10 +255,22 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 						if src.LastError != "" {
 							line += ", last: " + src.LastError
 						}
+						if src.Rejected > 0 && len(src.RejectedFirst) > 0 {
+							line += fmt.Sprintf(", %d entries left out (first: %s: %s)", src.Rejected, src.RejectedFirst[0].Entry, src.RejectedFirst[0].Reason)
+						}
 						fmt.Fprintln(w, line)
+					}
+					if s.Trimmed > 0 {
+						fmt.Fprintf(w, "  %d candidates left out over the limit of servers per VIP\n", s.Trimmed)
 					}
 				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
+				if st.HostScope {
+					fmt.Fprintf(w, "host scope: attached at the cgroup v2 root (every process)\n")
+				}
+				if st.NRI != "" {
+					fmt.Fprintf(w, "NRI plugin: %s (%s)\n", st.NRI, st.NRISocket)
+				}
 			})
 		},
 	}

@@ -18,7 +18,8 @@ import (
 
 func newRunCommand(g *globals) *cobra.Command {
 	var (
-		cfgPath, bpffs, stateDir, logLevel, logFormat string
+		cfgPath, bpffs, stateDir, logLevel, logFormat, nriSocket string
+		hostScope                                                bool
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -57,6 +58,12 @@ different --bpffs and --socket.`,
 			if f.Changed("log-level") {
 				cfg.LogLevel = logLevel
 			}
+			if f.Changed("nri-socket") {
+				cfg.NRI = &config.NRIConfig{Socket: nriSocket}
+			}
+			if f.Changed("host-scope") {
+				cfg.HostScope = hostScope
+			}
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
@@ -89,6 +96,8 @@ different --bpffs and --socket.`,
 	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	f.StringVar(&nriSocket, "nri-socket", "", "run the NRI plugin on this runtime NRI socket (e.g. /var/run/nri/nri.sock): container scope for pods annotated ctlb.io/containers")
+	f.BoolVar(&hostScope, "host-scope", false, "attach at the cgroup v2 root when starting: every process of the host (config hostScope)")
 	return cmd
 }
 

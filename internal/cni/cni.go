@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/nri/annotation"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/podcgroup"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -196,6 +197,9 @@ func (c *call) add() error {
 		return nil
 	}
 
+	if c.nriScoped() {
+		return nil
+	}
 	hints, err := c.hints()
 	if err != nil {
 		return err
@@ -237,6 +241,9 @@ func (c *call) add() error {
 
 func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.Hints, found podcgroup.Found, ok bool) error {
 	if !ok {
+		if found.Refused != nil {
+			c.log.Warn("no pod cgroup from the sandbox's netns yet: refusing a shared cgroup, recording a pending attachment", "error", found.Refused)
+		}
 		return c.addPending(id, hints, found)
 	}
 	// An earlier ADD of this container may have left a record or, if it
@@ -447,6 +454,15 @@ func (c *call) check() error {
 	}
 
 	a, err := dp.Attachment(id)
+	if _, ok := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations); ok && errors.Is(err, datapath.ErrNoAttachment) {
+		// Container scope: ADD left the pod to ctlbd's NRI plugin, which
+		// must still be connected to attach the pod's next containers.
+		if st.NRI != api.NRIConnected {
+			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: pod is NRI-scoped (%s) but ctlbd's NRI plugin is %s, and there is no pod-level attachment %s",
+				annotation.Containers, orNone(st.NRI), id), nil)
+		}
+		return nil
+	}
 	if errors.Is(err, datapath.ErrNoAttachment) {
 		if rec, perr := pending.Read(c.conf.StateDir, id); perr == nil {
 			age := time.Since(rec.Created)
@@ -484,6 +500,37 @@ func (c *call) check() error {
 			id, a.CgroupPath, a.CgroupID, expect.Dir, want, expect.Source), nil)
 	}
 	return nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "not configured"
+	}
+	return s
+}
+
+// nriScoped decides container scope at ADD: the pod's annotations name
+// containers and ctlbd's NRI plugin is connected, so ctlbd attaches those
+// containers' cgroups and the pod gets no pod-level attachment. Without a
+// connected NRI plugin the pod falls back to pod scope, and the log says so.
+func (c *call) nriScoped() bool {
+	names, ok := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations)
+	if !ok {
+		return false
+	}
+	st, err := c.daemonStatus()
+	if err == nil && st.NRI == api.NRIConnected {
+		c.log.Info("NRI-scoped: ctlbd's NRI plugin attaches the named containers; no pod-level attachment",
+			"containers", names, "annotation", annotation.Containers, "nriSocket", st.NRISocket)
+		return true
+	}
+	state := orNone(st.NRI)
+	if err != nil {
+		state = "unknown: " + err.Error()
+	}
+	c.log.Warn("pod asks for container scope, but ctlbd's NRI plugin is not connected: falling back to pod scope (every container of the pod)",
+		"containers", names, "annotation", annotation.Containers, "nri", state)
+	return false
 }
 
 func describeHints(f podcgroup.Found) string {

@@ -23,6 +23,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
 
+	"github.com/ctlb/ctlb/internal/nri/annotation"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -82,6 +83,10 @@ type RuntimeConfig struct {
 	// CgroupPath is the pod sandbox's cgroup (capability "cgroupPath",
 	// containerd >= 1.7.0, CRI-O >= 1.28; podman never passes it).
 	CgroupPath string
+	// PodAnnotations are the pod's annotations (capability
+	// "io.kubernetes.cri.pod-annotations"): ctlb.io/containers asks for
+	// container scope through ctlbd's NRI plugin.
+	PodAnnotations map[string]string
 }
 
 // UnmarshalJSON takes cgroupPath and ignores the runtime's other keys: the
@@ -94,6 +99,11 @@ func (r *RuntimeConfig) UnmarshalJSON(b []byte) error {
 	if v, ok := raw["cgroupPath"]; ok {
 		if err := json.Unmarshal(v, &r.CgroupPath); err != nil {
 			return fmt.Errorf("runtimeConfig.cgroupPath: want a string: %w", err)
+		}
+	}
+	if v, ok := raw[annotation.CRIPodAnnotations]; ok {
+		if err := json.Unmarshal(v, &r.PodAnnotations); err != nil {
+			return fmt.Errorf("runtimeConfig[%q]: want an object of strings: %w", annotation.CRIPodAnnotations, err)
 		}
 	}
 	return nil

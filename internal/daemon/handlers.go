@@ -149,10 +149,28 @@ func (d *Daemon) cgroupDir(path string) (string, error) {
 	return dir, nil
 }
 
-func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+// decodeAttach reads an attach or detach request: a cgroup, or host scope.
+func decodeAttach(w http.ResponseWriter, r *http.Request) (api.AttachRequest, bool) {
 	var req api.AttachRequest
-	if err := decode(w, r, &req); err != nil {
+	err := decode(w, r, &req)
+	if err == nil && req.Host && req.Cgroup != "" {
+		err = badRequest(fmt.Errorf("host scope is the cgroup v2 root: cgroup %q contradicts it", req.Cgroup))
+	}
+	if err != nil {
 		reply(w, nil, err)
+		return req, false
+	}
+	return req, true
+}
+
+func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+	req, ok := decodeAttach(w, r)
+	if !ok {
+		return
+	}
+	if req.Host {
+		a, err := d.AttachHost()
+		reply(w, apiAttachment(a), err)
 		return
 	}
 	dir, err := d.cgroupDir(req.Cgroup)
@@ -182,9 +200,17 @@ func (d *Daemon) attachCgroup(id, dir string) (datapath.Attachment, error) {
 }
 
 func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
-	var req api.AttachRequest
-	if err := decode(w, r, &req); err != nil {
-		reply(w, nil, err)
+	req, ok := decodeAttach(w, r)
+	if !ok {
+		return
+	}
+	if req.Host {
+		a, err := d.DetachHost()
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, []api.Attachment{apiAttachment(a)}, nil)
 		return
 	}
 	dir, err := d.cgroups.Resolve(req.Cgroup, false)
@@ -246,9 +272,13 @@ func (d *Daemon) Status() (api.Status, error) {
 		listed := map[netip.AddrPort]bool{}
 		if snap, ok := tracked[svc.VIP]; ok {
 			// Every candidate, in the set or not, with its sources and health.
-			ss.Tracked, ss.Panic, ss.Changes = true, snap.Panic, snap.Changes
+			ss.Tracked, ss.Panic, ss.Changes, ss.Trimmed = true, snap.Panic, snap.Changes, snap.Trimmed
 			for _, src := range snap.Sources {
-				ss.Sources = append(ss.Sources, api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError})
+				as := api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError, Rejected: src.Rejected}
+				for _, r := range src.RejectedFirst {
+					as.RejectedFirst = append(as.RejectedFirst, api.RejectedEntry{Entry: r.Entry, Reason: r.Reason})
+				}
+				ss.Sources = append(ss.Sources, as)
 			}
 			inMap := map[netip.AddrPort]bool{}
 			for _, srv := range svc.Servers {
@@ -283,6 +313,8 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
+	st.HostScope = d.hostAttached()
+	d.nriStatus(&st)
 	return st, nil
 }
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/ctlb/ctlb/internal/crashpoint"
 	"github.com/ctlb/ctlb/internal/podcgroup"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -388,6 +389,7 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 			return err
 		}
 		att = a
+		crashpoint.Hit(crashpoint.PendingAttached)
 		return Unlink(w.stateDir, r.Key())
 	})
 	switch {

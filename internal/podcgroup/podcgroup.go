@@ -47,6 +47,9 @@ type Hints struct {
 type Found struct {
 	Dir    string // absolute directory inside the v2 mount
 	Source Source
+	// Refused, when nothing was found, says why the processes in the
+	// sandbox's netns gave no pod cgroup (they sit in shared cgroups).
+	Refused error
 }
 
 // Resolver locates pod cgroups in one v2 hierarchy.
@@ -398,7 +401,10 @@ func (r *Resolver) Resolve(h Hints) (found Found, ok bool, err error) {
 				return Found{Dir: dir, Source: FromNetns}, true, nil
 			}
 			if err := refused[id]; err != nil {
-				return Found{}, false, fmt.Errorf("netns %s: %w", h.Netns, err)
+				// Not an error: the sandbox's own process may not exist yet
+				// (a runtime helper can be in the netns meanwhile); the
+				// caller records a pending attachment and says why.
+				return Found{Refused: fmt.Errorf("netns %s: %w", h.Netns, err)}, false, nil
 			}
 		}
 	}

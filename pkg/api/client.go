@@ -62,17 +62,19 @@ func (c *Client) Services(ctx context.Context) ([]Service, error) {
 	return out, err
 }
 
-// Attach attaches ctlb to a cgroup v2 directory.
-func (c *Client) Attach(ctx context.Context, cgroup string) (Attachment, error) {
+// Attach attaches ctlb to a cgroup v2 directory, or (req.Host) once at
+// the cgroup v2 root.
+func (c *Client) Attach(ctx context.Context, req AttachRequest) (Attachment, error) {
 	var a Attachment
-	err := c.do(ctx, http.MethodPost, PathAttachments, AttachRequest{Cgroup: cgroup}, &a)
+	err := c.do(ctx, http.MethodPost, PathAttachments, req, &a)
 	return a, err
 }
 
-// Detach removes every attachment on a cgroup and returns them.
-func (c *Client) Detach(ctx context.Context, cgroup string) ([]Attachment, error) {
+// Detach removes every attachment on a cgroup (or the host-wide one) and
+// returns them.
+func (c *Client) Detach(ctx context.Context, req AttachRequest) ([]Attachment, error) {
 	var out []Attachment
-	err := c.do(ctx, http.MethodDelete, PathAttachments, AttachRequest{Cgroup: cgroup}, &out)
+	err := c.do(ctx, http.MethodDelete, PathAttachments, req, &out)
 	return out, err
 }
 

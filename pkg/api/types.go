@@ -30,6 +30,9 @@ type Service struct {
 // AttachRequest attaches to or detaches from a cgroup (ctlbd attach/detach).
 type AttachRequest struct {
 	Cgroup string `json:"cgroup"`
+	// Host asks for host scope: the one attachment at the cgroup v2 root
+	// (Cgroup must then be empty).
+	Host bool `json:"host,omitempty"`
 }
 
 // Attachment is one attachment of ctlb's programs to a cgroup.
@@ -114,6 +117,17 @@ type SourceStatus struct {
 	Servers   int    `json:"servers"`
 	Errors    uint64 `json:"errors"`
 	LastError string `json:"lastError,omitempty"`
+	// Rejected counts the entries of the source's last answer that were
+	// left out (not an address, wrong family, not unicast, listed twice,
+	// another host's loopback); RejectedFirst shows the first few.
+	Rejected      int             `json:"rejected,omitempty"`
+	RejectedFirst []RejectedEntry `json:"rejectedFirst,omitempty"`
+}
+
+// RejectedEntry is one entry of a source's answer left out, and why.
+type RejectedEntry struct {
+	Entry  string `json:"entry"`
+	Reason string `json:"reason"`
 }
 
 // ServiceStatus is one VIP in ctlbd status.
@@ -126,6 +140,9 @@ type ServiceStatus struct {
 	Panic   bool           `json:"panic,omitempty"`
 	Changes uint64         `json:"changes,omitempty"`
 	Sources []SourceStatus `json:"sources,omitempty"`
+	// Trimmed counts the candidates left out over the most servers a VIP
+	// may have (the highest addresses go).
+	Trimmed int `json:"trimmed,omitempty"`
 }
 
 // Status is ctlbd status.
@@ -135,7 +152,21 @@ type Status struct {
 	Services    []ServiceStatus `json:"services"`
 	Attachments int             `json:"attachments"`
 	Pending     int             `json:"pending"`
+	// NRI is the NRI plugin's state, NRIConnected or NRIDisconnected;
+	// empty when ctlbd runs none. The CNI plugin leaves pods annotated
+	// ctlb.io/containers to it only while it is connected.
+	NRI string `json:"nri,omitempty"`
+	// NRISocket is the runtime socket the NRI plugin uses.
+	NRISocket string `json:"nriSocket,omitempty"`
+	// HostScope says ctlb is attached at the cgroup v2 root (every process).
+	HostScope bool `json:"hostScope,omitempty"`
 }
+
+// States of ctlbd's NRI plugin in Status.NRI.
+const (
+	NRIConnected    = "connected"
+	NRIDisconnected = "disconnected"
+)
 
 // Version is ctlbd version.
 type Version struct {

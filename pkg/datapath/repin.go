@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // Repin puts back pins of maps and programs that were removed while this
@@ -18,12 +20,11 @@ func (d *Datapath) Repin() ([]string, error) {
 		Pin(string) error
 		Unpin() error
 	}
-	objs := map[string]pinnable{
-		ctlbMapCtlbServicesV1: d.objs.CtlbServicesV1,
-		ctlbMapCtlbRrV1:       d.objs.CtlbRrV1,
-		ctlbMapCtlbConnectsV1: d.objs.CtlbConnectsV1,
-		ctlbMapCtlbOpenV1:     d.objs.CtlbOpenV1,
-		ctlbMapCtlbSocksV1:    d.objs.CtlbSocksV1,
+	objs := map[string]pinnable{}
+	for name, m := range d.maps.byName() {
+		if *m != nil {
+			objs[name] = *m
+		}
 	}
 	for hook, p := range d.progs {
 		objs[progPin(hook)] = p
@@ -45,6 +46,7 @@ func (d *Datapath) Repin() ([]string, error) {
 			return fixed, fmt.Errorf("repin %s: %w", path, err)
 		}
 		fixed = append(fixed, name)
+		crashpoint.Hit(crashpoint.Repin)
 	}
 	return fixed, nil
 }

@@ -18,7 +18,6 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
@@ -29,6 +28,7 @@ import (
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // Fault tests: each runs under a bounded load (a connect loop from an
@@ -73,6 +73,9 @@ func pluginCmd(cmd, containerID, netns, cniArgs string, stdin []byte) *exec.Cmd 
 	return c
 }
 
+// perAttachment is how many programs one attachment puts on its cgroup.
+var perAttachment = len(datapath.AttachTypes())
+
 // cgroupProgs counts the programs attached directly to a cgroup on ctlb's
 // hooks: the kernel's word on what an attachment left behind.
 func cgroupProgs(t *testing.T, dir string) int {
@@ -83,7 +86,7 @@ func cgroupProgs(t *testing.T, dir string) int {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInetSockRelease} {
+	for _, at := range datapath.AttachTypes() {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			t.Fatalf("query %s programs of %s: %v", at, dir, err)
@@ -202,7 +205,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 			e.waitAttached(p, 5*time.Second)
 		}
 		e.wantAttached(p)
-		waitProgs(t, p.cgroup, 3) // one per hook: nothing of the killed ADD stays attached beside them
+		waitProgs(t, p.cgroup, perAttachment) // one per hook: nothing of the killed ADD stays attached beside them
 		if i%5 == 0 || state != "nothing" {
 			e.wantRedirectedFromNode(container(t, p, "app"))
 		}
@@ -546,7 +549,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	}
 
 	// One map pin.
-	services := filepath.Join(e.bpffs, "ctlb_services_v1")
+	services := filepath.Join(e.bpffs, "ctlb_services_v2")
 	if err := os.Remove(services); err != nil {
 		t.Fatal(err)
 	}
@@ -570,8 +573,8 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 
 	// One pass of ctlbd's reconciler, the one its loop runs.
 	r := e.daemon.Daemon().Reconcile()
-	if !slices.Contains(r.Repinned, "ctlb_services_v1") {
-		t.Fatalf("reconcile: %+v, want ctlb_services_v1 re-pinned", r)
+	if !slices.Contains(r.Repinned, "ctlb_services_v2") {
+		t.Fatalf("reconcile: %+v, want ctlb_services_v2 re-pinned", r)
 	}
 	if err := e.check(list, p); err != nil {
 		t.Fatalf("CHECK after the re-pin: %v", err)
@@ -614,7 +617,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 		t.Fatalf("ctlbd did not report the repair loudly:\n%s", logs)
 	}
 	e.wantAttached(p)
-	waitProgs(t, p.cgroup, 3) // one per hook: the repair left no duplicate
+	waitProgs(t, p.cgroup, perAttachment) // one per hook: the repair left no duplicate
 	wantRedirected(t, p, container(t, p, "app"))
 	finishLoad(t, "pin removal and repair", load)
 }
@@ -702,7 +705,7 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 	}
 	e.wantAttached(c)
 	wantRedirected(t, c, container(t, c, "app"))
-	waitProgs(t, dir, 3)
+	waitProgs(t, dir, perAttachment)
 
 	// ctlbd's reconciler, running every 200 ms, removes a dead one unasked.
 	e.restartDaemon(200 * time.Millisecond)

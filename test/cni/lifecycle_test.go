@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 
@@ -203,6 +204,19 @@ func TestStatus(t *testing.T) {
 	}
 	noPins := e.netList("1.1.0", e.ctlbConf(map[string]any{"bpffs": filepath.Join(filepath.Dir(e.bpffs), "elsewhere")}))
 	wantCode(t, "STATUS without pins", e.cni.GetStatusNetworkList(context.Background(), noPins), types.ErrPluginNotAvailable, "not ready: pinned objects")
+	// Pins of a layout this plugin does not speak: ADD would refuse them.
+	other := filepath.Join(filepath.Dir(e.bpffs), "otherlayout")
+	mkdirAll(t, other)
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Pin(filepath.Join(other, "ctlb_services_v99")); err != nil {
+		t.Fatal(err)
+	}
+	layout := e.netList("1.1.0", e.ctlbConf(map[string]any{"bpffs": other}))
+	wantCode(t, "STATUS with pins of another layout", e.cni.GetStatusNetworkList(context.Background(), layout), types.ErrPluginNotAvailable, "another layout")
 	// A config ADD would refuse fails STATUS as well.
 	typo := e.netList("1.1.0", e.ctlbConf(map[string]any{"sokcet": e.socket}))
 	wantCode(t, "STATUS with an unknown key", e.cni.GetStatusNetworkList(context.Background(), typo), types.ErrUnsupportedField, `"sokcet"`)

@@ -131,7 +131,7 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	d.Start()
 	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	netns, cg := newPod(t, d)
-	servicesID := pinnedMapID(t, d.BPFFS, "ctlb_services_v1")
+	servicesID := pinnedMapID(t, d.BPFFS, "ctlb_services_v2")
 
 	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
 	time.Sleep(200 * time.Millisecond)
@@ -161,7 +161,7 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	}
 
 	// The restarted daemon adopted the pins instead of re-creating them.
-	if id := pinnedMapID(t, d.BPFFS, "ctlb_services_v1"); id != servicesID {
+	if id := pinnedMapID(t, d.BPFFS, "ctlb_services_v2"); id != servicesID {
 		t.Errorf("services map ID %d after restart, was %d: re-created, not adopted", id, servicesID)
 	}
 	var svcs []api.Service

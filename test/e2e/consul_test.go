@@ -83,7 +83,8 @@ func TestConsulFlagship(t *testing.T) {
 		}
 	})
 	network := node.InstallNetwork(t, spec)
-	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef})
+	// CTLB_CONTAINERD=2.x runs it on containerd 2.x.
+	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef, Release: containerd.FromEnv(t)})
 	c.Import(t, imgs.PauseTar)
 	c.Import(t, grpcClientImage(t))
 	pod := c.RunPod(t, containerd.PodSpec{Name: "consul-client"})
@@ -451,14 +452,20 @@ type trackingDaemon struct {
 // health-checked every second.
 func startTrackingDaemon(t *testing.T, nd *node.Node, consulAddr string) *trackingDaemon {
 	t.Helper()
+	return startTrackingDaemonFor(t, nd, map[string]any{
+		"vip":    vip,
+		"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
+		"health": map[string]any{"interval": "1s", "timeout": "500ms"},
+		"empty":  "reject",
+	})
+}
+
+// startTrackingDaemonFor runs ctlbd in nd with one service, as given.
+func startTrackingDaemonFor(t *testing.T, nd *node.Node, service map[string]any) *trackingDaemon {
+	t.Helper()
 	cfg := map[string]any{
 		"logLevel": "info",
-		"services": []map[string]any{{
-			"vip":    vip,
-			"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
-			"health": map[string]any{"interval": "1s", "timeout": "500ms"},
-			"empty":  "reject",
-		}},
+		"services": []map[string]any{service},
 	}
 	d := ctlbdtest.New(t, ctlbdtest.Options{
 		Bin:    ctlbdBin,

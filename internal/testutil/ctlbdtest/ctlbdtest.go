@@ -53,6 +53,9 @@ type Options struct {
 	BPFFS, Socket, StateDir string
 	// LogLevel of an in-process daemon (default debug).
 	LogLevel slog.Level
+	// Env is added to the process's environment (e.g. a crash point,
+	// internal/crashpoint); Daemon.Env can change it between starts.
+	Env []string
 }
 
 // Daemon is one ctlbd run by a test. BPFFS, Socket and StateDir are its
@@ -66,6 +69,8 @@ type Daemon struct {
 	ConfigPath string
 	// Started is when the last Start began.
 	Started time.Time
+	// Env is added to the environment of the next process started.
+	Env []string
 
 	logs *testutil.SyncBuffer
 
@@ -95,6 +100,7 @@ func New(t testing.TB, opts Options) *Daemon {
 		Socket:   filepath.Join(dir, "ctlbd.sock"),
 		StateDir: filepath.Join(dir, "state"),
 		logs:     &testutil.SyncBuffer{},
+		Env:      opts.Env,
 	}
 	if d.BPFFS == "" {
 		d.BPFFS = filepath.Join(testutil.MountBPFFS(t), "ctlb")
@@ -163,12 +169,42 @@ func (d *Daemon) Argv() []string {
 // Start runs the daemon and waits until its socket answers a status call.
 func (d *Daemon) Start() {
 	d.t.Helper()
+	d.Launch()
+	d.WaitReady()
+}
+
+// Launch starts the daemon without waiting for it.
+func (d *Daemon) Launch() {
+	d.t.Helper()
 	d.Started = time.Now()
 	if d.opts.Bin == "" {
 		d.startInProcess()
 	} else {
 		d.startProcess()
 	}
+}
+
+// WaitExit waits up to limit for the process to exit by itself and
+// reports whether it did and whether a signal (SIGKILL: a crash point)
+// ended it.
+func (d *Daemon) WaitExit(limit time.Duration) (exited, killed bool) {
+	if d.cmd == nil {
+		return true, false
+	}
+	select {
+	case <-d.done:
+	case <-time.After(limit):
+		return false, false
+	}
+	ws, _ := d.cmd.ProcessState.Sys().(syscall.WaitStatus)
+	killed = ws.Signaled() && ws.Signal() == syscall.SIGKILL
+	d.cmd = nil
+	return true, killed
+}
+
+// WaitReady waits until the daemon answers a status call.
+func (d *Daemon) WaitReady() {
+	d.t.Helper()
 	c := d.Client()
 	testutil.Eventually(d.t, "ctlbd answering on "+d.Socket, 10*time.Second, func() (bool, string) {
 		if !d.Running() {
@@ -190,6 +226,9 @@ func (d *Daemon) startProcess() {
 		cmd = exec.Command(argv[0], argv[1:]...)
 	}
 	cmd.Stdout, cmd.Stderr = d.logs, d.logs
+	if len(d.Env) > 0 {
+		cmd.Env = append(os.Environ(), d.Env...)
+	}
 	// Its own process group, so a terminal's signals do not reach it; it
 	// is ended by PID only.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
