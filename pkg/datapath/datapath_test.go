@@ -24,6 +24,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testutil.RunClientIfChild()
+	runCreateIfChild()
 	os.Exit(m.Run())
 }
 

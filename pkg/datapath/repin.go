@@ -48,5 +48,13 @@ func (d *Datapath) Repin() ([]string, error) {
 		fixed = append(fixed, name)
 		crashpoint.Hit(crashpoint.Repin)
 	}
+	// The root release link is a link, not a handle this process holds:
+	// with its pin gone the kernel detached it, so it is attached again.
+	if _, err := os.Lstat(filepath.Join(d.dir, rootLinkPin)); errors.Is(err, fs.ErrNotExist) {
+		if err := d.ensureRootRelease(); err != nil {
+			return fixed, fmt.Errorf("repin: %w", err)
+		}
+		fixed = append(fixed, rootLinkPin)
+	}
 	return fixed, nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // UpgradeReport is what an in-place upgrade of layout v1 pins did.
@@ -461,6 +462,7 @@ func (d *Datapath) upgradeAttachments(legacy *ebpf.Program) (int, error) {
 			return n, fmt.Errorf("upgrade attachment %s: %w", e.Name(), err)
 		}
 		n++
+		crashpoint.Hit(crashpoint.Upgrade)
 	}
 	return n, nil
 }

@@ -186,3 +186,49 @@ func TestContainerdNRIFallback(t *testing.T) {
 	pod.Remove(t)
 	e.assertClean(t, "after RemovePodSandbox")
 }
+
+// TestContainerdNRIDaemonRestart: a named container starts while ctlbd is
+// down, so nothing attaches it and its connects to the VIP fail. ctlbd
+// comes back: its NRI plugin registers, the runtime's Synchronize lists the
+// running containers, and the plugin attaches the named one; the
+// container's next connects land on the servers.
+func TestContainerdNRIDaemonRestart(t *testing.T) {
+	e, c := startNRIEnv(t)
+	pod := c.RunPod(t, containerd.PodSpec{Name: "mesh-restart", Annotations: containerScope})
+	e.daemon.Stop()
+	ct := pod.RunContainer(t, containerd.ContainerSpec{Name: "envoy-sidecar", Image: images.ClientRef, Args: images.ClientArgs(vip, 3, 30*time.Second)})
+	started := time.Now()
+	time.Sleep(300 * time.Millisecond) // a few failed attempts first
+	e.daemon.Start()
+	waitNRIRegistered(t, e, 2)
+	code, err := ct.Wait(60 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, err := ct.Stdout()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := images.ParseClientOutput(lines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code != 0 || len(r.Errors) != 0 || len(r.Landed) != 3 {
+		t.Fatalf("envoy-sidecar after ctlbd came back: exit %d, landed %v, errors %v", code, r.Landed, r.Errors)
+	}
+	for _, s := range r.Landed {
+		if !isServer(s) {
+			t.Errorf("a connection landed on %q", s)
+		}
+	}
+	if r.Retries == 0 {
+		t.Errorf("the first connect succeeded at once although ctlbd was down when the container started")
+	}
+	if !strings.Contains(e.daemon.Logs(), "at=synchronize") {
+		t.Errorf("ctlbd did not log an attachment at synchronize:\n%s", e.daemon.LogTail(4000))
+	}
+	t.Logf("container started with ctlbd down: redirected %v after its start, after %d failed attempts", r.First.Sub(started).Round(time.Millisecond), r.Retries)
+	pod.Remove(t)
+	waitNoAttachments(t, e)
+	e.assertClean(t, "after removing the pod")
+}
