@@ -385,7 +385,32 @@ func (c *call) del() error {
 	if n > 0 {
 		c.log.Info("detached what an interrupted call left", "attachment", id, "dirs", n)
 	}
+	c.delLegacy()
 	return nil
+}
+
+// delLegacy removes what a plugin older than per-network attachments made
+// for the container ("cni-<containerID>", its pending record keyed by
+// container ID), so pods attached before an upgrade are torn down too.
+// Best effort: failures are logged.
+func (c *call) delLegacy() {
+	if c.conf.CgroupPath != "" {
+		return
+	}
+	legacy := attachmentPrefix + c.args.ContainerID
+	if datapath.ValidateAttachmentID(legacy) != nil {
+		return
+	}
+	if rec, err := pending.Read(c.conf.StateDir, c.args.ContainerID); err == nil && rec.AttachmentID == legacy {
+		if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
+			c.log.Warn("remove a pending record of an older plugin", "attachment", legacy, "error", err)
+		}
+	}
+	if err := datapath.DetachPinned(c.conf.BPFFS, legacy); err == nil {
+		c.log.Info("detached an attachment of an older plugin", "attachment", legacy)
+	} else if !errors.Is(err, datapath.ErrNoAttachment) {
+		c.log.Warn("detach an attachment of an older plugin", "attachment", legacy, "error", err)
+	}
 }
 
 // Check verifies for real: ctlbd answers, the pins exist, the container's

@@ -334,3 +334,33 @@ func TestDelBestEffort(t *testing.T) {
 	del("twice", s, func(map[string]any) {})
 	e.wantNothingLeft()
 }
+
+// Pods attached by a plugin older than per-network attachments
+// ("cni-<containerID>", a pending record keyed by container ID) are torn
+// down by the new plugin's DEL too.
+func TestDelAfterUpgrade(t *testing.T) {
+	e := newEnv(t)
+	p := e.cgroupfsPod("besteffort", true)
+	if _, err := e.dp.Attach("cni-"+p.id, p.cgroup); err != nil {
+		t.Fatal(err)
+	}
+	waiting := e.cgroupfsPod("besteffort", false)
+	// The older plugin named its records by container ID.
+	legacy := mustJSON(t, pending.Record{ContainerID: waiting.id, AttachmentID: "cni-" + waiting.id, BPFFS: e.bpffs, CgroupDir: waiting.cgroup, Created: time.Now()})
+	if err := pending.EnsureDir(e.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(pending.Dir(e.stateDir), waiting.id+".json"), []byte(legacy), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pending.Read(e.stateDir, waiting.id); err != nil {
+		t.Fatalf("a record of the older plugin does not read: %v", err)
+	}
+	for _, q := range []*pod{p, waiting} {
+		if err := e.del(e.chain(nil), q); err != nil {
+			t.Fatalf("DEL: %v", err)
+		}
+	}
+	waitProgs(t, p.cgroup, 0)
+	e.wantNothingLeft()
+}
