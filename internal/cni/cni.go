@@ -472,7 +472,9 @@ func (c *call) check() error {
 		if err != nil {
 			return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 		}
-		if !slices.Contains(owners, c.owner()) {
+		// An NRI-scoped ADD (below) records no pod-level owner.
+		_, nriPod := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations)
+		if !nriPod && !slices.Contains(owners, c.owner()) {
 			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: interface %s of container %s holds no attachment in network %q (no ADD recorded)",
 				c.args.IfName, c.args.ContainerID, c.conf.Name), nil)
 		}
