@@ -176,13 +176,15 @@ func TestResolveCgroupPath(t *testing.T) {
 // refused with the reason.
 func TestResolveByNetnsLayouts(t *testing.T) {
 	r := resolver(t)
+	podID := strings.Repeat("ab12", 16)
 	parent := testutil.NewCgroup(t, "")
 	for _, c := range []struct {
 		name, proc, want, refuse string
 	}{
 		{"libpod pod, systemd driver, crun", "machine.slice/machine-libpod_pod_p1.slice/libpod-c1.scope/container", "machine.slice/machine-libpod_pod_p1.slice", ""},
 		{"libpod pod, systemd driver, runc", "machine.slice/machine-libpod_pod_p2.slice/libpod-c2.scope", "machine.slice/machine-libpod_pod_p2.slice", ""},
-		{"libpod pod, cgroupfs driver", "libpod_parent/p3/libpod-c3", "libpod_parent/p3", ""},
+		{"libpod pod, cgroupfs driver", "libpod_parent/" + podID + "/libpod-c3", "libpod_parent/" + podID, ""},
+		{"standalone podman, --cgroup-parent", "custom-parent/libpod-c10", "custom-parent/libpod-c10", ""},
 		{"standalone podman, systemd, crun", "machine.slice/libpod-c4.scope/container", "machine.slice/libpod-c4.scope", ""},
 		{"standalone podman, cgroupfs", "libpod_parent/libpod-c5", "libpod_parent/libpod-c5", ""},
 		{"Kubernetes BestEffort, systemd", "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice/cri-containerd-c6.scope", "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice", ""},

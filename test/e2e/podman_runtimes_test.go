@@ -63,6 +63,13 @@ func TestPodmanStandaloneContainer(t *testing.T) {
 	}
 	assertRoundRobin(t, r.Landed)
 	t.Logf("standalone podman container redirected; %d retries before the first connection", r.Retries)
+	// Where ctlbd attached it: the container's own cgroup below the
+	// --cgroup-parent, never the parent itself.
+	logs := e.daemon.Logs()
+	parent := filepath.Join(testutil.V2Mount(t), pm.CgroupParent)
+	if !strings.Contains(logs, "pending attachment completed") || !strings.Contains(logs, "cgroup="+parent+"/libpod-") {
+		t.Fatalf("ctlbd did not attach the container's own cgroup below %s:\n%s", parent, logs)
+	}
 	e.assertClean(t, "after the standalone container exited")
 }
 
