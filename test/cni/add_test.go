@@ -160,7 +160,9 @@ func wantRecord(t *testing.T, e *env, p *pod) {
 // finding the sandbox's process by its netns once the runtime starts it.
 func TestAddBeforeCgroupNetnsOnly(t *testing.T) {
 	e := newEnv(t)
-	podDir := filepath.Join(e.cgroups, "libpod_parent", "pod-"+randHex(8))
+	// podman's layout: P/<podID> (64 hex digits), containers in
+	// P/<podID>/libpod-<ctrID>.
+	podDir := filepath.Join(e.cgroups, "libpod_parent", randHex(32))
 	mkdirAll(t, filepath.Dir(podDir))
 	p := e.newPod("", podDir)
 	e.mustAdd(e.chain(nil), p)
@@ -172,11 +174,11 @@ func TestAddBeforeCgroupNetnsOnly(t *testing.T) {
 	// The runtime makes the pod cgroup and starts the infra process in a
 	// container cgroup below it, inside the pod's netns.
 	mkdirAll(t, podDir)
-	infra := container(t, p, "libpod-"+randHex(8))
+	infra := container(t, p, "libpod-"+randHex(32))
 	startInfra(t, p.netns, infra)
 	took := e.waitAttached(p, 5*time.Second)
 	t.Logf("netns-only pending attachment completed %s after the infra process started", took)
-	wantRedirected(t, p, container(t, p, "libpod-"+randHex(8)))
+	wantRedirected(t, p, container(t, p, "libpod-"+randHex(32)))
 	if err := e.del(e.chain(nil), p); err != nil {
 		t.Fatal(err)
 	}
