@@ -286,3 +286,42 @@ func TestAddSystemdOCIForm(t *testing.T) {
 	}
 	e.wantNothingLeft()
 }
+
+// Every QoS class in both drivers' layouts, found by K8S_POD_UID and, as
+// containerd 1.7+ passes it, by the pod's CgroupParent in cgroupPath (the
+// kubelet's expanded form for systemd): Guaranteed pods sit directly in the
+// kubepods root, Burstable and BestEffort in their class's cgroup.
+func TestAddQoSClasses(t *testing.T) {
+	e := newEnv(t)
+	for _, driver := range []string{"cgroupfs", "systemd"} {
+		for _, qos := range []string{"guaranteed", "burstable", "besteffort"} {
+			for _, via := range []string{"podUID", "cgroupPath"} {
+				uid := newUID()
+				u := strings.ReplaceAll(uid, "-", "_")
+				var dir string
+				switch {
+				case driver == "cgroupfs" && qos == "guaranteed":
+					dir = filepath.Join(e.cgroups, "kubepods", "pod"+uid)
+				case driver == "cgroupfs":
+					dir = filepath.Join(e.cgroups, "kubepods", qos, "pod"+uid)
+				case qos == "guaranteed":
+					dir = filepath.Join(e.cgroups, "kubepods.slice", "kubepods-pod"+u+".slice")
+				default:
+					dir = filepath.Join(e.cgroups, "kubepods.slice", "kubepods-"+qos+".slice", "kubepods-"+qos+"-pod"+u+".slice")
+				}
+				mkdirAll(t, dir)
+				p := e.newPod(uid, dir)
+				if via == "cgroupPath" {
+					p.rt.CapabilityArgs = map[string]any{"cgroupPath": strings.TrimPrefix(dir, testutil.V2Mount(t))}
+				}
+				e.mustAdd(e.chain(nil), p)
+				e.wantAttached(p)
+				wantRedirected(t, p, container(t, p, "app"))
+				if err := e.del(e.chain(nil), p); err != nil {
+					t.Fatalf("%s %s via %s: DEL: %v", driver, qos, via, err)
+				}
+			}
+		}
+	}
+	e.wantNothingLeft()
+}
