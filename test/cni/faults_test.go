@@ -101,10 +101,10 @@ func cgroupProgs(t *testing.T, dir string) int {
 // the programs leave the cgroup a moment after the unlink returns.
 func waitProgs(t *testing.T, dir string, want int) {
 	t.Helper()
-	n := -1
-	if err := waitFor(10*time.Second, func() bool { n = cgroupProgs(t, dir); return n == want }); err != nil {
-		t.Fatalf("%d programs attached to %s, want %d: %v", n, dir, want, err)
-	}
+	testutil.Eventually(t, fmt.Sprintf("%d programs attached to %s", want, dir), 10*time.Second, func() (bool, string) {
+		n := cgroupProgs(t, dir)
+		return n == want, fmt.Sprintf("%d programs", n)
+	})
 }
 
 // pinsOf lists what of a container is in the links directory (its
@@ -436,11 +436,11 @@ func TestManyPodsWhileServersChange(t *testing.T) {
 				}
 			}
 			if kind != 2 {
-				if err := waitFor(10*time.Second, func() bool {
+				if _, seen, ok := testutil.Poll(10*time.Second, func() (bool, string) {
 					a, err := e.dp.Attachment(cni.AttachmentID(netName, p.id))
-					return err == nil && a.Alive && len(a.Missing) == 0
-				}); err != nil {
-					errs <- fmt.Errorf("pod %d (kind %d): not attached: %w", i, kind, err)
+					return err == nil && a.Alive && len(a.Missing) == 0, fmt.Sprintf("attachment %+v, %v", a, err)
+				}); !ok {
+					errs <- fmt.Errorf("pod %d (kind %d): not attached within 10s; last seen: %s", i, kind, seen)
 				}
 			}
 			run("DEL", &dels)
@@ -494,18 +494,6 @@ func addrs[T fmt.Stringer](in []T) []string {
 		out = append(out, a.String())
 	}
 	return out
-}
-
-// waitFor polls cond every 5 ms for at most limit.
-func waitFor(limit time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not within %s", limit)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return nil
 }
 
 // restartDaemon replaces the env's ctlbd with one that reconciles every
@@ -597,17 +585,15 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	removed := time.Now()
 	failures := map[uint]int{}
 	var lastErr error
-	if err := waitFor(10*time.Second, func() bool {
+	testutil.Eventually(t, "CHECK passing again after the pins went", 10*time.Second, func() (bool, string) {
 		err := e.check(list, p)
 		if err != nil {
 			code, _ := cniCode(t, err)
 			failures[code]++
 			lastErr = err
 		}
-		return err == nil
-	}); err != nil {
-		t.Fatalf("CHECK does not pass again %v after the pins went (last: %v; failures by code %v)", err, lastErr, failures)
-	}
+		return err == nil, fmt.Sprintf("last CHECK: %v; failures by code %v", lastErr, failures)
+	})
 	t.Logf("all %d object pins and a link pin removed: CHECK passes again %s later (CHECKs failed meanwhile, by code: %v; last: %v)",
 		len(pins), time.Since(removed).Round(time.Millisecond), failures, lastErr)
 	if got := e.objectPins(); fmt.Sprint(got) != fmt.Sprint(pins) {
@@ -711,9 +697,10 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 	e.restartDaemon(200 * time.Millisecond)
 	testutil.RemoveCgroup(t, dir)
 	gone := time.Now()
-	if err := waitFor(5*time.Second, func() bool { _, ok := e.attachment(c); return !ok }); err != nil {
-		t.Fatalf("ctlbd's reconciler did not remove the dead attachment: %v", err)
-	}
+	testutil.Eventually(t, "ctlbd's reconciler removing the dead attachment", 5*time.Second, func() (bool, string) {
+		a, ok := e.attachment(c)
+		return !ok, fmt.Sprintf("attachment %+v", a)
+	})
 	t.Logf("ctlbd's reconciler (every 200ms) removed the dead attachment %s after the cgroup went", time.Since(gone).Round(time.Millisecond))
 	e.wantNothingLeftBut(1)
 

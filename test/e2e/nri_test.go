@@ -1,7 +1,7 @@
 package e2e_test
 
 import (
-	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -44,16 +44,11 @@ func startNRIEnv(t *testing.T) (*env, *containerd.Containerd) {
 // reports itself connected.
 func waitNRIRegistered(t *testing.T, e *env, n int) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var st api.Status
-	for time.Now().Before(deadline) {
-		st = e.daemon.Status()
-		if strings.Count(e.daemon.Logs(), "NRI: registered") >= n && st.NRI == api.NRIConnected {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("ctlbd's NRI plugin not registered %d times in 20s: status nri %q (socket %q)", n, st.NRI, st.NRISocket)
+	testutil.Eventually(t, fmt.Sprintf("ctlbd's NRI plugin registered %d times", n), 20*time.Second, func() (bool, string) {
+		st := e.daemon.Status()
+		got := strings.Count(e.daemon.Logs(), "NRI: registered")
+		return got >= n && st.NRI == api.NRIConnected, fmt.Sprintf("registered %d times, status nri %q (socket %q)", got, st.NRI, st.NRISocket)
+	})
 }
 
 var sinceCreate = regexp.MustCompile(`msg="NRI: attached container".* container=(\S+) .*cgroup=(\S+) sinceCreate=(\S+)`)
@@ -157,11 +152,10 @@ func TestContainerdNRIContainerScope(t *testing.T) {
 // RemoveContainer events arrive while RemovePodSandbox runs.
 func waitNoAttachments(t *testing.T, e *env) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for ctx.Err() == nil && len(e.daemon.Attachments()) != 0 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	testutil.Eventually(t, "no attachment left", 10*time.Second, func() (bool, string) {
+		atts := e.daemon.Attachments()
+		return len(atts) == 0, fmt.Sprintf("attachments %+v", atts)
+	})
 }
 
 // TestContainerdNRIFallback: the same annotated pod with a ctlbd that runs
