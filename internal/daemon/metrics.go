@@ -113,14 +113,18 @@ func (d *Daemon) newRegistry() *prometheus.Registry {
 	return r
 }
 
-// serveMetrics serves /metrics on addr until ctx ends.
+// serveMetrics serves /metrics, /healthz and /readyz on addr until ctx ends.
 func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("metrics: listen %s: %w", addr, err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	// Liveness and readiness probes (Kubernetes' httpGet) on the same
+	// listener: the metrics address is the one the kubelet can reach.
+	mux.Handle("GET /healthz", serveProbe(d.healthChecks))
+	mux.Handle("GET /readyz", serveProbe(d.readyChecks))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()

@@ -80,6 +80,11 @@ type Proxy struct {
 
 	// work hands accepted connections to idle workers (see dispatch).
 	work chan *net.TCPConn
+
+	// active counts the client connections held, for maxConnections.
+	active atomic.Int64
+	// rejects logs rejected connections, at most once per interval and kind.
+	rejects *rateLog
 }
 
 // workerIdle is how long a worker that finished a connection waits for
@@ -136,6 +141,7 @@ func New(cfg Config, targets Targets, opts Options) (*Proxy, error) {
 		conns:     make(map[*clientConn]struct{}),
 		work:      make(chan *net.TCPConn),
 	}
+	p.rejects = newRateLog(p.log, set.rejectLogEvery)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	empty := map[netip.AddrPort]*service{}
 	p.dests.Store(&empty)
@@ -432,22 +438,34 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	svc := (*p.dests.Load())[dst]
 	if svc == nil {
 		p.m.rejected.WithLabelValues(dst.String(), rejectUnknownDest).Inc()
-		p.log.Warn("closing client: no service for the address it dialed", "client", c.RemoteAddr().String(), "dest", dst)
+		p.rejects.warn(rejectUnknownDest+" "+dst.String(), "closing client: no service for the address it dialed",
+			"client", c.RemoteAddr().String(), "dest", dst)
 		reset(c)
 		return
 	}
+	if reason := p.admit(svc); reason != "" {
+		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
+		p.rejects.warn(reason+" "+svc.name, "closing client: connection limit reached", "service", svc.name,
+			"client", c.RemoteAddr().String(), "reason", reason, "maxConnections", p.set.maxConns, "maxConnectionsPerService", p.set.maxPerService)
+		reset(c)
+		return
+	}
+	defer p.release(svc)
 	sm := svc.metrics(p.m)
 	sm.accepted.Inc()
 	sm.open.Inc()
 	defer sm.open.Dec()
 
+	dialStart := time.Now()
 	server, target, reason := p.dial(svc)
 	if server == nil {
 		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
-		p.log.Warn("closing client: no target answered", "service", svc.name, "client", c.RemoteAddr().String(), "reason", reason)
+		p.rejects.warn(reason+" "+svc.name, "closing client: no target answered", "service", svc.name,
+			"client", c.RemoteAddr().String(), "reason", reason)
 		reset(c)
 		return
 	}
+	sm.dial.Observe(time.Since(dialStart).Seconds())
 	tm := sm.target(p.m, svc.name, target)
 	tm.proxied.Inc()
 
@@ -472,6 +490,26 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		p.log.Debug("connection closed", "service", svc.name, "client", c.RemoteAddr().String(), "target", target,
 			"duration", time.Since(start), "error", err)
 	}
+}
+
+// admit counts a new client against the caps; the reason it is refused,
+// or "" (then release must follow).
+func (p *Proxy) admit(svc *service) string {
+	if p.active.Add(1) > int64(p.set.maxConns) {
+		p.active.Add(-1)
+		return rejectLimit
+	}
+	if n := svc.active.Add(1); p.set.maxPerService > 0 && n > int64(p.set.maxPerService) {
+		svc.active.Add(-1)
+		p.active.Add(-1)
+		return rejectSvcLimit
+	}
+	return ""
+}
+
+func (p *Proxy) release(svc *service) {
+	svc.active.Add(-1)
+	p.active.Add(-1)
 }
 
 // dial connects to the first target of the service's plan that answers.
@@ -507,7 +545,7 @@ func (p *Proxy) dial(svc *service) (*net.TCPConn, netip.AddrPort, string) {
 		}
 		p.backoff.failed(t)
 		p.m.dialFailures.WithLabelValues(svc.name, t.String()).Inc()
-		p.log.Warn("dial failed", "service", svc.name, "target", t, "error", err)
+		p.rejects.warn("dial "+svc.name+" "+t.String(), "dial failed", "service", svc.name, "target", t, "error", err)
 	}
 	return nil, netip.AddrPort{}, rejectDialFailed
 }
