@@ -24,7 +24,8 @@ bench: deps
 # 3-server cluster; requests/s the servers receive at rest and in churn.
 bench-fleet: deps
 	@mkdir -p bench
-	$(GO) test -count=1 -run '^$$' -bench FleetConsul -benchtime 1x -timeout 15m -v ./test/bench | tee bench/fleet.txt
+	$(GO) test -count=1 -run '^$$' -bench FleetConsul -benchtime 1x -timeout 15m -v ./test/bench > bench/fleet.txt 2>&1; \
+	  rc=$$?; grep -E 'FLEET|^Benchmark|^(ok|FAIL)' bench/fleet.txt; exit $$rc
 
 # What a client sees when servers leave, die or join (issue 13), measured
 # against the real ctlbd: median and max of 10 rounds each.

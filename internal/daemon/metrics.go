@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ctlb/ctlb/internal/discovery"
 	"github.com/ctlb/ctlb/internal/health"
 )
 
@@ -50,6 +51,12 @@ var (
 		"1 when ctlbd can end connections to servers that leave a set (bpf_sock_destroy), 0 when this kernel cannot.", nil, nil)
 	descPanic = prometheus.NewDesc("ctlb_service_panic",
 		"1 while a tracked VIP is in panic mode (no healthy server; every candidate kept).", []string{"vip"}, nil)
+	descRejected = prometheus.NewDesc("ctlb_source_rejected_entries",
+		"Entries of a source's last answer left out (not an address, wrong family, not unicast, listed twice, another host's loopback).", []string{"vip", "source"}, nil)
+	descTrimmed = prometheus.NewDesc("ctlb_service_candidates_trimmed",
+		"Candidates of a tracked VIP left out over the most servers a VIP may have.", []string{"vip"}, nil)
+	descConsulRequests = prometheus.NewDesc("ctlb_consul_requests_total",
+		"HTTP requests this daemon sent to Consul's API (all its watches; one watch per distinct query).", nil, nil)
 )
 
 // collector reads the kernel's counters at scrape time, so the numbers are
@@ -58,7 +65,7 @@ type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination} {
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests} {
 		ch <- d
 	}
 }
@@ -104,6 +111,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descEnded, prometheus.CounterValue, float64(n), key.VIP.String(), string(key.Protocol), srv.String())
 		}
 	}
+	ch <- prometheus.MustNewConstMetric(descConsulRequests, prometheus.CounterValue, float64(discovery.ConsulRequests()))
 	for vip, snap := range d.snapshots() {
 		v := vip.String()
 		for _, srv := range snap.Servers {
@@ -119,7 +127,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		for _, src := range snap.Sources {
 			ch <- prometheus.MustNewConstMetric(descSourceErrors, prometheus.CounterValue, float64(src.Errors), v, src.Name)
+			ch <- prometheus.MustNewConstMetric(descRejected, prometheus.GaugeValue, float64(src.Rejected), v, src.Name)
 		}
+		ch <- prometheus.MustNewConstMetric(descTrimmed, prometheus.GaugeValue, float64(snap.Trimmed), v)
 		ch <- prometheus.MustNewConstMetric(descSetChanges, prometheus.CounterValue, float64(snap.Changes), v)
 		ch <- prometheus.MustNewConstMetric(descPanic, prometheus.GaugeValue, boolFloat(snap.Panic), v)
 	}
