@@ -804,6 +804,12 @@ func TestBulkSetServices(t *testing.T) {
 	if len(got) != n {
 		t.Fatalf("%d VIPs listed, want %d", len(got), n)
 	}
+	start = time.Now()
+	st, err := dp.Stats()
+	if err != nil || len(st) != 2*n {
+		t.Fatalf("stats of %d VIPs: %d entries, %v", n, len(st), err)
+	}
+	t.Logf("read the counters of %d servers in %v", len(st), time.Since(start))
 	// Again, every VIP replaced (the inner arrays swapped).
 	start = time.Now()
 	for i := range svcs {
