@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctlb/ctlb/internal/cniinstall"
 	"github.com/ctlb/ctlb/pkg/api"
 )
 
@@ -68,7 +67,7 @@ socket (--socket, or $CTLB_SOCKET).`,
 		newStatusCommand(g),
 		newReloadCommand(g),
 		newVersionCommand(g),
-		cniinstall.NewCommand(),
+		newInstallCNICommand(),
 		newMountBPFFSCommand(),
 	)
 	return root

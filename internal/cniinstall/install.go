@@ -114,13 +114,14 @@ func InstallWhenReady(ctx context.Context, opts Options, wait time.Duration, log
 func NewPluginConf(bpffs, socket string) json.RawMessage {
 	// The cgroupPath capability asks runtimes that have it (containerd
 	// 1.7.0+, CRI-O 1.28+; podman never) to pass the pod's cgroup, the
-	// first thing the plugin tries.
+	// first thing the plugin tries; the pod-annotations one gives it the
+	// pod's ctlb.io/containers annotation (container scope through NRI).
 	b, _ := json.Marshal(struct {
 		Type         string          `json:"type"`
 		BPFFS        string          `json:"bpffs"`
 		Socket       string          `json:"socket"`
 		Capabilities map[string]bool `json:"capabilities"`
-	}{PluginType, bpffs, socket, map[string]bool{"cgroupPath": true}})
+	}{PluginType, bpffs, socket, map[string]bool{"cgroupPath": true, "io.kubernetes.cri.pod-annotations": true}})
 	return b
 }
 

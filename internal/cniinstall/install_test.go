@@ -8,13 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
 
+	"github.com/ctlb/ctlb/internal/cniinstall/cniinstalltest"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -58,7 +58,7 @@ func TestInstallGolden(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
 			caseDir := filepath.Join("testdata", name)
-			in := snapshot(t, filepath.Join(caseDir, "in"))
+			in := cniinstalltest.Snapshot(t, filepath.Join(caseDir, "in"))
 			opts := newOpts(t, in)
 			if wantErr, err := os.ReadFile(filepath.Join(caseDir, "error.txt")); err == nil {
 				checkRejected(t, opts, in, strings.TrimSpace(string(wantErr)))
@@ -91,13 +91,13 @@ func checkInstall(t *testing.T, opts Options, caseDir string, wantAction Action)
 	}
 	checkBinary(t, opts)
 
-	got := snapshot(t, opts.ConfDir)
+	got := cniinstalltest.Snapshot(t, opts.ConfDir)
 	outDir := filepath.Join(caseDir, "out")
 	if *update {
-		writeSnapshot(t, outDir, got)
+		cniinstalltest.WriteSnapshot(t, outDir, got)
 	}
-	if want := snapshot(t, outDir); !reflect.DeepEqual(got, want) {
-		t.Errorf("conf dir after Install differs from %s:\n%s", outDir, diffSnapshots(got, want))
+	if want := cniinstalltest.Snapshot(t, outDir); !reflect.DeepEqual(got, want) {
+		t.Errorf("conf dir after Install differs from %s:\n%s", outDir, cniinstalltest.DiffSnapshots(got, want))
 	}
 
 	// The runtime's view: libcni picks the same file, loads it, and finds
@@ -138,8 +138,8 @@ func checkInstall(t *testing.T, opts Options, caseDir string, wantAction Action)
 	if after := modTimes(t, opts.ConfDir); !reflect.DeepEqual(before, after) {
 		t.Errorf("second Install touched files: before %v after %v", before, after)
 	}
-	if again := snapshot(t, opts.ConfDir); !reflect.DeepEqual(again, got) {
-		t.Errorf("second Install changed the conf dir:\n%s", diffSnapshots(again, got))
+	if again := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(again, got) {
+		t.Errorf("second Install changed the conf dir:\n%s", cniinstalltest.DiffSnapshots(again, got))
 	}
 }
 
@@ -149,9 +149,9 @@ func checkUninstall(t *testing.T, opts Options, in map[string][]byte) {
 		if err := Uninstall(opts); err != nil {
 			t.Fatalf("Uninstall round %d: %v", round, err)
 		}
-		got := snapshot(t, opts.ConfDir)
-		if !reflect.DeepEqual(keys(got), keys(in)) {
-			t.Fatalf("round %d: conf dir has %v after Uninstall, want %v", round, keys(got), keys(in))
+		got := cniinstalltest.Snapshot(t, opts.ConfDir)
+		if !reflect.DeepEqual(cniinstalltest.Keys(got), cniinstalltest.Keys(in)) {
+			t.Fatalf("round %d: conf dir has %v after Uninstall, want %v", round, cniinstalltest.Keys(got), cniinstalltest.Keys(in))
 		}
 		for name, want := range in {
 			checkRestored(t, name, got[name], want)
@@ -159,8 +159,8 @@ func checkUninstall(t *testing.T, opts Options, in map[string][]byte) {
 		if _, err := os.Stat(filepath.Join(opts.BinDir, PluginType)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("round %d: plugin binary still there after Uninstall (err %v)", round, err)
 		}
-		if left := snapshot(t, opts.BinDir); len(left) != 0 {
-			t.Errorf("round %d: bin dir not empty: %v", round, keys(left))
+		if left := cniinstalltest.Snapshot(t, opts.BinDir); len(left) != 0 {
+			t.Errorf("round %d: bin dir not empty: %v", round, cniinstalltest.Keys(left))
 		}
 	}
 }
@@ -200,16 +200,16 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 		t.Fatalf("Install accepted a config it must refuse")
 	}
 	t.Logf("Install: %v", err)
-	for _, want := range []string{wantErr, "left untouched", keys(in)[0]} {
+	for _, want := range []string{wantErr, "left untouched", cniinstalltest.Keys(in)[0]} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not contain %q", err, want)
 		}
 	}
-	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
-		t.Errorf("conf dir changed by a failed Install:\n%s", diffSnapshots(got, in))
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir changed by a failed Install:\n%s", cniinstalltest.DiffSnapshots(got, in))
 	}
-	if left := snapshot(t, opts.BinDir); len(left) != 0 {
-		t.Errorf("failed Install still wrote %v into the bin dir", keys(left))
+	if left := cniinstalltest.Snapshot(t, opts.BinDir); len(left) != 0 {
+		t.Errorf("failed Install still wrote %v into the bin dir", cniinstalltest.Keys(left))
 	}
 	// Uninstall has nothing of ours to remove and must not touch the file;
 	// a malformed conflist is reported, a malformed .conf is not ours to read.
@@ -217,14 +217,14 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 	// not ours.
 	err = Uninstall(opts)
 	malformed := !strings.Contains(wantErr, "cniVersion")
-	if malformed && strings.HasSuffix(keys(in)[0], ".conflist") && err == nil {
+	if malformed && strings.HasSuffix(cniinstalltest.Keys(in)[0], ".conflist") && err == nil {
 		t.Errorf("Uninstall did not report the malformed conflist")
 	}
 	if !malformed && err != nil {
 		t.Errorf("Uninstall of a conflist without ctlb: %v", err)
 	}
-	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
-		t.Errorf("conf dir changed by Uninstall:\n%s", diffSnapshots(got, in))
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir changed by Uninstall:\n%s", cniinstalltest.DiffSnapshots(got, in))
 	}
 }
 
@@ -234,8 +234,8 @@ func TestInstallNoNetworkConfig(t *testing.T) {
 	if !errors.Is(err, ErrNoNetworkConfig) {
 		t.Fatalf("Install on an empty conf dir: %v, want ErrNoNetworkConfig", err)
 	}
-	if left := snapshot(t, opts.BinDir); len(left) != 0 {
-		t.Errorf("Install without a config still installed %v", keys(left))
+	if left := cniinstalltest.Snapshot(t, opts.BinDir); len(left) != 0 {
+		t.Errorf("Install without a config still installed %v", cniinstalltest.Keys(left))
 	}
 	opts.ConfDir = filepath.Join(t.TempDir(), "missing")
 	if _, err := Install(opts); err == nil || !strings.Contains(err.Error(), "missing") {
@@ -244,27 +244,27 @@ func TestInstallNoNetworkConfig(t *testing.T) {
 }
 
 func TestInstallMissingSourceBinaryChangesNothing(t *testing.T) {
-	in := snapshot(t, "testdata/calico/in")
+	in := cniinstalltest.Snapshot(t, "testdata/calico/in")
 	opts := newOpts(t, in)
 	opts.SourceBinary = filepath.Join(t.TempDir(), "no-such-ctlb")
 	_, err := Install(opts)
 	if err == nil || !strings.Contains(err.Error(), "no-such-ctlb") {
 		t.Fatalf("Install: %v, want an error naming the missing binary", err)
 	}
-	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
-		t.Errorf("conf dir changed:\n%s", diffSnapshots(got, in))
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir changed:\n%s", cniinstalltest.DiffSnapshots(got, in))
 	}
 }
 
 func TestInstallRejectsBadPluginConf(t *testing.T) {
-	in := snapshot(t, "testdata/flannel/in")
+	in := cniinstalltest.Snapshot(t, "testdata/flannel/in")
 	for _, bad := range []string{``, `[]`, `null`, `{"bpffs": "/x"}`, `{"type": ""}`, `{"type": "../ctlb"}`, `{"type": 3}`, `{"type": "ctlb"`} {
 		opts := newOpts(t, in)
 		opts.PluginConf = json.RawMessage(bad)
 		if _, err := Install(opts); err == nil || !strings.Contains(err.Error(), "PluginConf") {
 			t.Errorf("PluginConf %q: err %v, want one naming PluginConf", bad, err)
 		}
-		if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
 			t.Errorf("PluginConf %q changed the conf dir", bad)
 		}
 	}
@@ -275,7 +275,7 @@ func TestInstallRejectsBadPluginConf(t *testing.T) {
 func TestInstallKeepsModeAndOwner(t *testing.T) {
 	testutil.RequireRoot(t) // chown
 	for _, c := range []string{"calico", "conf"} {
-		in := snapshot(t, filepath.Join("testdata", c, "in"))
+		in := cniinstalltest.Snapshot(t, filepath.Join("testdata", c, "in"))
 		opts := newOpts(t, in)
 		src, err := firstConfFile(opts.ConfDir)
 		if err != nil {
@@ -317,7 +317,7 @@ func TestInstallKeepsModeAndOwner(t *testing.T) {
 // again after ctlb converted it; the new .conf sorts first, so it is
 // converted again and Uninstall restores the newest original.
 func TestInstallReconvertsRewrittenConf(t *testing.T) {
-	in := snapshot(t, "testdata/conf/in")
+	in := cniinstalltest.Snapshot(t, "testdata/conf/in")
 	opts := newOpts(t, in)
 	if _, err := Install(opts); err != nil {
 		t.Fatal(err)
@@ -338,8 +338,8 @@ func TestInstallReconvertsRewrittenConf(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string][]byte{"10-mynet.conf": newer}
-	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, want) {
-		t.Errorf("after Uninstall:\n%s", diffSnapshots(got, want))
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, want) {
+		t.Errorf("after Uninstall:\n%s", cniinstalltest.DiffSnapshots(got, want))
 	}
 }
 
@@ -347,7 +347,7 @@ func TestInstallReconvertsRewrittenConf(t *testing.T) {
 // conflist after Install, Uninstall removes only ctlb and keeps their edit
 // rather than restoring the stale .conf.
 func TestUninstallKeepsOthersLaterEdits(t *testing.T) {
-	in := snapshot(t, "testdata/conf/in")
+	in := cniinstalltest.Snapshot(t, "testdata/conf/in")
 	opts := newOpts(t, in)
 	res, err := Install(opts)
 	if err != nil {
@@ -366,9 +366,9 @@ func TestUninstallKeepsOthersLaterEdits(t *testing.T) {
 	if err := Uninstall(opts); err != nil {
 		t.Fatal(err)
 	}
-	got := snapshot(t, opts.ConfDir)
-	if !reflect.DeepEqual(keys(got), []string{"10-mynet.conflist"}) {
-		t.Fatalf("after Uninstall: %v, want only the edited conflist", keys(got))
+	got := cniinstalltest.Snapshot(t, opts.ConfDir)
+	if !reflect.DeepEqual(cniinstalltest.Keys(got), []string{"10-mynet.conflist"}) {
+		t.Fatalf("after Uninstall: %v, want only the edited conflist", cniinstalltest.Keys(got))
 	}
 	l, err := libcni.ConfListFromBytes(got["10-mynet.conflist"])
 	if err != nil {
@@ -386,7 +386,7 @@ func TestUninstallKeepsOthersLaterEdits(t *testing.T) {
 // TestUninstallEveryConflist: ctlb followed the first file from one name to
 // another (a new primary CNI config appeared); Uninstall clears both.
 func TestUninstallEveryConflist(t *testing.T) {
-	in := snapshot(t, "testdata/flannel/in")
+	in := cniinstalltest.Snapshot(t, "testdata/flannel/in")
 	opts := newOpts(t, in)
 	if _, err := Install(opts); err != nil {
 		t.Fatal(err)
@@ -410,12 +410,12 @@ func TestUninstallEveryConflist(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string][]byte{"05-cilium.conflist": cilium, "10-flannel.conflist": in["10-flannel.conflist"]}
-	got := snapshot(t, opts.ConfDir)
+	got := cniinstalltest.Snapshot(t, opts.ConfDir)
 	for name := range want {
 		checkRestored(t, name, got[name], want[name])
 	}
 	if len(got) != len(want) {
-		t.Errorf("conf dir after Uninstall: %v", keys(got))
+		t.Errorf("conf dir after Uninstall: %v", cniinstalltest.Keys(got))
 	}
 	if _, err := os.Stat(filepath.Join(opts.BinDir, PluginType)); err != nil {
 		t.Errorf("KeepBinary: binary gone: %v", err)
@@ -423,7 +423,7 @@ func TestUninstallEveryConflist(t *testing.T) {
 }
 
 func TestInstallUpdatesChangedBinary(t *testing.T) {
-	in := snapshot(t, "testdata/bridge/in")
+	in := cniinstalltest.Snapshot(t, "testdata/bridge/in")
 	opts := newOpts(t, in)
 	if _, err := Install(opts); err != nil {
 		t.Fatal(err)
@@ -479,23 +479,8 @@ func TestParseObjectKeepsOrderAndBytes(t *testing.T) {
 // stand-in plugin binary (a small executable script).
 func newOpts(t *testing.T, files map[string][]byte) Options {
 	t.Helper()
-	root := t.TempDir()
-	o := Options{
-		ConfDir:      filepath.Join(root, "net.d"),
-		BinDir:       filepath.Join(root, "bin"),
-		SourceBinary: filepath.Join(root, "image", PluginType),
-		PluginConf:   testPlugin,
-	}
-	for _, d := range []string{o.ConfDir, o.BinDir, filepath.Dir(o.SourceBinary)} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	writeSnapshot(t, o.ConfDir, files)
-	if err := os.WriteFile(o.SourceBinary, []byte("#!/bin/sh\n# ctlb plugin stand-in\nexit 0\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return o
+	l := cniinstalltest.NewLayout(t, PluginType, files)
+	return Options{ConfDir: l.ConfDir, BinDir: l.BinDir, SourceBinary: l.Plugin, PluginConf: testPlugin}
 }
 
 func checkBinary(t *testing.T, o Options) {
@@ -512,39 +497,6 @@ func checkBinary(t *testing.T, o Options) {
 	fi, _ := os.Stat(dst)
 	if !bytes.Equal(got, want) || fi.Mode().Perm() != 0o755 {
 		t.Errorf("%s: %d bytes mode %o, want a 0755 copy of %s", dst, len(got), fi.Mode().Perm(), o.SourceBinary)
-	}
-}
-
-// snapshot reads every file of dir (no subdirectories in these tests).
-func snapshot(t *testing.T, dir string) map[string][]byte {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string][]byte{}
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[e.Name()] = b
-	}
-	return out
-}
-
-func writeSnapshot(t *testing.T, dir string, files map[string][]byte) {
-	t.Helper()
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, b := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
 	}
 }
 
@@ -565,15 +517,6 @@ func modTimes(t *testing.T, dir string) map[string]time.Time {
 	return out
 }
 
-func keys(m map[string][]byte) []string {
-	var k []string
-	for name := range m {
-		k = append(k, name)
-	}
-	sort.Strings(k)
-	return k
-}
-
 func compact(t *testing.T, b []byte) string {
 	t.Helper()
 	var out bytes.Buffer
@@ -581,23 +524,6 @@ func compact(t *testing.T, b []byte) string {
 		return "not JSON: " + string(b)
 	}
 	return out.String()
-}
-
-func diffSnapshots(got, want map[string][]byte) string {
-	var b strings.Builder
-	for _, name := range keys(got) {
-		if w, ok := want[name]; !ok {
-			b.WriteString("unexpected " + name + ":\n" + string(got[name]) + "\n")
-		} else if !bytes.Equal(w, got[name]) {
-			b.WriteString(name + " got:\n" + string(got[name]) + "\nwant:\n" + string(w) + "\n")
-		}
-	}
-	for _, name := range keys(want) {
-		if _, ok := got[name]; !ok {
-			b.WriteString("missing " + name + "\n")
-		}
-	}
-	return b.String()
 }
 
 func fileOwner(fi os.FileInfo) (int, int) {
@@ -636,13 +562,13 @@ func TestInstallKeepsHandWrittenAndCustomised(t *testing.T) {
 				t.Fatalf("Install = %+v, %v; want kept, with a note", res, err)
 			}
 			t.Logf("Install: %s", res.Note)
-			if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
-				t.Fatalf("Install changed the conf dir:\n%s", diffSnapshots(got, in))
+			if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+				t.Fatalf("Install changed the conf dir:\n%s", cniinstalltest.DiffSnapshots(got, in))
 			}
 			if err := Uninstall(opts); err != nil {
 				t.Fatal(err)
 			}
-			got := snapshot(t, opts.ConfDir)
+			got := cniinstalltest.Snapshot(t, opts.ConfDir)
 			stillThere := strings.Contains(string(got[name]), `"ctlb"`)
 			if stillThere == c.removedByUni {
 				t.Fatalf("after Uninstall: %s", got[name])

@@ -3,6 +3,7 @@ package cniinstall
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -10,7 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/cni/libcni"
+	"github.com/ctlb/ctlb/internal/cniinstall/cniinstalltest"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // waitLimit bounds every wait for Watch; it reacts within settle (150 ms)
@@ -44,12 +46,12 @@ func startWatch(t *testing.T, opts Options) {
 // alone until it is complete, restores a removed binary, follows a new
 // first file, and does not rewrite anything once all is in place.
 func TestWatchReinserts(t *testing.T) {
-	in := snapshot(t, "testdata/calico/in")
+	in := cniinstalltest.Snapshot(t, "testdata/calico/in")
 	opts := newOpts(t, in)
 	conf := filepath.Join(opts.ConfDir, "10-calico.conflist")
 	orig := in["10-calico.conflist"]
 	startWatch(t, opts)
-	waitFor(t, "initial install", func() bool { return chained(conf) })
+	waitFor(t, "initial install", chainedCond(conf))
 
 	// Settled: no feedback loop from Watch's own writes.
 	fi1, _ := os.Stat(conf)
@@ -67,13 +69,13 @@ func TestWatchReinserts(t *testing.T) {
 	if err := os.Rename(tmp, conf); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "re-insert after an atomic rewrite", func() bool { return chained(conf) })
+	waitFor(t, "re-insert after an atomic rewrite", chainedCond(conf))
 
 	// ... or in place, truncating first.
 	if err := os.WriteFile(conf, orig, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "re-insert after an in-place rewrite", func() bool { return chained(conf) })
+	waitFor(t, "re-insert after an in-place rewrite", chainedCond(conf))
 
 	// A half-written file is not ours to fix; once complete, it is.
 	half := orig[:len(orig)/2]
@@ -87,16 +89,16 @@ func TestWatchReinserts(t *testing.T) {
 	if err := os.WriteFile(conf, orig, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "re-insert once the file is complete", func() bool { return chained(conf) })
+	waitFor(t, "re-insert once the file is complete", chainedCond(conf))
 
 	// The binary is deleted (a node cleanup script, another installer).
 	bin := filepath.Join(opts.BinDir, PluginType)
 	if err := os.Remove(bin); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "binary restored", func() bool {
+	waitFor(t, "binary restored", func() (bool, string) {
 		_, err := os.Stat(bin)
-		return err == nil
+		return err == nil, fmt.Sprint(err)
 	})
 
 	// A new config that sorts first becomes the runtime's: ctlb follows.
@@ -108,7 +110,7 @@ func TestWatchReinserts(t *testing.T) {
 	if err := os.WriteFile(first, cilium, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "insert into the new first file", func() bool { return chained(first) })
+	waitFor(t, "insert into the new first file", chainedCond(first))
 }
 
 // TestWatchWaitsForFirstConfig: started before the primary CNI has written
@@ -128,7 +130,7 @@ func TestWatchWaitsForFirstConfig(t *testing.T) {
 	if err := os.WriteFile(conf, flannel, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "install once the config appears", func() bool { return chained(conf) })
+	waitFor(t, "install once the config appears", chainedCond(conf))
 	checkBinary(t, opts)
 }
 
@@ -147,28 +149,21 @@ func TestWatchRejectsBadOptions(t *testing.T) {
 }
 
 // chained reports whether libcni loads file with ctlb in its chain.
-func chained(file string) bool {
-	list, err := libcni.ConfListFromFile(file)
-	if err != nil {
-		return false
+func chained(file string) bool { return cniinstalltest.Chained(file, PluginType) }
+
+// chainedCond is a waitFor condition: ctlb chained in file, whose content
+// is what a timeout shows.
+func chainedCond(file string) func() (bool, string) {
+	return func() (bool, string) {
+		b, err := os.ReadFile(file)
+		return chained(file), fmt.Sprintf("%s holds %s (%v)", file, b, err)
 	}
-	for _, p := range list.Plugins {
-		if p.Network.Type == PluginType {
-			return true
-		}
-	}
-	return false
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+// waitFor waits for cond, failing with what it last saw.
+func waitFor(t *testing.T, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(waitLimit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, waitLimit)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testutil.Eventually(t, what, waitLimit, cond)
 }
 
 type testLogWriter struct{ t *testing.T }
@@ -182,11 +177,11 @@ func (w testLogWriter) Write(p []byte) (int, error) {
 // The watcher keeps a ctlb entry someone edited after install-cni wrote
 // it: it does not revert the edit, on events or on resync.
 func TestWatchKeepsCustomisedEntry(t *testing.T) {
-	in := snapshot(t, "testdata/flannel/in")
+	in := cniinstalltest.Snapshot(t, "testdata/flannel/in")
 	opts := newOpts(t, in)
 	conf := filepath.Join(opts.ConfDir, "10-flannel.conflist")
 	startWatch(t, opts)
-	waitFor(t, "initial install", func() bool { return chained(conf) })
+	waitFor(t, "initial install", chainedCond(conf))
 	b, err := os.ReadFile(conf)
 	if err != nil {
 		t.Fatal(err)

@@ -338,6 +338,32 @@ func TestUDPVIP(t *testing.T) {
 			}
 		}
 	}
+	// An IPv6 UDP VIP: sendmsg6 and recvmsg6.
+	const v6udp = "[2001:2::153]:8600"
+	v6srvs := []string{"[2001:2::11]:8600", "[2001:2::12]:8600"}
+	testutil.AddLoopbackAddrs(t, netns, "2001:2::153", "2001:2::11", "2001:2::12")
+	startUDPEcho(t, netns, append([]string{v6udp}, v6srvs...)...)
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(v6udp), Protocol: datapath.UDP, Servers: aps(t, v6srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	r6 := runPy(t, netns, cg, "udp", "6", "2001:2::153", "8600", "4", "3")
+	if len(r6.Errors) != 0 || len(r6.Landed) != 12 {
+		t.Fatalf("unconnected UDP to an IPv6 VIP: %d answers, errors %v", len(r6.Landed), r6.Errors)
+	}
+	var firsts6 []string
+	for i := 0; i < 4; i++ {
+		firsts6 = append(firsts6, r6.Landed[i*3])
+		if r6.Landed[i*3+1] != r6.Landed[i*3] || r6.Landed[i*3+2] != r6.Landed[i*3] {
+			t.Errorf("IPv6 UDP socket %d answered by %v: a socket keeps its server", i, r6.Landed[i*3:i*3+3])
+		}
+	}
+	assertSplit(t, "unconnected UDP sockets to an IPv6 VIP", firsts6, v6srvs)
+	for i, p := range r6.Peers {
+		if p != v6udp {
+			t.Errorf("IPv6 UDP datagram %d: recvfrom address %s, want the VIP %s", i, p, v6udp)
+		}
+	}
+
 	// A TCP connect to the same address and port is not the UDP VIP.
 	if _, ok, _ := dp.Service(v); ok {
 		t.Error("the UDP VIP is listed as a TCP VIP too")
@@ -778,6 +804,12 @@ func TestBulkSetServices(t *testing.T) {
 	if len(got) != n {
 		t.Fatalf("%d VIPs listed, want %d", len(got), n)
 	}
+	start = time.Now()
+	st, err := dp.Stats()
+	if err != nil || len(st) != 2*n {
+		t.Fatalf("stats of %d VIPs: %d entries, %v", n, len(st), err)
+	}
+	t.Logf("read the counters of %d servers in %v", len(st), time.Since(start))
 	// Again, every VIP replaced (the inner arrays swapped).
 	start = time.Now()
 	for i := range svcs {

@@ -1,7 +1,6 @@
-package cniinstall
+package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,19 +8,22 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctlb/ctlb/internal/cniinstall"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
-// NewCommand returns `install-cni`, the subcommand the ctlbd binary runs in
-// the DaemonSet's init container (once) and in its watcher (--watch).
-func NewCommand() *cobra.Command {
+// newInstallCNICommand returns `install-cni`, the subcommand the ctlbd
+// binary runs in the DaemonSet's init container (once) and in its watcher
+// (--watch); internal/cniinstall does the work.
+func newInstallCNICommand() *cobra.Command {
 	var (
-		opts          Options
+		opts          cniinstall.Options
 		bpffs         string
 		socket        string
 		uninstall     bool
@@ -55,14 +57,14 @@ refused and left untouched.`,
 			if waitForConfig < 0 {
 				return fmt.Errorf("--wait-for-config %s: want a duration of 0 or more", waitForConfig)
 			}
-			if output != "table" && output != "json" {
-				return fmt.Errorf("--output %q: want table or json", output)
+			if output != "table" && output != "json" && output != "yaml" {
+				return fmt.Errorf("--output %q: want table, json or yaml", output)
 			}
 			cmd.SilenceUsage = true // flags are fine: an error from here on is not a usage error
-			opts.PluginConf = NewPluginConf(bpffs, socket)
+			opts.PluginConf = cniinstall.NewPluginConf(bpffs, socket)
 			switch {
 			case uninstall:
-				if err := Uninstall(opts); err != nil {
+				if err := cniinstall.Uninstall(opts); err != nil {
 					return err
 				}
 				return report(cmd, output, map[string]any{"uninstalled": true, "confDir": opts.ConfDir},
@@ -70,11 +72,11 @@ refused and left untouched.`,
 			case watch:
 				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 				defer stop()
-				return Watch(ctx, opts)
+				return cniinstall.Watch(ctx, opts)
 			default:
 				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 				defer stop()
-				res, err := InstallWhenReady(ctx, opts, waitForConfig, slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)))
+				res, err := cniinstall.InstallWhenReady(ctx, opts, waitForConfig, slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)))
 				if err != nil {
 					return err
 				}
@@ -93,8 +95,8 @@ refused and left untouched.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.BinDir, "bin-dir", DefaultBinDir, "CNI plugin binary directory of the host")
-	f.StringVar(&opts.ConfDir, "conf-dir", DefaultConfDir, "CNI network config directory of the host")
+	f.StringVar(&opts.BinDir, "bin-dir", cniinstall.DefaultBinDir, "CNI plugin binary directory of the host")
+	f.StringVar(&opts.ConfDir, "conf-dir", cniinstall.DefaultConfDir, "CNI network config directory of the host")
 	f.StringVar(&opts.SourceBinary, "plugin", defaultPluginBinary(), "ctlb CNI plugin binary to install")
 	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory of ctlb's pins, written into the plugin config")
 	f.StringVar(&socket, "socket", api.DefaultSocket, "ctlbd control socket, written into the plugin config")
@@ -105,7 +107,7 @@ refused and left untouched.`,
 	f.DurationVar(&waitForConfig, "wait-for-config", 5*time.Minute, "without --watch: wait this long for the primary CNI to write its network config before failing (0: fail at once)")
 	// --socket and -o share their names and meaning with ctlbd's persistent
 	// flags; defined here, they shadow those when this runs under ctlbd.
-	f.StringVarP(&output, "output", "o", "table", "output format: table or json")
+	f.StringVarP(&output, "output", "o", "table", outputHelp)
 	return cmd
 }
 
@@ -114,17 +116,11 @@ refused and left untouched.`,
 func defaultPluginBinary() string {
 	exe, err := os.Executable()
 	if err != nil {
-		return PluginType
+		return cniinstall.PluginType
 	}
-	return filepath.Join(filepath.Dir(exe), PluginType)
+	return filepath.Join(filepath.Dir(exe), cniinstall.PluginType)
 }
 
 func report(cmd *cobra.Command, output string, v any, text string) error {
-	if output == "json" {
-		enc := json.NewEncoder(cmd.OutOrStdout())
-		enc.SetIndent("", "  ")
-		return enc.Encode(v)
-	}
-	_, err := fmt.Fprintln(cmd.OutOrStdout(), text)
-	return err
+	return printResult(cmd.OutOrStdout(), output, v, func(w *tabwriter.Writer) { fmt.Fprintln(w, text) })
 }

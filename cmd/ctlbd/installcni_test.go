@@ -1,9 +1,10 @@
-package cniinstall
+package main
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -13,13 +14,17 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/internal/cniinstall"
+	"github.com/ctlb/ctlb/internal/cniinstall/cniinstalltest"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // runCommand runs install-cni with args the way ctlbd's root command would
 // and returns what it printed.
 func runCommand(ctx context.Context, t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	cmd := NewCommand()
+	cmd := newInstallCNICommand()
 	var out bytes.Buffer
 	cmd.SetOut(&out)
 	cmd.SetErr(&out)
@@ -29,27 +34,27 @@ func runCommand(ctx context.Context, t *testing.T, args ...string) (string, erro
 }
 
 func TestCommandInstallUninstall(t *testing.T) {
-	in := snapshot(t, "testdata/conf/in")
-	o := newOpts(t, in)
-	flags := []string{"--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.SourceBinary,
+	in := cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/conf/in")
+	o := newLayout(t, in)
+	flags := []string{"--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.Plugin,
 		"--bpffs", "/sys/fs/bpf/ctlb-test", "--socket", "/run/ctlb-test/ctlbd.sock"}
 
 	out, err := runCommand(context.Background(), t, append(flags, "-o", "json")...)
 	if err != nil {
 		t.Fatalf("install-cni: %v\n%s", err, out)
 	}
-	var res Result
+	var res cniinstall.Result
 	dec := json.NewDecoder(strings.NewReader(out))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&res); err != nil {
 		t.Fatalf("-o json printed %q: %v", out, err)
 	}
-	want := Result{
+	want := cniinstall.Result{
 		ConfFile:      filepath.Join(o.ConfDir, "10-mynet.conflist"),
 		ConvertedFrom: filepath.Join(o.ConfDir, "10-mynet.conf"),
-		Backup:        filepath.Join(o.ConfDir, "10-mynet.conf"+BackupSuffix),
-		Action:        Inserted,
-		Binary:        filepath.Join(o.BinDir, PluginType),
+		Backup:        filepath.Join(o.ConfDir, "10-mynet.conf"+cniinstall.BackupSuffix),
+		Action:        cniinstall.Inserted,
+		Binary:        filepath.Join(o.BinDir, cniinstall.PluginType),
 		BinaryUpdated: true,
 	}
 	if res != want {
@@ -60,9 +65,16 @@ func TestCommandInstallUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	last := list.Plugins[len(list.Plugins)-1]
-	wantConf := `{"type":"ctlb","bpffs":"/sys/fs/bpf/ctlb-test","socket":"/run/ctlb-test/ctlbd.sock","capabilities":{"cgroupPath":true}}`
-	if last.Network.Type != PluginType || !sameJSON(last.Bytes, mark([]byte(wantConf))) || kindOf(last.Bytes) != ours {
-		t.Errorf("chained plugin %s, want %s", last.Bytes, wantConf)
+	wantConf := `{"type":"ctlb","bpffs":"/sys/fs/bpf/ctlb-test","socket":"/run/ctlb-test/ctlbd.sock","capabilities":{"cgroupPath":true,"io.kubernetes.cri.pod-annotations":true}}`
+	var gotConf map[string]any
+	if err := json.Unmarshal(last.Bytes, &gotConf); err != nil || gotConf["installedBy"] == nil {
+		t.Fatalf("chained plugin %s (%v): want install-cni's installedBy mark", last.Bytes, err)
+	}
+	delete(gotConf, "installedBy")
+	var wantMap map[string]any
+	_ = json.Unmarshal([]byte(wantConf), &wantMap)
+	if last.Network.Type != cniinstall.PluginType || !reflect.DeepEqual(gotConf, wantMap) {
+		t.Errorf("chained plugin %s, want %s plus the mark", last.Bytes, wantConf)
 	}
 
 	out, err = runCommand(context.Background(), t, flags...)
@@ -78,19 +90,19 @@ func TestCommandInstallUninstall(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &un); err != nil || un["uninstalled"] != true {
 		t.Errorf("--uninstall -o json printed %q (%v)", out, err)
 	}
-	if got := snapshot(t, o.ConfDir); !reflect.DeepEqual(got, in) {
-		t.Errorf("conf dir after --uninstall:\n%s", diffSnapshots(got, in))
+	if got := cniinstalltest.Snapshot(t, o.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("conf dir after --uninstall:\n%s", cniinstalltest.DiffSnapshots(got, in))
 	}
 }
 
 func TestCommandWatchUntilCancelled(t *testing.T) {
-	in := snapshot(t, "testdata/flannel/in")
-	o := newOpts(t, in)
+	in := cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/flannel/in")
+	o := newLayout(t, in)
 	conf := filepath.Join(o.ConfDir, "10-flannel.conflist")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		_, err := runCommand(ctx, t, "--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.SourceBinary, "--watch")
+		_, err := runCommand(ctx, t, "--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.Plugin, "--watch")
 		done <- err
 	}()
 	defer func() {
@@ -100,23 +112,23 @@ func TestCommandWatchUntilCancelled(t *testing.T) {
 			if err != nil {
 				t.Errorf("install-cni --watch returned %v after cancel", err)
 			}
-		case <-time.After(waitLimit):
-			t.Errorf("install-cni --watch still running %v after cancel", waitLimit)
+		case <-time.After(installWait):
+			t.Errorf("install-cni --watch still running %v after cancel", installWait)
 		}
 	}()
-	waitFor(t, "--watch installs", func() bool { return chained(conf) })
+	waitFor(t, "--watch installs", chainedCond(conf))
 	if err := os.WriteFile(conf, in["10-flannel.conflist"], 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "--watch re-inserts", func() bool { return chained(conf) })
+	waitFor(t, "--watch re-inserts", chainedCond(conf))
 }
 
 func TestCommandRejectsBadFlags(t *testing.T) {
-	o := newOpts(t, snapshot(t, "testdata/flannel/in"))
-	base := []string{"--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.SourceBinary}
+	o := newLayout(t, cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/flannel/in"))
+	base := []string{"--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.Plugin}
 	for _, bad := range [][]string{
 		{"--watch", "--uninstall"},
-		{"-o", "yaml"},
+		{"-o", "xml"},
 		{"extra-arg"},
 		{"--no-such-flag"},
 	} {
@@ -124,8 +136,8 @@ func TestCommandRejectsBadFlags(t *testing.T) {
 			t.Errorf("install-cni %v accepted; printed %q", bad, out)
 		}
 	}
-	if left := snapshot(t, o.BinDir); len(left) != 0 {
-		t.Errorf("rejected invocations installed %v", keys(left))
+	if left := cniinstalltest.Snapshot(t, o.BinDir); len(left) != 0 {
+		t.Errorf("rejected invocations installed %v", cniinstalltest.Keys(left))
 	}
 }
 
@@ -133,21 +145,21 @@ func TestCommandRejectsBadFlags(t *testing.T) {
 // ctlbd's persistent --socket and -o flags: the subcommand's own flags of
 // the same names must win, not clash.
 func TestCommandUnderRoot(t *testing.T) {
-	o := newOpts(t, snapshot(t, "testdata/bridge/in"))
+	o := newLayout(t, cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/bridge/in"))
 	root := &cobra.Command{Use: "ctlbd", SilenceUsage: true, SilenceErrors: true}
 	var rootSocket, rootOutput string
 	root.PersistentFlags().StringVar(&rootSocket, "socket", "/run/ctlb/ctlbd.sock", "")
 	root.PersistentFlags().StringVarP(&rootOutput, "output", "o", "table", "")
-	root.AddCommand(NewCommand())
+	root.AddCommand(newInstallCNICommand())
 	var out bytes.Buffer
 	root.SetOut(&out)
-	root.SetArgs([]string{"install-cni", "--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.SourceBinary,
+	root.SetArgs([]string{"install-cni", "--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.Plugin,
 		"--socket", "/run/other/ctlbd.sock", "-o", "json"})
 	if err := root.Execute(); err != nil {
 		t.Fatalf("ctlbd install-cni: %v", err)
 	}
-	var res Result
-	if err := json.Unmarshal(out.Bytes(), &res); err != nil || res.Action != Inserted {
+	var res cniinstall.Result
+	if err := json.Unmarshal(out.Bytes(), &res); err != nil || res.Action != cniinstall.Inserted {
 		t.Fatalf("printed %q (%v), want a JSON result with action inserted", out.String(), err)
 	}
 	list, err := libcni.ConfListFromFile(res.ConfFile)
@@ -161,7 +173,7 @@ func TestCommandUnderRoot(t *testing.T) {
 }
 
 func TestCommandDefaults(t *testing.T) {
-	f := NewCommand().Flags()
+	f := newInstallCNICommand().Flags()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -188,13 +200,13 @@ func TestCommandDefaults(t *testing.T) {
 // install-cni waits for it (bounded), saying why, instead of failing into a
 // CrashLoop; past the limit it fails naming the wait.
 func TestCommandWaitsForPrimaryConfig(t *testing.T) {
-	opts := newOpts(t, nil)
-	flags := []string{"--bin-dir", opts.BinDir, "--conf-dir", opts.ConfDir, "--plugin", opts.SourceBinary}
+	opts := newLayout(t, nil)
+	flags := []string{"--bin-dir", opts.BinDir, "--conf-dir", opts.ConfDir, "--plugin", opts.Plugin}
 	out, err := runCommand(context.Background(), t, append(flags, "--wait-for-config", "300ms")...)
 	if err == nil || !strings.Contains(err.Error(), "after waiting 300ms") || !strings.Contains(out, "waiting for the primary CNI") {
 		t.Fatalf("install-cni with no config and a 300ms wait: %v, printed %q; want a bounded wait, logged, then an error", err, out)
 	}
-	in := snapshot(t, "testdata/flannel/in")
+	in := cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/flannel/in")
 	go func() {
 		// As the primary CNI's installer does: atomically, a while later.
 		time.Sleep(700 * time.Millisecond)
@@ -215,34 +227,60 @@ func TestCommandWaitsForPrimaryConfig(t *testing.T) {
 // binary for the DELs of pods set up with ctlb; without it, ctlb stays.
 func TestCommandUninstallOnExit(t *testing.T) {
 	for _, onExit := range []bool{false, true} {
-		in := snapshot(t, "testdata/flannel/in")
-		opts := newOpts(t, in)
+		in := cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/flannel/in")
+		opts := newLayout(t, in)
 		conf := filepath.Join(opts.ConfDir, "10-flannel.conflist")
-		flags := []string{"--bin-dir", opts.BinDir, "--conf-dir", opts.ConfDir, "--plugin", opts.SourceBinary, "--watch"}
+		flags := []string{"--bin-dir", opts.BinDir, "--conf-dir", opts.ConfDir, "--plugin", opts.Plugin, "--watch"}
 		if onExit {
 			flags = append(flags, "--uninstall-on-exit")
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() { _, err := runCommand(ctx, t, flags...); done <- err }()
-		waitFor(t, "install", func() bool { return chained(conf) })
+		waitFor(t, "install", chainedCond(conf))
 		cancel()
 		select {
 		case err := <-done:
 			if err != nil {
 				t.Fatalf("install-cni --watch (uninstall-on-exit %v): %v", onExit, err)
 			}
-		case <-time.After(waitLimit):
-			t.Fatalf("install-cni --watch did not stop within %v", waitLimit)
+		case <-time.After(installWait):
+			t.Fatalf("install-cni --watch did not stop within %v", installWait)
 		}
 		if chained(conf) == onExit {
 			t.Fatalf("uninstall-on-exit %v: ctlb chained after exit: %v", onExit, chained(conf))
 		}
-		if _, err := os.Stat(filepath.Join(opts.BinDir, PluginType)); err != nil {
+		if _, err := os.Stat(filepath.Join(opts.BinDir, cniinstall.PluginType)); err != nil {
 			t.Fatalf("plugin binary gone after exit: %v", err)
 		}
 	}
 	if _, err := runCommand(context.Background(), t, "--uninstall-on-exit"); err == nil || !strings.Contains(err.Error(), "needs --watch") {
 		t.Fatalf("--uninstall-on-exit without --watch: %v", err)
 	}
+}
+
+// installWait bounds every wait of these tests.
+const installWait = 10 * time.Second
+
+// newLayout is a conf dir holding files, an empty bin dir and a stand-in
+// plugin binary.
+func newLayout(t *testing.T, files map[string][]byte) cniinstalltest.Layout {
+	t.Helper()
+	return cniinstalltest.NewLayout(t, cniinstall.PluginType, files)
+}
+
+// chainedCond is a wait condition: ctlb chained in file, whose content is
+// what a timeout shows.
+func chainedCond(file string) func() (bool, string) {
+	return func() (bool, string) {
+		b, err := os.ReadFile(file)
+		return chained(file), fmt.Sprintf("%s holds %s (%v)", file, b, err)
+	}
+}
+
+func chained(file string) bool { return cniinstalltest.Chained(file, cniinstall.PluginType) }
+
+func waitFor(t *testing.T, what string, cond func() (bool, string)) {
+	t.Helper()
+	testutil.Eventually(t, what, installWait, cond)
 }
