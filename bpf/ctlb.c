@@ -126,6 +126,8 @@ struct scan_ctx {
 static long scan_one(__u64 i, void *data)
 {
 	struct scan_ctx *s = data;
+	if (i >= s->count)
+		return 1; /* every server looked at once */
 	__u32 idx = (s->start + (__u32)i) % s->count + 1;
 	struct backend_v2 *be = bpf_map_lookup_elem(s->backends, &idx);
 	if (be && slot_usable(be->slot)) {
@@ -188,9 +190,7 @@ static __always_inline struct backend_v2 *choose(void *backends, struct svc_hdr_
 		return be;
 	struct scan_ctx s = {.backends = backends, .count = count, .start = first + 1};
 	bpf_loop(CTLB_MAX_SERVERS, scan_one, &s, 0);
-	if (s.found && s.found != be)
-		return s.found;
-	return 0;
+	return s.found; /* 0: every server is failing */
 }
 
 /* ----- socket state ------------------------------------------------- */

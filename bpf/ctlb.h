@@ -282,6 +282,8 @@ struct {
  * open count), sock_ops (established / failed), and the termination
  * iterators, which match a socket exactly by slot. slot == 0 means the
  * socket is no VIP socket any more (disconnected and reconnected elsewhere).
+ * A TCP socket found by iter/tcp that has no state may be an MPTCP subflow:
+ * its state is on bpf_skc_to_mptcp_sock(subflow).
  */
 struct sock_state_v2 {
 	__u8 vip[16];	 /* the VIP as dialed (v4-mapped for IPv4) */

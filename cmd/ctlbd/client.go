@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -31,7 +32,7 @@ func newServiceCommand(g *globals) *cobra.Command {
 		Use:   "service",
 		Short: "Set, delete and list VIPs and their servers",
 	}
-	var empty string
+	var empty, protocol, balance string
 	set := &cobra.Command{
 		Use:   "set VIP:PORT SERVER:PORT [SERVER:PORT...]",
 		Short: "Set a VIP's servers, replacing its set atomically",
@@ -39,37 +40,63 @@ func newServiceCommand(g *globals) *cobra.Command {
 a concurrent connect() sees the old set or the new one, never a mix or a gap.
 With no servers, connects to the VIP follow --empty: "reject" fails them at
 once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
-(where the fallback proxy may answer).`,
+(where the fallback proxy may answer).
+
+A VIP is a protocol, an address and a port: --protocol udp makes a UDP VIP
+(connected sockets are sent to a server at connect, unconnected ones at their
+first datagram; a socket keeps its server for its life, and replies come from
+the VIP). IPv6 VIPs are written [ADDR]:PORT; a VIP and its servers are of one
+family. An IPv4 VIP also serves dual-stack sockets dialing ::ffff:VIP (Java,
+.NET). MPTCP sockets use the TCP VIP.
+
+--balance chooses how connects pick a server: "roundrobin" (default; each
+node starts at a random point), "random", or "least-open" (the less loaded of
+two random servers by open connections).`,
 		Example: `  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502
-  ctlbd service set 198.18.255.1:8502 --empty passthrough`,
+  ctlbd service set 198.18.255.1:8502 --empty passthrough
+  ctlbd service set 198.18.255.53:8600 198.18.0.11:8600 198.18.0.12:8600 --protocol udp
+  ctlbd service set [2001:2::100]:8502 [2001:2::11]:9001 [2001:2::12]:9001 --balance least-open`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty, Protocol: protocol, Balance: balance}
+			// Refuse bad input here too, before the daemon is asked.
+			if _, err := (config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, Protocol: req.Protocol, Balance: req.Balance}).Datapath(); err != nil {
+				return err
+			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			svc, err := c.SetService(ctx, api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty})
+			svc, err := c.SetService(ctx, req)
 			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
-				fmt.Fprintf(w, "set %s: %d servers, empty %s\n", svc.VIP, len(svc.Servers), svc.Empty)
+				fmt.Fprintf(w, "set %s: %d servers, empty %s, balance %s\n", svc.Key(), len(svc.Servers), svc.Empty, svc.Balance)
 			})
 		},
 	}
-	set.Flags().StringVar(&empty, "empty", "reject", `what a connect to the VIP does while its set is empty: "reject" or "passthrough"`)
+	set.Flags().StringVar(&empty, "empty", "reject", `what a connect to the VIP does while no server is usable: "reject" or "passthrough"`)
+	set.Flags().StringVar(&protocol, "protocol", "tcp", `the VIP's protocol: "tcp" or "udp"`)
+	set.Flags().StringVar(&balance, "balance", "roundrobin", `how connects choose a server: "roundrobin", "random" or "least-open"`)
+	var delProtocol string
 	del := &cobra.Command{
 		Use:     "delete VIP:PORT",
 		Short:   "Delete a VIP: connects to it are no longer rewritten",
-		Example: "  ctlbd service delete 198.18.255.1:8502",
+		Example: "  ctlbd service delete 198.18.255.1:8502\n  ctlbd service delete 198.18.255.53:8600 --protocol udp",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := datapath.ParseVIP(args[0]); err != nil {
 				return err
 			}
+			proto, err := datapath.ParseProtocol(delProtocol)
+			if err != nil {
+				return err
+			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			return c.DeleteService(ctx, args[0])
+			return c.DeleteServiceProtocol(ctx, args[0], string(proto))
 		},
 	}
+	del.Flags().StringVar(&delProtocol, "protocol", "tcp", `the VIP's protocol: "tcp" or "udp"`)
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List VIPs and their servers as the maps hold them",
@@ -82,13 +109,13 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svcs, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tEMPTY\tSERVERS")
+				fmt.Fprintln(w, "VIP\tPROTOCOL\tEMPTY\tBALANCE\tSERVERS")
 				for _, s := range svcs {
 					var ss []string
 					for _, srv := range s.Servers {
 						ss = append(ss, srv.String())
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\n", s.VIP, s.Empty, strings.Join(ss, ","))
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.VIP, s.Protocol, s.Empty, s.Balance, strings.Join(ss, ","))
 				}
 			})
 		},
@@ -102,8 +129,9 @@ func newAttachCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "attach (--cgroup PATH | --host)",
 		Short: "Attach ctlb to a cgroup, or host-wide: its processes' connects to VIPs are balanced",
-		Long: `Attach connect4, getpeername4 and sock_release to a cgroup v2 directory with
-pinned bpf_links. Every process in the cgroup and its descendants is covered,
+		Long: `Attach ctlb's programs (connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6,
+sock_ops) to a cgroup v2 directory with pinned bpf_links (sock_release sits
+once at the cgroup v2 root, attached by the daemon). Every process in the cgroup and its descendants is covered,
 including ones started later. PATH is absolute or relative to the cgroup v2
 mount; the v2 root itself is refused. Pods are attached by the CNI plugin;
 this command is for everything else.
@@ -232,13 +260,18 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tSERVER\tSOURCE\tHEALTH\tIN SET\tCONNECTS\tOPEN")
+				fmt.Fprintln(w, "VIP\tPROTO\tSERVER\tSOURCE\tHEALTH\tIN SET\tATTEMPTS\tESTABLISHED\tFAILED\tOPEN")
 				for _, s := range st.Services {
 					if len(s.Servers) == 0 {
-						fmt.Fprintf(w, "%s\t(none: %s)\t\t\t\t\t\n", s.VIP, s.Empty)
+						fmt.Fprintf(w, "%s\t%s\t(none: %s)\t\t\t\t\t\t\t\n", s.VIP, s.Protocol, s.Empty)
 					}
 					for _, srv := range s.Servers {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%d\t%d\n", s.VIP, srv.Server, srv.Source, srv.Health, srv.InSet, srv.Connects, srv.Open)
+						health := srv.Health
+						if srv.Failing {
+							health += ",failing"
+						}
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\t%d\n", s.VIP, s.Protocol, srv.Server, srv.Source, health, srv.InSet,
+							srv.Attempts, srv.Established, srv.Failed, srv.Open)
 					}
 				}
 				for _, s := range st.Services {

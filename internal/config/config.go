@@ -78,6 +78,12 @@ type Service struct {
 	Servers []string `json:"servers,omitempty"`
 	// Empty is the empty-set policy: "reject" (default) or "passthrough".
 	Empty string `json:"empty,omitempty"`
+	// Protocol is "tcp" (default) or "udp": a VIP is protocol, address
+	// and port.
+	Protocol string `json:"protocol,omitempty"`
+	// Balance is how connects choose a server: "roundrobin" (default),
+	// "random" or "least-open".
+	Balance string `json:"balance,omitempty"`
 
 	// Discovery and health (see internal/servers). With any of these, ctlbd
 	// tracks the VIP: the union of the static list and every source gives
@@ -229,7 +235,7 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("config proxy: %w", err)
 		}
 	}
-	seen := map[netip.AddrPort]bool{}
+	seen := map[datapath.ServiceKey]bool{}
 	for i, s := range c.Services {
 		svc, err := s.Datapath()
 		if err != nil {
@@ -242,10 +248,10 @@ func (c *Config) Validate() error {
 		} else if s.Panic {
 			return fmt.Errorf("config services[%d]: VIP %s: panic needs health checks or a source (dns, consul, exec, health)", i, svc.VIP)
 		}
-		if seen[svc.VIP] {
-			return fmt.Errorf("config services[%d]: VIP %s is configured twice", i, svc.VIP)
+		if seen[svc.Key()] {
+			return fmt.Errorf("config services[%d]: VIP %s is configured twice", i, svc.Key())
 		}
-		seen[svc.VIP] = true
+		seen[svc.Key()] = true
 	}
 	return nil
 }
@@ -260,7 +266,15 @@ func (s Service) Datapath() (datapath.Service, error) {
 	if err != nil {
 		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
 	}
-	out := datapath.Service{VIP: vip, Empty: policy, Servers: []netip.AddrPort{}}
+	proto, err := datapath.ParseProtocol(s.Protocol)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	balance, err := datapath.ParseBalance(s.Balance)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	out := datapath.Service{VIP: vip, Protocol: proto, Empty: policy, Balance: balance, Servers: []netip.AddrPort{}}
 	for _, raw := range s.Servers {
 		srv, err := datapath.ParseServer(raw)
 		if err != nil {

@@ -41,7 +41,7 @@ type Daemon struct {
 	cfg   *config.Config
 	table serviceTable
 	// trackers are the VIPs kept by sources and health checks, by VIP.
-	trackers map[netip.AddrPort]*trackedService
+	trackers map[datapath.ServiceKey]*trackedService
 	// runCtx bounds the trackers; set by Run.
 	runCtx context.Context
 
@@ -75,12 +75,16 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 		lock.Close()
 		return nil, err
 	}
+	if up := dp.Upgraded(); up != nil {
+		log.Info("layout upgraded", "from", up.From, "to", datapath.Layout, "services", up.Services,
+			"attachments", up.Attachments, "openSockets", up.OpenSockets, "removedPins", up.RemovedPins)
+	}
 	h, err := cgroupv2.Default()
 	if err != nil {
 		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)
 	}
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
-		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
+		trackers: map[datapath.ServiceKey]*trackedService{}, runCtx: context.Background()}
 	d.registry = d.newRegistry()
 	return d, nil
 }
@@ -258,23 +262,23 @@ func (d *Daemon) Reload() error {
 func (d *Daemon) applyServices(prev, next *config.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	want := map[netip.AddrPort]datapath.Service{}
+	want := map[datapath.ServiceKey]datapath.Service{}
 	var changed []datapath.Service
 	for _, s := range next.Services {
 		svc, err := s.Datapath()
 		if err != nil {
 			return err // Validate ran already; this is a programming error
 		}
-		want[svc.VIP] = svc
-		cur, ok, err := d.dp.Service(svc.VIP)
+		want[svc.Key()] = svc
+		cur, ok, err := d.dp.ServiceOf(svc.Key())
 		if err != nil {
 			return err
 		}
 		if s.Tracked() {
-			if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+			if ts := d.trackers[svc.Key()]; ts != nil && ts.sameConfig(s) {
 				continue
 			}
-			if !ok || cur.Empty != svc.Empty {
+			if !ok || cur.Empty != svc.Empty || cur.Balance != svc.Balance {
 				keep := svc
 				keep.Servers = []netip.AddrPort{}
 				if ok {
@@ -284,7 +288,7 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			}
 			continue
 		}
-		d.stopTracker(svc.VIP)
+		d.stopTracker(svc.Key())
 		if !ok || !sameService(cur, svc) {
 			changed = append(changed, svc)
 		}
@@ -296,8 +300,9 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 		if !s.Tracked() {
 			continue
 		}
-		svc := want[mustVIP(s.VIP)]
-		if ts := d.trackers[svc.VIP]; ts != nil && ts.sameConfig(s) {
+		svc, _ := s.Datapath()
+		svc = want[svc.Key()]
+		if ts := d.trackers[svc.Key()]; ts != nil && ts.sameConfig(s) {
 			continue
 		}
 		if err := d.startTracker(d.runCtx, s, svc); err != nil {
@@ -306,12 +311,12 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 	}
 	if prev != nil {
 		for _, s := range prev.Services {
-			vip, err := datapath.ParseVIP(s.VIP)
-			if err != nil || want[vip].VIP.IsValid() {
+			old, err := s.Datapath()
+			if err != nil || want[old.Key()].VIP.IsValid() {
 				continue
 			}
-			d.stopTracker(vip)
-			if _, err := d.deleteService("removed from config", vip); err != nil {
+			d.stopTracker(old.Key())
+			if _, err := d.deleteService("removed from config", old.Key()); err != nil {
 				return err
 			}
 		}
@@ -319,14 +324,9 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 	return nil
 }
 
-// mustVIP parses a VIP that validation accepted already.
-func mustVIP(s string) netip.AddrPort {
-	v, _ := datapath.ParseVIP(s)
-	return v
-}
-
 func sameService(a, b datapath.Service) bool {
-	if a.VIP != b.VIP || a.Empty != b.Empty || len(a.Servers) != len(b.Servers) {
+	a, b = a.Normalized(), b.Normalized()
+	if a.Key() != b.Key() || a.Empty != b.Empty || a.Balance != b.Balance || len(a.Servers) != len(b.Servers) {
 		return false
 	}
 	for i := range a.Servers {

@@ -86,14 +86,14 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, err)
 		return
 	}
-	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty}.Datapath()
+	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, Protocol: req.Protocol, Balance: req.Balance}.Datapath()
 	if err != nil {
 		reply(w, nil, badRequest(err))
 		return
 	}
 	d.mu.Lock()
-	if d.trackers[svc.VIP] != nil {
-		err = trackedConflict(svc.VIP)
+	if d.trackers[svc.Key()] != nil {
+		err = trackedConflict(svc.Key())
 	} else {
 		err = d.setServices("api", svc)
 	}
@@ -107,23 +107,29 @@ func (d *Daemon) handleDeleteService(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, badRequest(err))
 		return
 	}
+	proto, err := datapath.ParseProtocol(r.URL.Query().Get(api.QueryProtocol))
+	if err != nil {
+		reply(w, nil, badRequest(err))
+		return
+	}
+	key := datapath.ServiceKey{Protocol: proto, VIP: vip}
 	d.mu.Lock()
 	var existed bool
-	if d.trackers[vip] != nil {
-		err = trackedConflict(vip)
+	if d.trackers[key] != nil {
+		err = trackedConflict(key)
 	} else {
-		existed, err = d.deleteService("api", vip)
+		existed, err = d.deleteService("api", key)
 	}
 	d.mu.Unlock()
 	if err == nil && !existed {
-		err = httpError{http.StatusNotFound, fmt.Errorf("VIP %s is not configured", vip)}
+		err = httpError{http.StatusNotFound, fmt.Errorf("VIP %s is not configured", key)}
 	}
 	reply(w, nil, err)
 }
 
 // trackedConflict refuses a CLI change of a VIP whose set its sources and
 // health checks keep: the next change of theirs would undo it.
-func trackedConflict(vip netip.AddrPort) error {
+func trackedConflict(vip datapath.ServiceKey) error {
 	return httpError{http.StatusConflict, fmt.Errorf("VIP %s is kept by its config sources and health checks: change the config and reload", vip)}
 }
 
@@ -258,19 +264,19 @@ func (d *Daemon) Status() (api.Status, error) {
 	if err != nil {
 		return st, err
 	}
-	byVIP := map[netip.AddrPort][]datapath.ServerStats{}
+	byVIP := map[datapath.ServiceKey][]datapath.ServerStats{}
 	for _, s := range stats {
-		byVIP[s.VIP] = append(byVIP[s.VIP], s)
+		byVIP[s.Key()] = append(byVIP[s.Key()], s)
 	}
 	tracked := d.snapshots()
 	for _, svc := range svcs {
-		ss := api.ServiceStatus{VIP: svc.VIP.String(), Empty: string(svc.Empty), Servers: []api.ServerStatus{}}
+		ss := api.ServiceStatus{VIP: svc.VIP.String(), Protocol: string(svc.Protocol), Balance: string(svc.Balance), Empty: string(svc.Empty), Servers: []api.ServerStatus{}}
 		counted := map[netip.AddrPort]datapath.ServerStats{}
-		for _, s := range byVIP[svc.VIP] {
+		for _, s := range byVIP[svc.Key()] {
 			counted[s.Server] = s
 		}
 		listed := map[netip.AddrPort]bool{}
-		if snap, ok := tracked[svc.VIP]; ok {
+		if snap, ok := tracked[svc.Key()]; ok {
 			// Every candidate, in the set or not, with its sources and health.
 			ss.Tracked, ss.Panic, ss.Changes, ss.Trimmed = true, snap.Panic, snap.Changes, snap.Trimmed
 			for _, src := range snap.Sources {
@@ -285,9 +291,8 @@ func (d *Daemon) Status() (api.Status, error) {
 				inMap[srv] = true
 			}
 			for _, c := range snap.Servers {
-				st := counted[c.Addr]
-				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Addr.String(), Source: strings.Join(c.Sources, ","),
-					Health: c.Health.String(), InSet: inMap[c.Addr], Connects: st.Connects, Open: st.Open, LastError: c.LastError})
+				ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: c.Addr.String(), Source: strings.Join(c.Sources, ","),
+					Health: c.Health.String(), InSet: inMap[c.Addr], LastError: c.LastError}, counted[c.Addr]))
 				listed[c.Addr] = true
 			}
 		}
@@ -295,14 +300,13 @@ func (d *Daemon) Status() (api.Status, error) {
 			if listed[srv] {
 				continue
 			}
-			c := counted[srv]
-			ss.Servers = append(ss.Servers, api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true, Connects: c.Connects, Open: c.Open})
+			ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true}, counted[srv]))
 			listed[srv] = true
 		}
 		// Servers that left the set but still have open connections.
-		for _, c := range byVIP[svc.VIP] {
+		for _, c := range byVIP[svc.Key()] {
 			if !listed[c.Server] && c.Open > 0 {
-				ss.Servers = append(ss.Servers, api.ServerStatus{Server: c.Server.String(), InSet: false, Connects: c.Connects, Open: c.Open})
+				ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: c.Server.String(), InSet: false}, c))
 			}
 		}
 		st.Services = append(st.Services, ss)
@@ -316,6 +320,13 @@ func (d *Daemon) Status() (api.Status, error) {
 	st.HostScope = d.hostAttached()
 	d.nriStatus(&st)
 	return st, nil
+}
+
+// withCounts fills in the kernel's counters of one server.
+func withCounts(s api.ServerStatus, c datapath.ServerStats) api.ServerStatus {
+	s.Connects, s.Attempts, s.Established, s.Failed, s.Terminated = c.Attempts, c.Attempts, c.Established, c.Failed, c.Terminated
+	s.Open, s.Failing = c.Open, c.FailingFor > 0
+	return s
 }
 
 func (d *Daemon) version(w http.ResponseWriter, r *http.Request) {

@@ -18,11 +18,19 @@ import (
 
 var (
 	descConnects = prometheus.NewDesc("ctlb_server_connects_total",
-		"Connects the kernel sent to a server of a VIP (connect4 rewrites).", []string{"vip", "server"}, nil)
+		"Connects (attempts) the kernel sent to a server of a VIP (connect and first-datagram rewrites).", []string{"vip", "protocol", "server"}, nil)
+	descEstablished = prometheus.NewDesc("ctlb_server_established_total",
+		"TCP connects to a server of a VIP whose handshake completed.", []string{"vip", "protocol", "server"}, nil)
+	descFailed = prometheus.NewDesc("ctlb_server_failed_total",
+		"TCP connects to a server of a VIP that the server refused or that timed out.", []string{"vip", "protocol", "server"}, nil)
+	descTerminated = prometheus.NewDesc("ctlb_server_terminated_total",
+		"Sockets to a server of a VIP that ctlb ended.", []string{"vip", "protocol", "server"}, nil)
+	descFailing = prometheus.NewDesc("ctlb_server_failing",
+		"1 while connects skip a server after failed connects (hold-down).", []string{"vip", "protocol", "server"}, nil)
 	descOpen = prometheus.NewDesc("ctlb_server_open_connections",
-		"Sockets open now that were sent to a server of a VIP.", []string{"vip", "server"}, nil)
+		"Sockets open now that were sent to a server of a VIP.", []string{"vip", "protocol", "server"}, nil)
 	descServers = prometheus.NewDesc("ctlb_service_servers",
-		"Servers in a VIP's set in the maps.", []string{"vip"}, nil)
+		"Servers in a VIP's set in the maps.", []string{"vip", "protocol"}, nil)
 	descAttachments = prometheus.NewDesc("ctlb_attachments",
 		"Cgroup attachments pinned.", nil, nil)
 	descDeadAttachments = prometheus.NewDesc("ctlb_attachments_dead",
@@ -52,7 +60,7 @@ var (
 type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
+	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
 		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descRejected, descTrimmed, descConsulRequests} {
 		ch <- d
 	}
@@ -62,15 +70,24 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	d := c.d
 	if stats, err := d.dp.Stats(); err == nil {
 		for _, s := range stats {
-			ch <- prometheus.MustNewConstMetric(descConnects, prometheus.CounterValue, float64(s.Connects), s.VIP.String(), s.Server.String())
-			ch <- prometheus.MustNewConstMetric(descOpen, prometheus.GaugeValue, float64(s.Open), s.VIP.String(), s.Server.String())
+			l := []string{s.VIP.String(), string(s.Protocol), s.Server.String()}
+			failing := 0.0
+			if s.FailingFor > 0 {
+				failing = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descConnects, prometheus.CounterValue, float64(s.Attempts), l...)
+			ch <- prometheus.MustNewConstMetric(descEstablished, prometheus.CounterValue, float64(s.Established), l...)
+			ch <- prometheus.MustNewConstMetric(descFailed, prometheus.CounterValue, float64(s.Failed), l...)
+			ch <- prometheus.MustNewConstMetric(descTerminated, prometheus.CounterValue, float64(s.Terminated), l...)
+			ch <- prometheus.MustNewConstMetric(descFailing, prometheus.GaugeValue, failing, l...)
+			ch <- prometheus.MustNewConstMetric(descOpen, prometheus.GaugeValue, float64(s.Open), l...)
 		}
 	} else {
 		ch <- prometheus.NewInvalidMetric(descConnects, err)
 	}
 	if svcs, err := d.dp.Services(); err == nil {
 		for _, s := range svcs {
-			ch <- prometheus.MustNewConstMetric(descServers, prometheus.GaugeValue, float64(len(s.Servers)), s.VIP.String())
+			ch <- prometheus.MustNewConstMetric(descServers, prometheus.GaugeValue, float64(len(s.Servers)), s.VIP.String(), string(s.Protocol))
 		}
 	}
 	if atts, err := d.dp.Attachments(); err == nil {

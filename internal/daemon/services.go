@@ -22,14 +22,18 @@ func (t *serviceTable) put(svcs ...datapath.Service) {
 		t.sets = map[netip.AddrPort][]netip.AddrPort{}
 	}
 	for _, s := range svcs {
-		t.sets[s.VIP] = append([]netip.AddrPort(nil), s.Servers...)
+		if s.Key().Protocol == datapath.TCP { // the proxy serves TCP
+			t.sets[s.VIP] = append([]netip.AddrPort(nil), s.Servers...)
+		}
 	}
 }
 
-func (t *serviceTable) remove(vip netip.AddrPort) {
+func (t *serviceTable) remove(key datapath.ServiceKey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	delete(t.sets, vip)
+	if key.Protocol == datapath.TCP {
+		delete(t.sets, key.VIP)
+	}
 }
 
 // targets is the proxy's view: the servers of the VIP:port a client dialed.
@@ -55,20 +59,20 @@ func (d *Daemon) setServices(reason string, svcs ...datapath.Service) error {
 		return err
 	}
 	for _, s := range svcs {
-		d.log.Info("service set", "vip", s.VIP, "servers", s.Servers, "empty", s.Empty, "reason", reason)
+		d.log.Info("service set", "vip", s.VIP, "protocol", s.Key().Protocol, "servers", s.Servers, "empty", s.Empty, "balance", s.Balance, "reason", reason)
 	}
 	return nil
 }
 
 // deleteService removes a VIP from the maps and the mirror. Callers hold d.mu.
-func (d *Daemon) deleteService(reason string, vip netip.AddrPort) (bool, error) {
-	existed, err := d.dp.DeleteService(vip)
+func (d *Daemon) deleteService(reason string, key datapath.ServiceKey) (bool, error) {
+	existed, err := d.dp.DeleteServiceKey(key)
 	if err != nil {
 		return existed, err
 	}
-	d.table.remove(vip)
+	d.table.remove(key)
 	if existed {
-		d.log.Info("service deleted", "vip", vip, "reason", reason)
+		d.log.Info("service deleted", "vip", key.VIP, "protocol", key.Protocol, "reason", reason)
 	}
 	return existed, nil
 }

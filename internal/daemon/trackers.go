@@ -13,7 +13,7 @@ import (
 // trackedService is a VIP whose set ctlbd keeps from sources and health
 // checks: a running servers.Tracker and what it was built from.
 type trackedService struct {
-	vip     netip.AddrPort
+	key     datapath.ServiceKey
 	cfg     config.Service
 	tracker *servers.Tracker
 	cancel  context.CancelFunc
@@ -30,52 +30,52 @@ func (ts *trackedService) sameConfig(cfg config.Service) bool {
 // swapped into the map atomically. A tracker that is replaced (reload) or
 // stopped has its late changes ignored. Callers hold d.mu.
 func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datapath.Service) error {
-	ts := &trackedService{vip: svc.VIP, cfg: cfg}
-	policy := svc.Empty
+	ts := &trackedService{key: svc.Key(), cfg: cfg}
+	policy, balance := svc.Empty, svc.Balance
 	opts, err := cfg.Sources().Options(func(healthy []netip.AddrPort, reason string) {
 		d.mu.Lock()
 		defer d.mu.Unlock()
-		if d.trackers[ts.vip] != ts {
+		if d.trackers[ts.key] != ts {
 			return // superseded or stopped
 		}
 		// The tracker logged the change and its reason already.
-		if err := d.writeSets(datapath.Service{VIP: ts.vip, Servers: healthy, Empty: policy}); err != nil {
-			d.log.Error("write healthy set", "vip", ts.vip, "reason", reason, "error", err)
+		if err := d.writeSets(datapath.Service{VIP: ts.key.VIP, Protocol: ts.key.Protocol, Servers: healthy, Empty: policy, Balance: balance}); err != nil {
+			d.log.Error("write healthy set", "vip", ts.key, "reason", reason, "error", err)
 		}
 	}, d.log)
 	if err != nil {
 		return err
 	}
-	ts.tracker = servers.New(svc.VIP.String(), opts)
+	ts.tracker = servers.New(ts.key.String(), opts)
 	tctx, cancel := context.WithCancel(ctx)
 	ts.cancel = cancel
-	if old := d.trackers[svc.VIP]; old != nil {
+	if old := d.trackers[ts.key]; old != nil {
 		old.cancel()
 	}
-	d.trackers[svc.VIP] = ts
+	d.trackers[ts.key] = ts
 	go ts.tracker.Run(tctx)
 	return nil
 }
 
 // stopTracker stops a VIP's tracker, if it has one. Callers hold d.mu.
-func (d *Daemon) stopTracker(vip netip.AddrPort) {
-	if ts := d.trackers[vip]; ts != nil {
+func (d *Daemon) stopTracker(key datapath.ServiceKey) {
+	if ts := d.trackers[key]; ts != nil {
 		ts.cancel()
-		delete(d.trackers, vip)
+		delete(d.trackers, key)
 	}
 }
 
 // snapshots returns every tracker's state, by VIP.
-func (d *Daemon) snapshots() map[netip.AddrPort]servers.Snapshot {
+func (d *Daemon) snapshots() map[datapath.ServiceKey]servers.Snapshot {
 	d.mu.Lock()
 	ts := make([]*trackedService, 0, len(d.trackers))
 	for _, t := range d.trackers {
 		ts = append(ts, t)
 	}
 	d.mu.Unlock()
-	out := make(map[netip.AddrPort]servers.Snapshot, len(ts))
+	out := make(map[datapath.ServiceKey]servers.Snapshot, len(ts))
 	for _, t := range ts {
-		out[t.vip] = t.tracker.Snapshot()
+		out[t.key] = t.tracker.Snapshot()
 	}
 	return out
 }

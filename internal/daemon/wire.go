@@ -11,7 +11,8 @@ import (
 // without changing what clients read.
 
 func apiService(s datapath.Service) api.Service {
-	return api.Service{VIP: s.VIP, Servers: s.Servers, Empty: string(s.Empty)}
+	s = s.Normalized()
+	return api.Service{VIP: s.VIP, Servers: s.Servers, Empty: string(s.Empty), Protocol: string(s.Protocol), Balance: string(s.Balance)}
 }
 
 func apiServices(list []datapath.Service) []api.Service {

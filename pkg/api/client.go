@@ -50,9 +50,19 @@ func (c *Client) SetService(ctx context.Context, req ServiceRequest) (Service, e
 	return svc, err
 }
 
-// DeleteService removes a VIP; ErrNotFound if it was not configured.
+// DeleteService removes a TCP VIP; ErrNotFound if it was not configured.
 func (c *Client) DeleteService(ctx context.Context, vip string) error {
-	return c.do(ctx, http.MethodDelete, PathServices+"/"+url.PathEscape(vip), nil, nil)
+	return c.DeleteServiceProtocol(ctx, vip, "")
+}
+
+// DeleteServiceProtocol removes the VIP of that protocol ("tcp" when
+// empty, or "udp").
+func (c *Client) DeleteServiceProtocol(ctx context.Context, vip, protocol string) error {
+	p := PathServices + "/" + url.PathEscape(vip)
+	if protocol != "" {
+		p += "?" + url.Values{QueryProtocol: {protocol}}.Encode()
+	}
+	return c.do(ctx, http.MethodDelete, p, nil, nil)
 }
 
 // Services lists the VIPs as the maps hold them.

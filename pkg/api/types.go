@@ -16,7 +16,15 @@ type ServiceRequest struct {
 	Servers []string `json:"servers"`
 	// Empty is "reject" (default) or "passthrough".
 	Empty string `json:"empty,omitempty"`
+	// Protocol is "tcp" (default) or "udp".
+	Protocol string `json:"protocol,omitempty"`
+	// Balance is "roundrobin" (default), "random" or "least-open".
+	Balance string `json:"balance,omitempty"`
 }
+
+// QueryProtocol names the protocol of the VIP in DELETE PathServices/{vip}
+// (?protocol=udp); absent means tcp.
+const QueryProtocol = "protocol"
 
 // Service is one VIP and the servers the maps send its connects to.
 type Service struct {
@@ -25,6 +33,18 @@ type Service struct {
 	// Empty is what a connect does while the set is empty: "reject" or
 	// "passthrough".
 	Empty string `json:"empty"`
+	// Protocol is "tcp" or "udp": a VIP is protocol, address and port.
+	Protocol string `json:"protocol"`
+	// Balance is "roundrobin", "random" or "least-open".
+	Balance string `json:"balance"`
+}
+
+// Key names the VIP as "VIP" for TCP and "VIP/udp" for UDP.
+func (s Service) Key() string {
+	if s.Protocol == "udp" {
+		return s.VIP.String() + "/udp"
+	}
+	return s.VIP.String()
 }
 
 // AttachRequest attaches to or detaches from a cgroup (ctlbd attach/detach).
@@ -103,10 +123,20 @@ type ServerStatus struct {
 	// Source names where the server came from: static, dns, consul, exec.
 	Source string `json:"source,omitempty"`
 	// Health is HealthHealthy, HealthUnhealthy or HealthUnchecked.
-	Health   string `json:"health,omitempty"`
-	InSet    bool   `json:"inSet"`
+	Health string `json:"health,omitempty"`
+	InSet  bool   `json:"inSet"`
+	// Connects is Attempts, under its earlier name.
 	Connects uint64 `json:"connects"`
-	Open     int64  `json:"open"`
+	// Attempts are connects sent to the server; Established and Failed
+	// split TCP attempts by outcome (handshake done; refused or timed out).
+	Attempts    uint64 `json:"attempts"`
+	Established uint64 `json:"established"`
+	Failed      uint64 `json:"failed"`
+	Terminated  uint64 `json:"terminated,omitempty"`
+	Open        int64  `json:"open"`
+	// Failing is set while the kernel skips the server after failed
+	// connects (hold-down).
+	Failing bool `json:"failing,omitempty"`
 	// LastError is the last failed health check's error.
 	LastError string `json:"lastError,omitempty"`
 }
@@ -132,9 +162,11 @@ type RejectedEntry struct {
 
 // ServiceStatus is one VIP in ctlbd status.
 type ServiceStatus struct {
-	VIP     string         `json:"vip"`
-	Empty   string         `json:"empty"`
-	Servers []ServerStatus `json:"servers"`
+	VIP      string         `json:"vip"`
+	Protocol string         `json:"protocol"`
+	Balance  string         `json:"balance"`
+	Empty    string         `json:"empty"`
+	Servers  []ServerStatus `json:"servers"`
 	// Tracked VIPs get their set from sources and health checks.
 	Tracked bool           `json:"tracked"`
 	Panic   bool           `json:"panic,omitempty"`

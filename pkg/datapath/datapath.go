@@ -255,9 +255,17 @@ func Open(dir string) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	if old != 0 {
+	d, err := openPinned(dir)
+	if err != nil && old != 0 {
+		// v1 pins and no whole v2 set: the upgrade has not run (or not
+		// got this far). Once the v2 objects are pinned they serve, even
+		// while the upgrade finishes with the v1 ones.
 		return nil, fmt.Errorf("%s holds layout v%d pins not yet upgraded (start ctlbd of this version to upgrade them): %w", dir, old, ErrLayout)
 	}
+	return d, err
+}
+
+func openPinned(dir string) (*Datapath, error) {
 	d := &Datapath{dir: dir, progs: map[string]*ebpf.Program{}}
 	for name, dst := range d.maps.byName() {
 		p := filepath.Join(dir, name)

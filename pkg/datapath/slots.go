@@ -3,6 +3,7 @@ package datapath
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
@@ -72,14 +73,14 @@ func (d *Datapath) allocator() (*slotAllocator, error) {
 }
 
 func (a *slotAllocator) load(d *Datapath) error {
-	var (
-		slot uint32
-		info ctlbSlotInfoV2
-	)
+	infos, err := readSlotInfos(d.maps.slots)
+	if err != nil {
+		return err
+	}
 	used := map[uint32]bool{}
-	it := d.maps.slots.Iterate()
 	now := time.Now()
-	for it.Next(&slot, &info) {
+	for i, info := range infos {
+		slot := uint32(i)
 		if info.Flags&slotUsed == 0 {
 			continue
 		}
@@ -91,9 +92,6 @@ func (a *slotAllocator) load(d *Datapath) error {
 		}
 		used[slot] = true
 		a.next = max(a.next, slot+1)
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read server slots: %w", err)
 	}
 	for s := uint32(1); s < a.next; s++ {
 		if !used[s] {
@@ -185,9 +183,9 @@ func (a *slotAllocator) slot(d *Datapath, k ServiceKey, svc uint32, srv netip.Ad
 		s = a.next
 		a.next++
 	}
-	if err := d.zeroSlot(s); err != nil {
-		return 0, err
-	}
+	// No zeroing here: a slot never given out is zero, and sweep zeroes a
+	// slot before it returns to the free list (and before its info says
+	// unused, so a restart never takes a dirty slot for a free one).
 	if err := d.writeSlotInfo(s, sk, svc, slotUsed, true); err != nil {
 		return 0, err
 	}
@@ -357,4 +355,36 @@ func ebpfPossibleCPUs() int {
 		return 1
 	}
 	return n
+}
+
+// readSlotInfos reads the whole slot-info array: batch lookups where the
+// kernel has them (a few syscalls for 65,536 slots), else one by one.
+func readSlotInfos(m *ebpf.Map) ([]ctlbSlotInfoV2, error) {
+	n := m.MaxEntries()
+	out := make([]ctlbSlotInfoV2, n)
+	keys := make([]uint32, min(statsChunk, n))
+	var cursor ebpf.MapBatchCursor
+	for lo := uint32(0); lo < n; {
+		c := min(statsChunk, n-lo)
+		got, err := m.BatchLookup(&cursor, keys[:c], out[lo:lo+c], nil)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) || got != int(c) {
+			break // fall back below
+		}
+		lo += c
+		if lo == n {
+			return out, nil
+		}
+	}
+	var (
+		slot uint32
+		info ctlbSlotInfoV2
+	)
+	it := m.Iterate()
+	for it.Next(&slot, &info) {
+		out[slot] = info
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read server slots: %w", err)
+	}
+	return out, nil
 }

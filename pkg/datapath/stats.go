@@ -1,10 +1,13 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
 	"time"
+
+	"github.com/cilium/ebpf"
 )
 
 // ServerStats are the kernel's counters for one server of one VIP.
@@ -61,26 +64,27 @@ func (d *Datapath) Stats() ([]ServerStats, error) {
 	}
 	a.mu.Unlock()
 
+	hi := uint32(1)
+	for _, e := range entries {
+		hi = max(hi, e.slot+1)
+	}
+	counters, open, failing, err := d.readSlots(hi)
+	if err != nil {
+		return nil, err
+	}
 	now := monotonicNow()
 	out := make([]ServerStats, 0, len(entries))
 	for _, e := range entries {
 		st := ServerStats{VIP: e.sk.svc.VIP, Protocol: e.sk.svc.Protocol, Server: e.sk.server, Slot: e.slot, Retired: e.retired}
-		var perCPU []ctlbSlotCountersV2
-		if err := d.maps.counters.Lookup(e.slot, &perCPU); err != nil {
-			return nil, fmt.Errorf("read counters of slot %d: %w", e.slot, err)
-		}
-		for _, c := range perCPU {
+		for _, c := range counters[e.slot] {
 			st.Attempts += c.Attempts
 			st.Established += c.Established
 			st.Failed += c.Failed
 			st.Terminated += c.Terminated
 		}
 		st.Connects = st.Attempts
-		if err := d.maps.open.Lookup(e.slot, &st.Open); err != nil {
-			return nil, fmt.Errorf("read open count of slot %d: %w", e.slot, err)
-		}
-		var f ctlbSlotFailV2
-		if err := d.maps.failing.Lookup(e.slot, &f); err == nil && f.UntilNs > now {
+		st.Open = open[e.slot]
+		if f := failing[e.slot]; f.UntilNs > now {
 			st.FailingFor = time.Duration(f.UntilNs - now)
 		}
 		out = append(out, st)
@@ -92,4 +96,56 @@ func (d *Datapath) Stats() ([]ServerStats, error) {
 		return out[i].Server.Compare(out[j].Server) < 0
 	})
 	return out, nil
+}
+
+// statsChunk bounds one batch lookup of the per-slot arrays.
+const statsChunk = 4096
+
+// readSlots reads the per-slot arrays for slots [0, hi) with batch lookups
+// (a few syscalls for thousands of servers), falling back to one lookup per
+// slot where the kernel has no batch lookup for arrays.
+func (d *Datapath) readSlots(hi uint32) ([][]ctlbSlotCountersV2, []int64, []ctlbSlotFailV2, error) {
+	ncpu := ebpfPossibleCPUs()
+	flat := make([]ctlbSlotCountersV2, int(hi)*ncpu)
+	open := make([]int64, hi)
+	failing := make([]ctlbSlotFailV2, hi)
+	keys := make([]uint32, min(statsChunk, hi))
+	var c1, c2, c3 ebpf.MapBatchCursor
+	for lo := uint32(0); lo < hi; {
+		n := min(statsChunk, hi-lo)
+		got, err := d.maps.counters.BatchLookup(&c1, keys[:n], flat[int(lo)*ncpu:int(lo+n)*ncpu], nil)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) || got != int(n) {
+			return d.readSlotsOneByOne(hi)
+		}
+		if got, err := d.maps.open.BatchLookup(&c2, keys[:n], open[lo:lo+n], nil); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) || got != int(n) {
+			return d.readSlotsOneByOne(hi)
+		}
+		if got, err := d.maps.failing.BatchLookup(&c3, keys[:n], failing[lo:lo+n], nil); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) || got != int(n) {
+			return d.readSlotsOneByOne(hi)
+		}
+		lo += n
+	}
+	counters := make([][]ctlbSlotCountersV2, hi)
+	for i := range counters {
+		counters[i] = flat[i*ncpu : (i+1)*ncpu]
+	}
+	return counters, open, failing, nil
+}
+
+func (d *Datapath) readSlotsOneByOne(hi uint32) ([][]ctlbSlotCountersV2, []int64, []ctlbSlotFailV2, error) {
+	counters := make([][]ctlbSlotCountersV2, hi)
+	open := make([]int64, hi)
+	failing := make([]ctlbSlotFailV2, hi)
+	for s := uint32(0); s < hi; s++ {
+		if err := d.maps.counters.Lookup(s, &counters[s]); err != nil {
+			return nil, nil, nil, fmt.Errorf("read counters of slot %d: %w", s, err)
+		}
+		if err := d.maps.open.Lookup(s, &open[s]); err != nil {
+			return nil, nil, nil, fmt.Errorf("read open count of slot %d: %w", s, err)
+		}
+		if err := d.maps.failing.Lookup(s, &failing[s]); err != nil {
+			return nil, nil, nil, fmt.Errorf("read failing mark of slot %d: %w", s, err)
+		}
+	}
+	return counters, open, failing, nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -61,6 +62,7 @@ func startIn(t *testing.T, netns ns.NetNS, cgroupDir, name string, args ...strin
 		t.Fatalf("start %s: %v", name, err)
 	}
 	p.lines = bufio.NewScanner(stdout)
+	p.lines.Buffer(make([]byte, 1<<20), 16<<20)
 	t.Cleanup(func() {
 		if !p.waited {
 			_ = cmd.Process.Kill()
@@ -213,6 +215,9 @@ func TestIPv6VIP(t *testing.T) {
 
 	// Atomic swap under a connect storm.
 	sets := [][]netip.AddrPort{aps(t, srvs[:1]...), aps(t, srvs[1:]...)}
+	if err := dp.SetService(datapath.Service{VIP: v, Servers: sets[1]}); err != nil {
+		t.Fatal(err) // a set before the storm: the passthrough above is over
+	}
 	c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: v6vip, Workers: 2, Count: 20000, Duration: time.Minute})
 	for i := 0; i < 200; i++ {
 		if err := dp.SetService(datapath.Service{VIP: v, Servers: sets[i%2]}); err != nil {
@@ -333,6 +338,32 @@ func TestUDPVIP(t *testing.T) {
 			}
 		}
 	}
+	// An IPv6 UDP VIP: sendmsg6 and recvmsg6.
+	const v6udp = "[2001:2::153]:8600"
+	v6srvs := []string{"[2001:2::11]:8600", "[2001:2::12]:8600"}
+	testutil.AddLoopbackAddrs(t, netns, "2001:2::153", "2001:2::11", "2001:2::12")
+	startUDPEcho(t, netns, append([]string{v6udp}, v6srvs...)...)
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(v6udp), Protocol: datapath.UDP, Servers: aps(t, v6srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	r6 := runPy(t, netns, cg, "udp", "6", "2001:2::153", "8600", "4", "3")
+	if len(r6.Errors) != 0 || len(r6.Landed) != 12 {
+		t.Fatalf("unconnected UDP to an IPv6 VIP: %d answers, errors %v", len(r6.Landed), r6.Errors)
+	}
+	var firsts6 []string
+	for i := 0; i < 4; i++ {
+		firsts6 = append(firsts6, r6.Landed[i*3])
+		if r6.Landed[i*3+1] != r6.Landed[i*3] || r6.Landed[i*3+2] != r6.Landed[i*3] {
+			t.Errorf("IPv6 UDP socket %d answered by %v: a socket keeps its server", i, r6.Landed[i*3:i*3+3])
+		}
+	}
+	assertSplit(t, "unconnected UDP sockets to an IPv6 VIP", firsts6, v6srvs)
+	for i, p := range r6.Peers {
+		if p != v6udp {
+			t.Errorf("IPv6 UDP datagram %d: recvfrom address %s, want the VIP %s", i, p, v6udp)
+		}
+	}
+
 	// A TCP connect to the same address and port is not the UDP VIP.
 	if _, ok, _ := dp.Service(v); ok {
 		t.Error("the UDP VIP is listed as a TCP VIP too")
@@ -496,6 +527,11 @@ func TestMPTCP(t *testing.T) {
 		}
 	}
 	assertOpen(t, dp, map[string]int64{"127.0.0.11:9001": 2, "127.0.0.12:9001": 2})
+	for k, s := range statsBy(t, dp) {
+		if s.Attempts != 2 || s.Established != 2 || s.Failed != 0 {
+			t.Errorf("MPTCP %s: %+v, want 2 attempts, 2 established (sock_ops on the subflow counts for the MPTCP socket)", k, s)
+		}
+	}
 	p.stop(t)
 	assertOpen(t, dp, map[string]int64{"127.0.0.11:9001": 0, "127.0.0.12:9001": 0})
 }
@@ -609,10 +645,19 @@ func TestUpgradeV1ToV2(t *testing.T) {
 	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 100000, Duration: time.Minute})
 	time.Sleep(300 * time.Millisecond)
 
+	// A v2 plugin meeting only v1 pins says so.
+	if _, err := datapath.Open(dir); !errors.Is(err, datapath.ErrLayout) {
+		t.Errorf("Open of v1 pins: %v, want ErrLayout", err)
+	}
 	start := time.Now()
 	dp, err := datapath.Create(dir)
 	if err != nil {
 		t.Fatalf("upgrade: %v", err)
+	}
+	if o, err := datapath.Open(dir); err != nil {
+		t.Errorf("Open after the upgrade: %v", err)
+	} else {
+		o.Close()
 	}
 	defer dp.Close()
 	took := time.Since(start)
@@ -759,6 +804,12 @@ func TestBulkSetServices(t *testing.T) {
 	if len(got) != n {
 		t.Fatalf("%d VIPs listed, want %d", len(got), n)
 	}
+	start = time.Now()
+	st, err := dp.Stats()
+	if err != nil || len(st) != 2*n {
+		t.Fatalf("stats of %d VIPs: %d entries, %v", n, len(st), err)
+	}
+	t.Logf("read the counters of %d servers in %v", len(st), time.Since(start))
 	// Again, every VIP replaced (the inner arrays swapped).
 	start = time.Now()
 	for i := range svcs {
@@ -771,5 +822,166 @@ func TestBulkSetServices(t *testing.T) {
 	t.Logf("replaced %d VIPs' sets in %v (%.0f VIPs/s)", n, d, n/d.Seconds())
 	if s, ok, _ := dp.Service(svcs[n-1].VIP); !ok || len(s.Servers) != 1 || s.Servers[0].String() != "127.0.0.13:9001" {
 		t.Errorf("last VIP after the bulk replacement: %+v", s)
+	}
+
+	// The fallback for kernels without batch updates, for comparison.
+	datapath.ForceParallel(dp)
+	for i := range svcs {
+		svcs[i].Servers = aps(t, "127.0.0.12:9001")
+	}
+	start = time.Now()
+	if err := dp.SetServices(svcs); err != nil {
+		t.Fatal(err)
+	}
+	d = time.Since(start)
+	t.Logf("replaced %d VIPs' sets in %v (%.0f VIPs/s) with %s single updates", n, d, n/d.Seconds(), dp.BatchMode())
+	if s, ok, _ := dp.Service(svcs[0].VIP); !ok || len(s.Servers) != 1 || s.Servers[0].String() != "127.0.0.12:9001" {
+		t.Errorf("first VIP after the parallel replacement: %+v", s)
+	}
+}
+
+// TestBPFCostPerConnect logs the kernel's run time per program and per
+// connect for layout v1 (testdata) and v2, side by side, for IPv4 TCP, and
+// for v2 also IPv6 TCP, dual-stack TCP (Python AF_INET6 to ::ffff:VIP) and
+// connected UDP. It asserts behaviour only (the connects land); the figures
+// are for the benchmark notes. With run-time stats on, each program run
+// also pays the kernel's two clock reads, so the absolute figures are high;
+// compare the rows.
+func TestBPFCostPerConnect(t *testing.T) {
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	testutil.Require(t, err == nil, fmt.Sprintf("BPF run-time stats: %v", err))
+	defer stats.Close()
+	netns := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12", "198.18.100.1", "2001:2::11", "2001:2::12")
+	testutil.StartServers(t, netns, vip, "127.0.0.11:9001", "127.0.0.12:9001", "[2001:2::11]:9001", "[2001:2::12]:9001")
+	testutil.StartUDPEcho(t, netns, "127.0.0.11:9001")
+	testutil.StartUDPEcho(t, netns, "127.0.0.12:9001")
+	const n = 2000
+
+	measure := func(name string, progs map[string]*ebpf.Program, run func() int) {
+		before := map[string]*ebpf.ProgramStats{}
+		for h, p := range progs {
+			st, err := p.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			before[h] = st
+		}
+		if got := run(); got != n {
+			t.Fatalf("%s: %d of %d connects reached a server", name, got, n)
+		}
+		var total float64
+		var parts []string
+		for _, h := range []string{"connect4", "connect6", "sendmsg4", "recvmsg4", "getpeername4", "getpeername6", "sock_ops", "sock_release"} {
+			p := progs[h]
+			if p == nil {
+				continue
+			}
+			after, err := p.Stats()
+			if err != nil {
+				t.Fatal(err)
+			}
+			rb, ra := before[h].Runtime, after.Runtime
+			cb, ca := before[h].RunCount, after.RunCount
+			if ca == cb {
+				continue
+			}
+			avg := float64(ra-rb) / float64(ca-cb)
+			if h == "sock_release" {
+				total += avg // one per client socket; the root program also sees the servers'
+			} else {
+				total += float64(ra-rb) / n
+			}
+			parts = append(parts, fmt.Sprintf("%s %.0f ns x %d", h, avg, ca-cb))
+		}
+		t.Logf("%s: %.0f ns of BPF per connect (%s)", name, total, strings.Join(parts, ", "))
+	}
+	dial := func(cg, target string) func() int {
+		return func() int {
+			r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: target, Count: n})
+			return n - r.Failed - count(r.Landed)[target]
+		}
+	}
+
+	// v1
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	cg1 := testutil.NewCgroup(t, "")
+	pinV1(t, dir, cg1, "cost-v1", vip, "127.0.0.11:9001", "127.0.0.12:9001")
+	v1 := map[string]*ebpf.Program{}
+	for _, h := range []string{"connect4", "getpeername4", "sock_release"} {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "ctlb_"+h+"_v1"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		v1[h] = p
+	}
+	measure("layout v1, IPv4 TCP", v1, dial(cg1, vip))
+
+	// v2
+	dp := newDatapath(t)
+	cg2 := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("cost-v2", cg2); err != nil {
+		t.Fatal(err)
+	}
+	const v6vip = "[2001:2::100]:8502"
+	for _, s := range []datapath.Service{
+		{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")},
+		{VIP: netip.MustParseAddrPort(vip), Protocol: datapath.UDP, Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")},
+		{VIP: netip.MustParseAddrPort(v6vip), Servers: aps(t, "[2001:2::11]:9001", "[2001:2::12]:9001")},
+	} {
+		if err := dp.SetService(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v2 := map[string]*ebpf.Program{}
+	for _, h := range []string{"connect4", "connect6", "sendmsg4", "recvmsg4", "getpeername4", "getpeername6", "sock_ops", "sock_release"} {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dp.Dir(), "ctlb_"+h+"_v2"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		v2[h] = p
+	}
+	measure("layout v2, IPv4 TCP", v2, dial(cg2, vip))
+	measure("layout v2, IPv6 TCP", v2, dial(cg2, v6vip))
+	measure("layout v2, dual-stack TCP", v2, func() int {
+		r := runPy(t, netns, cg2, "tcp6", "::ffff:198.18.100.1", "80", fmt.Sprint(n))
+		return len(r.Landed) - count(r.Landed)[vip]
+	})
+	measure("layout v2, connected UDP", v2, func() int {
+		r := testutil.RunClient(t, netns, cg2, testutil.ClientSpec{Mode: "udp", Target: vip, Count: n})
+		return n - r.Failed
+	})
+}
+
+// TestFailFastIPv6: the failing mark works the same for an IPv6 VIP, and
+// for dual-stack sockets dialing an IPv4 VIP as ::ffff:VIP.
+func TestFailFastIPv6(t *testing.T) {
+	dp, netns, cg := attached(t, "failfast6")
+	const v6vip = "[2001:2::100]:8502"
+	srvs := []string{"[2001:2::11]:9001", "[2001:2::12]:9001"} // the second refuses
+	testutil.AddLoopbackAddrs(t, netns, "2001:2::11", "2001:2::12", "127.0.0.11", "127.0.0.12")
+	testutil.StartServers(t, netns, srvs[0], "127.0.0.11:9001")
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(v6vip), Servers: aps(t, srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: v6vip, Count: 20})
+	if r.Failed > 1 {
+		t.Errorf("IPv6: %d of 20 sequential connects failed, want at most 1: %v", r.Failed, r.Errors)
+	}
+	if s := statsBy(t, dp)[v6vip+" "+srvs[1]]; s.Failed != 1 || s.FailingFor == 0 {
+		t.Errorf("IPv6 refusing server: %+v, want 1 failed and marked failing", s)
+	}
+
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	py := runPy(t, netns, cg, "tcp6", "::ffff:198.18.100.1", "80", "20")
+	if len(py.Errors) > 1 {
+		t.Errorf("dual-stack: %d of 20 sequential connects failed, want at most 1: %v", len(py.Errors), py.Errors)
+	}
+	if s := statsBy(t, dp)[vip+" 127.0.0.12:9001"]; s.Failed != 1 {
+		t.Errorf("dual-stack refusing server: %+v, want 1 failed", s)
 	}
 }

@@ -702,6 +702,12 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 		return !ok, fmt.Sprintf("attachment %+v", a)
 	})
 	t.Logf("ctlbd's reconciler (every 200ms) removed the dead attachment %s after the cgroup went", time.Since(gone).Round(time.Millisecond))
+	// The attachment leaves listings at the rename that starts its detach;
+	// its link pins go a moment later.
+	testutil.Poll(2*time.Second, func() (bool, string) {
+		links, _ := e.leftovers()
+		return len(links) == 1 && !strings.HasPrefix(links[0], "_"), fmt.Sprint(links)
+	})
 	e.wantNothingLeftBut(1)
 
 	// And a pod of the same name still attaches.

@@ -84,6 +84,12 @@ func TestCLIServicesAndStatus(t *testing.T) {
 		if s.Connects != 5 || s.Open != 2 || !s.InSet {
 			t.Errorf("status %s: connects %d open %d inSet %v, want 5, 2, true", s.Server, s.Connects, s.Open, s.InSet)
 		}
+		if s.Attempts != 5 || s.Established != 5 || s.Failed != 0 {
+			t.Errorf("status %s: attempts %d established %d failed %d, want 5, 5, 0", s.Server, s.Attempts, s.Established, s.Failed)
+		}
+	}
+	if st.Services[0].Protocol != "tcp" {
+		t.Errorf("status protocol %q, want tcp", st.Services[0].Protocol)
 	}
 	if !strings.Contains(d.MustCLI("status"), "127.0.0.31:8502") {
 		t.Error("status table does not name the servers")
@@ -230,6 +236,14 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:0"}, "127.0.0.1:0"},
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:70000"}, `"127.0.0.1:70000"`},
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "127.0.0.1:80"}, "127.0.0.1:80 is listed twice"},
+		{[]string{"service", "set", "[2001:2::1]:8502", "127.0.0.1:80"}, "VIP [2001:2::1]:8502 is IPv6, server 127.0.0.1:80 is IPv4"},
+		{[]string{"service", "set", "198.19.0.1:8502", "[2001:2::11]:80"}, "server [2001:2::11]:80 is IPv6"},
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "--protocol", "sctp"}, `protocol "sctp"`},
+		{[]string{"service", "set", "198.19.0.1:0", "127.0.0.1:80", "--protocol", "udp"}, "198.19.0.1:0"},
+		{[]string{"service", "set", "[::ffff:198.19.0.1]:8502", "127.0.0.1:80"}, "v4-mapped"},
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "--balance", "fastest"}, `"fastest"`},
+		{[]string{"service", "delete", vip, "--protocol", "sctp"}, `"sctp"`},
+		{[]string{"service", "delete", vip, "--protocol", "udp"}, vip + "/udp is not configured"},
 		{[]string{"service", "set", "[2001:2::1]:8502", "127.0.0.1:80"}, "a VIP and its servers are of one family"},
 		{[]string{"service", "set", "[::ffff:198.19.0.1]:8502", "127.0.0.1:80"}, "::ffff:198.19.0.1"},
 		{[]string{"service", "set", "0.0.0.0:8502", "127.0.0.1:80"}, "0.0.0.0:8502"},
@@ -372,6 +386,85 @@ func TestTwoDaemons(t *testing.T) {
 	_, errOut, code := run("run", "--bpffs", a.BPFFS, "--socket", filepath.Join(t.TempDir(), "c.sock"))
 	if code == 0 || !strings.Contains(errOut, "another ctlbd owns") {
 		t.Fatalf("second daemon on the same bpffs: exit %d, %q", code, errOut)
+	}
+}
+
+// TestCLIProtocolsAndIPv6: a UDP VIP and a TCP VIP on one address and port
+// are two VIPs; an IPv6 VIP is set and listed; status and list show the
+// protocol; delete --protocol udp removes only the UDP one.
+func TestCLIProtocolsAndIPv6(t *testing.T) {
+	d := newDaemon(t)
+	d.Start()
+	netns := testutil.NewNetNS(t)
+	udpServers := []string{"127.0.0.31:8600", "127.0.0.32:8600"}
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.31", "127.0.0.32", "127.0.0.33", "2001:2::11", "2001:2::12")
+	testutil.StartServers(t, netns, servers...)
+	for _, s := range udpServers {
+		testutil.StartUDPEcho(t, netns, s)
+	}
+	v6servers := []string{"[2001:2::11]:9001", "[2001:2::12]:9001"}
+	testutil.StartServers(t, netns, v6servers...)
+	cg := testutil.NewCgroup(t, "")
+	d.MustCLI("attach", "--cgroup", cg)
+
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
+	out := d.MustCLI(append([]string{"service", "set", vip, "--protocol", "udp"}, udpServers...)...)
+	if !strings.Contains(out, vip+"/udp") {
+		t.Errorf("service set --protocol udp: %q, want it to name %s/udp", out, vip)
+	}
+	const v6vip = "[2001:2::100]:8502"
+	d.MustCLI(append([]string{"service", "set", v6vip, "--balance", "least-open"}, v6servers...)...)
+
+	var svcs []api.Service
+	d.JSON(&svcs, "service", "list")
+	got := map[string]string{}
+	for _, s := range svcs {
+		got[s.Key()] = fmt.Sprint(s.Servers) + " " + string(s.Balance)
+	}
+	want := map[string]string{
+		vip:          "[" + strings.Join(servers, " ") + "] roundrobin",
+		vip + "/udp": "[" + strings.Join(udpServers, " ") + "] roundrobin",
+		v6vip:        "[" + strings.Join(v6servers, " ") + "] least-open",
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("service list = %v, want %v", got, want)
+	}
+	if table := d.MustCLI("service", "list"); !strings.Contains(table, "udp") || !strings.Contains(table, "PROTOCOL") {
+		t.Errorf("service list table shows no protocol:\n%s", table)
+	}
+
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "udp", Target: vip, Count: 4})
+	if r.Failed != 0 || r.PerServer[udpServers[0]] != 2 || r.PerServer[udpServers[1]] != 2 {
+		t.Errorf("UDP to the VIP: %v (%v), want 2 on each UDP server", r.PerServer, r.Errors)
+	}
+	r = testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 3})
+	if r.Failed != 0 || len(r.PerServer) != 3 {
+		t.Errorf("TCP to the same address and port: %v (%v), want the 3 TCP servers", r.PerServer, r.Errors)
+	}
+	r = testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: v6vip, Count: 4})
+	if r.Failed != 0 || len(r.PerServer) != 2 || r.Peers[0] != v6vip {
+		t.Errorf("IPv6 VIP: %v peers %v (%v), want both IPv6 servers and the VIP as peer", r.PerServer, r.Peers, r.Errors)
+	}
+
+	var st api.Status
+	d.JSON(&st, "status")
+	protos := map[string]uint64{}
+	for _, s := range st.Services {
+		for _, srv := range s.Servers {
+			protos[s.VIP+"/"+s.Protocol] += srv.Attempts
+		}
+	}
+	if protos[vip+"/udp"] != 4 || protos[vip+"/tcp"] != 3 || protos[v6vip+"/tcp"] != 4 {
+		t.Errorf("status attempts by VIP and protocol = %v, want udp 4, tcp 3, IPv6 4", protos)
+	}
+	if table := d.MustCLI("status"); !strings.Contains(table, "ESTABLISHED") || !strings.Contains(table, "udp") {
+		t.Errorf("status table lacks protocol or outcome columns:\n%s", table)
+	}
+
+	d.MustCLI("service", "delete", vip, "--protocol", "udp")
+	d.JSON(&svcs, "service", "list")
+	if len(svcs) != 2 {
+		t.Errorf("after deleting the UDP VIP: %+v, want the TCP and IPv6 VIPs", svcs)
 	}
 }
 

@@ -106,7 +106,7 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 
 			page := scrape(t, node, "127.0.0.1:9464")
 			for _, s := range servers {
-				labels := fmt.Sprintf(`server=%q,vip=%q`, s, vip)
+				labels := fmt.Sprintf(`protocol="tcp",server=%q,vip=%q`, s, vip)
 				if got := metric(t, page, "ctlb_server_connects_total", labels); got != 2 {
 					t.Errorf("ctlb_server_connects_total{%s} = %v, want 2 (the attached pod's connects only)", labels, got)
 				}
