@@ -82,6 +82,9 @@ struct svc_key_v2 {
 
 /* svc_hdr_v2.flags */
 #define CTLB_SVC_F_REJECT_EMPTY 0x1 /* no usable server: ECONNREFUSED, not pass-through */
+/* Read by ctlbd only (programs ignore it): keep the connections of a server
+ * that leaves the set instead of ending them ("onServerRemoved": "keep"). */
+#define CTLB_SVC_F_KEEP_ON_REMOVAL 0x8000
 
 /* svc_hdr_v2.balance */
 #define CTLB_BALANCE_ROUNDROBIN 0 /* shared counter in ctlb_svcstate_v2 */

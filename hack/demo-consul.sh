@@ -8,10 +8,15 @@
 # ServerDiscoveryService.WatchServers, a fresh connection each) to the magic
 # VIP. The calls land on the servers round-robin; one server is killed and
 # leaves the set; a replacement on a new address joins it and gets calls; the
-# pod never changes. `ctlbd status` is shown at each step.
+# pod never changes. Then the same with 12 long-lived WatchServers streams, as
+# Envoy holds them: a server's host vanishes (no RST ever comes back), ctlbd
+# ends the streams that were on it and they are back on live servers within
+# 2 s; a replacement joins and rebalancing gives it its share. `ctlbd status`
+# is shown at each step.
 #
-# The story is the end-to-end test TestConsulFlagship (test/e2e/consul_test.go),
-# run with its log shown: what you see is what CI checks. The test removes
+# The story is the end-to-end tests TestConsulFlagship and
+# TestConsulFlagshipStreams (test/e2e/consul_test.go, consul_streams_test.go),
+# run with their log shown: what you see is what CI checks. The test removes
 # everything it made (namespaces, mounts, cgroups, processes by PID, the
 # runtime's host directories), also when it fails or when you press Ctrl-C.
 set -euo pipefail
@@ -38,7 +43,7 @@ go test -c -o "$work/e2e.test" ./test/e2e
 # runs); the filter ignores it, so the test's output keeps flowing to the end.
 # The filter drops the test framework's "file.go:NN:" prefixes.
 rc=0
-(cd test/e2e && TMPDIR=$work exec "$work/e2e.test" -test.run '^TestConsulFlagship$' -test.v -test.count=1 -test.timeout 10m) 2>&1 |
+(cd test/e2e && TMPDIR=$work exec "$work/e2e.test" -test.run '^TestConsulFlagship(Streams)?$' -test.v -test.count=1 -test.timeout 10m) 2>&1 |
 	(trap '' INT; sed -u -E 's/^    [a-z_]+\.go:[0-9]+: ?//; s/^        //') || rc=$?
 if [[ $rc -eq 0 ]]; then
 	bold "== demo-consul: done; everything it made has been removed"

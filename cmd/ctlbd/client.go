@@ -32,7 +32,7 @@ func newServiceCommand(g *globals) *cobra.Command {
 		Use:   "service",
 		Short: "Set, delete and list VIPs and their servers",
 	}
-	var empty, protocol, balance string
+	var empty, protocol, balance, onRemoved string
 	set := &cobra.Command{
 		Use:   "set VIP:PORT SERVER:PORT [SERVER:PORT...]",
 		Short: "Set a VIP's servers, replacing its set atomically",
@@ -51,16 +51,22 @@ family. An IPv4 VIP also serves dual-stack sockets dialing ::ffff:VIP (Java,
 
 --balance chooses how connects pick a server: "roundrobin" (default; each
 node starts at a random point), "random", or "least-open" (the less loaded of
-two random servers by open connections).`,
+two random servers by open connections).
+
+A server that leaves the set has its open connections ended at once
+(--on-server-removed terminate, the default): the clients see the connection
+aborted and reconnect through the VIP to a server still in the set. With
+"keep" they stay open until the applications close them.`,
 		Example: `  ctlbd service set 198.18.255.1:8502 198.18.0.11:8502 198.18.0.12:8502
   ctlbd service set 198.18.255.1:8502 --empty passthrough
   ctlbd service set 198.18.255.53:8600 198.18.0.11:8600 198.18.0.12:8600 --protocol udp
-  ctlbd service set [2001:2::100]:8502 [2001:2::11]:9001 [2001:2::12]:9001 --balance least-open`,
+  ctlbd service set [2001:2::100]:8502 [2001:2::11]:9001 [2001:2::12]:9001 --balance least-open
+  ctlbd service set 198.18.255.1:8502 198.18.0.12:8502 --on-server-removed keep`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty, Protocol: protocol, Balance: balance}
+			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty, Protocol: protocol, Balance: balance, OnServerRemoved: onRemoved}
 			// Refuse bad input here too, before the daemon is asked.
-			if _, err := (config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, Protocol: req.Protocol, Balance: req.Balance}).Datapath(); err != nil {
+			if _, err := (config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, Protocol: req.Protocol, Balance: req.Balance, OnServerRemoved: req.OnServerRemoved}).Datapath(); err != nil {
 				return err
 			}
 			c, ctx, cancel := g.client()
@@ -70,13 +76,14 @@ two random servers by open connections).`,
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
-				fmt.Fprintf(w, "set %s: %d servers, empty %s, balance %s\n", svc.Key(), len(svc.Servers), svc.Empty, svc.Balance)
+				fmt.Fprintf(w, "set %s: %d servers, empty %s, balance %s, on server removed %s\n", svc.Key(), len(svc.Servers), svc.Empty, svc.Balance, svc.OnServerRemoved)
 			})
 		},
 	}
 	set.Flags().StringVar(&empty, "empty", "reject", `what a connect to the VIP does while no server is usable: "reject" or "passthrough"`)
 	set.Flags().StringVar(&protocol, "protocol", "tcp", `the VIP's protocol: "tcp" or "udp"`)
 	set.Flags().StringVar(&balance, "balance", "roundrobin", `how connects choose a server: "roundrobin", "random" or "least-open"`)
+	set.Flags().StringVar(&onRemoved, "on-server-removed", "terminate", `what happens to the open connections of a server that leaves the set: "terminate" or "keep"`)
 	var delProtocol string
 	del := &cobra.Command{
 		Use:     "delete VIP:PORT",
@@ -248,8 +255,9 @@ func newStatusCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status",
 		Short: "Show each VIP's servers with connects and open connections",
-		Long: `Show, per VIP and server, how many connects the kernel sent there and how many
-of those sockets are open now, with each server's source and health. Exits
+		Long: `Show, per VIP and server, how many connects the kernel sent there, how many
+of those sockets are open now, and how many ctlbd ended (ENDED) because the
+server left the set, with each server's source and health. Exits
 non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -260,7 +268,7 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tPROTO\tSERVER\tSOURCE\tHEALTH\tIN SET\tATTEMPTS\tESTABLISHED\tFAILED\tOPEN")
+				fmt.Fprintln(w, "VIP\tPROTO\tSERVER\tSOURCE\tHEALTH\tIN SET\tATTEMPTS\tESTABLISHED\tFAILED\tOPEN\tENDED")
 				for _, s := range st.Services {
 					if len(s.Servers) == 0 {
 						fmt.Fprintf(w, "%s\t%s\t(none: %s)\t\t\t\t\t\t\t\n", s.VIP, s.Protocol, s.Empty)
@@ -270,8 +278,8 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 						if srv.Failing {
 							health += ",failing"
 						}
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\t%d\n", s.VIP, s.Protocol, srv.Server, srv.Source, health, srv.InSet,
-							srv.Attempts, srv.Established, srv.Failed, srv.Open)
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\t%d\t%d\n", s.VIP, s.Protocol, srv.Server, srv.Source, health, srv.InSet,
+							srv.Attempts, srv.Established, srv.Failed, srv.Open, srv.Terminated)
 					}
 				}
 				for _, s := range st.Services {
@@ -298,6 +306,7 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 					}
 				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
+				fmt.Fprintf(w, "connections of servers that leave a set are ended by: %s\n", st.Termination)
 				if st.HostScope {
 					fmt.Fprintf(w, "host scope: attached at the cgroup v2 root (every process)\n")
 				}

@@ -22,6 +22,12 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
+// Rebalancing rates, in connections ended per second per VIP.
+const (
+	DefaultRebalanceRate = 2
+	MaxRebalanceRate     = 10
+)
+
 // MaxSize bounds a config file; a larger one is refused rather than read.
 const MaxSize = 8 << 20
 
@@ -84,6 +90,18 @@ type Service struct {
 	// Balance is how connects choose a server: "roundrobin" (default),
 	// "random" or "least-open".
 	Balance string `json:"balance,omitempty"`
+	// OnServerRemoved is what happens to the open connections of a server
+	// that leaves the set (removed, or unhealthy): "terminate" (default)
+	// ends them so clients reconnect to a server in the set; "keep" leaves
+	// them to their applications.
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
+	// Rebalance, when true, ends a few connections per second on the most
+	// loaded servers after a server joins, until the newcomer holds its
+	// share (1/k of the VIP's open connections, ±1).
+	Rebalance bool `json:"rebalance,omitempty"`
+	// RebalanceRate is how many connections per second rebalancing may end
+	// (default 2: gentle, clients reconnect one by one; at most 10).
+	RebalanceRate float64 `json:"rebalanceRate,omitempty"`
 
 	// Discovery and health (see internal/servers). With any of these, ctlbd
 	// tracks the VIP: the union of the static list and every source gives
@@ -270,11 +288,18 @@ func (s Service) Datapath() (datapath.Service, error) {
 	if err != nil {
 		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
 	}
+	removal, err := datapath.ParseRemovalPolicy(s.OnServerRemoved)
+	if err != nil {
+		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
+	}
+	if s.RebalanceRate < 0 || s.RebalanceRate > MaxRebalanceRate {
+		return datapath.Service{}, fmt.Errorf("VIP %s: rebalanceRate %v: want 0 (default %v) to %v connections per second", vip, s.RebalanceRate, DefaultRebalanceRate, MaxRebalanceRate)
+	}
 	balance, err := datapath.ParseBalance(s.Balance)
 	if err != nil {
 		return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
 	}
-	out := datapath.Service{VIP: vip, Protocol: proto, Empty: policy, Balance: balance, Servers: []netip.AddrPort{}}
+	out := datapath.Service{VIP: vip, Protocol: proto, Empty: policy, Balance: balance, OnServerRemoved: removal, Servers: []netip.AddrPort{}}
 	for _, raw := range s.Servers {
 		srv, err := datapath.ParseServer(raw)
 		if err != nil {

@@ -15,6 +15,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(`{"bpffs": "/sys/fs/bpf/ctlb", "reconcileInterval": "1s", "logLevel": "debug"}`))
 	f.Add([]byte(`{"services": [{"vip": "198.19.0.1:99999"}]}`))
 	f.Add([]byte(`{"unknown": 1}`))
+	f.Add([]byte(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.1:8502"], "onServerRemoved": "keep", "rebalance": true, "rebalanceRate": 3}]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := config.Parse(data)
 		if err != nil {
@@ -45,6 +46,9 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		`{"socket": "relative.sock"}`:                                             "socket",
 		`{"services": [{"vip": "198.19.0.1:80", "servers": ["127.0.0.1:80:1"]}]}`: `"127.0.0.1:80:1"`,
 		`{"services": [{"vip": "198.19.0.1:80", "empty": "sometimes"}]}`:          `"sometimes"`,
+		`{"services": [{"vip": "198.19.0.1:80", "onServerRemoved": "drop"}]}`:     `"drop"`,
+		`{"services": [{"vip": "198.19.0.1:80", "rebalanceRate": 50}]}`:           "rebalanceRate 50",
+		`{"services": [{"vip": "198.19.0.1:80", "rebalanceRate": -1}]}`:           "rebalanceRate -1",
 		`{} {}`: "trailing data",
 	}
 	for in, want := range cases {
@@ -52,5 +56,24 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Parse(%s) = %v, want an error naming %s", in, err, want)
 		}
+	}
+}
+
+// The removal policy and rebalancing reach the datapath's service as given,
+// with their defaults when left out.
+func TestRemovalPolicyAndRebalance(t *testing.T) {
+	c, err := config.Parse([]byte(`{"services": [
+		{"vip": "198.19.0.1:80", "servers": ["127.0.0.1:80"], "onServerRemoved": "keep", "rebalance": true, "rebalanceRate": 4},
+		{"vip": "198.19.0.2:80", "servers": ["127.0.0.1:80"]}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keep, err := c.Services[0].Datapath()
+	if err != nil || keep.OnServerRemoved != "keep" || !c.Services[0].Rebalance || c.Services[0].RebalanceRate != 4 {
+		t.Errorf("first VIP: %+v, %v; config %+v", keep, err, c.Services[0])
+	}
+	def, err := c.Services[1].Datapath()
+	if err != nil || def.OnServerRemoved != "terminate" || c.Services[1].Rebalance {
+		t.Errorf("second VIP: %+v, %v; want terminate, no rebalance", def, err)
 	}
 }

@@ -49,6 +49,12 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
+	// ends ends the connections of servers that leave a set.
+	ends *endings
+	// reb moves connections onto servers that join a set (opt-in).
+	reb *rebalancer
+	// fail returns servers the kernel marked failing to rotation.
+	fail *failWatch
 	// ready is what /readyz reports.
 	ready readiness
 
@@ -85,6 +91,9 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	}
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
 		trackers: map[datapath.ServiceKey]*trackedService{}, runCtx: context.Background()}
+	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone, d.table.inSomeSet)
+	d.reb = newRebalancer(d)
+	d.fail = newFailWatch(d)
 	d.registry = d.newRegistry()
 	return d, nil
 }
@@ -95,6 +104,7 @@ func (d *Daemon) Datapath() *datapath.Datapath { return d.dp }
 // Close releases the daemon's handles. Pinned objects and links stay:
 // connections keep being balanced while no daemon runs (invariant 1).
 func (d *Daemon) Close() error {
+	d.ends.close()
 	err := d.dp.Close()
 	d.lock.Close()
 	return err
@@ -150,6 +160,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.loadTable(); err != nil {
 		return err
 	}
+	go d.ends.run(ctx)
+	go d.reb.run(ctx)
+	go d.fail.run(ctx)
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
@@ -262,6 +275,7 @@ func (d *Daemon) Reload() error {
 func (d *Daemon) applyServices(prev, next *config.Config) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.reb.configure(next.Services)
 	want := map[datapath.ServiceKey]datapath.Service{}
 	var changed []datapath.Service
 	for _, s := range next.Services {
@@ -278,7 +292,7 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			if ts := d.trackers[svc.Key()]; ts != nil && ts.sameConfig(s) {
 				continue
 			}
-			if !ok || cur.Empty != svc.Empty || cur.Balance != svc.Balance {
+			if !ok || cur.Empty != svc.Empty || cur.Balance != svc.Balance || cur.OnServerRemoved != svc.OnServerRemoved {
 				keep := svc
 				keep.Servers = []netip.AddrPort{}
 				if ok {
@@ -326,7 +340,7 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 
 func sameService(a, b datapath.Service) bool {
 	a, b = a.Normalized(), b.Normalized()
-	if a.Key() != b.Key() || a.Empty != b.Empty || a.Balance != b.Balance || len(a.Servers) != len(b.Servers) {
+	if a.Key() != b.Key() || a.Empty != b.Empty || a.Balance != b.Balance || a.OnServerRemoved != b.OnServerRemoved || len(a.Servers) != len(b.Servers) {
 		return false
 	}
 	for i := range a.Servers {

@@ -86,7 +86,7 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, err)
 		return
 	}
-	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, Protocol: req.Protocol, Balance: req.Balance}.Datapath()
+	svc, err := config.Service{VIP: req.VIP, Servers: req.Servers, Empty: req.Empty, Protocol: req.Protocol, Balance: req.Balance, OnServerRemoved: req.OnServerRemoved}.Datapath()
 	if err != nil {
 		reply(w, nil, badRequest(err))
 		return
@@ -270,7 +270,9 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	tracked := d.snapshots()
 	for _, svc := range svcs {
-		ss := api.ServiceStatus{VIP: svc.VIP.String(), Protocol: string(svc.Protocol), Balance: string(svc.Balance), Empty: string(svc.Empty), Servers: []api.ServerStatus{}}
+		ss := api.ServiceStatus{VIP: svc.VIP.String(), Protocol: string(svc.Protocol), Balance: string(svc.Balance), Empty: string(svc.Empty), OnServerRemoved: string(svc.OnServerRemoved), Servers: []api.ServerStatus{}}
+		ended := d.ends.terminated(svc.Key())
+		ss.Rebalancing = d.reb.rebalancing(svc.Key())
 		counted := map[netip.AddrPort]datapath.ServerStats{}
 		for _, s := range byVIP[svc.Key()] {
 			counted[s.Server] = s
@@ -303,10 +305,25 @@ func (d *Daemon) Status() (api.Status, error) {
 			ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true}, counted[srv]))
 			listed[srv] = true
 		}
-		// Servers that left the set but still have open connections.
+		// Servers that left the set but still have open connections, or
+		// had them ended.
 		for _, c := range byVIP[svc.Key()] {
-			if !listed[c.Server] && c.Open > 0 {
+			if !listed[c.Server] && (c.Open > 0 || ended[c.Server] > 0) {
 				ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: c.Server.String(), InSet: false}, c))
+				listed[c.Server] = true
+			}
+		}
+		// Departed servers whose slot the kernel has given back: what
+		// ctlbd ended is still worth showing.
+		for srv := range ended {
+			if !listed[srv] {
+				ss.Servers = append(ss.Servers, api.ServerStatus{Server: srv.String(), InSet: false})
+			}
+		}
+		for i := range ss.Servers {
+			if srv, err := netip.ParseAddrPort(ss.Servers[i].Server); err == nil {
+				ss.Servers[i].Terminated = ended[srv]
+				_, ss.Servers[i].FailMarks, _ = d.fail.state(svc.Key(), srv)
 			}
 		}
 		st.Services = append(st.Services, ss)
@@ -317,6 +334,7 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
+	st.Termination = d.ends.how
 	st.HostScope = d.hostAttached()
 	d.nriStatus(&st)
 	return st, nil

@@ -45,6 +45,10 @@ var (
 		"Failed answers of a server source (DNS, Consul, exec); the last good answer is kept.", []string{"vip", "source"}, nil)
 	descSetChanges = prometheus.NewDesc("ctlb_service_set_changes_total",
 		"Changes of a tracked VIP's healthy set written to the map.", []string{"vip"}, nil)
+	descEnded = prometheus.NewDesc("ctlb_server_terminated_connections_total",
+		"Connections ctlbd ended because their server left the VIP's set (or to rebalance onto a newcomer), counted by ctlbd since it started: unlike ctlb_server_terminated_total it stays after the departed server's slot is given back.", []string{"vip", "protocol", "server"}, nil)
+	descTermination = prometheus.NewDesc("ctlb_termination_available",
+		"1 when ctlbd can end connections to servers that leave a set (bpf_sock_destroy), 0 when this kernel cannot.", nil, nil)
 	descPanic = prometheus.NewDesc("ctlb_service_panic",
 		"1 while a tracked VIP is in panic mode (no healthy server; every candidate kept).", []string{"vip"}, nil)
 	descRejected = prometheus.NewDesc("ctlb_source_rejected_entries",
@@ -61,7 +65,7 @@ type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descRejected, descTrimmed, descConsulRequests} {
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests} {
 		ch <- d
 	}
 }
@@ -101,6 +105,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descDeadAttachments, prometheus.GaugeValue, float64(dead))
 	}
 	ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pendingCount()))
+	ch <- prometheus.MustNewConstMetric(descTermination, prometheus.GaugeValue, boolFloat(d.ends.available()))
+	for key, m := range d.ends.all() {
+		for srv, n := range m {
+			ch <- prometheus.MustNewConstMetric(descEnded, prometheus.CounterValue, float64(n), key.VIP.String(), string(key.Protocol), srv.String())
+		}
+	}
 	ch <- prometheus.MustNewConstMetric(descConsulRequests, prometheus.CounterValue, float64(discovery.ConsulRequests()))
 	for vip, snap := range d.snapshots() {
 		v := vip.String()

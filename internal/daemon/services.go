@@ -13,6 +13,9 @@ import (
 type serviceTable struct {
 	mu   sync.RWMutex
 	sets map[netip.AddrPort][]netip.AddrPort
+	// byKey holds every VIP's set, TCP and UDP: what departures and
+	// arrivals are computed against.
+	byKey map[datapath.ServiceKey][]netip.AddrPort
 }
 
 func (t *serviceTable) put(svcs ...datapath.Service) {
@@ -21,7 +24,11 @@ func (t *serviceTable) put(svcs ...datapath.Service) {
 	if t.sets == nil {
 		t.sets = map[netip.AddrPort][]netip.AddrPort{}
 	}
+	if t.byKey == nil {
+		t.byKey = map[datapath.ServiceKey][]netip.AddrPort{}
+	}
 	for _, s := range svcs {
+		t.byKey[s.Key()] = append([]netip.AddrPort(nil), s.Servers...)
 		if s.Key().Protocol == datapath.TCP { // the proxy serves TCP
 			t.sets[s.VIP] = append([]netip.AddrPort(nil), s.Servers...)
 		}
@@ -31,9 +38,17 @@ func (t *serviceTable) put(svcs ...datapath.Service) {
 func (t *serviceTable) remove(key datapath.ServiceKey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	delete(t.byKey, key)
 	if key.Protocol == datapath.TCP {
 		delete(t.sets, key.VIP)
 	}
+}
+
+// setOf is the set last written for a VIP of either protocol.
+func (t *serviceTable) setOf(key datapath.ServiceKey) []netip.AddrPort {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.byKey[key]
 }
 
 // targets is the proxy's view: the servers of the VIP:port a client dialed.
@@ -46,10 +61,23 @@ func (t *serviceTable) targets(vip netip.AddrPort) []netip.AddrPort {
 // writeSets writes sets to the maps (each swap atomic) and mirrors them.
 // Callers hold d.mu.
 func (d *Daemon) writeSets(svcs ...datapath.Service) error {
+	return d.writeSetsEnding(true, svcs...)
+}
+
+// writeSetsEnding is writeSets; end says whether the connections of servers
+// that leave the sets are ended (per their VIP's policy).
+func (d *Daemon) writeSetsEnding(end bool, svcs ...datapath.Service) error {
+	var departed []datapath.Departed
+	if end {
+		departed = d.departures(svcs)
+	}
 	if err := d.dp.SetServices(svcs); err != nil {
 		return err
 	}
+	d.reb.arrivals(svcs, d.table.setOf)
 	d.table.put(svcs...)
+	// Only now: the clients' reconnects must find the new set.
+	d.ends.add(departed...)
 	return nil
 }
 
@@ -59,7 +87,7 @@ func (d *Daemon) setServices(reason string, svcs ...datapath.Service) error {
 		return err
 	}
 	for _, s := range svcs {
-		d.log.Info("service set", "vip", s.VIP, "protocol", s.Key().Protocol, "servers", s.Servers, "empty", s.Empty, "balance", s.Balance, "reason", reason)
+		d.log.Info("service set", "vip", s.VIP, "protocol", s.Key().Protocol, "servers", s.Servers, "empty", s.Empty, "balance", s.Balance, "onServerRemoved", s.OnServerRemoved, "reason", reason)
 	}
 	return nil
 }

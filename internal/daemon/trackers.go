@@ -16,7 +16,9 @@ type trackedService struct {
 	key     datapath.ServiceKey
 	cfg     config.Service
 	tracker *servers.Tracker
-	cancel  context.CancelFunc
+	// published is set once the tracker's first set is written.
+	published bool
+	cancel    context.CancelFunc
 }
 
 // sameConfig tells whether a running tracker was built from cfg already.
@@ -31,7 +33,7 @@ func (ts *trackedService) sameConfig(cfg config.Service) bool {
 // stopped has its late changes ignored. Callers hold d.mu.
 func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datapath.Service) error {
 	ts := &trackedService{key: svc.Key(), cfg: cfg}
-	policy, balance := svc.Empty, svc.Balance
+	policy, removal, balance := svc.Empty, svc.OnServerRemoved, svc.Balance
 	opts, err := cfg.Sources().Options(func(healthy []netip.AddrPort, reason string) {
 		d.mu.Lock()
 		defer d.mu.Unlock()
@@ -39,7 +41,12 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 			return // superseded or stopped
 		}
 		// The tracker logged the change and its reason already.
-		if err := d.writeSets(datapath.Service{VIP: ts.key.VIP, Protocol: ts.key.Protocol, Servers: healthy, Empty: policy, Balance: balance}); err != nil {
+		// A tracker's first set (after a start, restart or reload) comes
+		// from a view still filling up (a slow source may not have
+		// answered): it ends no connection; later changes do.
+		first := !ts.published
+		ts.published = true
+		if err := d.writeSetsEnding(!first, datapath.Service{VIP: ts.key.VIP, Protocol: ts.key.Protocol, Servers: healthy, Empty: policy, Balance: balance, OnServerRemoved: removal}); err != nil {
 			d.log.Error("write healthy set", "vip", ts.key, "reason", reason, "error", err)
 		}
 	}, d.log)

@@ -12,7 +12,7 @@ import (
 
 func apiService(s datapath.Service) api.Service {
 	s = s.Normalized()
-	return api.Service{VIP: s.VIP, Servers: s.Servers, Empty: string(s.Empty), Protocol: string(s.Protocol), Balance: string(s.Balance)}
+	return api.Service{VIP: s.VIP, Servers: s.Servers, Empty: string(s.Empty), Protocol: string(s.Protocol), Balance: string(s.Balance), OnServerRemoved: string(s.OnServerRemoved)}
 }
 
 func apiServices(list []datapath.Service) []api.Service {

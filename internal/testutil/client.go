@@ -29,7 +29,10 @@ type ClientSpec struct {
 	// Mode: "dial" (Count connections, one after another, each closed after
 	// the server named itself), "hold" (Count connections kept open until
 	// Stop), "storm" (Workers loops of connections until Stop or Duration),
-	// "udp" (Count datagrams, each answered by the server's address).
+	// "udp" (Count datagrams, each answered by the server's address),
+	// "watch" (Count connections held open, each watched: a line with an
+	// Event when one ends, and, with Reconnect, when it is replaced),
+	// "udpwatch" (the same with Count connected UDP sockets).
 	Mode   string `json:"mode"`
 	Target string `json:"target"`
 	// Targets, in dial mode, are dialed once each instead of Target.
@@ -37,6 +40,24 @@ type ClientSpec struct {
 	Count    int           `json:"count"`
 	Workers  int           `json:"workers"`
 	Duration time.Duration `json:"duration"`
+	// Reconnect, in watch mode, dials Target again when a held connection
+	// ends, as a long-lived client (a gRPC stream) does.
+	Reconnect bool `json:"reconnect,omitempty"`
+}
+
+// ClientEvent is one change of a held connection in watch mode.
+type ClientEvent struct {
+	// Index is the connection's position in Landed.
+	Index int `json:"index"`
+	// Server is the server it was on; Ended says how it ended.
+	Server string `json:"server"`
+	Ended  string `json:"ended,omitempty"`
+	// Reconnected names the server of the connection that replaced it;
+	// ReconnectError says why none could be made.
+	Reconnected    string `json:"reconnected,omitempty"`
+	ReconnectError string `json:"reconnectError,omitempty"`
+	// At is when the client saw it (Unix nanoseconds).
+	At int64 `json:"at"`
 }
 
 // ClientResult is what a client saw.
@@ -50,13 +71,16 @@ type ClientResult struct {
 	Total     int            `json:"total"`
 	Failed    int            `json:"failed"`
 	Errors    []string       `json:"errors"`
+	// Event is set on the lines that follow a watch client's first report.
+	Event *ClientEvent `json:"event,omitempty"`
 }
 
 // Client is a running client process.
 type Client struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
-	lines  *bufio.Scanner
+	lines  chan []byte // the client's report lines, closed at its exit
+	err    error       // why the lines ended, once lines is closed
 	waited bool
 }
 
@@ -101,8 +125,16 @@ func StartClient(t testing.TB, netns ns.NetNS, cgroupDir string, spec ClientSpec
 	if err != nil {
 		t.Fatalf("start client: %v", err)
 	}
-	c := &Client{cmd: cmd, stdin: stdin, lines: bufio.NewScanner(stdout)}
-	c.lines.Buffer(make([]byte, 1<<20), 64<<20)
+	c := &Client{cmd: cmd, stdin: stdin, lines: make(chan []byte, 1024)}
+	sc := bufio.NewScanner(stdout)
+	sc.Buffer(make([]byte, 1<<20), 64<<20)
+	go func() {
+		for sc.Scan() {
+			c.lines <- append([]byte(nil), sc.Bytes()...)
+		}
+		c.err = sc.Err()
+		close(c.lines)
+	}()
 	t.Cleanup(func() {
 		if !c.waited {
 			_ = cmd.Process.Kill()
@@ -116,14 +148,33 @@ func StartClient(t testing.TB, netns ns.NetNS, cgroupDir string, spec ClientSpec
 // dial, hold and udp, at the end for storm.
 func (c *Client) Result(t testing.TB) ClientResult {
 	t.Helper()
-	if !c.lines.Scan() {
-		t.Fatalf("client exited without a report: %v", c.lines.Err())
+	line, ok := <-c.lines
+	if !ok {
+		t.Fatalf("client exited without a report: %v", c.err)
 	}
 	var r ClientResult
-	if err := json.Unmarshal(c.lines.Bytes(), &r); err != nil {
-		t.Fatalf("client report %q: %v", c.lines.Text(), err)
+	if err := json.Unmarshal(line, &r); err != nil {
+		t.Fatalf("client report %q: %v", line, err)
 	}
 	return r
+}
+
+// Event waits up to within for a watch client's next event; nil if none came.
+func (c *Client) Event(t testing.TB, within time.Duration) *ClientEvent {
+	t.Helper()
+	select {
+	case line, ok := <-c.lines:
+		if !ok {
+			t.Fatalf("client exited: %v", c.err)
+		}
+		var r ClientResult
+		if err := json.Unmarshal(line, &r); err != nil || r.Event == nil {
+			t.Fatalf("client line %q is not an event: %v", line, err)
+		}
+		return r.Event
+	case <-time.After(within):
+		return nil
+	}
 }
 
 // Stop tells the client to finish (close held connections, end a storm) and
@@ -207,6 +258,10 @@ func runClient(spec ClientSpec) {
 		for _, c := range held {
 			c.Close()
 		}
+	case "watch":
+		watch(ctx, spec, r)
+	case "udpwatch":
+		udpWatch(ctx, spec, r)
 	case "udp":
 		for i := 0; i < spec.Count; i++ {
 			r.Total++

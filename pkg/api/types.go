@@ -18,6 +18,8 @@ type ServiceRequest struct {
 	Empty string `json:"empty,omitempty"`
 	// Protocol is "tcp" (default) or "udp".
 	Protocol string `json:"protocol,omitempty"`
+	// OnServerRemoved is "terminate" (default) or "keep".
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
 	// Balance is "roundrobin" (default), "random" or "least-open".
 	Balance string `json:"balance,omitempty"`
 }
@@ -37,6 +39,9 @@ type Service struct {
 	Protocol string `json:"protocol"`
 	// Balance is "roundrobin", "random" or "least-open".
 	Balance string `json:"balance"`
+	// OnServerRemoved is what happens to the open connections of a server
+	// that leaves the set: "terminate" or "keep".
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
 }
 
 // Key names the VIP as "VIP" for TCP and "VIP/udp" for UDP.
@@ -132,11 +137,14 @@ type ServerStatus struct {
 	Attempts    uint64 `json:"attempts"`
 	Established uint64 `json:"established"`
 	Failed      uint64 `json:"failed"`
-	Terminated  uint64 `json:"terminated,omitempty"`
-	Open        int64  `json:"open"`
+	// Terminated counts connections ctlbd ended because the server left the
+	// set (or, rebalancing, to move them to a newcomer).
+	Terminated uint64 `json:"terminated,omitempty"`
+	Open       int64  `json:"open"`
 	// Failing is set while the kernel skips the server after failed
-	// connects (hold-down).
-	Failing bool `json:"failing,omitempty"`
+	// connects (hold-down); FailMarks counts the marks ctlbd saw.
+	Failing   bool   `json:"failing,omitempty"`
+	FailMarks uint64 `json:"failMarks,omitempty"`
 	// LastError is the last failed health check's error.
 	LastError string `json:"lastError,omitempty"`
 }
@@ -167,6 +175,11 @@ type ServiceStatus struct {
 	Balance  string         `json:"balance"`
 	Empty    string         `json:"empty"`
 	Servers  []ServerStatus `json:"servers"`
+	// OnServerRemoved is "terminate" or "keep".
+	OnServerRemoved string `json:"onServerRemoved,omitempty"`
+	// Rebalancing is true while ctlbd moves connections onto a server
+	// that joined the set (config "rebalance").
+	Rebalancing bool `json:"rebalancing,omitempty"`
 	// Tracked VIPs get their set from sources and health checks.
 	Tracked bool           `json:"tracked"`
 	Panic   bool           `json:"panic,omitempty"`
@@ -192,6 +205,9 @@ type Status struct {
 	NRISocket string `json:"nriSocket,omitempty"`
 	// HostScope says ctlb is attached at the cgroup v2 root (every process).
 	HostScope bool `json:"hostScope,omitempty"`
+	// Termination is how ctlbd ends connections to servers that leave a
+	// set ("bpf_sock_destroy"), or "unavailable: " and why.
+	Termination string `json:"termination,omitempty"`
 }
 
 // States of ctlbd's NRI plugin in Status.NRI.

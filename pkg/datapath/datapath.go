@@ -148,6 +148,9 @@ type Datapath struct {
 
 	// Upgraded says what an upgrade from an older layout did at Create.
 	upgraded *UpgradeReport
+
+	// cgPaths caches attached cgroups' directories for AttachedNetNS.
+	cgPaths cgroupPathCache
 }
 
 // Dir is the bpffs directory the objects are pinned in.

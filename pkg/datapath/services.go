@@ -150,6 +150,9 @@ type Service struct {
 	Servers  []netip.AddrPort `json:"servers"`
 	Empty    EmptyPolicy      `json:"empty"`
 	Balance  Balance          `json:"balance"`
+	// OnServerRemoved is what happens to the connections of a server that
+	// leaves the set; "" means terminate.
+	OnServerRemoved RemovalPolicy `json:"onServerRemoved,omitempty"`
 }
 
 // Key is the service's VIP triple, with the default protocol filled in.
@@ -169,6 +172,9 @@ func (s Service) Normalized() Service {
 	}
 	if b, err := ParseBalance(string(s.Balance)); err == nil {
 		s.Balance = b
+	}
+	if r, err := ParseRemovalPolicy(string(s.OnServerRemoved)); err == nil {
+		s.OnServerRemoved = r
 	}
 	if s.Servers == nil {
 		s.Servers = []netip.AddrPort{}
@@ -256,6 +262,9 @@ func (s Service) Validate() error {
 	if _, err := ParseBalance(string(s.Balance)); err != nil {
 		return fmt.Errorf("VIP %s: %w", k, err)
 	}
+	if _, err := ParseRemovalPolicy(string(s.OnServerRemoved)); err != nil {
+		return fmt.Errorf("VIP %s: %w", k, err)
+	}
 	return nil
 }
 
@@ -308,6 +317,9 @@ func (d *Datapath) newInner(s Service, svc uint32, slots []uint32) (*ebpf.Map, e
 	hdr := svcHdr{Count: uint32(len(s.Servers)), Balance: Balance(s.Balance).number(), Proto: k.Protocol.number(), Svc: svc}
 	if s.Empty == EmptyReject || s.Empty == "" {
 		hdr.Flags = flagRejectEmpty
+	}
+	if s.OnServerRemoved == RemovalKeep {
+		hdr.Flags |= flagKeepOnRemoval
 	}
 	if err := inner.Put(uint32(0), hdr); err != nil {
 		inner.Close()
@@ -586,6 +598,10 @@ func readService(k ServiceKey, innerID uint32) (Service, []uint32, error) {
 	s := Service{VIP: k.VIP, Protocol: k.Protocol, Empty: EmptyPassthrough, Balance: balanceOf(hdr.Balance), Servers: []netip.AddrPort{}}
 	if hdr.Flags&flagRejectEmpty != 0 {
 		s.Empty = EmptyReject
+	}
+	s.OnServerRemoved = RemovalTerminate
+	if hdr.Flags&flagKeepOnRemoval != 0 {
+		s.OnServerRemoved = RemovalKeep
 	}
 	var slots []uint32
 	for i := uint32(1); i <= hdr.Count && i <= MaxServers; i++ {

@@ -20,14 +20,14 @@ import (
 // node is a test network namespace running ctlbd, its servers, a DNS server
 // when asked, and attached pods: nothing it does can reach another host.
 type node struct {
-	t     *testing.T
+	t     testing.TB
 	netns ns.NetNS
 	d     *ctlbdtest.Daemon
 	cfg   string
 }
 
 // newNode starts ctlbd inside a fresh namespace with the given config.
-func newNode(t *testing.T, addrs []string, conf string) *node {
+func newNode(t testing.TB, addrs []string, conf string) *node {
 	t.Helper()
 	n := &node{t: t, netns: testutil.NewNetNS(t), cfg: filepath.Join(t.TempDir(), "ctlbd.json")}
 	testutil.AddLoopbackAddrs(t, n.netns, addrs...)

@@ -43,14 +43,14 @@ func TestMain(m *testing.M) {
 // newDaemon prepares the real ctlbd on a private bpffs and socket, with
 // extra `run` flags; Start runs it (internal/testutil/ctlbdtest is the one
 // runner every test package uses).
-func newDaemon(t *testing.T, extra ...string) *ctlbdtest.Daemon {
+func newDaemon(t testing.TB, extra ...string) *ctlbdtest.Daemon {
 	t.Helper()
 	return ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, Args: extra})
 }
 
 // newDaemonIn is newDaemon for a daemon living in netns (its proxy and
 // metrics listeners are there).
-func newDaemonIn(t *testing.T, netns ns.NetNS, extra ...string) *ctlbdtest.Daemon {
+func newDaemonIn(t testing.TB, netns ns.NetNS, extra ...string) *ctlbdtest.Daemon {
 	t.Helper()
 	return ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, NetNS: netns, Args: extra})
 }

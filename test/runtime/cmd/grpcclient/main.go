@@ -63,6 +63,9 @@ type Line struct {
 	Answer []string `json:"answer,omitempty"`
 	Err    string   `json:"err,omitempty"`
 	Done   bool     `json:"done,omitempty"`
+	// Event, with -streams, says what happened to stream N: "open" (its
+	// first answer came) or "ended" (the stream broke; it is opened again).
+	Event string `json:"event,omitempty"`
 }
 
 func main() {
@@ -75,6 +78,7 @@ func main() {
 	caPEM := flag.String("tls-ca-pem", "", "speak TLS, trusting this PEM CA (the text itself: a container has no files of the test)")
 	serverName := flag.String("tls-server-name", "", "name expected in the server certificate (with -tls-ca-pem)")
 	token := flag.String("token", "", "ACL token sent as x-consul-token (test clusters only)")
+	streams := flag.Int("streams", 0, "hold this many long-lived WatchServers streams at once, each opened again when it breaks, instead of calls one after another (1-100)")
 	flag.Parse()
 	if *target == "" || *count < 1 || *count > 100000 || (*rpc != "watchservers" && *rpc != "features") || *interval < time.Millisecond {
 		fmt.Fprintln(os.Stderr, "usage: grpcclient -target IP:PORT [-rpc watchservers|features] [-count N] [-interval D] [-timeout D] [-deadline D]")
@@ -98,6 +102,15 @@ func main() {
 	enc := json.NewEncoder(os.Stdout)
 	if *token != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "x-consul-token", *token)
+	}
+	if *streams > 0 {
+		if *streams > 100 {
+			fmt.Fprintln(os.Stderr, "grpcclient: -streams is 1-100")
+			os.Exit(2)
+		}
+		holdStreams(ctx, *target, *streams, *timeout, creds, enc)
+		_ = enc.Encode(Line{Done: true, End: time.Now().UnixNano()})
+		return
 	}
 	for n := 0; n < *count && ctx.Err() == nil; n++ {
 		l := call(ctx, *target, *rpc, *timeout, creds)
@@ -278,4 +291,86 @@ func parseProcAddr(s string) (string, error) {
 	var ip [4]byte
 	binary.NativeEndian.PutUint32(ip[:], binary.BigEndian.Uint32(b))
 	return netip.AddrPortFrom(netip.AddrFrom4(ip), uint16(port)).String(), nil
+}
+
+// holdStreams keeps n WatchServers streams open until ctx ends, as Envoy
+// and consul-dataplane do: each on a connection of its own, reported when
+// its first answer arrives and when it breaks, and then opened again
+// (bounded: 100 times per stream).
+func holdStreams(ctx context.Context, target string, n int, timeout time.Duration, creds credentials.TransportCredentials, enc *json.Encoder) {
+	var mu sync.Mutex
+	emit := func(l Line) {
+		mu.Lock()
+		defer mu.Unlock()
+		_ = enc.Encode(l)
+	}
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 100 {
+				if ctx.Err() != nil {
+					return
+				}
+				l := Line{N: i, Start: time.Now().UnixNano()}
+				server, ended, err := holdStream(ctx, target, timeout, creds, func(server string, answer []string) {
+					emit(Line{N: i, Start: l.Start, End: time.Now().UnixNano(), Server: server, Answer: answer, Event: "open"})
+				})
+				if ctx.Err() != nil {
+					return
+				}
+				l.End, l.Server, l.Event = time.Now().UnixNano(), server, "ended"
+				if err != nil {
+					l.Err = err.Error()
+				}
+				if !ended {
+					l.Err = "no answer: " + l.Err
+				}
+				emit(l)
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// holdStream opens one stream, calls opened with its first answer, and
+// reads until it breaks; ended says whether it was ever open.
+func holdStream(ctx context.Context, target string, timeout time.Duration, creds credentials.TransportCredentials, opened func(server string, answer []string)) (server string, ended bool, err error) {
+	d := &recordingDialer{}
+	conn, err := grpc.NewClient("passthrough:///"+target, grpc.WithTransportCredentials(creds), grpc.WithContextDialer(d.dial))
+	if err != nil {
+		return "", false, err
+	}
+	defer conn.Close()
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	first := time.AfterFunc(timeout, cancel) // bound the wait for the first answer
+	st, err := pbserverdiscovery.NewServerDiscoveryServiceClient(conn).WatchServers(sctx, &pbserverdiscovery.WatchServersRequest{})
+	if err != nil {
+		return "", false, fmt.Errorf("WatchServers: %w", err)
+	}
+	resp, err := st.Recv()
+	first.Stop()
+	if err != nil {
+		return "", false, fmt.Errorf("WatchServers: %w", err)
+	}
+	if c := d.last(); c != nil {
+		server, _ = realRemote(c)
+	}
+	var answer []string
+	for _, s := range resp.GetServers() {
+		answer = append(answer, s.GetId()+"@"+s.GetAddress())
+	}
+	opened(server, answer)
+	for {
+		if _, err := st.Recv(); err != nil {
+			return server, true, err
+		}
+	}
 }
