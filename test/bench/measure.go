@@ -169,24 +169,34 @@ func (e *env) measureOnce(ctx context.Context, p path, m metric, cfg Config) (sa
 	}
 	q := workload.Request{Kind: m.kind, Targets: p.targets(m.kind == workload.KindBulk), Conns: m.conns(cfg), Duration: cfg.Duration}
 	raw, _ := json.Marshal(q)
+	lean := e.leanClients[cg]
+	if m.kind != workload.KindRate {
+		lean = nil
+	}
 	c0, err := e.counters(cgs)
 	if err != nil {
 		return sample{}, err
 	}
-	if err := client.Send(raw); err != nil {
-		return sample{}, err
-	}
-	line, err := client.Recv(cfg.Duration + 15*time.Second)
-	if err != nil {
-		return sample{}, err
+	var s sample
+	if lean != nil {
+		if s.res, err = leanRate(lean, q); err != nil {
+			return sample{}, err
+		}
+	} else {
+		if err := client.Send(raw); err != nil {
+			return sample{}, err
+		}
+		line, err := client.Recv(cfg.Duration + 15*time.Second)
+		if err != nil {
+			return sample{}, err
+		}
+		if err := json.Unmarshal(line, &s.res); err != nil {
+			return sample{}, fmt.Errorf("client result %q: %w", line, err)
+		}
 	}
 	c1, err := e.counters(cgs)
 	if err != nil {
 		return sample{}, err
-	}
-	var s sample
-	if err := json.Unmarshal(line, &s.res); err != nil {
-		return sample{}, fmt.Errorf("client result %q: %w", line, err)
 	}
 	d := c1.sub(c0)
 	s.cpu, s.sys = d.path.Total, d.sys.Total-d.warm.Total
