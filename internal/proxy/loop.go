@@ -4,9 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"runtime"
 	"sync"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,7 +57,8 @@ type handler interface {
 type loop struct {
 	p      *Proxy
 	epfd   int
-	wakefd int // eventfd: commands are waiting
+	epFile *os.File // epfd on Go's poller, once run made it so
+	wakefd int      // eventfd: commands are waiting
 	buf    []byte
 	now    time.Time // as of the last wake-up
 
@@ -93,28 +97,60 @@ func newLoop(p *Proxy) (*loop, error) {
 }
 
 func (l *loop) closeFDs() {
-	unix.Close(l.epfd)
+	if l.epFile != nil {
+		l.epFile.Close()
+	} else {
+		unix.Close(l.epfd)
+	}
 	unix.Close(l.wakefd)
 }
 
-// run is the loop's goroutine. Its thread enters the proxy's network
-// namespace for good (the thread is discarded when the loop ends, never
-// handed back to the runtime in the wrong namespace), so that the sockets
-// it dials are the namespace's.
+// run is the loop's goroutine. With a network namespace to serve in, its
+// thread enters it for good (the thread is discarded when the loop ends,
+// never handed back to the runtime in the wrong namespace), so that the
+// sockets it dials are the namespace's.
 func (l *loop) run(netns ns.NetNS) {
 	defer close(l.done)
 	defer l.closeFDs()
-	runtime.LockOSThread()
 	if netns != nil {
+		runtime.LockOSThread()
 		if err := netns.Set(); err != nil {
 			l.p.log.Error("proxy loop cannot enter its network namespace", "err", err)
 			return
 		}
 	}
+	// The loop waits for its epoll instance on Go's poller (an epoll
+	// descriptor is readable while it has events), not in a blocking
+	// epoll_wait: a goroutine parked on the poller holds no thread, where
+	// a blocking call hands its P back and takes it again on every wake-up
+	// (futex wake-ups, spinning threads: the scheduler's share in the old
+	// core's profile).
+	var wait syscall.RawConn
+	if err := unix.SetNonblock(l.epfd, true); err == nil {
+		l.epFile = os.NewFile(uintptr(l.epfd), "proxy-epoll")
+		wait, _ = l.epFile.SyscallConn()
+	}
 	events := make([]unix.EpollEvent, 128)
 	var lastSweep time.Time
 	for {
-		n, err := unix.EpollWait(l.epfd, events, int(sweepEvery/time.Millisecond))
+		// Under load the next events are often there already: look
+		// without blocking first, a plain system call the Go scheduler
+		// does not see.
+		n, err := pollNow(l.epfd, events)
+		if n == 0 && err == nil {
+			if wait != nil {
+				_ = l.epFile.SetReadDeadline(time.Now().Add(sweepEvery))
+				rerr := wait.Read(func(uintptr) bool {
+					n, err = pollNow(l.epfd, events)
+					return n > 0 || err != nil
+				})
+				if rerr != nil && !errors.Is(rerr, os.ErrDeadlineExceeded) {
+					err = rerr
+				}
+			} else {
+				n, err = unix.EpollWait(l.epfd, events, int(sweepEvery/time.Millisecond))
+			}
+		}
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			l.p.log.Error("proxy loop: epoll_wait failed", "err", err)
 			return
@@ -181,6 +217,16 @@ func (l *loop) runCommands() bool {
 		}
 	}
 	return stop
+}
+
+// pollNow is epoll_wait with a zero timeout, as a raw system call: it never
+// blocks, so the scheduler need not know.
+func pollNow(epfd int, events []unix.EpollEvent) (int, error) {
+	n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
 }
 
 // stop ends the loop; every descriptor it holds must be closed already.
@@ -265,6 +311,7 @@ type pair struct {
 	next           int // of plan
 	target         netip.AddrPort
 	connected      bool
+	clientOut      bool      // the client's socket is registered for writability
 	deadline       time.Time // of the dial
 	last           time.Time // bytes last moved
 	up, down       dir
@@ -304,7 +351,7 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	}
 	pr := &pair{client: fd, server: -1, svc: svc, sm: sm, plan: plan, last: l.now,
 		up: dir{pipe: [2]int{-1, -1}}, down: dir{pipe: [2]int{-1, -1}}}
-	if err := l.add(fd, pr, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
+	if err := l.add(fd, pr, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
 		p.log.Warn("closing client: epoll", "err", err)
 		resetFD(fd)
 		return
@@ -353,16 +400,35 @@ func (l *loop) dialFailed(pr *pair, t netip.AddrPort, err error) {
 	p.log.Warn("dial failed", "service", pr.svc.name, "target", t, "err", err)
 }
 
+// Directions to pump.
+const (
+	pumpUp   = 1 // client to server
+	pumpDown = 2 // server to client
+	pumpBoth = pumpUp | pumpDown
+	// pumpDrain reads sources until EAGAIN even after a short read: the
+	// event reported the peer's end of stream (or an error), which no
+	// later event will report again. Otherwise a short read means the
+	// socket is empty for now, and data arriving later raises a new edge,
+	// so the read that would only say EAGAIN is skipped.
+	pumpDrain = 4
+)
+
 func (pr *pair) event(l *loop, fd int, ev uint32) {
 	if !pr.connected {
 		if fd != pr.server || ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 			return // the client's data waits for the server
 		}
-		soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		if err == nil && soerr != 0 {
-			err = unix.Errno(soerr)
-		}
-		if err != nil {
+		// Writable without an error is connected (no event of a closed
+		// descriptor can reach a new one, see closing); the error is
+		// asked for only when there is one.
+		if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+			if err == nil {
+				err = unix.ECONNREFUSED
+				if soerr != 0 {
+					err = unix.Errno(soerr)
+				}
+			}
 			l.forget(fd)
 			pr.server = -1
 			l.dialFailed(pr, pr.target, err)
@@ -370,8 +436,37 @@ func (pr *pair) event(l *loop, fd int, ev uint32) {
 			return
 		}
 		l.connected(pr)
+		// The client's events while dialing were not acted on: read it
+		// to the end of what is there, its end of stream included.
+		l.pump(pr, pumpBoth|pumpDrain)
+		return
 	}
-	l.pump(pr)
+	// Only the directions this event can move: readable feeds the
+	// direction the socket is the source of, writable drains the one it
+	// is the destination of.
+	var which int
+	if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		which = pumpDrain
+	}
+	switch {
+	case ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0:
+		which |= pumpBoth
+	case fd == pr.client:
+		if ev&(unix.EPOLLIN|unix.EPOLLRDHUP) != 0 {
+			which |= pumpUp
+		}
+		if ev&unix.EPOLLOUT != 0 {
+			which |= pumpDown
+		}
+	default:
+		if ev&(unix.EPOLLIN|unix.EPOLLRDHUP) != 0 {
+			which |= pumpDown
+		}
+		if ev&unix.EPOLLOUT != 0 {
+			which |= pumpUp
+		}
+	}
+	l.pump(pr, which)
 }
 
 func (l *loop) connected(pr *pair) {
@@ -387,14 +482,21 @@ func (l *loop) connected(pr *pair) {
 
 // pump moves what it can both ways and ends the pair when both ways are
 // done or one failed.
-func (l *loop) pump(pr *pair) {
-	for _, d := range [2][2]*dir{{&pr.up, &pr.down}, {&pr.down, &pr.up}} {
-		if d[0].done {
+func (l *loop) pump(pr *pair, which int) {
+	for i, d := range [2][2]*dir{{&pr.up, &pr.down}, {&pr.down, &pr.up}} {
+		if d[0].done || which&(1<<i) == 0 {
 			continue
 		}
-		moved, err := l.move(d[0], d[1])
+		moved, blocked, err := l.move(d[0], d[1], which&pumpDrain != 0)
 		if moved {
 			pr.last = l.now
+		}
+		if err == nil && blocked && d[0].dst == pr.client && !pr.clientOut {
+			// The client's socket is registered for writability only
+			// once a write to it has had to wait: most never do.
+			pr.clientOut = true
+			err = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, pr.client,
+				&unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(pr.client)})
 		}
 		if err != nil {
 			l.p.log.Debug("connection aborted", "service", pr.svc.name, "target", pr.target, "err", err)
@@ -411,19 +513,19 @@ func (l *loop) pump(pr *pair) {
 // destination takes nothing more for now. At the source's end of stream it
 // passes the half-close on, unless the other way is done too: then the
 // close that follows sends the FIN.
-func (l *loop) move(d, other *dir) (moved bool, err error) {
+func (l *loop) move(d, other *dir, drain bool) (moved, blocked bool, err error) {
 	for {
 		// Flush what is held first.
 		for len(d.pending) > 0 {
 			n, err := unix.Write(d.dst, d.pending)
 			if err != nil {
 				if errors.Is(err, unix.EAGAIN) {
-					return moved, nil
+					return moved, true, nil
 				}
 				if errors.Is(err, unix.EINTR) {
 					continue
 				}
-				return moved, fmt.Errorf("write: %w", err)
+				return moved, false, fmt.Errorf("write: %w", err)
 			}
 			d.bytes.Add(float64(n))
 			d.pending = d.pending[n:]
@@ -433,12 +535,12 @@ func (l *loop) move(d, other *dir) (moved bool, err error) {
 			n, err := unix.Splice(d.pipe[0], nil, d.dst, nil, d.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 			if err != nil {
 				if errors.Is(err, unix.EAGAIN) {
-					return moved, nil
+					return moved, true, nil
 				}
 				if errors.Is(err, unix.EINTR) {
 					continue
 				}
-				return moved, fmt.Errorf("splice out: %w", err)
+				return moved, false, fmt.Errorf("splice out: %w", err)
 			}
 			d.bytes.Add(float64(n))
 			d.inPipe -= int(n)
@@ -447,19 +549,19 @@ func (l *loop) move(d, other *dir) (moved bool, err error) {
 		if d.eof {
 			d.done = true
 			if other.done {
-				return moved, nil
+				return moved, false, nil
 			}
-			return moved, d.passEOF()
+			return moved, false, d.passEOF()
 		}
 		if d.pipe[0] >= 0 {
 			n, err := unix.Splice(d.src, nil, d.pipe[1], nil, spliceChunk, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 			switch {
 			case errors.Is(err, unix.EAGAIN):
-				return moved, nil
+				return moved, false, nil
 			case errors.Is(err, unix.EINTR):
 				continue
 			case err != nil:
-				return moved, fmt.Errorf("splice in: %w", err)
+				return moved, false, fmt.Errorf("splice in: %w", err)
 			case n == 0:
 				d.eof = true
 			default:
@@ -470,11 +572,11 @@ func (l *loop) move(d, other *dir) (moved bool, err error) {
 		n, err := unix.Read(d.src, l.buf)
 		switch {
 		case errors.Is(err, unix.EAGAIN):
-			return moved, nil
+			return moved, false, nil
 		case errors.Is(err, unix.EINTR):
 			continue
 		case err != nil:
-			return moved, fmt.Errorf("read: %w", err)
+			return moved, false, fmt.Errorf("read: %w", err)
 		case n == 0:
 			d.eof = true
 			continue
@@ -485,7 +587,7 @@ func (l *loop) move(d, other *dir) (moved bool, err error) {
 			if errors.Is(err, unix.EINTR) {
 				w = 0
 			} else {
-				return moved, fmt.Errorf("write: %w", err)
+				return moved, false, fmt.Errorf("write: %w", err)
 			}
 		}
 		w = max(w, 0)
@@ -498,8 +600,10 @@ func (l *loop) move(d, other *dir) (moved bool, err error) {
 		if n == len(l.buf) {
 			// A full buffer: bulk. Splice the rest of this direction.
 			if err := d.openPipe(); err != nil {
-				return moved, err
+				return moved, false, err
 			}
+		} else if !drain && len(d.pending) == 0 {
+			return moved, false, nil // a short read emptied the socket
 		}
 	}
 }

@@ -194,6 +194,15 @@ func printReport(w io.Writer, r *Results) {
 			p.CPUPerConn.Median, p.SysCPUPerConn.Median, p.Errors, p.Foreign*100)
 	}
 	tw.Flush()
+	var proxies []string
+	for _, p := range r.Paths {
+		if p.ProxyCPUPerConn.Median > 0 {
+			proxies = append(proxies, fmt.Sprintf("%s %.1f / %.1f", p.Name, p.ProxyCPUPerConn.Median, p.ProxyCPUPerConnN.Median))
+		}
+	}
+	if len(proxies) > 0 {
+		fmt.Fprintf(w, "proxy's own CPU us/conn (1 / %d clients): %s\n", r.Config.Clients, strings.Join(proxies, ", "))
+	}
 	for _, p := range r.Paths {
 		if p.FirstError != "" {
 			fmt.Fprintf(w, "  %s: first error: %s\n", p.Name, p.FirstError)
