@@ -43,7 +43,7 @@ lint:
 
 # Every test runs as root against the real kernel. In CI (CI=true) a test that
 # cannot run fails instead of skipping, and any SKIP line fails the run.
-test: deps build check-generate lint fuzz consul-bin
+test: deps build check-generate lint fuzz consul-bin runtime-bins
 	@mkdir -p .cache
 	set -o pipefail; $(GO) test $(TESTFLAGS) -v ./... 2>&1 | tee .cache/test.log | grep -E '^(=== RUN|--- |ok |FAIL|PASS|panic)' ; \
 	  rc=$$?; \
@@ -78,3 +78,4 @@ clean:
 
 include consul.mk
 include bench.mk
+include runtimes.mk

@@ -2,17 +2,25 @@
 #   make bench       every path side by side in one run: a table on stdout,
 #                    bench/results.json, bench/results.txt, bench/results.dat
 #                    (root; about 6 minutes on 2 cores)
+#   make bench-fleet the Consul load of 50 daemons (bench/fleet.txt; about 3 min)
 #   make bench-plot  draw docs/bench.png from bench/results.dat with gnuplot
 # BENCH_FLAGS passes options to the program, e.g. BENCH_FLAGS="-rounds 3".
 
 BENCH_FLAGS ?=
 
-.PHONY: bench bench-plot
+.PHONY: bench bench-fleet bench-plot
 
 bench: deps
 	$(GOBUILD) -o bin/ctlb-bench ./test/bench
 	$(GOBUILD) -o bin/ctlb ./plugins/meta/ctlb
 	bin/ctlb-bench -out bench/results.json -cni-plugin bin/ctlb $(BENCH_FLAGS)
+	$(MAKE) bench-fleet
+
+# The Consul load of a fleet (issue 16): 50 ctlbd daemons on one real
+# 3-server cluster; requests/s the servers receive at rest and in churn.
+bench-fleet: deps
+	@mkdir -p bench
+	$(GO) test -count=1 -run '^$$' -bench FleetConsul -benchtime 1x -timeout 15m -v ./test/bench | tee bench/fleet.txt
 
 bench-plot: deps
 	@command -v gnuplot >/dev/null || { echo "bench-plot needs gnuplot (Debian package gnuplot-nox)"; exit 1; }

@@ -22,6 +22,7 @@ want nft nftables
 want gnuplot gnuplot-nox
 want containerd containerd
 want runc runc
+want crun crun
 want podman podman
 want catatonit catatonit
 for extra in ${CTLB_EXTRA_PACKAGES:-}; do need+=("$extra"); done

@@ -2,11 +2,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,26 +15,15 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
-// call runs one API request with a bounded time.
-func (g *globals) call(method, path string, query url.Values, in, out any) error {
+// client returns the typed API client and a context bounding one call.
+func (g *globals) client() (*api.Client, context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	return api.NewClient(g.socket).Do(ctx, method, path, query, in, out)
+	return api.NewClient(g.socket), ctx, cancel
 }
 
-// print writes v as JSON with -o json, else calls table.
+// print writes v in the -o format.
 func (g *globals) print(w io.Writer, v any, table func(*tabwriter.Writer)) error {
-	switch g.output {
-	case "json":
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		return enc.Encode(v)
-	case "table", "":
-		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		table(tw)
-		return tw.Flush()
-	}
-	return fmt.Errorf("--output %q: want table or json", g.output)
+	return printResult(w, g.output, v, table)
 }
 
 func newServiceCommand(g *globals) *cobra.Command {
@@ -57,12 +44,10 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
   ctlbd service set 198.18.255.1:8502 --empty passthrough`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty}
-			if req.Servers == nil {
-				req.Servers = []string{}
-			}
-			var svc datapath.Service
-			if err := g.call(http.MethodPut, api.PathServices, nil, req, &svc); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			svc, err := c.SetService(ctx, api.ServiceRequest{VIP: args[0], Servers: args[1:], Empty: empty})
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
@@ -80,7 +65,9 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 			if _, err := datapath.ParseVIP(args[0]); err != nil {
 				return err
 			}
-			return g.call(http.MethodDelete, api.PathServices+"/"+url.PathEscape(args[0]), nil, nil, nil)
+			c, ctx, cancel := g.client()
+			defer cancel()
+			return c.DeleteService(ctx, args[0])
 		},
 	}
 	list := &cobra.Command{
@@ -88,8 +75,10 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 		Short: "List VIPs and their servers as the maps hold them",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var svcs []datapath.Service
-			if err := g.call(http.MethodGet, api.PathServices, nil, nil, &svcs); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			svcs, err := c.Services(ctx)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svcs, func(w *tabwriter.Writer) {
@@ -109,20 +98,32 @@ once with ECONNREFUSED, "passthrough" lets them through to the VIP unchanged
 }
 
 func newAttachCommand(g *globals) *cobra.Command {
-	var cgroup string
+	var tg target
 	cmd := &cobra.Command{
-		Use:   "attach --cgroup PATH",
-		Short: "Attach ctlb to a cgroup: its processes' connects to VIPs are balanced",
+		Use:   "attach (--cgroup PATH | --host)",
+		Short: "Attach ctlb to a cgroup, or host-wide: its processes' connects to VIPs are balanced",
 		Long: `Attach connect4, getpeername4 and sock_release to a cgroup v2 directory with
 pinned bpf_links. Every process in the cgroup and its descendants is covered,
 including ones started later. PATH is absolute or relative to the cgroup v2
 mount; the v2 root itself is refused. Pods are attached by the CNI plugin;
-this command is for everything else.`,
-		Example: "  ctlbd attach --cgroup /system.slice/myapp.service",
-		Args:    cobra.NoArgs,
+this command is for everything else.
+
+--host attaches once at the cgroup v2 root instead: every process of the host,
+whatever its cgroup, for hosts and VMs that run no CNI at all (the config's
+"hostScope": true does the same when ctlbd starts). It is idempotent, and stays
+until "ctlbd detach --host".`,
+		Example: `  ctlbd attach --cgroup /system.slice/myapp.service
+  ctlbd attach --host`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var a datapath.Attachment
-			if err := g.call(http.MethodPost, api.PathAttachments, nil, api.AttachRequest{Cgroup: cgroup}, &a); err != nil {
+			req, err := tg.request()
+			if err != nil {
+				return err
+			}
+			c, ctx, cancel := g.client()
+			defer cancel()
+			a, err := c.Attach(ctx, req)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), a, func(w *tabwriter.Writer) {
@@ -130,21 +131,49 @@ this command is for everything else.`,
 			})
 		},
 	}
-	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory (required)")
-	_ = cmd.MarkFlagRequired("cgroup")
+	tg.flags(cmd, "attach at the cgroup v2 root: every process of the host")
 	return cmd
 }
 
+// target is what attach and detach act on: --cgroup PATH or --host.
+type target struct {
+	cgroup string
+	host   bool
+}
+
+func (tg *target) flags(cmd *cobra.Command, hostHelp string) {
+	cmd.Flags().StringVar(&tg.cgroup, "cgroup", "", "cgroup v2 directory")
+	cmd.Flags().BoolVar(&tg.host, "host", false, hostHelp)
+}
+
+// request wants exactly one of --cgroup and --host.
+func (tg *target) request() (api.AttachRequest, error) {
+	switch {
+	case tg.cgroup == "" && !tg.host:
+		return api.AttachRequest{}, errors.New("need --cgroup PATH or --host")
+	case tg.cgroup != "" && tg.host:
+		return api.AttachRequest{}, fmt.Errorf("--cgroup %q and --host exclude each other: --host is the cgroup v2 root", tg.cgroup)
+	}
+	return api.AttachRequest{Cgroup: tg.cgroup, Host: tg.host}, nil
+}
+
 func newDetachCommand(g *globals) *cobra.Command {
-	var cgroup string
+	var tg target
 	cmd := &cobra.Command{
-		Use:     "detach --cgroup PATH",
-		Short:   "Detach ctlb from a cgroup (every attachment on it)",
-		Example: "  ctlbd detach --cgroup /system.slice/myapp.service",
-		Args:    cobra.NoArgs,
+		Use:   "detach (--cgroup PATH | --host)",
+		Short: "Detach ctlb from a cgroup (every attachment on it), or the host-wide attachment",
+		Example: `  ctlbd detach --cgroup /system.slice/myapp.service
+  ctlbd detach --host`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var removed []datapath.Attachment
-			if err := g.call(http.MethodDelete, api.PathAttachments, nil, api.AttachRequest{Cgroup: cgroup}, &removed); err != nil {
+			req, err := tg.request()
+			if err != nil {
+				return err
+			}
+			c, ctx, cancel := g.client()
+			defer cancel()
+			removed, err := c.Detach(ctx, req)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), removed, func(w *tabwriter.Writer) {
@@ -154,8 +183,7 @@ func newDetachCommand(g *globals) *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().StringVar(&cgroup, "cgroup", "", "cgroup v2 directory (required)")
-	_ = cmd.MarkFlagRequired("cgroup")
+	tg.flags(cmd, "remove the host-wide attachment (ctlbd attach --host, \"hostScope\": true)")
 	return cmd
 }
 
@@ -165,8 +193,10 @@ func newAttachmentsCommand(g *globals) *cobra.Command {
 		Short: "List attachments; a dead one's cgroup is gone and GC removes it",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var list []datapath.Attachment
-			if err := g.call(http.MethodGet, api.PathAttachments, nil, nil, &list); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			list, err := c.Attachments(ctx)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), list, func(w *tabwriter.Writer) {
@@ -195,8 +225,10 @@ of those sockets are open now, with each server's source and health. Exits
 non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var st api.Status
-			if err := g.call(http.MethodGet, api.PathStatus, nil, nil, &st); err != nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			st, err := c.Status(ctx)
+			if err != nil {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
@@ -223,10 +255,22 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 						if src.LastError != "" {
 							line += ", last: " + src.LastError
 						}
+						if src.Rejected > 0 && len(src.RejectedFirst) > 0 {
+							line += fmt.Sprintf(", %d entries left out (first: %s: %s)", src.Rejected, src.RejectedFirst[0].Entry, src.RejectedFirst[0].Reason)
+						}
 						fmt.Fprintln(w, line)
+					}
+					if s.Trimmed > 0 {
+						fmt.Fprintf(w, "  %d candidates left out over the limit of servers per VIP\n", s.Trimmed)
 					}
 				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
+				if st.HostScope {
+					fmt.Fprintf(w, "host scope: attached at the cgroup v2 root (every process)\n")
+				}
+				if st.NRI != "" {
+					fmt.Fprintf(w, "NRI plugin: %s (%s)\n", st.NRI, st.NRISocket)
+				}
 			})
 		},
 	}
@@ -238,7 +282,9 @@ func newReloadCommand(g *globals) *cobra.Command {
 		Short: "Re-read the daemon's config file (as SIGHUP does); a bad one is rejected",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.call(http.MethodPost, api.PathReload, nil, nil, nil)
+			c, ctx, cancel := g.client()
+			defer cancel()
+			return c.Reload(ctx)
 		},
 	}
 }
@@ -254,8 +300,10 @@ func newVersionCommand(g *globals) *cobra.Command {
 				Client api.Version  `json:"client"`
 				Daemon *api.Version `json:"daemon,omitempty"`
 			}{Client: local}
-			var d api.Version
-			if err := g.call(http.MethodGet, api.PathVersion, nil, nil, &d); err == nil {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			d, err := c.Version(ctx)
+			if err == nil {
 				out.Daemon = &d
 			}
 			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {

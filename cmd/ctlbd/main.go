@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctlb/ctlb/internal/cniinstall"
+	"github.com/ctlb/ctlb/pkg/api"
 )
 
 // exitError carries the exit status of a failed command.
@@ -54,10 +55,10 @@ socket (--socket, or $CTLB_SOCKET).`,
 	}
 	socket := os.Getenv("CTLB_SOCKET")
 	if socket == "" {
-		socket = "/run/ctlb/ctlbd.sock"
+		socket = api.DefaultSocket
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "ctlbd's control socket (env CTLB_SOCKET)")
-	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", outputHelp)
 	root.AddCommand(
 		newRunCommand(g),
 		newServiceCommand(g),

@@ -12,11 +12,14 @@ import (
 
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/daemon"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 func newRunCommand(g *globals) *cobra.Command {
 	var (
-		cfgPath, bpffs, stateDir, logLevel, logFormat string
+		cfgPath, bpffs, stateDir, logLevel, logFormat, nriSocket string
+		hostScope                                                bool
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -55,6 +58,12 @@ different --bpffs and --socket.`,
 			if f.Changed("log-level") {
 				cfg.LogLevel = logLevel
 			}
+			if f.Changed("nri-socket") {
+				cfg.NRI = &config.NRIConfig{Socket: nriSocket}
+			}
+			if f.Changed("host-scope") {
+				cfg.HostScope = hostScope
+			}
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
@@ -83,10 +92,12 @@ different --bpffs and --socket.`,
 	}
 	f := cmd.Flags()
 	f.StringVarP(&cfgPath, "config", "c", "", "JSON config file (see conf/ctlbd.json)")
-	f.StringVar(&bpffs, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")
-	f.StringVar(&stateDir, "state-dir", config.DefaultStateDir, "directory for pending attachments")
+	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory for ctlb's pins")
+	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	f.StringVar(&nriSocket, "nri-socket", "", "run the NRI plugin on this runtime NRI socket (e.g. /var/run/nri/nri.sock): container scope for pods annotated ctlb.io/containers")
+	f.BoolVar(&hostScope, "host-scope", false, "attach at the cgroup v2 root when starting: every process of the host (config hostScope)")
 	return cmd
 }
 

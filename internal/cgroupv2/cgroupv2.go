@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/containerd/cgroups/v3"
 	"github.com/moby/sys/mountinfo"
 )
 
@@ -47,13 +48,31 @@ type Hierarchy struct {
 	Mount string
 }
 
-// Default returns the host's cgroup v2 hierarchy.
+// Default returns the host's cgroup v2 hierarchy. Without one, the error
+// names the host's cgroup mode as containerd/cgroups detects it.
 func Default() (Hierarchy, error) {
 	m, err := Mountpoint()
 	if err != nil {
+		if errors.Is(err, ErrNoV2) {
+			return Hierarchy{}, fmt.Errorf("%w: the host's cgroup mode is %s", err, HostMode())
+		}
 		return Hierarchy{}, err
 	}
 	return Hierarchy{Mount: m}, nil
+}
+
+// HostMode names the host's cgroup mode (unified, hybrid, legacy,
+// unavailable) as containerd/cgroups detects it at /sys/fs/cgroup.
+func HostMode() string {
+	switch cgroups.Mode() {
+	case cgroups.Unified:
+		return "unified (cgroup v2 only)"
+	case cgroups.Hybrid:
+		return "hybrid (cgroup v1 with v2 at /sys/fs/cgroup/unified)"
+	case cgroups.Legacy:
+		return "legacy (cgroup v1 only)"
+	}
+	return "unavailable (nothing mounted at /sys/fs/cgroup)"
 }
 
 // Resolve turns path (absolute on the host, or relative to the v2 mount as in

@@ -85,3 +85,18 @@ func TestIDAndIndex(t *testing.T) {
 		t.Fatalf("index[%d] = %q, want %q", id, idx[id], cg)
 	}
 }
+
+// The development machines are hybrid; CI hosts may be unified. Either way
+// the mode containerd/cgroups reports agrees with the v2 mount found in
+// mountinfo.
+func TestHostMode(t *testing.T) {
+	m, err := cgroupv2.Mountpoint()
+	mode := cgroupv2.HostMode()
+	t.Logf("v2 mount %q (%v), mode %s", m, err, mode)
+	switch {
+	case m == "/sys/fs/cgroup" && !strings.HasPrefix(mode, "unified"):
+		t.Fatalf("v2 at /sys/fs/cgroup but mode %s", mode)
+	case m == "/sys/fs/cgroup/unified" && !strings.HasPrefix(mode, "hybrid"):
+		t.Fatalf("v2 at /sys/fs/cgroup/unified but mode %s", mode)
+	}
+}

@@ -2,15 +2,13 @@ package cni
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -18,39 +16,12 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/nri/annotation"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/podcgroup"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
-
-// HostAttachmentID names the one attachment of scope "host". It is not a
-// container's, so DEL and GC leave it alone: host scope is removed with
-// `ctlbd detach`.
-const HostAttachmentID = "ctlb-host"
-
-// Attachment IDs the plugin makes start with one of these; GC touches no
-// others (ctlbd's own "cgroup-N", the host scope's).
-const (
-	attachmentPrefix       = "cni-"
-	hashedAttachmentPrefix = "cnih-"
-)
-
-// AttachmentID is the datapath attachment of a container: "cni-<ID>". A
-// container ID that cannot be a bpffs name (CNI allows dots, bpffs does not;
-// or too long) is hashed instead, so the mapping stays a function of the ID.
-func AttachmentID(containerID string) string {
-	id := attachmentPrefix + containerID
-	if datapath.ValidateAttachmentID(id) == nil {
-		return id
-	}
-	sum := sha256.Sum256([]byte(containerID))
-	return hashedAttachmentPrefix + hex.EncodeToString(sum[:20])
-}
-
-func ownedAttachment(id string) bool {
-	return strings.HasPrefix(id, attachmentPrefix) || strings.HasPrefix(id, hashedAttachmentPrefix)
-}
 
 // daemonTimeout bounds every call to ctlbd: ADD must stay fast when the
 // daemon hangs.
@@ -64,37 +35,57 @@ type call struct {
 	close func()
 }
 
-func newCall(args *skel.CmdArgs, cmd string, needPrev bool) (*call, error) {
-	conf, err := ParseConf(args.StdinData, needPrev)
+// newCall parses stdin strictly (ADD, CHECK, STATUS) or leniently (DEL,
+// GC: problems are logged, never returned).
+func newCall(args *skel.CmdArgs, cmd string, strict, needPrev bool) (*call, error) {
+	var conf *Conf
+	var problems []error
+	var err error
+	if strict {
+		conf, err = ParseConf(args.StdinData, needPrev)
+	} else {
+		conf, problems, err = ParseConfLenient(args.StdinData)
+	}
 	if err != nil {
 		return nil, err
 	}
-	log, closeLog, err := conf.logger()
-	if err != nil {
-		return nil, cniErr(types.ErrIOFailure, "ctlb: open logFile", err)
-	}
-	log = log.With("cmd", cmd)
+	log, closeLog, logErr := conf.logger()
+	log = log.With("cmd", cmd, "network", conf.Name)
 	if args.ContainerID != "" {
 		log = log.With("containerID", args.ContainerID)
+	}
+	if args.IfName != "" {
+		log = log.With("ifName", args.IfName)
+	}
+	if logErr != nil {
+		log.Warn("logFile cannot be opened: logging to stderr", "logFile", conf.LogFile, "error", logErr)
+	}
+	for _, p := range problems {
+		log.Warn("network config problem ignored; what needs it is skipped", "problem", p)
 	}
 	return &call{args: args, conf: conf, log: log, close: closeLog}, nil
 }
 
+// logger writes to logFile, or to stderr without one or when it cannot be
+// opened (the error is returned for the caller to log): a log that cannot
+// be written is no reason to fail a pod.
 func (c *Conf) logger() (*slog.Logger, func(), error) {
 	level := slog.LevelWarn
 	var w io.Writer = os.Stderr
 	closeFn := func() {}
+	var openErr error
 	if c.LogFile != "" {
 		f, err := os.OpenFile(c.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 		if err != nil {
-			return nil, nil, err
+			openErr = err
+		} else {
+			w, closeFn, level = f, func() { f.Close() }, slog.LevelInfo
 		}
-		w, closeFn, level = f, func() { f.Close() }, slog.LevelInfo
 	}
 	if c.LogLevel != "" {
 		_ = level.UnmarshalText([]byte(c.LogLevel))
 	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level})).With("plugin", "ctlb"), closeFn, nil
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level})).With("plugin", "ctlb"), closeFn, openErr
 }
 
 // openDatapath adopts ctlbd's pins. Not pinned yet means ctlbd has not run
@@ -143,7 +134,7 @@ func (c *call) hints() (podcgroup.Hints, error) {
 	if err != nil {
 		return podcgroup.Hints{}, cniErr(types.ErrInvalidEnvironmentVariables, "ctlb: invalid CNI_ARGS", err)
 	}
-	uid := args["K8S_POD_UID"]
+	uid := string(args.K8S_POD_UID)
 	if uid != "" {
 		if err := podcgroup.ValidatePodUID(uid); err != nil {
 			return podcgroup.Hints{}, cniErr(types.ErrInvalidEnvironmentVariables, "ctlb: invalid K8S_POD_UID in CNI_ARGS", err)
@@ -152,10 +143,26 @@ func (c *call) hints() (podcgroup.Hints, error) {
 	return podcgroup.Hints{CgroupPath: c.conf.cgroupPath(), PodUID: uid, Netns: c.args.Netns}, nil
 }
 
+// attachmentID is this call's datapath attachment: the container's, or,
+// with a static cgroupPath in the config, one shared by every pod of the
+// network (the kernel allows 64 programs per hook and cgroup: one link set
+// per pod on one cgroup would run out, and would run the program once per
+// pod on every connect).
+func (c *call) attachmentID() string {
+	if c.conf.CgroupPath != "" {
+		return staticAttachmentID(c.conf.Name, c.conf.CgroupPath)
+	}
+	return AttachmentID(c.conf.Name, c.args.ContainerID)
+}
+
+func (c *call) owner() Owner {
+	return Owner{Network: c.conf.Name, ContainerID: c.args.ContainerID, IfName: c.args.IfName}
+}
+
 // Add attaches ctlb to the pod's cgroup, or records a pending attachment
 // when the cgroup does not exist yet, and passes prevResult through.
 func Add(args *skel.CmdArgs) error {
-	c, err := newCall(args, "ADD", true)
+	c, err := newCall(args, "ADD", true, true)
 	if err != nil {
 		return err
 	}
@@ -190,50 +197,83 @@ func (c *call) add() error {
 		return nil
 	}
 
+	if c.nriScoped() {
+		return nil
+	}
 	hints, err := c.hints()
 	if err != nil {
 		return err
 	}
-	resolver := podcgroup.NewResolver(h)
-	found, ok, err := resolver.Resolve(hints)
+	found, ok, err := podcgroup.NewResolver(h).Resolve(hints)
 	if err != nil {
-		return cniErr(types.ErrInvalidNetworkConfig, "ctlb: cannot use the pod's cgroup path", err)
+		return cniErr(types.ErrInvalidNetworkConfig, "ctlb: cannot use the pod's cgroup", err)
 	}
-	id := AttachmentID(c.args.ContainerID)
-	if ok {
-		// An earlier ADD of this container may have left a record or, if it
-		// was killed half-way, temporary link pins. Clear both: the record
-		// first and under its lock, so that ctlbd is not attaching meanwhile.
-		if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
-			c.log.Warn("remove stale pending record", "error", err)
-		} else if n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
-			c.log.Warn("remove what an interrupted ADD left", "attachment", id, "error", err)
-		} else if n > 0 {
-			c.log.Info("removed what an interrupted ADD left", "attachment", id, "dirs", n)
-		}
-		a, err := dp.Attach(id, found.Dir)
-		if err != nil {
-			cur, curErr := dp.Attachment(id)
-			if curErr == nil && !cur.Alive && cur.CgroupPath == "" {
-				// Left on a cgroup that died (a sandbox torn down without
-				// DEL, its ID reused): it does nothing; replace it.
-				c.log.Warn("replacing an attachment on a dead cgroup", "attachment", id)
-				if err := dp.Detach(id); err != nil && !errors.Is(err, datapath.ErrNoAttachment) {
-					return cniErr(types.ErrInternal, "ctlb: detach dead attachment", err)
-				}
-				a, err = dp.Attach(id, found.Dir)
-			} else if curErr == nil {
-				return cniErr(ErrWrongCgroup, fmt.Sprintf("ctlb: container %s is already attached to cgroup %s (id %d), not %s",
-					c.args.ContainerID, cur.CgroupPath, cur.CgroupID, found.Dir), err)
+	id := c.attachmentID()
+	// The owner goes first: from here a DEL of this interface (the runtime's
+	// answer to a failed ADD) is what removes the attachment, and a DEL of
+	// another interface of the container leaves it.
+	unlock, err := lockOwners(c.conf.StateDir)
+	if err != nil {
+		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
+	}
+	before, _ := listOwners(c.conf.StateDir, id)
+	err = addOwner(c.conf.StateDir, id, c.owner())
+	unlock()
+	if err != nil {
+		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
+	}
+	if len(before) > 0 {
+		c.log.Info("sharing the attachment of another interface of the container", "attachment", id, "owners", len(before))
+	}
+	if err := c.attachOrRecord(dp, id, hints, found, ok); err != nil {
+		// A failed ADD of the first interface leaves no owner behind: bad
+		// input changes nothing.
+		if len(before) == 0 {
+			if unlock, lerr := lockOwners(c.conf.StateDir); lerr == nil {
+				_, _ = removeOwner(c.conf.StateDir, id, c.owner())
+				unlock()
 			}
 		}
-		if err != nil {
-			return cniErr(types.ErrInternal, "ctlb: attach", err)
-		}
-		c.log.Info("attached", "attachment", a.ID, "cgroup", found.Dir, "via", found.Source)
-		return nil
+		return err
 	}
-	return c.addPending(id, hints, found)
+	return nil
+}
+
+func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.Hints, found podcgroup.Found, ok bool) error {
+	if !ok {
+		return c.addPending(id, hints, found)
+	}
+	// An earlier ADD of this container may have left a record or, if it
+	// was killed half-way, temporary link pins. Clear both: the record
+	// first and under its lock, so that ctlbd is not attaching meanwhile.
+	if _, err := pending.Remove(c.conf.StateDir, id); err != nil {
+		c.log.Warn("remove stale pending record", "error", err)
+	} else if n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
+		c.log.Warn("remove what an interrupted ADD left", "attachment", id, "error", err)
+	} else if n > 0 {
+		c.log.Info("removed what an interrupted ADD left", "attachment", id, "dirs", n)
+	}
+	a, err := dp.Attach(id, found.Dir)
+	if err != nil {
+		cur, curErr := dp.Attachment(id)
+		if curErr == nil && !cur.Alive && cur.CgroupPath == "" {
+			// Left on a cgroup that died (a sandbox torn down without
+			// DEL, its ID reused): it does nothing; replace it.
+			c.log.Warn("replacing an attachment on a dead cgroup", "attachment", id)
+			if err := dp.Detach(id); err != nil && !errors.Is(err, datapath.ErrNoAttachment) {
+				return cniErr(types.ErrInternal, "ctlb: detach dead attachment", err)
+			}
+			a, err = dp.Attach(id, found.Dir)
+		} else if curErr == nil {
+			return cniErr(ErrWrongCgroup, fmt.Sprintf("ctlb: container %s is already attached to cgroup %s (id %d), not %s",
+				c.args.ContainerID, cur.CgroupPath, cur.CgroupID, found.Dir), err)
+		}
+	}
+	if err != nil {
+		return cniErr(types.ErrInternal, "ctlb: attach", err)
+	}
+	c.log.Info("attached", "attachment", a.ID, "cgroup", found.Dir, "via", found.Source)
+	return nil
 }
 
 // addPending records the attachment for ctlbd to complete and tells ctlbd.
@@ -258,8 +298,7 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), daemonTimeout)
 	defer cancel()
-	var st pending.Status
-	err := api.NewClient(c.conf.Socket).Do(ctx, http.MethodPost, api.PathPending, nil, pending.Notice{ContainerID: c.args.ContainerID}, &st)
+	st, err := api.NewClient(c.conf.Socket).NotifyPending(ctx, c.args.ContainerID, id)
 	if err != nil {
 		// The record is the source of truth: ctlbd completes it when it
 		// (re)starts.
@@ -271,16 +310,21 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 	return nil
 }
 
-// Del detaches and drops any pending record. It succeeds when everything is
-// already gone (link, pins, cgroup, netns) and on repeated calls.
+// Del removes this interface's ownership and, with the last owner, the
+// pending record and the attachment. It is best effort: whatever is wrong
+// with the config beyond "type" (unknown keys, bad values, an unopenable
+// logFile, any prevResult), ctlbd down, pins, cgroup or netns gone, it
+// succeeds and prints nothing. Only a failure to remove state that is
+// there (an I/O error on the state directory or the bpffs) is an error.
+// (ARCHITECTURE.md I5)
 func Del(args *skel.CmdArgs) error {
-	c, err := newCall(args, "DEL", false)
+	c, err := newCall(args, "DEL", false, false)
 	if err != nil {
 		return err
 	}
 	defer c.close()
 	if err := c.del(); err != nil {
-		c.log.Error("DEL failed", "error", err)
+		c.log.Error("DEL failed: state is left behind", "error", err)
 		return err
 	}
 	return nil
@@ -291,17 +335,39 @@ func (c *call) del() error {
 		c.log.Debug("host scope: the host-wide attachment stays")
 		return nil
 	}
+	if !c.conf.usable("stateDir") || !c.conf.usable("name") {
+		// ADD could not have run with this config: nothing of it to remove.
+		c.log.Warn("DEL with an unusable stateDir or name: nothing to do")
+		return nil
+	}
+	id := c.attachmentID()
+	unlock, err := lockOwners(c.conf.StateDir)
+	if err != nil {
+		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
+	}
+	defer unlock()
+	left, err := removeOwner(c.conf.StateDir, id, c.owner())
+	if err != nil {
+		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
+	}
+	if left > 0 {
+		c.log.Info("other interfaces of the container keep the attachment", "attachment", id, "owners", left)
+		return nil
+	}
 	// The record goes first, under its lock: after this, ctlbd will not
 	// attach for this container, so the detach below is the last word.
-	if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
+	if _, err := pending.Remove(c.conf.StateDir, id); err != nil {
 		return cniErr(types.ErrIOFailure, "ctlb: remove pending attachment", err)
 	}
-	if _, err := pending.RemoveTemps(c.conf.StateDir, c.args.ContainerID); err != nil {
+	if _, err := pending.RemoveTemps(c.conf.StateDir, id); err != nil {
 		return cniErr(types.ErrIOFailure, "ctlb: remove what an interrupted ADD left of its pending record", err)
 	}
+	if !c.conf.usable("bpffs") {
+		c.log.Warn("DEL with an unusable bpffs: no attachment can be there")
+		return nil
+	}
 	// Detaching needs only the link pins: it works even when the maps or
-	// programs were unpinned by hand.
-	id := AttachmentID(c.args.ContainerID)
+	// programs were unpinned by hand, or ctlbd is down.
 	if err := datapath.DetachPinned(c.conf.BPFFS, id); err == nil {
 		c.log.Info("detached", "attachment", id)
 	} else if !errors.Is(err, datapath.ErrNoAttachment) {
@@ -320,9 +386,11 @@ func (c *call) del() error {
 }
 
 // Check verifies for real: ctlbd answers, the pins exist, the container's
-// links are all pinned and attached to the live pod cgroup.
+// links are all pinned and attached to the live pod cgroup. A pending
+// attachment younger than pendingGrace passes: the spec grants CHECK right
+// after ADD the time the runtime takes to create the cgroup.
 func Check(args *skel.CmdArgs) error {
-	c, err := newCall(args, "CHECK", true)
+	c, err := newCall(args, "CHECK", true, true)
 	if err != nil {
 		return err
 	}
@@ -337,9 +405,7 @@ func Check(args *skel.CmdArgs) error {
 func (c *call) daemonStatus() (api.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), daemonTimeout)
 	defer cancel()
-	var st api.Status
-	err := api.NewClient(c.conf.Socket).Do(ctx, http.MethodGet, api.PathStatus, nil, nil, &st)
-	return st, err
+	return api.NewClient(c.conf.Socket).Status(ctx)
 }
 
 func (c *call) check() error {
@@ -360,7 +426,7 @@ func (c *call) check() error {
 	}
 	defer dp.Close()
 
-	id := AttachmentID(c.args.ContainerID)
+	id := c.attachmentID()
 	var expect podcgroup.Found
 	var expectOK bool
 	if c.conf.Scope == ScopeHost {
@@ -372,14 +438,38 @@ func (c *call) check() error {
 		}
 		expect, expectOK, err = podcgroup.NewResolver(h).Resolve(hints)
 		if err != nil {
-			return cniErr(types.ErrInvalidNetworkConfig, "ctlb: cannot use the pod's cgroup path", err)
+			return cniErr(types.ErrInvalidNetworkConfig, "ctlb: cannot use the pod's cgroup", err)
+		}
+		owners, err := listOwners(c.conf.StateDir, id)
+		if err != nil {
+			return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
+		}
+		if !slices.Contains(owners, c.owner()) {
+			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: interface %s of container %s holds no attachment in network %q (no ADD recorded)",
+				c.args.IfName, c.args.ContainerID, c.conf.Name), nil)
 		}
 	}
 
 	a, err := dp.Attachment(id)
+	if _, ok := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations); ok && errors.Is(err, datapath.ErrNoAttachment) {
+		// Container scope: ADD left the pod to ctlbd's NRI plugin, which
+		// must still be connected to attach the pod's next containers.
+		if st.NRI != api.NRIConnected {
+			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: pod is NRI-scoped (%s) but ctlbd's NRI plugin is %s, and there is no pod-level attachment %s",
+				annotation.Containers, orNone(st.NRI), id), nil)
+		}
+		return nil
+	}
 	if errors.Is(err, datapath.ErrNoAttachment) {
-		if rec, perr := pending.Read(c.conf.StateDir, c.args.ContainerID); perr == nil {
-			return cniErr(ErrStillPending, fmt.Sprintf("ctlb: attachment %s is still pending: the pod cgroup has not appeared or ctlbd has not completed it", id),
+		if rec, perr := pending.Read(c.conf.StateDir, id); perr == nil {
+			age := time.Since(rec.Created)
+			if age < c.conf.pendingGrace {
+				c.log.Info("CHECK: attachment still pending, within pendingGrace", "attachment", id,
+					"age", age.Round(time.Millisecond), "pendingGrace", c.conf.pendingGrace)
+				return nil
+			}
+			return cniErr(ErrStillPending, fmt.Sprintf("ctlb: attachment %s is still pending after %s (pendingGrace %s): the pod cgroup has not appeared or ctlbd has not completed it",
+				id, age.Round(time.Second), c.conf.pendingGrace),
 				fmt.Errorf("record since %s: cgroupDir %q, podUID %q, netns %q", rec.Created.Format(time.RFC3339), rec.CgroupDir, rec.PodUID, rec.Netns))
 		}
 		return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: no attachment %s: its link pins are missing under %s/links", id, c.conf.BPFFS), err)
@@ -409,6 +499,37 @@ func (c *call) check() error {
 	return nil
 }
 
+func orNone(s string) string {
+	if s == "" {
+		return "not configured"
+	}
+	return s
+}
+
+// nriScoped decides container scope at ADD: the pod's annotations name
+// containers and ctlbd's NRI plugin is connected, so ctlbd attaches those
+// containers' cgroups and the pod gets no pod-level attachment. Without a
+// connected NRI plugin the pod falls back to pod scope, and the log says so.
+func (c *call) nriScoped() bool {
+	names, ok := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations)
+	if !ok {
+		return false
+	}
+	st, err := c.daemonStatus()
+	if err == nil && st.NRI == api.NRIConnected {
+		c.log.Info("NRI-scoped: ctlbd's NRI plugin attaches the named containers; no pod-level attachment",
+			"containers", names, "annotation", annotation.Containers, "nriSocket", st.NRISocket)
+		return true
+	}
+	state := orNone(st.NRI)
+	if err != nil {
+		state = "unknown: " + err.Error()
+	}
+	c.log.Warn("pod asks for container scope, but ctlbd's NRI plugin is not connected: falling back to pod scope (every container of the pod)",
+		"containers", names, "annotation", annotation.Containers, "nri", state)
+	return false
+}
+
 func describeHints(f podcgroup.Found) string {
 	if f.Dir != "" {
 		return f.Dir
@@ -416,29 +537,41 @@ func describeHints(f podcgroup.Found) string {
 	return "no cgroup matches the pod's cgroupPath, K8S_POD_UID or netns"
 }
 
-// Status reports readiness: ctlb's objects are pinned and ctlbd answers.
+// Status fails only when an ADD would fail: no cgroup v2, or ctlb's
+// objects missing from the bpffs or of a layout this plugin does not know.
+// ctlbd being down or restarting is not a failure: ADD works from the pins
+// alone (a pending record waits for the daemon). containerd 2.x turns a
+// STATUS failure into NetworkReady=false for the whole node.
 func Status(args *skel.CmdArgs) error {
-	c, err := newCall(args, "STATUS", false)
+	c, err := newCall(args, "STATUS", true, false)
 	if err != nil {
 		return err
 	}
 	defer c.close()
+	if _, err := cgroupv2.Default(); err != nil {
+		return cniErr(types.ErrPluginNotAvailable, "ctlb: not ready: no cgroup v2 hierarchy (cgroup BPF hooks need it)", err)
+	}
 	dp, err := datapath.Open(c.conf.BPFFS)
-	if err != nil {
-		return cniErr(types.ErrPluginNotAvailable, fmt.Sprintf("ctlb: not ready: pinned objects unusable in %s", c.conf.BPFFS), err)
+	switch {
+	case errors.Is(err, datapath.ErrLayout):
+		return cniErr(types.ErrPluginNotAvailable, fmt.Sprintf("ctlb: not ready: the objects pinned in %s have another layout (plugin and ctlbd versions differ)", c.conf.BPFFS), err)
+	case err != nil:
+		return cniErr(types.ErrPluginNotAvailable, fmt.Sprintf("ctlb: not ready: pinned objects unusable in %s (is ctlbd running with this bpffs?)", c.conf.BPFFS), err)
 	}
 	dp.Close()
 	if _, err := c.daemonStatus(); err != nil {
-		return cniErr(types.ErrPluginNotAvailable, fmt.Sprintf("ctlb: not ready: ctlbd is unreachable on %s", c.conf.Socket), err)
+		c.log.Info("STATUS: ctlbd does not answer; ADD still works from the pins", "socket", c.conf.Socket, "error", err)
 	}
 	return nil
 }
 
-// GC removes the plugin's attachments and pending records of containers
-// that are not in cni.dev/valid-attachments, and attachments whose cgroup
-// died. Without a valid-attachments list, only dead ones go.
+// GC removes the network's attachments, owners and pending records that
+// are not in cni.dev/valid-attachments, and the network's attachments whose
+// cgroup died. Without a valid-attachments list, only dead ones go. Other
+// networks' state, ctlbd's own attachments and the host scope's are never
+// touched. Like DEL it parses leniently.
 func GC(args *skel.CmdArgs) error {
-	c, err := newCall(args, "GC", false)
+	c, err := newCall(args, "GC", false, false)
 	if err != nil {
 		return err
 	}
@@ -451,32 +584,80 @@ func GC(args *skel.CmdArgs) error {
 }
 
 func (c *call) gc() error {
-	validIDs := map[string]bool{}
+	if !c.conf.usable("stateDir") || !c.conf.usable("name") {
+		c.log.Warn("GC with an unusable stateDir or name: nothing to do")
+		return nil
+	}
+	network := c.conf.Name
 	validAtt := map[string]bool{}
+	validOwner := map[Owner]bool{}
 	for _, a := range c.conf.ValidAttachments {
-		validIDs[a.ContainerID] = true
-		validAtt[AttachmentID(a.ContainerID)] = true
+		validAtt[AttachmentID(network, a.ContainerID)] = true
+		validOwner[Owner{Network: network, ContainerID: a.ContainerID, IfName: a.IfName}] = true
 	}
 	byList := c.conf.hasValidAttachments
 	var errs []error
 
+	unlock, err := lockOwners(c.conf.StateDir)
+	if err != nil {
+		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
+	}
+	defer unlock()
 	if byList {
 		recs, err := pending.List(c.conf.StateDir)
 		if err != nil {
 			errs = append(errs, err)
 		}
 		for _, r := range recs {
-			if validIDs[r.ContainerID] {
+			if !ownedBy(network, r.AttachmentID) || validAtt[r.AttachmentID] {
 				continue
 			}
-			if _, err := pending.Remove(c.conf.StateDir, r.ContainerID); err != nil {
+			if _, err := pending.Remove(c.conf.StateDir, r.Key()); err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			c.log.Info("GC: pending record removed", "containerID", r.ContainerID)
+			c.log.Info("GC: pending record removed", "attachment", r.AttachmentID, "containerID", r.ContainerID)
+		}
+		ids, err := ownedAttachments(c.conf.StateDir, network)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, id := range ids {
+			owners, err := listOwners(c.conf.StateDir, id)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			for _, o := range owners {
+				if validOwner[o] {
+					continue
+				}
+				if _, err := removeOwner(c.conf.StateDir, id, o); err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				c.log.Info("GC: owner removed", "attachment", id, "containerID", o.ContainerID, "ifName", o.IfName)
+			}
 		}
 	}
 
+	// An attachment still owned by a valid interface stays, whatever its
+	// ID (a static cgroupPath's is shared by many containers).
+	if byList {
+		ids, _ := ownedAttachments(c.conf.StateDir, network)
+		for _, id := range ids {
+			if owners, err := listOwners(c.conf.StateDir, id); err == nil && len(owners) > 0 {
+				validAtt[id] = true
+			}
+		}
+	}
+
+	if !c.conf.usable("bpffs") {
+		if err := errors.Join(errs...); err != nil {
+			return cniErr(types.ErrInternal, "ctlb: GC", err)
+		}
+		return nil
+	}
 	dp, err := datapath.Open(c.conf.BPFFS)
 	if err != nil {
 		if !errors.Is(err, datapath.ErrNotPinned) {
@@ -489,7 +670,7 @@ func (c *call) gc() error {
 			errs = append(errs, err)
 		}
 		for _, a := range list {
-			if !ownedAttachment(a.ID) {
+			if !ownedBy(network, a.ID) {
 				continue
 			}
 			reason := ""
@@ -510,7 +691,28 @@ func (c *call) gc() error {
 				errs = append(errs, err)
 				continue
 			}
+			if err := os.RemoveAll(filepath.Join(ownersDir(c.conf.StateDir), a.ID)); err != nil {
+				errs = append(errs, err)
+			}
 			c.log.Info("GC: detached", "attachment", a.ID, "reason", reason)
+		}
+	}
+	if byList {
+		// A GC or DEL killed half-way through a detach left a temporary
+		// directory whose links still hold the programs: finish it.
+		ids, err := datapath.Interrupted(c.conf.BPFFS)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, id := range ids {
+			if !ownedBy(network, id) || validAtt[id] {
+				continue
+			}
+			if _, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			c.log.Info("GC: removed what an interrupted call left", "attachment", id)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

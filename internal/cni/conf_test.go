@@ -2,6 +2,7 @@ package cni
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -37,12 +38,13 @@ func TestParseConfRejects(t *testing.T) {
 		text string
 	}{
 		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb"}`:                                      {types.ErrInvalidNetworkConfig, "prevResult"},
-		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "ipam": {}}`:            {types.ErrInvalidNetworkConfig, `"ipam"`},
-		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "Bpffs": "/x"}`:         {types.ErrInvalidNetworkConfig, `"Bpffs"`},
+		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "Bpffs": "/x"}`:         {types.ErrUnsupportedField, `unsupported field "Bpffs": "/x"`},
+		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "mtu": 1400}`:           {types.ErrUnsupportedField, `"mtu": 1400`},
 		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "logLevel": "loud"}`:    {types.ErrInvalidNetworkConfig, "logLevel"},
 		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "socket": "/a/../b"}`:   {types.ErrInvalidNetworkConfig, "socket"},
 		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "stateDir": 3}`:         {types.ErrInvalidNetworkConfig, "stateDir"},
 		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "logFile": "ctlb.log"}`: {types.ErrInvalidNetworkConfig, "logFile"},
+		`{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `, "pendingGrace": "1x"}`:  {types.ErrInvalidNetworkConfig, "pendingGrace"},
 		`[1, 2]`: {types.ErrDecodingFailure, "decode"},
 	} {
 		_, err := ParseConf([]byte(in), true)
@@ -57,34 +59,74 @@ func TestParseConfRejects(t *testing.T) {
 	}
 }
 
+// The spec's well-known keys, what runtimes inject and any cni.dev/ key
+// are not ctlb's business: accepted whatever their shape.
+func TestParseConfTolerates(t *testing.T) {
+	in := `{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `,
+		"ipam": "not even an object", "dns": {"nameservers": ["198.18.0.53"]}, "ipMasq": true,
+		"capabilities": {"cgroupPath": true, "portMappings": true}, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"a": "b"}},
+		"args": {"cni": {"labels": []}}, "cni.dev/attachments": [], "cni.dev/some-future-key": 7}`
+	if _, err := ParseConf([]byte(in), true); err != nil {
+		t.Fatalf("ParseConf: %v", err)
+	}
+}
+
+// DEL and GC get a lenient parse: nothing beyond decodable JSON fails it;
+// the bad keys are named and reset.
+func TestParseConfLenient(t *testing.T) {
+	in := `{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", "prevResult": "garbage", "Bpffs": 1,
+		"bpffs": "relative", "logLevel": "loud", "stateDir": "/run/x", "runtimeConfig": {"cgroupPath": 7}, "pendingGrace": -1}`
+	c, problems, err := ParseConfLenient([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := fmt.Sprint(problems)
+	for _, want := range []string{`"Bpffs"`, `"bpffs"`, `"logLevel"`, `"runtimeConfig"`, `"pendingGrace"`} {
+		if !strings.Contains(got, want) {
+			t.Errorf("problems %s: want one naming %s", got, want)
+		}
+	}
+	if c.usable("bpffs") || !c.usable("stateDir") || c.StateDir != "/run/x" || c.LogLevel != "" {
+		t.Errorf("lenient conf %+v: want bpffs unusable, stateDir kept, logLevel reset", c)
+	}
+}
+
 func TestAttachmentID(t *testing.T) {
 	hexID := strings.Repeat("ab", 32)
-	if got := AttachmentID(hexID); got != "cni-"+hexID {
+	if got := AttachmentID("net", hexID); got != "cni-"+netTag("net")+"-"+hexID || !ownedBy("net", got) || ownedBy("other", got) {
 		t.Errorf("AttachmentID(hex) = %q", got)
 	}
 	for _, id := range []string{"pod.with.dots", strings.Repeat("a", 200), "a_b-c.d"} {
-		got := AttachmentID(id)
-		if err := datapath.ValidateAttachmentID(got); err != nil || !ownedAttachment(got) {
+		got := AttachmentID("net", id)
+		if err := datapath.ValidateAttachmentID(got); err != nil || !ownedBy("net", got) || ownedBy("other", got) {
 			t.Errorf("AttachmentID(%q) = %q: %v", id, got, err)
 		}
-		if again := AttachmentID(id); again != got {
+		if again := AttachmentID("net", id); again != got {
 			t.Errorf("AttachmentID(%q) is not stable: %q then %q", id, got, again)
 		}
 	}
-	if AttachmentID("a.b") == AttachmentID("a.c") {
-		t.Error("distinct container IDs share an attachment ID")
+	if AttachmentID("net", "a.b") == AttachmentID("net", "a.c") || AttachmentID("n1", "a") == AttachmentID("n2", "a") {
+		t.Error("distinct attachments share an attachment ID")
 	}
-	for _, other := range []string{HostAttachmentID, "cgroup-1234"} {
-		if ownedAttachment(other) {
-			t.Errorf("%s is taken for the plugin's own", other)
+	for _, other := range []string{HostAttachmentID, "cgroup-1234", "cni-" + hexID} {
+		if ownedBy("net", other) {
+			t.Errorf("%s is taken for the network's own", other)
 		}
 	}
 }
 
 func TestParseArgs(t *testing.T) {
-	m, err := parseArgs("IgnoreUnknown=1;K8S_POD_UID=abc-1;K8S_POD_NAME=p;")
-	if err != nil || m["K8S_POD_UID"] != "abc-1" || m["K8S_POD_NAME"] != "p" {
-		t.Errorf("parseArgs = %v, %v", m, err)
+	a, err := parseArgs("IgnoreUnknown=1;K8S_POD_UID=abc-1;K8S_POD_NAME=p;FOO=bar")
+	if err != nil || a.K8S_POD_UID != "abc-1" || a.K8S_POD_NAME != "p" {
+		t.Errorf("parseArgs = %+v, %v", a, err)
+	}
+	// Without IgnoreUnknown, an unknown key is an error (the library's rule);
+	// the keys Kubernetes runtimes pass are known.
+	if _, err := parseArgs("K8S_POD_UID=u;FOO=bar"); err == nil || !strings.Contains(err.Error(), "FOO") {
+		t.Errorf("parseArgs accepted an unknown key without IgnoreUnknown: %v", err)
+	}
+	if _, err := parseArgs("K8S_POD_NAMESPACE=d;K8S_POD_NAME=p;K8S_POD_INFRA_CONTAINER_ID=x;K8S_POD_UID=u"); err != nil {
+		t.Errorf("parseArgs of kubelet's keys: %v", err)
 	}
 	if _, err := parseArgs("K8S_POD_UID"); err == nil {
 		t.Error("parseArgs accepted a key without a value")

@@ -4,24 +4,30 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // NewCommand returns `install-cni`, the subcommand the ctlbd binary runs in
 // the DaemonSet's init container (once) and in its watcher (--watch).
 func NewCommand() *cobra.Command {
 	var (
-		opts      Options
-		bpffs     string
-		socket    string
-		uninstall bool
-		watch     bool
-		output    string
+		opts          Options
+		bpffs         string
+		socket        string
+		uninstall     bool
+		watch         bool
+		output        string
+		waitForConfig time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "install-cni",
@@ -29,12 +35,25 @@ func NewCommand() *cobra.Command {
 		Long: `install-cni copies the ctlb plugin binary into the CNI bin dir and appends
 ctlb to the plugin chain of the first network config in the CNI conf dir (the
 one the runtime uses), turning a single-plugin .conf into a .conflist. It is
-idempotent. --uninstall takes out exactly what it put in; --watch keeps ctlb
-chained when another agent rewrites the config.`,
+idempotent. The entry it writes is marked ("installedBy"): a ctlb entry written
+by hand is left alone, and one edited by hand after install-cni wrote it is
+kept, not reverted. With no network config yet it waits (--wait-for-config)
+for the primary CNI to write one. --uninstall takes out exactly what it put in;
+--watch keeps ctlb chained when another agent rewrites the config, and with
+--uninstall-on-exit takes it out when stopped.
+
+CNI versions: the conflist's cniVersion must be 0.3.0 or later; an older one is
+refused and left untouched.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if uninstall && watch {
 				return errors.New("--uninstall and --watch cannot be combined")
+			}
+			if opts.UninstallOnExit && !watch {
+				return errors.New("--uninstall-on-exit needs --watch (it acts when the watcher is stopped)")
+			}
+			if waitForConfig < 0 {
+				return fmt.Errorf("--wait-for-config %s: want a duration of 0 or more", waitForConfig)
 			}
 			if output != "table" && output != "json" {
 				return fmt.Errorf("--output %q: want table or json", output)
@@ -53,7 +72,9 @@ chained when another agent rewrites the config.`,
 				defer stop()
 				return Watch(ctx, opts)
 			default:
-				res, err := Install(opts)
+				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+				defer stop()
+				res, err := InstallWhenReady(ctx, opts, waitForConfig, slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)))
 				if err != nil {
 					return err
 				}
@@ -64,6 +85,9 @@ chained when another agent rewrites the config.`,
 				if res.BinaryUpdated {
 					text += " updated"
 				}
+				if res.Note != "" {
+					text += " (" + res.Note + ")"
+				}
 				return report(cmd, output, res, text)
 			}
 		},
@@ -72,11 +96,13 @@ chained when another agent rewrites the config.`,
 	f.StringVar(&opts.BinDir, "bin-dir", DefaultBinDir, "CNI plugin binary directory of the host")
 	f.StringVar(&opts.ConfDir, "conf-dir", DefaultConfDir, "CNI network config directory of the host")
 	f.StringVar(&opts.SourceBinary, "plugin", defaultPluginBinary(), "ctlb CNI plugin binary to install")
-	f.StringVar(&bpffs, "bpffs", DefaultBPFFS, "bpffs directory of ctlb's pins, written into the plugin config")
-	f.StringVar(&socket, "socket", DefaultSocket, "ctlbd control socket, written into the plugin config")
+	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory of ctlb's pins, written into the plugin config")
+	f.StringVar(&socket, "socket", api.DefaultSocket, "ctlbd control socket, written into the plugin config")
 	f.BoolVar(&uninstall, "uninstall", false, "remove ctlb from the network configs (and the binary, unless --keep-binary)")
 	f.BoolVar(&opts.KeepBinary, "keep-binary", false, "with --uninstall: leave the plugin binary for pods whose runtime replays cached configs at DEL")
 	f.BoolVar(&watch, "watch", false, "install, then re-install whenever another agent rewrites the config, until SIGTERM")
+	f.BoolVar(&opts.UninstallOnExit, "uninstall-on-exit", false, "with --watch: take ctlb out of the network configs (keeping the binary) on SIGTERM, e.g. when the DaemonSet is deleted")
+	f.DurationVar(&waitForConfig, "wait-for-config", 5*time.Minute, "without --watch: wait this long for the primary CNI to write its network config before failing (0: fail at once)")
 	// --socket and -o share their names and meaning with ctlbd's persistent
 	// flags; defined here, they shadow those when this runs under ctlbd.
 	f.StringVarP(&output, "output", "o", "table", "output format: table or json")

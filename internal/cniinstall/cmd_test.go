@@ -61,7 +61,7 @@ func TestCommandInstallUninstall(t *testing.T) {
 	}
 	last := list.Plugins[len(list.Plugins)-1]
 	wantConf := `{"type":"ctlb","bpffs":"/sys/fs/bpf/ctlb-test","socket":"/run/ctlb-test/ctlbd.sock","capabilities":{"cgroupPath":true}}`
-	if last.Network.Type != PluginType || !sameJSON(last.Bytes, []byte(wantConf)) {
+	if last.Network.Type != PluginType || !sameJSON(last.Bytes, mark([]byte(wantConf))) || kindOf(last.Bytes) != ours {
 		t.Errorf("chained plugin %s, want %s", last.Bytes, wantConf)
 	}
 
@@ -181,5 +181,68 @@ func TestCommandDefaults(t *testing.T) {
 	}
 	if f.ShorthandLookup("o") == nil {
 		t.Errorf("no -o shorthand for --output")
+	}
+}
+
+// The init container starts before the primary CNI has written its config:
+// install-cni waits for it (bounded), saying why, instead of failing into a
+// CrashLoop; past the limit it fails naming the wait.
+func TestCommandWaitsForPrimaryConfig(t *testing.T) {
+	opts := newOpts(t, nil)
+	flags := []string{"--bin-dir", opts.BinDir, "--conf-dir", opts.ConfDir, "--plugin", opts.SourceBinary}
+	out, err := runCommand(context.Background(), t, append(flags, "--wait-for-config", "300ms")...)
+	if err == nil || !strings.Contains(err.Error(), "after waiting 300ms") || !strings.Contains(out, "waiting for the primary CNI") {
+		t.Fatalf("install-cni with no config and a 300ms wait: %v, printed %q; want a bounded wait, logged, then an error", err, out)
+	}
+	in := snapshot(t, "testdata/flannel/in")
+	go func() {
+		// As the primary CNI's installer does: atomically, a while later.
+		time.Sleep(700 * time.Millisecond)
+		tmp := filepath.Join(opts.ConfDir, ".flannel.tmp")
+		if os.WriteFile(tmp, in["10-flannel.conflist"], 0o644) == nil {
+			_ = os.Rename(tmp, filepath.Join(opts.ConfDir, "10-flannel.conflist"))
+		}
+	}()
+	start := time.Now()
+	out, err = runCommand(context.Background(), t, append(flags, "--wait-for-config", "20s")...)
+	if err != nil || !strings.Contains(out, "ctlb inserted") {
+		t.Fatalf("install-cni while the config appears: %v, printed %q", err, out)
+	}
+	t.Logf("install-cni waited %s for the primary config", time.Since(start).Round(10*time.Millisecond))
+}
+
+// --uninstall-on-exit: the watcher takes ctlb out when stopped, keeping the
+// binary for the DELs of pods set up with ctlb; without it, ctlb stays.
+func TestCommandUninstallOnExit(t *testing.T) {
+	for _, onExit := range []bool{false, true} {
+		in := snapshot(t, "testdata/flannel/in")
+		opts := newOpts(t, in)
+		conf := filepath.Join(opts.ConfDir, "10-flannel.conflist")
+		flags := []string{"--bin-dir", opts.BinDir, "--conf-dir", opts.ConfDir, "--plugin", opts.SourceBinary, "--watch"}
+		if onExit {
+			flags = append(flags, "--uninstall-on-exit")
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { _, err := runCommand(ctx, t, flags...); done <- err }()
+		waitFor(t, "install", func() bool { return chained(conf) })
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("install-cni --watch (uninstall-on-exit %v): %v", onExit, err)
+			}
+		case <-time.After(waitLimit):
+			t.Fatalf("install-cni --watch did not stop within %v", waitLimit)
+		}
+		if chained(conf) == onExit {
+			t.Fatalf("uninstall-on-exit %v: ctlb chained after exit: %v", onExit, chained(conf))
+		}
+		if _, err := os.Stat(filepath.Join(opts.BinDir, PluginType)); err != nil {
+			t.Fatalf("plugin binary gone after exit: %v", err)
+		}
+	}
+	if _, err := runCommand(context.Background(), t, "--uninstall-on-exit"); err == nil || !strings.Contains(err.Error(), "needs --watch") {
+		t.Fatalf("--uninstall-on-exit without --watch: %v", err)
 	}
 }

@@ -10,6 +10,7 @@
 package cniinstall
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,14 +24,14 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/cni"
 )
 
 // Defaults of a node where the runtime uses the standard CNI locations.
 const (
 	DefaultBinDir  = "/opt/cni/bin"
 	DefaultConfDir = "/etc/cni/net.d"
-	DefaultBPFFS   = "/sys/fs/bpf/ctlb"
-	DefaultSocket  = "/run/ctlb/ctlbd.sock"
 	PluginType     = "ctlb"
 )
 
@@ -69,13 +70,51 @@ type Options struct {
 	Logger *slog.Logger
 	// Resync is how often Watch re-checks without an event; 0 means 30s.
 	Resync time.Duration
+	// UninstallOnExit makes Watch take ctlb out of the network configs
+	// (keeping the binary) when its context ends.
+	UninstallOnExit bool
+}
+
+// InstallWhenReady is Install that waits, up to wait, for the primary CNI to
+// write its network config, logging why it waits every few seconds: the
+// init container of a DaemonSet often starts before Calico's or Flannel's
+// has written theirs, and failing would only CrashLoop it.
+func InstallWhenReady(ctx context.Context, opts Options, wait time.Duration, log *slog.Logger) (Result, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	start := time.Now()
+	lastLog := time.Time{}
+	for {
+		res, err := Install(opts)
+		if !errors.Is(err, ErrNoNetworkConfig) {
+			if err == nil && !lastLog.IsZero() {
+				log.Info("primary network config appeared", "conf", res.ConfFile, "waited", time.Since(start).Round(time.Second))
+			}
+			return res, err
+		}
+		if time.Since(start) >= wait {
+			return res, fmt.Errorf("%w after waiting %s for the primary CNI to write one in %s", err, wait, opts.ConfDir)
+		}
+		if time.Since(lastLog) >= 5*time.Second {
+			log.Info("waiting for the primary CNI to write its network config", "confDir", opts.ConfDir,
+				"waited", time.Since(start).Round(time.Second), "limit", wait)
+			lastLog = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return res, err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // NewPluginConf returns the ctlb entry for a conflist: the plugin type, the
 // bpffs directory holding ctlb's pins and ctlbd's control socket.
 func NewPluginConf(bpffs, socket string) json.RawMessage {
 	// The cgroupPath capability asks runtimes that have it (containerd
-	// 1.7.1+) to pass the pod's cgroup, the first thing the plugin tries.
+	// 1.7.0+, CRI-O 1.28+; podman never) to pass the pod's cgroup, the
+	// first thing the plugin tries.
 	b, _ := json.Marshal(struct {
 		Type         string          `json:"type"`
 		BPFFS        string          `json:"bpffs"`
@@ -92,6 +131,10 @@ const (
 	Inserted  Action = "inserted"  // ctlb appended to the chain
 	Updated   Action = "updated"   // ctlb was there with another config, replaced in place
 	Unchanged Action = "unchanged" // ctlb was there as asked; the file was not written
+	// Kept: a ctlb entry written or edited by hand is there; it is left as
+	// is (Result.Note says which), and Uninstall will not remove a
+	// hand-written one.
+	Kept Action = "kept"
 )
 
 // Result tells what Install found and changed.
@@ -103,6 +146,8 @@ type Result struct {
 	// Backup keeps ConvertedFrom's original bytes for Uninstall.
 	Backup string `json:"backup,omitempty"`
 	Action Action `json:"action"`
+	// Note explains a Kept action.
+	Note string `json:"note,omitempty"`
 	// Binary is the installed plugin binary.
 	Binary string `json:"binary"`
 	// BinaryUpdated is false when Binary already had SourceBinary's bytes.
@@ -127,7 +172,7 @@ func (o Options) validate(needSource bool) (settings, error) {
 	if err != nil {
 		return settings{}, err
 	}
-	return settings{Options: o, plugin: plugin, pluginType: typ}, nil
+	return settings{Options: o, plugin: mark(plugin), pluginType: typ}, nil
 }
 
 // Install copies the plugin binary and chains the plugin into the first
@@ -187,18 +232,27 @@ func install(s settings) (Result, error) {
 		res.Backup = file + BackupSuffix
 	}
 
+	if err := checkVersion(file, cl); err != nil {
+		return Result{}, err
+	}
 	switch i := cl.indexOf(s.pluginType); {
 	case i < 0:
 		cl.plugins = append(cl.plugins, s.plugin)
 		res.Action = Inserted
 	case sameJSON(cl.plugins[i], s.plugin):
 		res.Action = Unchanged
-	default:
+	case kindOf(cl.plugins[i]) == ours:
+		// What an earlier install-cni wrote, untouched since: bring it to
+		// the config asked for now.
 		cl.plugins[i] = s.plugin
 		res.Action = Updated
+	case kindOf(cl.plugins[i]) == customised:
+		res.Action, res.Note = Kept, "the ctlb entry install-cni wrote was edited by hand since: left as is (delete it to have it rewritten)"
+	default:
+		res.Action, res.Note = Kept, "a ctlb entry written by hand (no "+MarkerKey+" marker) is there: left as is"
 	}
 	var out []byte
-	if res.Action != Unchanged || res.ConvertedFrom != "" {
+	if (res.Action != Unchanged && res.Action != Kept) || res.ConvertedFrom != "" {
 		if out, err = cl.render(); err != nil {
 			return Result{}, fmt.Errorf("%s: %w", file, err)
 		}
@@ -238,7 +292,30 @@ func install(s settings) (Result, error) {
 	return res, nil
 }
 
-// Uninstall takes out what Install put in: the plugin from every conflist
+// checkVersion refuses a network config whose cniVersion the plugin cannot
+// serve: chained into it, ctlb would fail every pod's ADD and DEL with
+// "incompatible CNI versions", which stops pods from starting and from being
+// torn down.
+func checkVersion(file string, cl *conflist) error {
+	v := ""
+	if raw, ok := lookup(cl.members, "cniVersion"); ok {
+		if err := json.Unmarshal(raw, &v); err != nil {
+			return fmt.Errorf("%s: cniVersion %s is not a string, left untouched", file, raw)
+		}
+	}
+	if !cni.SupportsVersion(v) {
+		shown := v
+		if shown == "" {
+			shown = "(none, which means 0.1.0)"
+		}
+		return fmt.Errorf("%s has cniVersion %s; the ctlb plugin serves %s: refusing to chain ctlb into it, left untouched (upgrade the primary CNI's config to 0.3.0 or later)",
+			file, shown, strings.Join(cni.Versions.SupportedVersions(), ", "))
+	}
+	return nil
+}
+
+// Uninstall takes out what Install put in (the entry it marked, edited or
+// not; never a hand-written one): the plugin from every conflist
 // of ConfDir that chains it (Watch may have followed the first file from one
 // name to another), a converted .conf back to its original bytes, the
 // backups, and (unless KeepBinary) the plugin binary. Running it again is a
@@ -303,8 +380,8 @@ func uninstallFrom(s settings, file string) error {
 		return fmt.Errorf("%s is not a valid conflist, left untouched: %w", file, err)
 	}
 	i := cl.indexOf(s.pluginType)
-	if i < 0 {
-		return nil
+	if i < 0 || kindOf(cl.plugins[i]) == handWritten {
+		return nil // not ours: a hand-written entry stays
 	}
 	cl.plugins = append(cl.plugins[:i], cl.plugins[i+1:]...)
 	if len(cl.plugins) == 0 {

@@ -16,11 +16,14 @@ import (
 	"github.com/containernetworking/cni/libcni"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*/out from what Install writes")
 
-var testPlugin = NewPluginConf(DefaultBPFFS, DefaultSocket)
+// testPlugin is the entry Install writes: the config asked for, marked.
+var testPlugin = mark(NewPluginConf(datapath.DefaultDir, api.DefaultSocket))
 
 // goldenActions is what Install must report for each case in testdata that
 // installs; the others (malformed-*) hold an error.txt instead.
@@ -194,7 +197,7 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 	t.Helper()
 	_, err := Install(opts)
 	if err == nil {
-		t.Fatalf("Install accepted a malformed config")
+		t.Fatalf("Install accepted a config it must refuse")
 	}
 	t.Logf("Install: %v", err)
 	for _, want := range []string{wantErr, "left untouched", keys(in)[0]} {
@@ -210,9 +213,15 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 	}
 	// Uninstall has nothing of ours to remove and must not touch the file;
 	// a malformed conflist is reported, a malformed .conf is not ours to read.
+	// A well-formed conflist of a version ctlb does not serve is simply
+	// not ours.
 	err = Uninstall(opts)
-	if strings.HasSuffix(keys(in)[0], ".conflist") && err == nil {
+	malformed := !strings.Contains(wantErr, "cniVersion")
+	if malformed && strings.HasSuffix(keys(in)[0], ".conflist") && err == nil {
 		t.Errorf("Uninstall did not report the malformed conflist")
+	}
+	if !malformed && err != nil {
+		t.Errorf("Uninstall of a conflist without ctlb: %v", err)
 	}
 	if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
 		t.Errorf("conf dir changed by Uninstall:\n%s", diffSnapshots(got, in))
@@ -594,4 +603,50 @@ func diffSnapshots(got, want map[string][]byte) string {
 func fileOwner(fi os.FileInfo) (int, int) {
 	_, uid, gid := ownership(fi)
 	return uid, gid
+}
+
+// A ctlb entry written by hand (no marker) is never touched: Install keeps
+// it (action kept), and Uninstall leaves it. An entry Install wrote and
+// someone edited since is kept by Install (the watcher must not revert
+// it), and removed by Uninstall, since it is still the one Install added.
+func TestInstallKeepsHandWrittenAndCustomised(t *testing.T) {
+	const name = "10-containerd-net.conflist"
+	conflist := func(ctlb string) map[string][]byte {
+		return map[string][]byte{name: []byte(`{"cniVersion": "0.3.1", "name": "containerd-net", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.18.0.0/24"}]]}},
+  ` + ctlb + `]}`)}
+	}
+	hand := `{"type": "ctlb", "bpffs": "/sys/fs/bpf/mine", "logLevel": "debug"}`
+	edited := strings.Replace(string(testPlugin), `"/run/ctlb/ctlbd.sock"`, `"/run/ctlb/other.sock"`, 1)
+	if edited == string(testPlugin) {
+		t.Fatalf("test entry %s has no socket to edit", testPlugin)
+	}
+	for _, c := range []struct {
+		what, entry  string
+		removedByUni bool
+	}{
+		{"hand-written", hand, false},
+		{"customised", edited, true},
+	} {
+		t.Run(c.what, func(t *testing.T) {
+			in := conflist(c.entry)
+			opts := newOpts(t, in)
+			res, err := Install(opts)
+			if err != nil || res.Action != Kept || res.Note == "" {
+				t.Fatalf("Install = %+v, %v; want kept, with a note", res, err)
+			}
+			t.Logf("Install: %s", res.Note)
+			if got := snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+				t.Fatalf("Install changed the conf dir:\n%s", diffSnapshots(got, in))
+			}
+			if err := Uninstall(opts); err != nil {
+				t.Fatal(err)
+			}
+			got := snapshot(t, opts.ConfDir)
+			stillThere := strings.Contains(string(got[name]), `"ctlb"`)
+			if stillThere == c.removedByUni {
+				t.Fatalf("after Uninstall: %s", got[name])
+			}
+		})
+	}
 }

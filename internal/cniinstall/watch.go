@@ -51,6 +51,7 @@ func Watch(ctx context.Context, opts Options) error {
 	}
 
 	var lastErr string
+	var lastAction Action
 	check := func(why string) {
 		res, err := Install(opts)
 		switch {
@@ -61,15 +62,20 @@ func Watch(ctx context.Context, opts Options) error {
 				if errors.Is(err, ErrNoNetworkConfig) {
 					level = slog.LevelInfo
 				}
-				log.Log(ctx, level, "cni config not installed yet", "reason", why, "err", err)
+				log.Log(ctx, level, "cni config not installed yet", "reason", why, "error", err)
 			}
 			lastErr = err.Error()
+		case res.Action == Kept && lastAction == Kept && !res.BinaryUpdated && lastErr == "":
+			log.Debug("cni config: ctlb entry kept as found", "reason", why, "conf", res.ConfFile)
 		case res.Action != Unchanged || res.BinaryUpdated || lastErr != "":
 			log.Info("cni config installed", "reason", why, "conf", res.ConfFile,
-				"action", res.Action, "convertedFrom", res.ConvertedFrom, "binaryUpdated", res.BinaryUpdated)
+				"action", res.Action, "note", res.Note, "convertedFrom", res.ConvertedFrom, "binaryUpdated", res.BinaryUpdated)
 			lastErr = ""
 		default:
 			log.Debug("cni config in place", "reason", why, "conf", res.ConfFile)
+		}
+		if err == nil {
+			lastAction = res.Action
 		}
 	}
 	check("start")
@@ -85,6 +91,17 @@ func Watch(ctx context.Context, opts Options) error {
 	for {
 		select {
 		case <-ctx.Done():
+			if opts.UninstallOnExit {
+				// The DaemonSet is going away: a node left with ctlb chained
+				// and no ctlbd fails every ADD once a reboot wiped the pins.
+				// The binary stays, for the DELs of pods set up with ctlb.
+				u := opts
+				u.KeepBinary = true
+				if err := Uninstall(u); err != nil {
+					return fmt.Errorf("cni watch: uninstall on exit: %w", err)
+				}
+				log.Info("ctlb removed from the network configs on exit (--uninstall-on-exit); plugin binary kept", "confDir", opts.ConfDir)
+			}
 			return nil
 		case ev, ok := <-w.Events:
 			if !ok {
@@ -100,7 +117,7 @@ func Watch(ctx context.Context, opts Options) error {
 				return errors.New("cni watch: watcher closed")
 			}
 			// An overflow loses events: look at everything again.
-			log.Warn("cni watch error, re-checking", "err", err)
+			log.Warn("cni watch error, re-checking", "error", err)
 			why = "watch error"
 			timer.Reset(settle)
 		case <-timer.C:

@@ -178,3 +178,28 @@ func (w testLogWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+// The watcher keeps a ctlb entry someone edited after install-cni wrote
+// it: it does not revert the edit, on events or on resync.
+func TestWatchKeepsCustomisedEntry(t *testing.T) {
+	in := snapshot(t, "testdata/flannel/in")
+	opts := newOpts(t, in)
+	conf := filepath.Join(opts.ConfDir, "10-flannel.conflist")
+	startWatch(t, opts)
+	waitFor(t, "initial install", func() bool { return chained(conf) })
+	b, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := strings.Replace(string(b), `"/run/ctlb/ctlbd.sock"`, `"/run/ctlb/edited.sock"`, 1)
+	if edited == string(b) {
+		t.Fatalf("installed conflist has no socket to edit:\n%s", b)
+	}
+	if err := os.WriteFile(conf, []byte(edited), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(6 * settle)
+	if now, _ := os.ReadFile(conf); string(now) != edited {
+		t.Fatalf("Watch reverted the edited entry:\n%s", now)
+	}
+}

@@ -22,12 +22,6 @@ import (
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
-// Defaults, chosen so that one daemon per host needs no flags.
-const (
-	DefaultSocket   = api.DefaultSocket
-	DefaultStateDir = api.DefaultStateDir
-)
-
 // MaxSize bounds a config file; a larger one is refused rather than read.
 const MaxSize = 8 << 20
 
@@ -55,6 +49,19 @@ type Config struct {
 	// Proxy, when set, runs the fallback round-robin proxy for the listed
 	// VIPs, with the same server sets as the connect4 path.
 	Proxy *proxy.Config `json:"proxy,omitempty"`
+	// NRI, when set, runs ctlbd's NRI plugin: container scope for pods
+	// annotated ctlb.io/containers (see internal/nri).
+	NRI *NRIConfig `json:"nri,omitempty"`
+	// HostScope attaches ctlb once at the cgroup v2 root when ctlbd starts:
+	// every process of the host, for hosts and VMs with no CNI at all.
+	// Turning it off later does not detach; `ctlbd detach --host` does.
+	HostScope bool `json:"hostScope,omitempty"`
+}
+
+// NRIConfig is the NRI plugin's settings.
+type NRIConfig struct {
+	// Socket is the runtime's NRI socket; /var/run/nri/nri.sock when empty.
+	Socket string `json:"socket,omitempty"`
 }
 
 // Service is one VIP in the config.
@@ -144,10 +151,10 @@ func (c *Config) applyDefaults() {
 		c.BPFFS = datapath.DefaultDir
 	}
 	if c.Socket == "" {
-		c.Socket = DefaultSocket
+		c.Socket = api.DefaultSocket
 	}
 	if c.StateDir == "" {
-		c.StateDir = DefaultStateDir
+		c.StateDir = api.DefaultStateDir
 	}
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
@@ -178,6 +185,9 @@ func (c *Config) Validate() error {
 		if err != nil || perr != nil || p == 0 || (host != "" && net.ParseIP(host) == nil) {
 			return fmt.Errorf("config metrics: %q: want IP:PORT, or :PORT for every address", c.Metrics)
 		}
+	}
+	if c.NRI != nil && c.NRI.Socket != "" && !filepath.IsAbs(c.NRI.Socket) {
+		return fmt.Errorf("config nri.socket: %q is not an absolute path", c.NRI.Socket)
 	}
 	if c.Proxy != nil {
 		if err := c.Proxy.Validate(); err != nil {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/nri"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/proxy"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -49,6 +50,8 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
+	// nri is the NRI plugin (container scope) when the config asks for it.
+	nri *nri.Plugin
 }
 
 // New prepares a daemon: it mounts bpffs where the pin directory needs one,
@@ -106,6 +109,7 @@ func ensureBPFFS(dir string, log *slog.Logger) error {
 // lockDir takes an exclusive flock on the pin directory: one writer owns the
 // service maps at a time (invariant 4). The kernel drops it when the process
 // dies, so a SIGKILLed daemon never blocks its successor.
+// This is ARCHITECTURE.md I4.
 func lockDir(dir string) (*os.File, error) {
 	f, err := os.Open(dir)
 	if err != nil {
@@ -151,6 +155,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.startPending(ctx); err != nil {
 		return err
 	}
+	if d.cfg.HostScope {
+		if _, err := d.AttachHost(); err != nil {
+			return fmt.Errorf("config hostScope: %w", err)
+		}
+	}
+	d.startNRI(ctx)
 	d.Reconcile()
 	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
 	ln, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup)

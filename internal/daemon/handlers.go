@@ -53,7 +53,7 @@ func reply(w http.ResponseWriter, v any, err error) {
 			code = he.code
 		}
 		w.WriteHeader(code)
-		_ = json.NewEncoder(w).Encode(api.Error{Error: err.Error()})
+		_ = json.NewEncoder(w).Encode(api.ErrorResponse{Error: err.Error()})
 		return
 	}
 	if v == nil {
@@ -64,6 +64,7 @@ func reply(w http.ResponseWriter, v any, err error) {
 }
 
 // decode reads a bounded, strictly-typed JSON body.
+// A refused request changes nothing (ARCHITECTURE.md I7).
 func decode(_ http.ResponseWriter, r *http.Request, v any) error {
 	if err := api.Decode(r.Body, v); err != nil {
 		if errors.Is(err, api.ErrTooLarge) {
@@ -76,10 +77,7 @@ func decode(_ http.ResponseWriter, r *http.Request, v any) error {
 
 func (d *Daemon) listServices(w http.ResponseWriter, r *http.Request) {
 	svcs, err := d.dp.Services()
-	if svcs == nil {
-		svcs = []datapath.Service{}
-	}
-	reply(w, svcs, err)
+	reply(w, apiServices(svcs), err)
 }
 
 func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
@@ -100,7 +98,7 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 		err = d.setServices("api", svc)
 	}
 	d.mu.Unlock()
-	reply(w, svc, err)
+	reply(w, apiService(svc), err)
 }
 
 func (d *Daemon) handleDeleteService(w http.ResponseWriter, r *http.Request) {
@@ -131,10 +129,7 @@ func trackedConflict(vip netip.AddrPort) error {
 
 func (d *Daemon) listAttachments(w http.ResponseWriter, r *http.Request) {
 	list, err := d.dp.Attachments()
-	if list == nil {
-		list = []datapath.Attachment{}
-	}
-	reply(w, list, err)
+	reply(w, apiAttachments(list), err)
 }
 
 // cgroupDir resolves an API cgroup path to an existing directory inside the
@@ -154,10 +149,28 @@ func (d *Daemon) cgroupDir(path string) (string, error) {
 	return dir, nil
 }
 
-func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+// decodeAttach reads an attach or detach request: a cgroup, or host scope.
+func decodeAttach(w http.ResponseWriter, r *http.Request) (api.AttachRequest, bool) {
 	var req api.AttachRequest
-	if err := decode(w, r, &req); err != nil {
+	err := decode(w, r, &req)
+	if err == nil && req.Host && req.Cgroup != "" {
+		err = badRequest(fmt.Errorf("host scope is the cgroup v2 root: cgroup %q contradicts it", req.Cgroup))
+	}
+	if err != nil {
 		reply(w, nil, err)
+		return req, false
+	}
+	return req, true
+}
+
+func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+	req, ok := decodeAttach(w, r)
+	if !ok {
+		return
+	}
+	if req.Host {
+		a, err := d.AttachHost()
+		reply(w, apiAttachment(a), err)
 		return
 	}
 	dir, err := d.cgroupDir(req.Cgroup)
@@ -166,7 +179,7 @@ func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a, err := d.attachCgroup(datapath.CgroupAttachmentID(0), dir)
-	reply(w, a, err)
+	reply(w, apiAttachment(a), err)
 }
 
 // attachCgroup attaches to dir; an id of "cgroup-0" means one derived from
@@ -187,9 +200,17 @@ func (d *Daemon) attachCgroup(id, dir string) (datapath.Attachment, error) {
 }
 
 func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
-	var req api.AttachRequest
-	if err := decode(w, r, &req); err != nil {
-		reply(w, nil, err)
+	req, ok := decodeAttach(w, r)
+	if !ok {
+		return
+	}
+	if req.Host {
+		a, err := d.DetachHost()
+		if err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, []api.Attachment{apiAttachment(a)}, nil)
 		return
 	}
 	dir, err := d.cgroups.Resolve(req.Cgroup, false)
@@ -218,7 +239,7 @@ func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, httpError{http.StatusNotFound, fmt.Errorf("no attachment on cgroup %s", dir)})
 		return
 	}
-	reply(w, removed, nil)
+	reply(w, apiAttachments(removed), nil)
 }
 
 func (d *Daemon) status(w http.ResponseWriter, r *http.Request) {
@@ -251,9 +272,13 @@ func (d *Daemon) Status() (api.Status, error) {
 		listed := map[netip.AddrPort]bool{}
 		if snap, ok := tracked[svc.VIP]; ok {
 			// Every candidate, in the set or not, with its sources and health.
-			ss.Tracked, ss.Panic, ss.Changes = true, snap.Panic, snap.Changes
+			ss.Tracked, ss.Panic, ss.Changes, ss.Trimmed = true, snap.Panic, snap.Changes, snap.Trimmed
 			for _, src := range snap.Sources {
-				ss.Sources = append(ss.Sources, api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError})
+				as := api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError, Rejected: src.Rejected}
+				for _, r := range src.RejectedFirst {
+					as.RejectedFirst = append(as.RejectedFirst, api.RejectedEntry{Entry: r.Entry, Reason: r.Reason})
+				}
+				ss.Sources = append(ss.Sources, as)
 			}
 			inMap := map[netip.AddrPort]bool{}
 			for _, srv := range svc.Servers {
@@ -288,6 +313,8 @@ func (d *Daemon) Status() (api.Status, error) {
 	}
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
+	st.HostScope = d.hostAttached()
+	d.nriStatus(&st)
 	return st, nil
 }
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/podcgroup"
+	"github.com/ctlb/ctlb/pkg/api"
 )
 
 // pendingWatcher is the running watcher, or nil before Run starts it or
@@ -67,12 +68,12 @@ func (d *Daemon) pendingCount() int {
 // notifyPending is POST /v1/pending: the plugin wrote a record and asks for
 // it to be looked at now. The answer says whether it is attached already.
 func (d *Daemon) notifyPending(w http.ResponseWriter, r *http.Request) {
-	var req pending.Notice
+	var req api.PendingNotice
 	if err := decode(w, r, &req); err != nil {
 		reply(w, nil, err)
 		return
 	}
-	if err := pending.ValidateContainerID(req.ContainerID); err != nil {
+	if err := pending.ValidateContainerID(req.Key()); err != nil {
 		reply(w, nil, badRequest(err))
 		return
 	}
@@ -83,18 +84,18 @@ func (d *Daemon) notifyPending(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	st, err := pw.Kick(ctx, req.ContainerID)
+	st, err := pw.Kick(ctx, req.Key())
 	if err != nil {
 		reply(w, nil, httpError{http.StatusServiceUnavailable, err})
 		return
 	}
-	reply(w, st, nil)
+	reply(w, apiPending(st), nil)
 }
 
 // listPending is GET /v1/pending: the records still waiting.
 func (d *Daemon) listPending(w http.ResponseWriter, r *http.Request) {
 	if pw := d.pendingWatcher(); pw != nil {
-		reply(w, pw.List(), nil)
+		reply(w, apiPendingList(pw.List()), nil)
 		return
 	}
 	d.mu.Lock()
@@ -105,5 +106,5 @@ func (d *Daemon) listPending(w http.ResponseWriter, r *http.Request) {
 	for _, rec := range recs {
 		out = append(out, pending.Status{Record: rec, State: pending.StatePending})
 	}
-	reply(w, out, err)
+	reply(w, apiPendingList(out), err)
 }

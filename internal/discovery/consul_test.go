@@ -32,14 +32,14 @@ func TestConsul(t *testing.T) {
 	// Catalog changes at a known moment: register and deregister external
 	// nodes of service "web", port 7000 taken from the source's config.
 	web := run(t, Consul{Address: agent.HTTPAddr(), Service: "web", Port: 7000})
-	if err := c.Register("web-0", netip.MustParseAddr("127.0.1.100"), "web", 80); err != nil {
+	if err := c.Register("web-0", netip.MustParseAddr("198.18.201.100"), "web", 80); err != nil {
 		t.Fatal(err)
 	}
-	next := web.waitServers(t, 0, 10*time.Second, aps(t, "127.0.1.100:7000"))
+	next := web.waitServers(t, 0, 10*time.Second, aps(t, "198.18.201.100:7000"))
 	var add, del []time.Duration
 	for i := range 10 {
 		node := fmt.Sprintf("web-%d", i+1)
-		addr := netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)})
+		addr := netip.AddrFrom4([4]byte{198, 18, 201, byte(i + 1)})
 		if err := c.Register(node, addr, "web", 80); err != nil {
 			t.Fatal(err)
 		}

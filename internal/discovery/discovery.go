@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // DefaultPort is the server port used when a source or an entry names none:
@@ -25,6 +26,36 @@ const DefaultPort = 8502
 type Result struct {
 	Servers []netip.AddrPort
 	Err     error
+	// Rejected lists the entries of the answer that the source could not
+	// use (an entry that does not parse, a catalog address that is another
+	// host's loopback), each with the reason; the rest of the answer
+	// stands. The caller applies the service map's own rules to Servers on
+	// top of this.
+	Rejected []Rejected
+}
+
+// Rejected is one entry of a source's answer that was left out, and why.
+type Rejected struct {
+	Entry  string `json:"entry"`
+	Reason string `json:"reason"`
+}
+
+// MaxErrorText bounds the text of an error a source reports: an error body
+// from a server (an HTML page from a proxy, a stack trace) must not flood
+// logs and status.
+const MaxErrorText = 512
+
+// Truncate shortens s to at most n bytes (on a rune boundary), marking the
+// cut.
+func Truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + fmt.Sprintf("... (%d bytes cut)", len(s)-cut)
 }
 
 // Source produces the server list of one VIP from one place.

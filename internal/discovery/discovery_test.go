@@ -85,7 +85,7 @@ func (c *collector) waitFor(t *testing.T, from int, timeout time.Duration, what 
 func (c *collector) waitServers(t *testing.T, from int, timeout time.Duration, want []netip.AddrPort) int {
 	t.Helper()
 	_, next := c.waitFor(t, from, timeout, "servers "+Format(want), func(r Result) bool {
-		return r.Err == nil && slices.Equal(r.Servers, want)
+		return r.Err == nil && slices.Equal(Normalize(r.Servers), want)
 	})
 	return next
 }
@@ -116,18 +116,30 @@ func TestParseServer(t *testing.T) {
 }
 
 func TestParseList(t *testing.T) {
-	got, err := ParseList("198.18.0.2:9000 198.18.0.1\n\t198.18.0.3\n198.18.0.1\n", 8502)
-	if err != nil {
-		t.Fatal(err)
+	got, rej, err := ParseList("198.18.0.2:9000 198.18.0.1\n\t198.18.0.3\n198.18.0.1\n[2001:2::1]:80 ::ffff:198.18.0.4\n", 8502)
+	if err != nil || len(rej) != 0 {
+		t.Fatal(err, rej)
 	}
-	if want := aps(t, "198.18.0.1:8502", "198.18.0.2:9000", "198.18.0.3:8502"); !slices.Equal(got, want) {
+	// The parser keeps duplicates and IPv6: the map's rules are the
+	// tracker's, which reports them with reasons.
+	var want []netip.AddrPort
+	for _, s := range []string{"198.18.0.2:9000", "198.18.0.1:8502", "198.18.0.3:8502", "198.18.0.1:8502", "[2001:2::1]:80", "198.18.0.4:8502"} {
+		want = append(want, netip.MustParseAddrPort(s))
+	}
+	if !slices.Equal(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
 	}
-	if _, err := ParseList("198.18.0.1 nonsense", 8502); err == nil {
-		t.Fatal("a bad entry must fail the whole list")
+	// One bad entry is rejected with its reason; the others stand.
+	got, rej, err = ParseList("198.18.0.1 nonsense 198.18.0.1:0", 8502)
+	if err != nil || !slices.Equal(got, aps(t, "198.18.0.1:8502")) || len(rej) != 2 || rej[0].Entry != "nonsense" {
+		t.Fatalf("bad entries: got %v, rejected %v, err %v", got, rej, err)
 	}
-	if _, err := ParseList(" \n", 8502); !errors.Is(err, ErrEmpty) {
+	t.Logf("rejected: %v", rej)
+	if _, _, err := ParseList(" \n", 8502); !errors.Is(err, ErrEmpty) {
 		t.Fatalf("empty output: err %v, want ErrEmpty", err)
+	}
+	if _, rej, err := ParseList("x y", 8502); !errors.Is(err, ErrEmpty) || len(rej) != 2 {
+		t.Fatalf("only bad entries: err %v rejected %v, want ErrEmpty and both", err, rej)
 	}
 }
 

@@ -2,9 +2,12 @@ package discovery
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -50,7 +53,8 @@ func TestExecFollowsOutput(t *testing.T) {
 func TestExecErrors(t *testing.T) {
 	ctx := context.Background()
 	cases := map[string]Exec{
-		"bad output": {Command: []string{script(t, "echo 198.18.7.1 not-an-address")}},
+		"bad output": {Command: []string{script(t, "echo not-an-address")}},
+		"too much":   {Command: []string{script(t, "head -c 2000000 /dev/zero | tr '\\0' 'x'")}},
 		"empty":      {Command: []string{script(t, "true")}},
 		"timeout":    {Command: []string{script(t, "sleep 5")}, Timeout: 200 * time.Millisecond},
 		"missing":    {Command: []string{filepath.Join(t.TempDir(), "nonexistent")}},
@@ -58,7 +62,7 @@ func TestExecErrors(t *testing.T) {
 	}
 	for name, e := range cases {
 		start := time.Now()
-		got, err := e.Once(ctx)
+		got, _, err := e.Once(ctx)
 		if err == nil {
 			t.Errorf("%s: got %v, want an error", name, got)
 			continue
@@ -68,4 +72,63 @@ func TestExecErrors(t *testing.T) {
 		}
 		t.Logf("%s: %v", name, err)
 	}
+}
+
+// TestExecKillsProcessGroup: a command that times out, and one that ends
+// but leaves a background child, take their whole process group with them:
+// no grandchild survives the run.
+func TestExecKillsProcessGroup(t *testing.T) {
+	t.Parallel()
+	for name, tc := range map[string]struct {
+		body    string
+		timeout time.Duration
+		wantErr bool
+	}{
+		// The grandchild holds no pipe: only the group kill reaches it.
+		"timeout": {body: `sleep 60 >/dev/null 2>&1 & echo $! > "$1"; sleep 60`, timeout: 2 * time.Second, wantErr: true},
+		"ends":    {body: `sleep 60 >/dev/null 2>&1 & echo $! > "$1"; echo 198.18.7.1`, timeout: 5 * time.Second},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			pidFile := filepath.Join(t.TempDir(), "pid")
+			e := Exec{Command: []string{script(t, tc.body), pidFile}, Timeout: tc.timeout}
+			start := time.Now()
+			_, _, err := e.Once(context.Background())
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err %v, want error %v", err, tc.wantErr)
+			}
+			t.Logf("run took %s: %v", time.Since(start).Round(time.Millisecond), err)
+			b, err := os.ReadFile(pidFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The grandchild was reparented; once killed, its parent reaps
+			// it. Alive means running or sleeping in /proc.
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+				if err != nil || procState(string(st)) == "Z" {
+					return // gone (or dead, awaiting its reaper)
+				}
+				if time.Now().After(deadline) {
+					syscall.Kill(pid, syscall.SIGKILL)
+					t.Fatalf("grandchild %d still alive 5s after the run: %s", pid, st)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// procState is the state field of /proc/PID/stat (after the "(comm)").
+func procState(stat string) string {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 || i+3 > len(stat) {
+		return ""
+	}
+	return stat[i+2 : i+3]
 }

@@ -1,11 +1,12 @@
 // Package health runs active health checks against one server at a time: a
-// TCP connect (the default) or a grpc.health.v1 Check, on an interval with a
-// timeout, and turns the stream of results into a healthy/unhealthy state
+// TCP connect (the default), a grpc.health.v1 Check, or a Consul server's
+// own gRPC API, on an interval with a timeout, and turns the stream of results into a healthy/unhealthy state
 // with rise and fall thresholds.
 package health
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"net/netip"
@@ -56,22 +57,34 @@ func (c TCP) Check(ctx context.Context, addr netip.AddrPort) error {
 	return conn.Close()
 }
 
-// GRPC calls grpc.health.v1.Health/Check over plaintext HTTP/2 and needs the
-// answer SERVING. Each check uses a fresh connection, so a check also proves
-// that a new connection can be made (which is what clients of the VIP do).
+// GRPC calls grpc.health.v1.Health/Check over HTTP/2 (plaintext, or TLS
+// when TLS is set) and needs the answer SERVING. Each check uses a fresh
+// connection, so a check also proves that a new connection (and a TLS
+// handshake) can be made, which is what clients of the VIP do.
 type GRPC struct {
 	// Service is the name sent in the request; "" asks about the server as
 	// a whole.
 	Service string
+	// TLS, when set, makes the check speak TLS with this client config.
+	TLS *tls.Config
 }
 
 // Kind implements Checker.
 func (GRPC) Kind() string { return "grpc" }
 
+// dialGRPC makes a client for one server address: plaintext, or TLS with
+// tc. passthrough: the address is already resolved; no DNS lookup.
+func dialGRPC(addr netip.AddrPort, tc *tls.Config) (*grpc.ClientConn, error) {
+	creds := insecure.NewCredentials()
+	if tc != nil {
+		creds = TLSCredentials(tc)
+	}
+	return grpc.NewClient("passthrough:///"+addr.String(), grpc.WithTransportCredentials(creds))
+}
+
 // Check implements Checker.
 func (c GRPC) Check(ctx context.Context, addr netip.AddrPort) error {
-	// passthrough: the address is already resolved; no DNS lookup.
-	conn, err := grpc.NewClient("passthrough:///"+addr.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialGRPC(addr, c.TLS)
 	if err != nil {
 		return fmt.Errorf("grpc health %s: %w", addr, err)
 	}
@@ -128,14 +141,17 @@ func (p Params) Validate() error {
 	return nil
 }
 
-// Verdict is the health of one server.
+// Verdict is the health of one server: healthy, unhealthy or unchecked, the
+// one vocabulary of code, API (api.HealthHealthy...), CLI and metrics.
 type Verdict int
 
-// A server starts Pending (never checked). As in Envoy, its first passing
-// check makes it Healthy at once: Rise applies to a server coming back from
-// Unhealthy, so a new server takes traffic after one check, not Rise.
+// A server starts Unchecked (no check finished yet). As in Envoy, its first
+// passing check makes it Healthy at once: Rise applies to a server coming
+// back from Unhealthy after it was Healthy, so a new server takes traffic
+// after one passing check, not Rise, even when its first checks failed
+// (a Consul server still joining its cluster).
 const (
-	Pending Verdict = iota
+	Unchecked Verdict = iota
 	Healthy
 	Unhealthy
 )
@@ -147,7 +163,7 @@ func (v Verdict) String() string {
 	case Unhealthy:
 		return "unhealthy"
 	default:
-		return "pending"
+		return "unchecked"
 	}
 }
 
@@ -162,6 +178,8 @@ type State struct {
 	LastErr   error     // error of the last failed check, nil after a pass
 	LastCheck time.Time // when the last check finished
 	Since     time.Time // when Verdict last changed
+	// WasHealthy is set once the server has been Healthy.
+	WasHealthy bool
 }
 
 // Observe records one check result and reports whether the verdict changed.
@@ -172,7 +190,11 @@ func (s *State) Observe(err error, now time.Time, p Params) bool {
 		s.Passes++
 		s.Failures = 0
 		s.LastErr = nil
-		if s.Verdict == Pending || (s.Verdict == Unhealthy && s.Passes >= p.Rise) {
+		// Rise guards against a server that flaps: one never seen
+		// healthy (a new server that failed while it was still joining
+		// its cluster) has nothing to flap from and goes in at its first
+		// pass.
+		if s.Verdict == Unchecked || (s.Verdict == Unhealthy && (s.Passes >= p.Rise || !s.WasHealthy)) {
 			s.Verdict = Healthy
 		}
 	} else {
@@ -181,9 +203,12 @@ func (s *State) Observe(err error, now time.Time, p Params) bool {
 		s.LastErr = err
 		// A server never seen healthy is unhealthy at its first failure:
 		// there is nothing to protect from flapping yet.
-		if s.Verdict == Pending || (s.Verdict == Healthy && s.Failures >= p.Fall) {
+		if s.Verdict == Unchecked || (s.Verdict == Healthy && s.Failures >= p.Fall) {
 			s.Verdict = Unhealthy
 		}
+	}
+	if s.Verdict == Healthy {
+		s.WasHealthy = true
 	}
 	if s.Verdict != prev {
 		s.Since = now

@@ -85,6 +85,11 @@ func TestStateRiseFall(t *testing.T) {
 	if !fresh.Observe(fail, time.Now(), p) || fresh.Verdict != Unhealthy {
 		t.Fatalf("a new server that fails its first check: %s, want unhealthy at once", fresh.Verdict)
 	}
+	// Never healthy yet (still joining its cluster): in at the first pass.
+	fresh.Observe(fail, time.Now(), p)
+	if !fresh.Observe(nil, time.Now(), p) || fresh.Verdict != Healthy {
+		t.Fatalf("a server never healthy before, after its first pass: %s, want healthy (rise is for servers that were healthy)", fresh.Verdict)
+	}
 }
 
 func TestParams(t *testing.T) {

@@ -21,18 +21,19 @@ import (
 
 func TestWriteReadListRemove(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "state")
+	// Records are keyed by attachment ID: one per network and container.
 	r := pending.Record{ContainerID: "abc.1", AttachmentID: "cnih-x", BPFFS: "/b", PodUID: "u", Netns: "/n",
 		NetnsID: podcgroup.NetnsID{Dev: 4, Ino: 5}, Created: time.Now().UTC()}
 	if err := pending.Write(state, r); err != nil {
 		t.Fatal(err)
 	}
-	for p, mode := range map[string]os.FileMode{state: 0o700, pending.Dir(state): 0o700, filepath.Join(pending.Dir(state), "abc.1.json"): 0o600} {
+	for p, mode := range map[string]os.FileMode{state: 0o700, pending.Dir(state): 0o700, filepath.Join(pending.Dir(state), "cnih-x.json"): 0o600} {
 		fi, err := os.Stat(p)
 		if err != nil || fi.Mode().Perm() != mode {
 			t.Fatalf("%s: mode %v (%v), want %v", p, fi.Mode().Perm(), err, mode)
 		}
 	}
-	got, err := pending.Read(state, "abc.1")
+	got, err := pending.Read(state, "cnih-x")
 	if err != nil || got.PodUID != "u" || got.NetnsID != r.NetnsID || !got.Created.Equal(r.Created) {
 		t.Fatalf("Read = %+v, %v; want %+v", got, err, r)
 	}
@@ -42,17 +43,18 @@ func TestWriteReadListRemove(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The same container on another network has a record of its own.
 	r2 := r
-	r2.ContainerID = "0abc"
+	r2.AttachmentID = "cnih-w"
 	if err := pending.Write(state, r2); err != nil {
 		t.Fatal(err)
 	}
 	list, err := pending.List(state)
-	if err != nil || len(list) != 2 || list[0].ContainerID != "0abc" || list[1].ContainerID != "abc.1" {
-		t.Fatalf("List = %+v, %v; want 0abc and abc.1", list, err)
+	if err != nil || len(list) != 2 || list[0].AttachmentID != "cnih-w" || list[1].AttachmentID != "cnih-x" {
+		t.Fatalf("List = %+v, %v; want cnih-w and cnih-x", list, err)
 	}
 	for i, want := range []bool{true, false} {
-		removed, err := pending.Remove(state, "abc.1")
+		removed, err := pending.Remove(state, "cnih-x")
 		if err != nil || removed != want {
 			t.Fatalf("Remove #%d = %v, %v; want %v", i+1, removed, err, want)
 		}
@@ -174,7 +176,7 @@ func TestWatcherCgroupDir(t *testing.T) {
 	if err := pending.Write(e.state, r); err != nil {
 		t.Fatal(err)
 	}
-	if st := e.kick(t, "c1"); st.State != pending.StatePending {
+	if st := e.kick(t, "cni-c1"); st.State != pending.StatePending {
 		t.Fatalf("kick before the cgroup: %+v, want pending", st)
 	}
 	if n := e.w.Count(); n != 1 {
@@ -184,10 +186,10 @@ func TestWatcherCgroupDir(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.waitAttached(t, "cni-c1", dir)
-	if _, err := pending.Read(e.state, "c1"); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := pending.Read(e.state, "cni-c1"); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("record after completion: %v, want gone", err)
 	}
-	if st := e.kick(t, "c1"); st.State != pending.StateAbsent {
+	if st := e.kick(t, "cni-c1"); st.State != pending.StateAbsent {
 		t.Fatalf("kick after completion: %+v, want absent", st)
 	}
 }
@@ -206,17 +208,17 @@ func TestWatcherPodUID(t *testing.T) {
 		if err := pending.Write(e.state, r); err != nil {
 			t.Fatal(err)
 		}
-		e.kick(t, id)
+		e.kick(t, "cni-"+id)
 	}
 	foreign := pending.Record{ContainerID: "c3", AttachmentID: "cni-c3", BPFFS: "/elsewhere", PodUID: "uid-c3", Created: time.Now()}
 	if err := pending.Write(e.state, foreign); err != nil {
 		t.Fatal(err)
 	}
-	if st := e.kick(t, "c3"); st.State != pending.StateIgnored {
+	if st := e.kick(t, "cni-c3"); st.State != pending.StateIgnored {
 		t.Fatalf("record for another bpffs: %+v, want ignored", st)
 	}
 	// DEL of c2 before its cgroup exists.
-	if removed, err := pending.Remove(e.state, "c2"); err != nil || !removed {
+	if removed, err := pending.Remove(e.state, "cni-c2"); err != nil || !removed {
 		t.Fatalf("Remove c2: %v %v", removed, err)
 	}
 	for _, id := range []string{"c1", "c2", "c3"} {

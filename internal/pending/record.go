@@ -2,7 +2,10 @@
 // yet (the runtime creates it right after ADD), so it left a record that
 // ctlbd completes the moment the cgroup appears.
 //
-// A record is one root-only JSON file, <stateDir>/pending/<containerID>.json,
+// A record is one root-only JSON file, <stateDir>/pending/<key>.json, where
+// the key is the record's attachment ID (one per network and container, so
+// two networks of one container never share a record; records written
+// before attachment IDs named the network are keyed by container ID),
 // written atomically (temporary file renamed into place). The file is the
 // source of truth: the plugin writes it whether or not ctlbd runs, and a
 // daemon that starts later completes what it finds.
@@ -50,6 +53,15 @@ type Record struct {
 	Created time.Time         `json:"created"`
 }
 
+// Key names the record's file: its attachment ID, or, in a record without
+// one, its container ID.
+func (r Record) Key() string {
+	if r.AttachmentID != "" {
+		return r.AttachmentID
+	}
+	return r.ContainerID
+}
+
 // hasNetns reports whether the record identifies the sandbox's netns.
 func (r Record) hasNetns() bool { return r.NetnsID != (podcgroup.NetnsID{}) }
 
@@ -71,8 +83,9 @@ func path(stateDir, containerID string) string {
 	return filepath.Join(Dir(stateDir), containerID+".json")
 }
 
-// ValidateContainerID accepts container IDs that are one plain file name
-// (CNI allows [A-Za-z0-9][A-Za-z0-9_.-]*): the ID is joined into a path.
+// ValidateContainerID accepts record keys (attachment IDs, and container IDs,
+// which CNI allows as [A-Za-z0-9][A-Za-z0-9_.-]*) that are one plain file
+// name: the key is joined into a path.
 func ValidateContainerID(id string) error {
 	if id == "" || len(id) > 250 || strings.ContainsAny(id, "/\x00") || id[0] == '.' {
 		return fmt.Errorf("container ID %q cannot name a pending record", id)
@@ -81,32 +94,32 @@ func ValidateContainerID(id string) error {
 }
 
 // Write stores r atomically as a 0600 file in a 0700 directory, replacing a
-// record of the same container.
+// record of the same key.
 func Write(stateDir string, r Record) error {
-	if err := ValidateContainerID(r.ContainerID); err != nil {
+	if err := ValidateContainerID(r.Key()); err != nil {
 		return err
 	}
 	dir := Dir(stateDir)
 	if err := EnsureDir(stateDir); err != nil {
-		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
+		return fmt.Errorf("pending record %s: %w", r.Key(), err)
 	}
 	data, err := json.Marshal(r)
 	if err != nil {
-		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
+		return fmt.Errorf("pending record %s: %w", r.Key(), err)
 	}
 	// A retried ADD clears what a killed one left.
-	if _, err := RemoveTemps(stateDir, r.ContainerID); err != nil {
+	if _, err := RemoveTemps(stateDir, r.Key()); err != nil {
 		return err
 	}
 	// A dot name is never taken for a record by the watcher.
-	tmp, err := os.CreateTemp(dir, tempPrefix(r.ContainerID))
+	tmp, err := os.CreateTemp(dir, tempPrefix(r.Key()))
 	if err != nil {
-		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
+		return fmt.Errorf("pending record %s: %w", r.Key(), err)
 	}
 	fail := func(err error) error {
 		tmp.Close()
 		os.Remove(tmp.Name())
-		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
+		return fmt.Errorf("pending record %s: %w", r.Key(), err)
 	}
 	// CreateTemp makes 0600 files already; say so for the reader.
 	if err := tmp.Chmod(0o600); err != nil {
@@ -121,9 +134,9 @@ func Write(stateDir string, r Record) error {
 	if err := tmp.Close(); err != nil {
 		return fail(err)
 	}
-	if err := os.Rename(tmp.Name(), path(stateDir, r.ContainerID)); err != nil {
+	if err := os.Rename(tmp.Name(), path(stateDir, r.Key())); err != nil {
 		os.Remove(tmp.Name())
-		return fmt.Errorf("pending record %s: %w", r.ContainerID, err)
+		return fmt.Errorf("pending record %s: %w", r.Key(), err)
 	}
 	return nil
 }
@@ -149,7 +162,7 @@ func EnsureDir(stateDir string) error {
 	return nil
 }
 
-// Read loads one record; a missing record is fs.ErrNotExist.
+// Read loads the record of a key; a missing record is fs.ErrNotExist.
 func Read(stateDir, containerID string) (Record, error) {
 	if err := ValidateContainerID(containerID); err != nil {
 		return Record{}, err
@@ -166,13 +179,13 @@ func readFile(p string) (Record, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return Record{}, fmt.Errorf("pending record %s: %w", p, err)
 	}
-	if want := strings.TrimSuffix(filepath.Base(p), ".json"); r.ContainerID != want {
-		return Record{}, fmt.Errorf("pending record %s: names container %q", p, r.ContainerID)
+	if want := strings.TrimSuffix(filepath.Base(p), ".json"); r.Key() != want {
+		return Record{}, fmt.Errorf("pending record %s: names attachment %q", p, r.Key())
 	}
 	return r, nil
 }
 
-// List reads every record, sorted by container ID. Unreadable files are
+// List reads every record, sorted by key. Unreadable files are
 // skipped: one damaged record must not hide the others.
 func List(stateDir string) ([]Record, error) {
 	entries, err := os.ReadDir(Dir(stateDir))
@@ -194,11 +207,11 @@ func List(stateDir string) ([]Record, error) {
 		}
 		out = append(out, r)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ContainerID < out[j].ContainerID })
+	sort.Slice(out, func(i, j int) bool { return out[i].Key() < out[j].Key() })
 	return out, nil
 }
 
-// recordName returns the container ID a file name holds the record of.
+// recordName returns the key a file name holds the record of.
 func recordName(name string) (string, bool) {
 	id, ok := strings.CutSuffix(name, ".json")
 	if !ok || ValidateContainerID(id) != nil {
@@ -207,7 +220,7 @@ func recordName(name string) (string, bool) {
 	return id, true
 }
 
-// Remove deletes a container's record under its lock; removed is false when
+// Remove deletes the record of a key under its lock; removed is false when
 // there was none. After Remove returns, no daemon will act on the record.
 func Remove(stateDir, containerID string) (removed bool, err error) {
 	if err := ValidateContainerID(containerID); err != nil {

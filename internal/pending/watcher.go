@@ -15,6 +15,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/ctlb/ctlb/internal/crashpoint"
 	"github.com/ctlb/ctlb/internal/podcgroup"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -40,11 +41,6 @@ type Status struct {
 	State  string `json:"state"`
 	Cgroup string `json:"cgroup,omitempty"`
 	Error  string `json:"error,omitempty"`
-}
-
-// Notice is the body of POST /v1/pending: the plugin wrote a record.
-type Notice struct {
-	ContainerID string `json:"containerID"`
 }
 
 // Defaults of the watcher's timing.
@@ -118,7 +114,7 @@ func (w *Watcher) List() []Status {
 	for _, e := range w.records {
 		out = append(out, Status{Record: e.rec, State: w.stateOf(e), Error: e.lastErr})
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ContainerID < out[j].ContainerID })
+	sort.Slice(out, func(i, j int) bool { return out[i].Key() < out[j].Key() })
 	return out
 }
 
@@ -132,10 +128,11 @@ func (w *Watcher) stateOf(e *entry) string {
 // ErrNotRunning means the watcher's loop is not (or no longer) running.
 var ErrNotRunning = errors.New("pending-attachment watcher is not running")
 
-// Kick makes the watcher read the container's record now and try to
+// Kick makes the watcher read the record of key now and try to
 // complete it, and reports the outcome. The plugin's POST /v1/pending lands
 // here; inotify would notice the file too, this only makes it synchronous.
-func (w *Watcher) Kick(ctx context.Context, containerID string) (Status, error) {
+func (w *Watcher) Kick(ctx context.Context, key string) (Status, error) {
+	containerID := key
 	if err := ValidateContainerID(containerID); err != nil {
 		return Status{}, err
 	}
@@ -240,7 +237,7 @@ func (l *loop) event(ev fsnotify.Event) {
 func (l *loop) kick(id string) Status {
 	e := l.reload(id)
 	if e == nil {
-		return Status{Record: Record{ContainerID: id}, State: StateAbsent}
+		return Status{Record: Record{AttachmentID: id}, State: StateAbsent}
 	}
 	rec := e.rec
 	done := l.pass(false, false)
@@ -292,10 +289,10 @@ func (l *loop) reloadAll() {
 	l.w.mu.Lock()
 	next := map[string]*entry{}
 	for _, r := range recs {
-		if cur := l.w.records[r.ContainerID]; cur != nil && cur.rec.same(r) {
-			next[r.ContainerID] = cur
+		if cur := l.w.records[r.Key()]; cur != nil && cur.rec.same(r) {
+			next[r.Key()] = cur
 		} else {
-			next[r.ContainerID] = &entry{rec: r}
+			next[r.Key()] = &entry{rec: r}
 		}
 	}
 	l.w.records = next
@@ -328,17 +325,30 @@ func (l *loop) pass(full, scan bool) map[string]Status {
 		}
 	}
 	var byNetns map[podcgroup.NetnsID]string
+	var refused map[podcgroup.NetnsID]error
 	if len(wantNetns) > 0 && scan {
 		var err error
-		if byNetns, err = l.w.resolver.FindByNetns(wantNetns); err != nil {
+		if byNetns, refused, err = l.w.resolver.FindByNetns(wantNetns); err != nil {
 			l.w.log.Warn("pending records: process scan", "error", err)
+		}
+	}
+	// A sandbox whose processes sit in a shared cgroup is not attached
+	// there: say why in the record's status, once per change.
+	for _, e := range entries {
+		if err := refused[e.rec.NetnsID]; err != nil && e.rec.hasNetns() {
+			l.w.mu.Lock()
+			if e.lastErr != err.Error() {
+				e.lastErr = err.Error()
+				l.w.log.Warn("pending attachment: refusing the sandbox's cgroup", "attachment", e.rec.Key(), "error", err)
+			}
+			l.w.mu.Unlock()
 		}
 	}
 
 	done := map[string]Status{}
 	for _, e := range entries {
 		if st, finished := l.try(e, byNetns, full); finished {
-			done[e.rec.ContainerID] = st
+			done[e.rec.Key()] = st
 		}
 	}
 	if len(done) > 0 {
@@ -370,7 +380,7 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 		return Status{}, false
 	}
 	var att datapath.Attachment
-	err := WithLock(w.stateDir, r.ContainerID, func(cur Record) error {
+	err := WithLock(w.stateDir, r.Key(), func(cur Record) error {
 		if !cur.same(r) {
 			return errChanged
 		}
@@ -379,7 +389,8 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 			return err
 		}
 		att = a
-		return Unlink(w.stateDir, r.ContainerID)
+		crashpoint.Hit(crashpoint.PendingAttached)
+		return Unlink(w.stateDir, r.Key())
 	})
 	switch {
 	case err == nil:
@@ -420,11 +431,11 @@ func (l *loop) expire(e *entry) (Status, bool) {
 		}
 		return Status{}, false
 	}
-	err := WithLock(w.stateDir, r.ContainerID, func(cur Record) error {
+	err := WithLock(w.stateDir, r.Key(), func(cur Record) error {
 		if !cur.same(r) {
 			return errChanged // a new ADD replaced it
 		}
-		return Unlink(w.stateDir, r.ContainerID)
+		return Unlink(w.stateDir, r.Key())
 	})
 	switch {
 	case errors.Is(err, errChanged):

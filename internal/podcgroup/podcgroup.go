@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/containerd/cgroups/v3"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
@@ -71,8 +72,19 @@ func ValidatePodUID(uid string) error {
 
 // CgroupDir turns a cgroupPath hint into an absolute directory inside the v2
 // mount, never its root; it does not need to exist. A bare systemd slice name
-// is expanded as systemd lays slices out.
+// is expanded as systemd lays slices out. The systemd driver's OCI form
+// "<slice>:<prefix>:<name>" (kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>,
+// a container's cgroupsPath) names a container of the pod slice: it
+// resolves to that pod slice, and is refused when the slice is not a pod's
+// (attaching to a shared slice would reach other pods).
 func (r *Resolver) CgroupDir(path string) (string, error) {
+	if strings.Count(path, ":") == 2 && !strings.Contains(path, "/") {
+		slice, _, _ := strings.Cut(path, ":")
+		if !IsPodSlice(slice) {
+			return "", fmt.Errorf("cgroup path %q: systemd form whose slice %q is not a pod's (want kubepods[-<qos>]-pod<uid>.slice)", path, slice)
+		}
+		path = slice
+	}
 	if !strings.Contains(path, "/") && strings.HasSuffix(path, ".slice") {
 		expanded, err := ExpandSlice(path)
 		if err != nil {
@@ -81,6 +93,19 @@ func (r *Resolver) CgroupDir(path string) (string, error) {
 		path = expanded
 	}
 	return r.Cgroups.Resolve(path, false)
+}
+
+// IsPodSlice reports whether a systemd slice name is a Kubernetes pod's:
+// kubepods-pod<uid>.slice or kubepods-<qos>-pod<uid>.slice.
+func IsPodSlice(slice string) bool {
+	name, ok := strings.CutSuffix(slice, ".slice")
+	if !ok {
+		return false
+	}
+	parts := strings.Split(name, "-")
+	last := parts[len(parts)-1]
+	return parts[0] == "kubepods" && (len(parts) == 2 || len(parts) == 3 && (parts[1] == "besteffort" || parts[1] == "burstable")) &&
+		strings.HasPrefix(last, "pod") && len(last) > 3
 }
 
 // ExpandSlice turns a systemd slice name into its path below the hierarchy
@@ -226,18 +251,17 @@ func StatNetns(path string) (NetnsID, error) {
 const ScanLimit = 100000
 
 // FindByNetns scans the processes once for any whose network namespace is
-// one of want, and returns, for each namespace found, the pod cgroup: the
-// parent of that process's cgroup (the runtime puts the sandbox process in
-// a container cgroup below the pod's). Processes in the root cgroup or in a
-// top-level cgroup are skipped, since their parent would be the root.
-func (r *Resolver) FindByNetns(want map[NetnsID]bool) (map[NetnsID]string, error) {
-	found := map[NetnsID]string{}
+// one of want, and returns, for each namespace found, the pod cgroup of the
+// first such process with a usable one (see podDirOfProcess). refused holds,
+// for namespaces whose processes all sit in shared cgroups, why.
+func (r *Resolver) FindByNetns(want map[NetnsID]bool) (found map[NetnsID]string, refused map[NetnsID]error, err error) {
+	found, refused = map[NetnsID]string{}, map[NetnsID]error{}
 	if len(want) == 0 {
-		return found, nil
+		return found, refused, nil
 	}
 	f, err := os.Open(r.ProcRoot)
 	if err != nil {
-		return nil, fmt.Errorf("scan processes: %w", err)
+		return nil, nil, fmt.Errorf("scan processes: %w", err)
 	}
 	defer f.Close()
 	seen := 0
@@ -259,37 +283,85 @@ func (r *Resolver) FindByNetns(want map[NetnsID]bool) (map[NetnsID]string, error
 			if !want[id] || found[id] != "" {
 				continue
 			}
-			if dir, ok := r.podDirOfProcess(name); ok {
+			dir, ok, err := r.podDirOfProcess(name)
+			switch {
+			case err != nil:
+				refused[id] = fmt.Errorf("pid %s: %w", name, err)
+			case ok:
 				found[id] = dir
+				delete(refused, id)
 			}
 		}
 	}
-	return found, nil
+	return found, refused, nil
 }
 
-// podDirOfProcess returns the parent of the process's v2 cgroup.
-func (r *Resolver) podDirOfProcess(pid string) (string, bool) {
-	b, err := os.ReadFile(filepath.Join(r.ProcRoot, pid, "cgroup"))
+// podDirOfProcess returns the pod cgroup of a sandbox process: the parent
+// of its v2 cgroup (the runtime puts each container in a cgroup below the
+// pod's). /proc/PID/cgroup is read with containerd/cgroups. crun with the
+// systemd driver puts processes in a "container" leaf below the scope,
+// which is skipped. A process whose parent is a well-known shared cgroup is
+// not in a pod: a standalone libpod container (podman run without a pod)
+// gets its own cgroup; anything else is refused, since attaching to the
+// shared parent would reach every container below it.
+func (r *Resolver) podDirOfProcess(pid string) (string, bool, error) {
+	_, rel, err := cgroups.ParseCgroupFileUnified(filepath.Join(r.ProcRoot, pid, "cgroup"))
+	if err != nil || rel == "" {
+		return "", false, nil // exited, or not in the v2 hierarchy
+	}
+	rel = strings.TrimSuffix(rel, " (deleted)")
+	return r.podDirOf(rel)
+}
+
+// podDirOf is podDirOfProcess for a cgroup path as /proc/PID/cgroup shows it.
+func (r *Resolver) podDirOf(rel string) (string, bool, error) {
+	if filepath.Base(rel) == "container" {
+		rel = filepath.Dir(rel)
+	}
+	if why := SharedCgroup(rel); why != "" {
+		return "", false, fmt.Errorf("sandbox process is in the shared cgroup %s (%s): refusing to attach there", rel, why)
+	}
+	target := filepath.Dir(rel)
+	if why := SharedCgroup(target); why != "" {
+		if !IsLibpodContainer(filepath.Base(rel)) {
+			return "", false, fmt.Errorf("sandbox process is in %s, directly below the shared cgroup %s (%s): no pod cgroup to attach to", rel, target, why)
+		}
+		target = rel // podman run without a pod: the container's own cgroup
+	}
+	dir, err := r.Cgroups.Resolve(target, false)
 	if err != nil {
-		return "", false
+		return "", false, err
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		rel, ok := strings.CutPrefix(line, "0::")
-		if !ok {
-			continue
-		}
-		rel = strings.TrimSuffix(rel, " (deleted)")
-		parent := filepath.Dir(rel)
-		if parent == "/" || parent == "." {
-			return "", false
-		}
-		dir, err := r.Cgroups.Resolve(parent, false)
-		if err != nil || !isDir(dir) {
-			return "", false
-		}
-		return dir, true
+	return dir, isDir(dir), nil
+}
+
+// IsLibpodContainer reports whether a cgroup name is a podman container's:
+// libpod-<id> (cgroupfs driver) or libpod-<id>.scope (systemd).
+func IsLibpodContainer(name string) bool {
+	id, ok := strings.CutPrefix(strings.TrimSuffix(name, ".scope"), "libpod-")
+	return ok && id != "" && !strings.HasPrefix(id, "conmon-")
+}
+
+// SharedCgroup says why a cgroup (as /proc/PID/cgroup shows it, relative to
+// the mount) is shared by many pods or services, or returns "" when it is
+// not one of the well-known shared ones.
+func SharedCgroup(rel string) string {
+	rel = filepath.Clean("/" + rel)
+	base, parent := filepath.Base(rel), filepath.Base(filepath.Dir(rel))
+	switch {
+	case rel == "/":
+		return "the cgroup v2 root"
+	case base == "machine.slice", base == "libpod_parent":
+		return "podman's parent of all containers and pods"
+	case base == "system.slice", base == "user.slice", base == "init.scope":
+		return "systemd's shared slice"
+	case base == "kubepods", base == "kubepods.slice":
+		return "the parent of every Kubernetes pod"
+	case base == "kubepods-besteffort.slice", base == "kubepods-burstable.slice",
+		(base == "besteffort" || base == "burstable") && parent == "kubepods":
+		return "a Kubernetes QoS class's parent of pods"
 	}
-	return "", false
+	return ""
 }
 
 // Resolve locates the pod cgroup from the hints in the documented order:
@@ -318,12 +390,15 @@ func (r *Resolver) Resolve(h Hints) (found Found, ok bool, err error) {
 	if h.Netns != "" {
 		id, err := StatNetns(h.Netns)
 		if err == nil {
-			m, err := r.FindByNetns(map[NetnsID]bool{id: true})
+			m, refused, err := r.FindByNetns(map[NetnsID]bool{id: true})
 			if err != nil {
 				return Found{}, false, err
 			}
 			if dir := m[id]; dir != "" {
 				return Found{Dir: dir, Source: FromNetns}, true, nil
+			}
+			if err := refused[id]; err != nil {
+				return Found{}, false, fmt.Errorf("netns %s: %w", h.Netns, err)
 			}
 		}
 	}

@@ -119,10 +119,11 @@ func TestResolveByNetns(t *testing.T) {
 	if f, ok, err := r.Resolve(hints); ok || err != nil {
 		t.Fatalf("Resolve with an empty netns = %+v, %v, %v; want not found", f, ok, err)
 	}
-	// A process of a top-level cgroup in the netns: no pod cgroup.
+	// A process of a top-level cgroup in the netns: its parent is the root,
+	// which is refused, saying so.
 	startIn(t, netns, parent)
-	if f, ok, err := r.Resolve(hints); ok || err != nil {
-		t.Fatalf("Resolve with a top-level process = %+v, %v, %v; want not found", f, ok, err)
+	if f, ok, err := r.Resolve(hints); ok || err == nil || !strings.Contains(err.Error(), "cgroup v2 root") {
+		t.Fatalf("Resolve with a top-level process = %+v, %v, %v; want a refusal naming the root", f, ok, err)
 	}
 	startIn(t, netns, ctr)
 	f, ok, err := r.Resolve(hints)
@@ -163,6 +164,73 @@ func TestResolveCgroupPath(t *testing.T) {
 	for _, bad := range []string{"/", "..", "/a/../../b", "-.slice", r.Cgroups.Mount} {
 		if f, _, err := r.Resolve(podcgroup.Hints{CgroupPath: bad}); err == nil {
 			t.Errorf("Resolve(cgroupPath %q) = %+v, want an error", bad, f)
+		}
+	}
+}
+
+// Netns resolution picks the pod on every runtime's layout: crun's
+// "container" leaf below a systemd scope is skipped, libpod pods and
+// Kubernetes pods resolve to the pod cgroup, a standalone podman container
+// to its own cgroup, and a process directly below a shared cgroup is
+// refused with the reason.
+func TestResolveByNetnsLayouts(t *testing.T) {
+	r := resolver(t)
+	parent := testutil.NewCgroup(t, "")
+	for _, c := range []struct {
+		name, proc, want, refuse string
+	}{
+		{"libpod pod, systemd driver, crun", "machine.slice/machine-libpod_pod_p1.slice/libpod-c1.scope/container", "machine.slice/machine-libpod_pod_p1.slice", ""},
+		{"libpod pod, systemd driver, runc", "machine.slice/machine-libpod_pod_p2.slice/libpod-c2.scope", "machine.slice/machine-libpod_pod_p2.slice", ""},
+		{"libpod pod, cgroupfs driver", "libpod_parent/p3/libpod-c3", "libpod_parent/p3", ""},
+		{"standalone podman, systemd, crun", "machine.slice/libpod-c4.scope/container", "machine.slice/libpod-c4.scope", ""},
+		{"standalone podman, cgroupfs", "libpod_parent/libpod-c5", "libpod_parent/libpod-c5", ""},
+		{"Kubernetes BestEffort, systemd", "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice/cri-containerd-c6.scope", "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice", ""},
+		{"Kubernetes Guaranteed, cgroupfs", "kubepods/podu2/c7", "kubepods/podu2", ""},
+		{"a service", "system.slice/foo.service", "", "shared cgroup"},
+		{"directly in machine.slice", "machine.slice", "", "shared cgroup"},
+		{"below a QoS class, not a pod", "kubepods/besteffort/c8", "", "directly below the shared cgroup"},
+		{"conmon of a standalone container", "libpod_parent/libpod-conmon-c9", "", "directly below the shared cgroup"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := filepath.Join(parent, c.proc)
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			netns := testutil.NewNetNS(t)
+			startIn(t, netns, dir)
+			f, ok, err := r.Resolve(podcgroup.Hints{Netns: netns.Path()})
+			if c.refuse != "" {
+				if err == nil || !strings.Contains(err.Error(), c.refuse) {
+					t.Fatalf("Resolve = %+v, %v, %v; want a refusal with %q", f, ok, err, c.refuse)
+				}
+				t.Logf("refused: %v", err)
+				return
+			}
+			if want := filepath.Join(parent, c.want); err != nil || !ok || f.Dir != want {
+				t.Fatalf("Resolve = %+v, %v, %v; want %s", f, ok, err, want)
+			}
+		})
+	}
+}
+
+// The systemd driver's OCI form names a container of the pod slice: it
+// resolves to the pod slice, and a slice that is not a pod's is refused.
+func TestResolveSystemdOCIForm(t *testing.T) {
+	r := resolver(t)
+	for in, want := range map[string]string{
+		"kubepods-besteffort-pod1_2.slice:cri-containerd:abc": "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice",
+		"kubepods-burstable-pod3.slice:crio:def":              "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3.slice",
+		"kubepods-pod4.slice:cri-containerd:ghi":              "/kubepods.slice/kubepods-pod4.slice",
+		"kubepods-besteffort-pod5.slice":                      "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5.slice",
+	} {
+		f, _, err := r.Resolve(podcgroup.Hints{CgroupPath: in})
+		if err != nil || f.Dir != r.Cgroups.Mount+want {
+			t.Errorf("Resolve(%q) = %+v, %v; want %s", in, f, err, r.Cgroups.Mount+want)
+		}
+	}
+	for _, bad := range []string{"system.slice:docker:abc", "kubepods-besteffort.slice:cri-containerd:abc", "kubepods.slice:x:y", "machine.slice:libpod:z"} {
+		if f, _, err := r.Resolve(podcgroup.Hints{CgroupPath: bad}); err == nil || !strings.Contains(err.Error(), "not a pod's") {
+			t.Errorf("Resolve(%q) = %+v, %v; want a refusal", bad, f, err)
 		}
 	}
 }

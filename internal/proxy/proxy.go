@@ -235,7 +235,7 @@ func (p *Proxy) apply(dests map[netip.AddrPort]netip.AddrPort, local []netip.Add
 	}
 	for _, d := range removed {
 		if err := p.closeDest(d); err != nil {
-			p.log.Warn("stop serving", "dest", d, "err", err)
+			p.log.Warn("stop serving", "dest", d, "error", err)
 		}
 	}
 	if len(added)+len(removed) > 0 {
@@ -457,7 +457,7 @@ func (p *Proxy) stopAccepting() {
 	}
 	if p.steer != nil {
 		if err := p.steer.Close(); err != nil {
-			p.log.Warn("detach steering", "err", err)
+			p.log.Warn("detach steering", "error", err)
 		}
 		p.steer = nil
 	}

@@ -1,11 +1,14 @@
 package servers
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -45,12 +48,60 @@ type DNSConfig struct {
 }
 
 // ConsulConfig follows a service in a Consul catalog (discovery.Consul).
+// Fields left unset take the standard variables CONSUL_HTTP_ADDR,
+// CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, CONSUL_CLIENT_CERT,
+// CONSUL_CLIENT_KEY and CONSUL_TLS_SERVER_NAME from ctlbd's environment.
 type ConsulConfig struct {
-	Address    string `json:"address,omitempty"`
-	Service    string `json:"service,omitempty"`
-	Port       uint16 `json:"port,omitempty"`
-	Token      string `json:"token,omitempty"`
-	Datacenter string `json:"datacenter,omitempty"`
+	// Address is http://host:port or https://host:port.
+	Address string `json:"address,omitempty"`
+	Service string `json:"service,omitempty"`
+	Port    uint16 `json:"port,omitempty"`
+	// TokenFile holds the ACL token; it is read again before each query,
+	// so a rotated token takes effect at once.
+	TokenFile string `json:"tokenFile,omitempty"`
+	// Token is an inline ACL token. Discouraged: it sits in the config
+	// file; use TokenFile.
+	Token      string     `json:"token,omitempty"`
+	Datacenter string     `json:"datacenter,omitempty"`
+	TLS        *TLSConfig `json:"tls,omitempty"`
+}
+
+// TLSConfig is the TLS of a client: the Consul source over https, and the
+// grpc and consul health checks.
+type TLSConfig struct {
+	// CAFile is the PEM bundle that signs the server's certificate (empty:
+	// the system roots).
+	CAFile string `json:"caFile,omitempty"`
+	// CertFile and KeyFile are the client's certificate and key, for
+	// servers that verify clients.
+	CertFile string `json:"certFile,omitempty"`
+	KeyFile  string `json:"keyFile,omitempty"`
+	// ServerName is the name expected in the server's certificate (e.g.
+	// "server.dc1.consul"), needed when servers are dialed by address.
+	ServerName string `json:"serverName,omitempty"`
+	// InsecureSkipVerify accepts any certificate: for tests only.
+	InsecureSkipVerify bool `json:"insecureSkipVerify,omitempty"`
+}
+
+func (t *TLSConfig) discovery() discovery.TLS {
+	if t == nil {
+		return discovery.TLS{}
+	}
+	return discovery.TLS{CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile, ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
+}
+
+func (t *TLSConfig) validate(field string, bad func(field string, value any, why string)) {
+	if t == nil {
+		return
+	}
+	if (t.CertFile == "") != (t.KeyFile == "") {
+		bad(field+".certFile", t.CertFile, "certFile and keyFile go together")
+	}
+	for name, p := range map[string]string{"caFile": t.CAFile, "certFile": t.CertFile, "keyFile": t.KeyFile} {
+		if p != "" && !filepath.IsAbs(p) {
+			bad(field+"."+name, p, "must be an absolute path")
+		}
+	}
 }
 
 // ExecConfig runs a command that prints the servers (discovery.Exec).
@@ -63,7 +114,9 @@ type ExecConfig struct {
 
 // HealthConfig sets the active checks.
 type HealthConfig struct {
-	// Type is "tcp" (default) or "grpc" (grpc.health.v1).
+	// Type is "tcp" (default), "grpc" (grpc.health.v1) or "consul" (a
+	// Consul server's gRPC port that answers as a member of a cluster
+	// with a leader).
 	Type     string   `json:"type,omitempty"`
 	Interval Duration `json:"interval,omitempty"`
 	Timeout  Duration `json:"timeout,omitempty"`
@@ -72,6 +125,9 @@ type HealthConfig struct {
 	// GRPCService is the service name in the gRPC health request ("" is the
 	// whole server).
 	GRPCService string `json:"grpcService,omitempty"`
+	// TLS makes the grpc and consul checks use TLS (Consul's TLS gRPC
+	// port, 8503); without it they speak plaintext.
+	TLS *TLSConfig `json:"tls,omitempty"`
 }
 
 // Duration is a time.Duration written as a string in JSON ("1s", "500ms").
@@ -136,6 +192,13 @@ func (c Config) Validate() error {
 		if strings.ContainsAny(cc.Service, "/?# ") {
 			bad("consul.service", cc.Service, "not a service name")
 		}
+		if cc.TokenFile != "" && cc.Token != "" {
+			bad("consul.token", "(hidden)", "set token or tokenFile, not both")
+		}
+		if cc.TokenFile != "" && !filepath.IsAbs(cc.TokenFile) {
+			bad("consul.tokenFile", cc.TokenFile, "must be an absolute path")
+		}
+		cc.TLS.validate("consul.tls", bad)
 	}
 	if e := c.Exec; e != nil {
 		if len(e.Command) == 0 || e.Command[0] == "" {
@@ -150,10 +213,14 @@ func (c Config) Validate() error {
 	}
 	h := c.Health
 	switch h.Type {
-	case "", "tcp", "grpc":
+	case "", "tcp", "grpc", "consul":
 	default:
-		bad("health.type", h.Type, `want "tcp" or "grpc"`)
+		bad("health.type", h.Type, `want "tcp", "grpc" or "consul"`)
 	}
+	if h.TLS != nil && h.Type != "grpc" && h.Type != "consul" {
+		bad("health.tls", "{...}", `only used with health.type "grpc" or "consul"`)
+	}
+	h.TLS.validate("health.tls", bad)
 	if h.GRPCService != "" && h.Type != "grpc" {
 		bad("health.grpcService", h.GRPCService, `only used with health.type "grpc"`)
 	}
@@ -185,12 +252,31 @@ func (c Config) HealthParams() health.Params {
 	}.WithDefaults()
 }
 
-// Checker gives the configured check.
-func (c Config) Checker() health.Checker {
-	if c.Health.Type == "grpc" {
-		return health.GRPC{Service: c.Health.GRPCService}
+// Checker gives the configured check. The TLS files are read now; the
+// consul check's token is the Consul source's (tokenFile, token, or
+// CONSUL_HTTP_TOKEN_FILE), read at every check.
+func (c Config) Checker() (health.Checker, error) {
+	var tc *tls.Config
+	if c.Health.TLS != nil {
+		var err error
+		if tc, err = c.Health.TLS.discovery().Config(); err != nil {
+			return nil, fmt.Errorf("health.tls: %w", err)
+		}
 	}
-	return health.TCP{}
+	switch c.Health.Type {
+	case "grpc":
+		return health.GRPC{Service: c.Health.GRPCService, TLS: tc}, nil
+	case "consul":
+		ck := health.Consul{TLS: tc}
+		if cc := c.Consul; cc != nil {
+			ck.Token, ck.TokenFile = cc.Token, cc.TokenFile
+		}
+		if ck.Token == "" && ck.TokenFile == "" {
+			ck.TokenFile = os.Getenv(discovery.EnvHTTPTokenFile)
+		}
+		return ck, nil
+	}
+	return health.TCP{}, nil
 }
 
 // Sources builds the configured sources. Call Validate first.
@@ -214,7 +300,8 @@ func (c Config) Sources() ([]discovery.Source, error) {
 	}
 	if cc := c.Consul; cc != nil {
 		out = append(out, discovery.Consul{
-			Address: cc.Address, Service: cc.Service, Port: cc.Port, Token: cc.Token, Datacenter: cc.Datacenter,
+			Address: cc.Address, Service: cc.Service, Port: cc.Port, Token: cc.Token, TokenFile: cc.TokenFile,
+			Datacenter: cc.Datacenter, TLS: cc.TLS.discovery(),
 		})
 	}
 	if e := c.Exec; e != nil {

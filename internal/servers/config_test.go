@@ -44,8 +44,10 @@ func TestConfigJSON(t *testing.T) {
 	if st := srcs[0].(discovery.Static); st.Servers[1].String() != "198.18.0.11:8502" {
 		t.Fatalf("static without port: %v", st.Servers)
 	}
-	if g, ok := c.Checker().(health.GRPC); !ok || g.Service != "xds" {
-		t.Fatalf("checker %#v", c.Checker())
+	if ck, err := c.Checker(); err != nil {
+		t.Fatal(err)
+	} else if g, ok := ck.(health.GRPC); !ok || g.Service != "xds" {
+		t.Fatalf("checker %#v", ck)
 	}
 	// Round trip: durations are written back as strings.
 	b, err := json.Marshal(c)
@@ -72,8 +74,10 @@ func TestConfigDefaults(t *testing.T) {
 	if p.Interval != time.Second || p.Timeout != 500*time.Millisecond || p.Rise != 2 || p.Fall != 1 {
 		t.Fatalf("defaults %+v", p)
 	}
-	if _, ok := c.Checker().(health.TCP); !ok {
-		t.Fatalf("default checker %#v", c.Checker())
+	if ck, err := c.Checker(); err != nil {
+		t.Fatal(err)
+	} else if _, ok := ck.(health.TCP); !ok {
+		t.Fatalf("default checker %#v", ck)
 	}
 }
 
@@ -84,16 +88,22 @@ func TestConfigValidate(t *testing.T) {
 		`{"static": ["198.18.0.1", "nope"]}`: `static[1] "nope"`,
 		`{"static": ["::1"]}`:                `static[0] "::1"`,
 		`{"dns": {"name": ""}}`:              `dns.name ""`,
-		`{"dns": {"name": "x", "resolver": "1.2.3"}}`:                               `dns.resolver "1.2.3"`,
-		`{"consul": {"address": "127.0.0.1:8500"}}`:                                 `consul.address "127.0.0.1:8500"`,
-		`{"consul": {"service": "a/b"}}`:                                            `consul.service "a/b"`,
-		`{"exec": {"command": []}}`:                                                 `exec.command "[]"`,
-		`{"static": ["198.18.0.1"], "health": {"type": "http"}}`:                    `health.type "http"`,
-		`{"static": ["198.18.0.1"], "health": {"interval": "1s", "timeout": "2s"}}`: `health.timeout "2s": must not exceed health.interval "1s"`,
-		`{"static": ["198.18.0.1"], "health": {"rise": -1}}`:                        `health.rise "-1"`,
-		`{"static": ["198.18.0.1"], "health": {"grpcService": "x"}}`:                `health.grpcService "x"`,
-		`{"static": ["198.18.0.1"], "health": {"interval": "-1s"}}`:                 `health.interval "-1s"`,
-		`{"exec": {"command": ["x"], "timeout": "-5s"}}`:                            `exec.timeout "-5s"`,
+		`{"dns": {"name": "x", "resolver": "1.2.3"}}`:                                            `dns.resolver "1.2.3"`,
+		`{"consul": {"address": "127.0.0.1:8500"}}`:                                              `consul.address "127.0.0.1:8500"`,
+		`{"consul": {"service": "a/b"}}`:                                                         `consul.service "a/b"`,
+		`{"exec": {"command": []}}`:                                                              `exec.command "[]"`,
+		`{"static": ["198.18.0.1"], "health": {"type": "http"}}`:                                 `health.type "http"`,
+		`{"static": ["198.18.0.1"], "health": {"interval": "1s", "timeout": "2s"}}`:              `health.timeout "2s": must not exceed health.interval "1s"`,
+		`{"static": ["198.18.0.1"], "health": {"rise": -1}}`:                                     `health.rise "-1"`,
+		`{"static": ["198.18.0.1"], "health": {"grpcService": "x"}}`:                             `health.grpcService "x"`,
+		`{"static": ["198.18.0.1"], "health": {"interval": "-1s"}}`:                              `health.interval "-1s"`,
+		`{"exec": {"command": ["x"], "timeout": "-5s"}}`:                                         `exec.timeout "-5s"`,
+		`{"consul": {"token": "t", "tokenFile": "/run/t"}}`:                                      `set token or tokenFile, not both`,
+		`{"consul": {"tokenFile": "token"}}`:                                                     `consul.tokenFile "token": must be an absolute path`,
+		`{"consul": {"tls": {"certFile": "/c.pem"}}}`:                                            `certFile and keyFile go together`,
+		`{"consul": {"tls": {"caFile": "ca.pem"}}}`:                                              `consul.tls.caFile "ca.pem"`,
+		`{"static": ["198.18.0.1"], "health": {"tls": {"caFile": "/ca.pem"}}}`:                   `health.tls`,
+		`{"static": ["198.18.0.1"], "health": {"type": "consul", "tls": {"keyFile": "/k.pem"}}}`: `certFile and keyFile go together`,
 	}
 	for in, want := range cases {
 		var c Config

@@ -147,15 +147,25 @@ func TestConsulServers(t *testing.T) {
 
 // TestConsulCatalogChange measures a Consul catalog change (register or
 // deregister through the API) to the set change, for real servers on
-// loopback addresses registered as service "web".
+// addresses of the host registered as service "web".
 func TestConsulCatalogChange(t *testing.T) {
 	c := consul.StartCluster(t, 3)
-	_, addrs := servers(t, 31, 10)
-	port := addrs[0].Port()
-	if err := c.Register("web-base", netip.MustParseAddr("127.0.31.200"), "web", int(port)); err != nil {
+	// The servers listen on addresses of the host link, reachable as a
+	// remote node's would be (a loopback address in the catalog is that
+	// node's own loopback, which the source leaves out).
+	hostAddr := func(i int) netip.Addr { return c.AddHostAddr(byte(200 + i)) }
+	baseAddr := hostAddr(10)
+	port := freeAddr(t, baseAddr.String()).Port()
+	var addrs []netip.AddrPort
+	for i := range 10 {
+		a := netip.AddrPortFrom(hostAddr(i), port)
+		newServer(t, a)
+		addrs = append(addrs, a)
+	}
+	if err := c.Register("web-base", baseAddr, "web", int(port)); err != nil {
 		t.Fatal(err)
 	}
-	base := newServer(t, netip.AddrPortFrom(netip.MustParseAddr("127.0.31.200"), port))
+	base := newServer(t, netip.AddrPortFrom(baseAddr, port))
 	// The source asks a follower, which learns of a commit from the leader
 	// (as a daemon's local agent would), not the leader itself.
 	agent, err := c.Follower()

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ctlb/ctlb/internal/discovery"
 	"github.com/ctlb/ctlb/internal/health"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // OnChange receives the new healthy set (sorted, never shared with the
@@ -49,8 +50,12 @@ func (c Config) Options(onChange OnChange, log *slog.Logger) (Options, error) {
 	if err != nil {
 		return Options{}, err
 	}
+	ck, err := c.Checker()
+	if err != nil {
+		return Options{}, err
+	}
 	return Options{
-		Sources: srcs, Checker: c.Checker(), Health: c.HealthParams(),
+		Sources: srcs, Checker: ck, Health: c.HealthParams(),
 		Panic: c.Panic, OnChange: onChange, Logger: log,
 	}, nil
 }
@@ -64,20 +69,23 @@ type Tracker struct {
 
 	events chan event
 
-	mu         sync.Mutex
-	sources    []*sourceState
-	servers    map[netip.AddrPort]*serverState
-	published  []netip.AddrPort
-	deferred   []string // reasons held while a candidate awaits its first check
-	inPanic    bool
-	changes    uint64
-	lastChange time.Time
-	lastReason string
+	mu           sync.Mutex
+	sources      []*sourceState
+	servers      map[netip.AddrPort]*serverState
+	published    []netip.AddrPort
+	deferred     []string // reasons held while a candidate awaits its first check
+	trimmed      int      // candidates left out over datapath.MaxServers
+	firstTrimmed netip.AddrPort
+	inPanic      bool
+	changes      uint64
+	lastChange   time.Time
+	lastReason   string
 }
 
 type sourceState struct {
 	name     string
 	servers  []netip.AddrPort
+	rejected []discovery.Rejected // of the last answer
 	answered bool
 	lastErr  error
 	errCount uint64
@@ -192,19 +200,32 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 	defer t.mu.Unlock()
 	s := t.sources[i]
 	now := time.Now()
+	if r.Err == nil || len(r.Rejected) > 0 {
+		good, rejected := clean(r.Servers)
+		rejected = append(slices.Clone(r.Rejected), rejected...)
+		if !slices.Equal(rejected, s.rejected) && len(rejected) > 0 {
+			t.log.Warn("server source listed entries that cannot be used; left out",
+				"source", s.name, "rejected", len(rejected), "first", rejectedText(rejected, 5))
+		}
+		s.rejected = rejected
+		r.Servers = good
+		if r.Err == nil && len(good) == 0 {
+			r.Err = fmt.Errorf("%w after leaving out %d unusable entries (%s)", discovery.ErrEmpty, len(rejected), rejectedText(rejected, 1))
+		}
+	}
 	if r.Err != nil {
 		s.errCount++
 		s.lastFail = now
 		// Log a failure when it starts or its text changes, not every retry.
 		if s.lastErr == nil || s.lastErr.Error() != r.Err.Error() {
 			t.log.Warn("server source failed; keeping its last good list",
-				"source", s.name, "err", r.Err, "kept", discovery.Format(s.servers))
+				"source", s.name, "error", r.Err, "kept", logList(s.servers))
 		}
 		s.lastErr = r.Err
 		return ""
 	}
 	if s.lastErr != nil {
-		t.log.Info("server source recovered", "source", s.name, "servers", discovery.Format(r.Servers))
+		t.log.Info("server source recovered", "source", s.name, "servers", logList(r.Servers))
 	}
 	s.lastErr = nil
 	s.lastOK = now
@@ -215,7 +236,13 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 	}
 	s.servers = next
 
+	trimmedBefore := t.trimmed
 	cands := t.candidatesLocked()
+	if t.trimmed != trimmedBefore && t.trimmed > 0 {
+		t.log.Warn("more candidates than a VIP may have; keeping the lowest addresses",
+			"candidates", len(cands)+t.trimmed, "kept", len(cands), "limit", datapath.MaxServers,
+			"first_left_out", t.firstTrimmed.String())
+	}
 	var added, removed []string
 	for _, a := range cands {
 		if _, ok := t.servers[a]; !ok {
@@ -267,13 +294,71 @@ func (t *Tracker) onHealth(gen uint64, r health.Report) string {
 	}
 }
 
-// candidatesLocked is the sorted union of the sources' lists.
+// candidatesLocked is the sorted union of the sources' lists, trimmed to
+// the most a VIP may have (datapath.MaxServers). Trimming keeps the lowest
+// addresses, so every daemon with the same sources keeps the same ones and
+// a write never fails over the limit.
 func (t *Tracker) candidatesLocked() []netip.AddrPort {
 	var all []netip.AddrPort
 	for _, s := range t.sources {
 		all = append(all, s.servers...)
 	}
-	return discovery.Normalize(all)
+	all = discovery.Normalize(all)
+	t.trimmed = 0
+	if len(all) > datapath.MaxServers {
+		t.trimmed = len(all) - datapath.MaxServers
+		t.firstTrimmed = all[datapath.MaxServers]
+		all = all[:datapath.MaxServers]
+	}
+	return all
+}
+
+// clean applies the service map's own rules to a source's answer: an IPv4
+// VIP takes unicast IPv4 servers with a port, each once. What breaks a rule
+// is left out with the reason, before any health check sees it, so one bad
+// entry can never make the map write fail and freeze the set.
+func clean(in []netip.AddrPort) (good []netip.AddrPort, rejected []discovery.Rejected) {
+	seen := make(map[netip.AddrPort]bool, len(in))
+	for _, ap := range in {
+		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		a := ap.Addr()
+		why := ""
+		switch {
+		case !ap.IsValid():
+			why = "no address"
+		case !a.Is4():
+			why = "wrong family: an IPv6 server for an IPv4 VIP"
+		case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+			why = "not a unicast address"
+		case ap.Port() == 0:
+			why = "port 0"
+		case seen[ap]:
+			why = "listed twice"
+		default:
+			if err := datapath.ValidateServer(ap); err != nil {
+				why = err.Error()
+			}
+		}
+		if why != "" {
+			rejected = append(rejected, discovery.Rejected{Entry: ap.String(), Reason: why})
+			continue
+		}
+		seen[ap] = true
+		good = append(good, ap)
+	}
+	return good, rejected
+}
+
+// rejectedText gives the first n rejected entries for a log line.
+func rejectedText(r []discovery.Rejected, n int) string {
+	var parts []string
+	for _, x := range r[:min(n, len(r))] {
+		parts = append(parts, x.Entry+": "+x.Reason)
+	}
+	if len(r) > n {
+		parts = append(parts, fmt.Sprintf("and %d more", len(r)-n))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // publish computes the set to publish and calls OnChange if it differs from
@@ -295,7 +380,7 @@ func (t *Tracker) publish(reason string) {
 		switch t.servers[a].health.Verdict {
 		case health.Healthy:
 			healthy = append(healthy, a)
-		case health.Pending:
+		case health.Unchecked:
 			pending = true
 		}
 	}
@@ -336,7 +421,7 @@ func (t *Tracker) publish(reason string) {
 	out := slices.Clone(set)
 	t.mu.Unlock()
 
-	t.log.Info("server set changed", "servers", discovery.Format(out), "count", len(out), "panic", panicNow, "reason", reason)
+	t.log.Info("server set changed", "servers", logList(out), "count", len(out), "panic", panicNow, "reason", reason)
 	if t.o.OnChange != nil {
 		t.o.OnChange(out, reason)
 	}
@@ -351,14 +436,17 @@ func (t *Tracker) Healthy() []netip.AddrPort {
 
 // Snapshot is the state of a tracker for status output and metrics.
 type Snapshot struct {
-	VIP        string           `json:"vip"`
-	Published  []netip.AddrPort `json:"published"`
-	Panic      bool             `json:"panic"`
-	Changes    uint64           `json:"changes"`
-	LastChange time.Time        `json:"lastChange,omitzero"`
-	LastReason string           `json:"lastReason,omitempty"`
-	Servers    []ServerStatus   `json:"servers"`
-	Sources    []SourceStatus   `json:"sources"`
+	VIP       string           `json:"vip"`
+	Published []netip.AddrPort `json:"published"`
+	Panic     bool             `json:"panic"`
+	Changes   uint64           `json:"changes"`
+	// Trimmed is how many candidates were left out over the most a VIP
+	// may have (the highest addresses).
+	Trimmed    int            `json:"trimmed,omitempty"`
+	LastChange time.Time      `json:"lastChange,omitzero"`
+	LastReason string         `json:"lastReason,omitempty"`
+	Servers    []ServerStatus `json:"servers"`
+	Sources    []SourceStatus `json:"sources"`
 }
 
 // ServerStatus is one candidate server.
@@ -374,13 +462,18 @@ type ServerStatus struct {
 
 // SourceStatus is one source.
 type SourceStatus struct {
-	Name        string    `json:"name"`
-	Servers     int       `json:"servers"`
-	Answered    bool      `json:"answered"`
-	LastError   string    `json:"lastError,omitempty"`
-	Errors      uint64    `json:"errors"`
-	LastSuccess time.Time `json:"lastSuccess,omitzero"`
-	LastFailure time.Time `json:"lastFailure,omitzero"`
+	Name      string `json:"name"`
+	Servers   int    `json:"servers"`
+	Answered  bool   `json:"answered"`
+	LastError string `json:"lastError,omitempty"`
+	// Rejected counts the entries of the last answer left out (not an
+	// address, another host's loopback, wrong family, not unicast, listed
+	// twice); RejectedFirst shows the first few with the reason.
+	Rejected      int                  `json:"rejected,omitempty"`
+	RejectedFirst []discovery.Rejected `json:"rejectedFirst,omitempty"`
+	Errors        uint64               `json:"errors"`
+	LastSuccess   time.Time            `json:"lastSuccess,omitzero"`
+	LastFailure   time.Time            `json:"lastFailure,omitzero"`
 }
 
 // Snapshot copies the current state.
@@ -389,15 +482,16 @@ func (t *Tracker) Snapshot() Snapshot {
 	defer t.mu.Unlock()
 	s := Snapshot{
 		VIP: t.name, Published: slices.Clone(t.published), Panic: t.inPanic,
-		Changes: t.changes, LastChange: t.lastChange, LastReason: t.lastReason,
+		Changes: t.changes, LastChange: t.lastChange, LastReason: t.lastReason, Trimmed: t.trimmed,
 	}
 	for _, src := range t.sources {
 		ss := SourceStatus{
 			Name: src.name, Servers: len(src.servers), Answered: src.answered,
 			Errors: src.errCount, LastSuccess: src.lastOK, LastFailure: src.lastFail,
+			Rejected: len(src.rejected), RejectedFirst: slices.Clone(src.rejected[:min(8, len(src.rejected))]),
 		}
 		if src.lastErr != nil {
-			ss.LastError = src.lastErr.Error()
+			ss.LastError = discovery.Truncate(src.lastErr.Error(), 2*discovery.MaxErrorText)
 		}
 		s.Sources = append(s.Sources, ss)
 	}
@@ -418,4 +512,10 @@ func (t *Tracker) Snapshot() Snapshot {
 		s.Servers = append(s.Servers, ss)
 	}
 	return s
+}
+
+// logList formats a server list for a log line, cut short when long (a
+// VIP may have a thousand servers; the count goes alongside).
+func logList(s []netip.AddrPort) string {
+	return discovery.Truncate(discovery.Format(s), 1024)
 }

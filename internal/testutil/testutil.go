@@ -7,21 +7,19 @@ package testutil
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/topo"
 )
 
 // InCI reports whether the test runs in CI, where nothing may be skipped.
@@ -46,30 +44,22 @@ func RequireRoot(t testing.TB) {
 }
 
 // NewNetNS creates a fresh network namespace with lo up and removes it when
-// the test ends. Nothing in it routes anywhere: a test host's traffic stays
-// on this machine.
+// the test ends (topo.NewNetNS, which the benchmark uses too). Nothing in it
+// routes anywhere: a test host's traffic stays on this machine.
 func NewNetNS(t testing.TB) ns.NetNS {
 	t.Helper()
 	RequireRoot(t)
-	netns, err := testutils.NewNS()
+	var u topo.Undo
+	n, err := topo.NewNetNS(&u, fmt.Sprintf("ctlb-t-%d-%08x", os.Getpid(), rand.Uint32()))
+	t.Cleanup(func() {
+		if err := u.UnwindErr(); err != nil {
+			t.Errorf("netns: %v", err)
+		}
+	})
 	if err != nil {
 		t.Fatalf("new netns: %v", err)
 	}
-	t.Cleanup(func() {
-		netns.Close()
-		_ = testutils.UnmountNS(netns)
-	})
-	err = netns.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	if err != nil {
-		t.Fatalf("netns %s: lo up: %v", netns.Path(), err)
-	}
-	return netns
+	return n
 }
 
 // AddLoopbackAddrs puts /32 addresses on lo inside netns (the kernel here has
@@ -105,19 +95,15 @@ func AddLoopbackAddrs(t testing.TB, netns ns.NetNS, addrs ...string) {
 func MountBPFFS(t testing.TB) string {
 	t.Helper()
 	RequireRoot(t)
-	dir, err := os.MkdirTemp("", "ctlb-bpffs-")
+	var u topo.Undo
+	dir, err := topo.MountBPFFS(&u, "ctlb-bpffs-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		os.Remove(dir)
-		t.Fatalf("mount bpffs on %s: %v", dir, err)
-	}
 	t.Cleanup(func() {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount bpffs %s: %v", dir, err)
+		if err := u.UnwindErr(); err != nil {
+			t.Errorf("bpffs %s: %v", dir, err)
 		}
-		os.Remove(dir)
 	})
 	return dir
 }
@@ -157,49 +143,9 @@ func RemoveCgroup(t testing.TB, dir string) {
 	}
 }
 
-// RemoveCgroupTree is RemoveCgroup for programs (the benchmark) that have no
-// testing.TB: it returns what it could not remove.
-func RemoveCgroupTree(dir string) error {
-	var dirs []string
-	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			dirs = append(dirs, p)
-		}
-		return nil
-	})
-	var errs []error
-	for i := len(dirs) - 1; i >= 0; i-- {
-		d := dirs[i]
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			killProcs(d)
-			err := os.Remove(d)
-			if err == nil || errors.Is(err, os.ErrNotExist) {
-				break
-			}
-			if time.Now().After(deadline) {
-				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// killProcs SIGKILLs the processes listed in one cgroup, by PID: they are
-// the test's own children placed there.
-func killProcs(dir string) {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	if err != nil {
-		return
-	}
-	for _, f := range strings.Fields(string(b)) {
-		if pid, err := strconv.Atoi(f); err == nil && pid != os.Getpid() {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-}
+// RemoveCgroupTree is RemoveCgroup without a testing.TB (topo's, which
+// the benchmark program uses too).
+func RemoveCgroupTree(dir string) error { return topo.RemoveCgroup(dir) }
 
 // OpenDir opens a directory for use as a cgroup fd (CLONE_INTO_CGROUP).
 func OpenDir(t testing.TB, dir string) *os.File {

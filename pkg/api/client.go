@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,7 +12,10 @@ import (
 	"time"
 )
 
-// Client talks to ctlbd over its unix socket.
+// Client talks to ctlbd over its unix socket. Each method is one API call;
+// a non-2xx answer comes back as a *StatusError (match it with errors.Is
+// against ErrNotFound, ErrConflict, ...), a daemon that cannot be reached as
+// an error wrapping ErrUnreachable.
 type Client struct {
 	socket string
 	http   *http.Client
@@ -35,30 +37,112 @@ func NewClient(socket string) *Client {
 	}
 }
 
-// ErrUnreachable wraps failures to reach the daemon at all.
-var ErrUnreachable = errors.New("ctlbd is not reachable")
+// Socket is the path the client dials.
+func (c *Client) Socket() string { return c.socket }
 
-// Do sends one request; in (if not nil) is the JSON body and out (if not
-// nil) receives the JSON answer. A non-2xx answer is an error carrying the
-// daemon's message.
-func (c *Client) Do(ctx context.Context, method, path string, query url.Values, in, out any) error {
+// SetService replaces a VIP's static servers and returns the set written.
+func (c *Client) SetService(ctx context.Context, req ServiceRequest) (Service, error) {
+	if req.Servers == nil {
+		req.Servers = []string{}
+	}
+	var svc Service
+	err := c.do(ctx, http.MethodPut, PathServices, req, &svc)
+	return svc, err
+}
+
+// DeleteService removes a VIP; ErrNotFound if it was not configured.
+func (c *Client) DeleteService(ctx context.Context, vip string) error {
+	return c.do(ctx, http.MethodDelete, PathServices+"/"+url.PathEscape(vip), nil, nil)
+}
+
+// Services lists the VIPs as the maps hold them.
+func (c *Client) Services(ctx context.Context) ([]Service, error) {
+	var out []Service
+	err := c.do(ctx, http.MethodGet, PathServices, nil, &out)
+	return out, err
+}
+
+// Attach attaches ctlb to a cgroup v2 directory, or (req.Host) once at
+// the cgroup v2 root.
+func (c *Client) Attach(ctx context.Context, req AttachRequest) (Attachment, error) {
+	var a Attachment
+	err := c.do(ctx, http.MethodPost, PathAttachments, req, &a)
+	return a, err
+}
+
+// Detach removes every attachment on a cgroup (or the host-wide one) and
+// returns them.
+func (c *Client) Detach(ctx context.Context, req AttachRequest) ([]Attachment, error) {
+	var out []Attachment
+	err := c.do(ctx, http.MethodDelete, PathAttachments, req, &out)
+	return out, err
+}
+
+// Attachments lists every attachment under the daemon's bpffs directory.
+func (c *Client) Attachments(ctx context.Context) ([]Attachment, error) {
+	var out []Attachment
+	err := c.do(ctx, http.MethodGet, PathAttachments, nil, &out)
+	return out, err
+}
+
+// Pending lists the pending attachments and their state.
+func (c *Client) Pending(ctx context.Context) ([]PendingAttachment, error) {
+	var out []PendingAttachment
+	err := c.do(ctx, http.MethodGet, PathPending, nil, &out)
+	return out, err
+}
+
+// NotifyPending tells the daemon that a pending record was written for
+// containerID's attachment attachmentID; it answers with what it did about it.
+func (c *Client) NotifyPending(ctx context.Context, containerID, attachmentID string) (PendingAttachment, error) {
+	var out PendingAttachment
+	err := c.do(ctx, http.MethodPost, PathPending, PendingNotice{ContainerID: containerID, AttachmentID: attachmentID}, &out)
+	return out, err
+}
+
+// Status is ctlbd status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.do(ctx, http.MethodGet, PathStatus, nil, &st)
+	return st, err
+}
+
+// Version is the daemon's version.
+func (c *Client) Version(ctx context.Context) (Version, error) {
+	var v Version
+	err := c.do(ctx, http.MethodGet, PathVersion, nil, &v)
+	return v, err
+}
+
+// Reload makes the daemon re-read its config file, as SIGHUP does.
+func (c *Client) Reload(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, PathReload, nil, nil)
+}
+
+// Raw sends a body as it is, for callers that test the daemon's handling of
+// malformed or oversized requests.
+func (c *Client) Raw(ctx context.Context, method, path string, body []byte) error {
+	return c.send(ctx, method, path, bytes.NewReader(body), nil)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return err
+			return fmt.Errorf("encode request: %w", err)
 		}
 		body = bytes.NewReader(b)
 	}
-	u := "http://ctlbd" + path
-	if len(query) > 0 {
-		u += "?" + query.Encode()
-	}
-	req, err := http.NewRequestWithContext(ctx, method, u, body)
+	return c.send(ctx, method, path, body, out)
+}
+
+func (c *Client) send(ctx context.Context, method, path string, body io.Reader, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://ctlbd"+path, body)
 	if err != nil {
 		return err
 	}
-	if in != nil {
+	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.http.Do(req)
@@ -71,11 +155,12 @@ func (c *Client) Do(ctx context.Context, method, path string, query url.Values, 
 		return fmt.Errorf("read answer: %w", err)
 	}
 	if resp.StatusCode/100 != 2 {
-		var e Error
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
+		se := &StatusError{Code: resp.StatusCode}
+		var e ErrorResponse
+		if json.Unmarshal(data, &e) == nil {
+			se.Message = e.Error
 		}
-		return fmt.Errorf("ctlbd answered %s", resp.Status)
+		return se
 	}
 	if out != nil && len(data) > 0 {
 		if err := json.Unmarshal(data, out); err != nil {

@@ -8,9 +8,6 @@ import (
 	"io"
 )
 
-// ErrTooLarge means a request body exceeded MaxRequestBytes.
-var ErrTooLarge = fmt.Errorf("request larger than %d bytes", MaxRequestBytes)
-
 // Decode reads one request body strictly: at most MaxRequestBytes, exactly
 // one JSON value, no unknown fields. The daemon decodes every request with
 // it, so one function stands between the socket and the maps.

@@ -57,6 +57,7 @@ func (d *Datapath) linksDir() string { return filepath.Join(d.dir, "links") }
 // directory renamed into place, so an attachment is whole or absent, never
 // half-made, even if the caller dies half-way. Attaching the same ID to the
 // same cgroup again is a no-op; to another cgroup it is an error.
+// The links are pinned before Attach returns, so they outlive the caller (ARCHITECTURE.md I1).
 func (d *Datapath) Attach(id, cgroupDir string) (Attachment, error) {
 	if err := ValidateAttachmentID(id); err != nil {
 		return Attachment{}, err
@@ -183,6 +184,36 @@ func RemoveInterrupted(dir, id string) (int, error) {
 		n++
 	}
 	return n, nil
+}
+
+// Interrupted lists the attachment IDs that have a temporary directory in
+// dir left by a caller killed half-way through Attach or Detach. GC uses it
+// to finish detaches it (or a DEL) started before it was killed.
+func Interrupted(dir string) ([]string, error) {
+	links := filepath.Join(dir, "links")
+	entries, err := os.ReadDir(links)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", links, err)
+	}
+	seen := map[string]bool{}
+	var ids []string
+	for _, e := range entries {
+		for _, prefix := range []string{"_tmp-", "_del-"} {
+			rest, ok := strings.CutPrefix(e.Name(), prefix)
+			if !ok || len(rest) < 14 || rest[len(rest)-13] != '-' {
+				continue
+			}
+			id := rest[:len(rest)-13]
+			if interruptedOf(e.Name(), id) && !seen[id] {
+				seen[id] = true
+				ids = append(ids, id)
+			}
+		}
+	}
+	return ids, nil
 }
 
 // interruptedOf reports whether name is a temporary directory of attachment

@@ -3,6 +3,10 @@
 // rest of ctlb typed operations on them: service sets, per-server counters
 // and cgroup attachments. Every other part of ctlb goes through it.
 //
+// It is public API: a third-party agent may adopt a node's pins and read or
+// drive them through this package (docs/ARCHITECTURE.md, "Parts"; the map
+// formats are docs/MAPS.md).
+//
 // Pinned layout (docs/MAPS.md has the map formats):
 //
 //	DIR/ctlb_services_v1 ... maps, pinned by name
@@ -23,6 +27,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // DefaultDir is where ctlb pins its objects unless told otherwise.
@@ -70,6 +76,7 @@ func (d *Datapath) Dir() string { return d.dir }
 // Create opens the objects pinned in dir, loading and pinning the embedded
 // ones first where they are missing. Only ctlbd creates: it is the writer
 // that owns the maps (invariant 4). dir must be on a bpffs.
+// Adopting, never rebuilding, is ARCHITECTURE.md I1; refusing other layouts is I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
@@ -95,6 +102,7 @@ func Create(dir string) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load maps pinned in %s: %w", dir, mapErr(err))
 	}
+	crashpoint.Hit(crashpoint.CreateMaps)
 	if err := d.adoptOrLoadPrograms(spec); err != nil {
 		d.objs.ctlbMaps.Close()
 		return nil, err
@@ -205,6 +213,7 @@ func (d *Datapath) adoptOrLoadPrograms(spec *ebpf.CollectionSpec) error {
 				return fmt.Errorf("pin program %s: %w", p, err)
 			}
 			d.progs[h.name] = prog
+			crashpoint.Hit(crashpoint.CreatePrograms)
 		default:
 			d.closeProgs()
 			return fmt.Errorf("open pinned program %s: %w", p, err)
@@ -257,6 +266,7 @@ func (d *Datapath) upgradeProgram(hook string, embedded *ebpf.Program) (*ebpf.Pr
 			prog.Close()
 			return nil, fmt.Errorf("upgrade %s: update link %s: %w", hook, lp, err)
 		}
+		crashpoint.Hit(crashpoint.Upgrade)
 	}
 	// Pin beside the old pin, then rename over it: the pin never vanishes.
 	p := filepath.Join(d.dir, progPin(hook))

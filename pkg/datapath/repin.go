@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // Repin puts back pins of maps and programs that were removed while this
@@ -45,6 +47,7 @@ func (d *Datapath) Repin() ([]string, error) {
 			return fixed, fmt.Errorf("repin %s: %w", path, err)
 		}
 		fixed = append(fixed, name)
+		crashpoint.Hit(crashpoint.Repin)
 	}
 	return fixed, nil
 }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
 // EmptyPolicy says what a connect() to a VIP with no servers does.
@@ -140,6 +142,7 @@ func ValidateServer(srv netip.AddrPort) error {
 // single map update: a concurrent connect() sees the old array or the new
 // one, never a mix, never a gap (invariant 3). The kernel frees the old array
 // once no program can still be reading it.
+// One inner map per set, swapped by one update: ARCHITECTURE.md I3.
 func (d *Datapath) SetService(s Service) error {
 	if err := s.Validate(); err != nil {
 		return err
@@ -174,10 +177,12 @@ func (d *Datapath) SetService(s Service) error {
 	if err := inner.Freeze(); err != nil {
 		return fmt.Errorf("VIP %s: freeze backend array: %w", s.VIP, err)
 	}
+	crashpoint.Hit(crashpoint.SetPrepared)
 	key := svcKey(s.VIP)
 	if err := d.objs.CtlbServicesV1.Put(key, inner); err != nil {
 		return fmt.Errorf("VIP %s: swap in server set: %w", s.VIP, err)
 	}
+	crashpoint.Hit(crashpoint.SetSwapped)
 	return nil
 }
 

@@ -14,7 +14,7 @@ import (
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/testutil"
-	"github.com/ctlb/ctlb/test/bench/topo"
+	"github.com/ctlb/ctlb/internal/topo"
 )
 
 // The child roles are this test binary again.

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/ctlb/ctlb/internal/cni"
 )
 
 // CNIResult is the time of the ctlb CNI plugin's ADD and DEL, the plugin
@@ -30,7 +32,7 @@ type CNIResult struct {
 
 // cniConf is the plugin's network config as a runtime hands it over, with
 // the bridge plugin's result as prevResult and the pod cgroup passed through
-// the cgroupPath capability (containerd >= 1.7.1).
+// the cgroupPath capability (containerd >= 1.7.0, CRI-O >= 1.28).
 func (e *env) cniConf(stateDir, cgroupRel string) []byte {
 	conf := map[string]any{
 		"cniVersion": "1.0.0",
@@ -117,7 +119,7 @@ func (e *env) runCNI(ctx context.Context, cfg Config, label string, attached int
 	defer func() {
 		// Detach what a failed run left attached.
 		for _, id := range ids[:added] {
-			_ = e.dp.Detach("cni-" + id)
+			_ = e.dp.Detach(cni.AttachmentID("ctlb-bench", id))
 		}
 	}()
 	c0, err := e.counters(nil)

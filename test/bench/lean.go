@@ -16,7 +16,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/ctlb/ctlb/test/bench/topo"
+	"github.com/ctlb/ctlb/internal/topo"
 	"github.com/ctlb/ctlb/test/bench/workload"
 )
 

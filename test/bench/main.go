@@ -28,7 +28,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ctlb/ctlb/test/bench/topo"
+	"github.com/ctlb/ctlb/internal/topo"
 )
 
 // Config is what one run measures, and how long.

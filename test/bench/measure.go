@@ -9,7 +9,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ctlb/ctlb/test/bench/topo"
+	"github.com/ctlb/ctlb/internal/topo"
 	"github.com/ctlb/ctlb/test/bench/workload"
 )
 

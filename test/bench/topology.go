@@ -16,8 +16,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/topo"
 	"github.com/ctlb/ctlb/pkg/datapath"
-	"github.com/ctlb/ctlb/test/bench/topo"
 )
 
 // The topology. A "node" namespace routes between a "pod" namespace, where

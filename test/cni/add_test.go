@@ -10,12 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // A pod found by K8S_POD_UID in the cgroupfs layout is redirected in every
@@ -110,7 +112,13 @@ func TestAddBeforeCgroupPodUID(t *testing.T) {
 	if len(list) != 1 || list[0].ContainerID != p.id || list[0].PodUID != p.uid || list[0].State != pending.StatePending {
 		t.Fatalf("GET /v1/pending: %+v, want the pod's record, pending", list)
 	}
-	wantCode(t, "CHECK while pending", e.check(e.chain(nil), p), cni.ErrStillPending, "still pending")
+	// Right after ADD, CHECK grants the runtime time to make the cgroup
+	// (pendingGrace, 10s by default); past it, pending is an error.
+	if err := e.check(e.chain(nil), p); err != nil {
+		t.Fatalf("CHECK right after ADD, pending: %v", err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	wantCode(t, "CHECK while pending past pendingGrace", e.check(e.chain(map[string]any{"pendingGrace": "1ms"}), p), cni.ErrStillPending, "still pending after")
 
 	// runc creates the pod cgroup, then the container's.
 	mkdirAll(t, p.cgroup)
@@ -119,7 +127,7 @@ func TestAddBeforeCgroupPodUID(t *testing.T) {
 	ctr := container(t, p, "app")
 	wantRedirected(t, p, ctr)
 	e.wantAttached(p)
-	if _, err := os.Stat(filepath.Join(pending.Dir(e.stateDir), p.id+".json")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(pending.Dir(e.stateDir), cni.AttachmentID(netName, p.id)+".json")); !os.IsNotExist(err) {
 		t.Fatalf("pending record still there after completion: %v", err)
 	}
 	if err := e.check(e.chain(nil), p); err != nil {
@@ -135,7 +143,7 @@ func TestAddBeforeCgroupPodUID(t *testing.T) {
 func wantRecord(t *testing.T, e *env, p *pod) {
 	t.Helper()
 	dir := pending.Dir(e.stateDir)
-	fi, err := os.Stat(filepath.Join(dir, p.id+".json"))
+	fi, err := os.Stat(filepath.Join(dir, cni.AttachmentID(netName, p.id)+".json"))
 	if err != nil {
 		t.Fatalf("pending record: %v", err)
 	}
@@ -232,7 +240,7 @@ func TestPrevResultPassedThrough(t *testing.T) {
 // the source of truth, and ctlbd completes it when it starts.
 func TestPendingWhileDaemonDown(t *testing.T) {
 	e := newEnv(t)
-	e.daemon.stop()
+	e.daemon.Stop()
 	p := e.cgroupfsPod("besteffort", false)
 	e.mustAdd(e.chain(nil), p)
 	wantRecord(t, e, p)
@@ -243,4 +251,36 @@ func TestPendingWhileDaemonDown(t *testing.T) {
 	mkdirAll(t, p.cgroup)
 	e.waitAttached(p, 5*time.Second)
 	wantRedirected(t, p, container(t, p, "app"))
+}
+
+// The systemd driver's OCI form, as a runtime may pass it in cgroupPath
+// (kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>), resolves to the
+// pod slice: here it does not exist yet, so the pending record names
+// exactly that slice. A form whose slice is not a pod's is refused with
+// code 7, never left pending.
+func TestAddSystemdOCIForm(t *testing.T) {
+	e := newEnv(t)
+	uid := newUID()
+	u := strings.ReplaceAll(uid, "-", "_")
+	p := e.newPod(uid, "")
+	p.rt.CapabilityArgs = map[string]any{"cgroupPath": "kubepods-besteffort-pod" + u + ".slice:cri-containerd:" + p.id}
+	e.mustAdd(e.chain(nil), p)
+	rec, err := pending.Read(e.stateDir, cni.AttachmentID(netName, p.id))
+	want := filepath.Join(testutil.V2Mount(t), "kubepods.slice", "kubepods-besteffort.slice", "kubepods-besteffort-pod"+u+".slice")
+	if err != nil || rec.CgroupDir != want {
+		t.Fatalf("pending record %+v (%v): want cgroupDir %s", rec, err, want)
+	}
+	if err := e.del(e.chain(nil), p); err != nil {
+		t.Fatal(err)
+	}
+	e.wantNothingLeft()
+
+	for _, bad := range []string{"kubepods-besteffort.slice:cri-containerd:" + p.id, "system.slice:docker:" + p.id} {
+		q := e.newPod(uid, "")
+		q.rt.CapabilityArgs = map[string]any{"cgroupPath": bad}
+		_, err := e.add(e.chain(nil), q)
+		wantCode(t, "ADD with cgroupPath "+bad, err, types.ErrInvalidNetworkConfig, "not a pod's")
+		_ = e.del(e.chain(nil), q)
+	}
+	e.wantNothingLeft()
 }

@@ -7,8 +7,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"log/slog"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,9 +21,9 @@ import (
 
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/config"
-	"github.com/ctlb/ctlb/internal/daemon"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -39,6 +37,9 @@ const (
 	gateway   = "198.18.0.1"
 	vip       = "198.19.255.1:8502"
 )
+
+// netName is the network of the tests' conflists.
+const netName = "ctlbnet"
 
 var servers = []string{"198.18.1.11:8502", "198.18.1.12:8502", "198.18.1.13:8502"}
 
@@ -55,15 +56,8 @@ type env struct {
 	cgroups  string // the test's cgroup parent: <v2>/ctlb-test-XXXX
 	cni      *libcni.CNIConfig
 	services []config.Service
-	daemon   *runningDaemon
+	daemon   *ctlbdtest.Daemon
 	dp       *datapath.Datapath
-}
-
-type runningDaemon struct {
-	d      *daemon.Daemon
-	cancel context.CancelFunc
-	done   chan error
-	log    string
 }
 
 func newEnv(t *testing.T) *env {
@@ -105,67 +99,28 @@ func newEnvWith(t *testing.T, services []config.Service) *env {
 	return e
 }
 
-// startDaemon runs ctlbd in-process with the VIP's servers configured.
+// startDaemon runs ctlbd in-process with the env's services, on the
+// env's bpffs, socket and state directory (the plugin config names them).
+// The tests remove pins and cgroups on purpose: the daemon's repair loop
+// must not race them (it runs once at start, which is enough here).
 func (e *env) startDaemon() {
-	t := e.t
-	t.Helper()
-	cfg := config.Default()
-	cfg.BPFFS, cfg.Socket, cfg.StateDir = e.bpffs, e.socket, e.stateDir
-	// The tests remove pins and cgroups on purpose: the daemon's repair loop
-	// must not race them (it runs once at start, which is enough here).
-	cfg.ReconcileInterval = config.Duration(time.Hour)
-	cfg.Services = e.services
-	logPath := filepath.Join(t.TempDir(), "ctlbd.log")
-	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.NewTextHandler(lf, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	d, err := daemon.New(cfg, "", log)
-	if err != nil {
-		lf.Close()
-		t.Fatalf("ctlbd: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	rd := &runningDaemon{d: d, cancel: cancel, done: make(chan error, 1), log: logPath}
-	go func() { rd.done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		rd.stop()
-		lf.Close()
-	})
-	e.daemon = rd
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := e.status(); err == nil {
-			return
-		}
-		select {
-		case err := <-rd.done:
-			t.Fatalf("ctlbd exited: %v", err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ctlbd did not answer on %s within 10s", e.socket)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	e.t.Helper()
+	e.startDaemonEvery(time.Hour)
 }
 
-func (rd *runningDaemon) stop() {
-	if rd.d == nil {
-		return
-	}
-	rd.cancel()
-	select {
-	case <-rd.done:
-	case <-time.After(10 * time.Second):
-	}
-	rd.d.Close()
-	rd.d = nil
+// startDaemonEvery is startDaemon with the reconciler running every
+// interval.
+func (e *env) startDaemonEvery(every time.Duration) {
+	e.t.Helper()
+	e.daemon = ctlbdtest.Start(e.t, ctlbdtest.Options{
+		BPFFS: e.bpffs, Socket: e.socket, StateDir: e.stateDir,
+		Config: map[string]any{"reconcileInterval": every.String(), "services": e.services},
+	})
 }
 
 func (e *env) dumpLogs() {
-	for _, p := range []string{e.daemon.log, e.logFile} {
+	e.t.Logf("--- ctlbd (last 6000 bytes):\n%s", e.daemon.LogTail(6000))
+	for _, p := range []string{e.logFile} {
 		b, err := os.ReadFile(p)
 		if err != nil {
 			continue
@@ -182,18 +137,16 @@ func (e *env) dumpLogs() {
 func (e *env) status() (api.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	var st api.Status
-	err := api.NewClient(e.socket).Do(ctx, http.MethodGet, api.PathStatus, nil, nil, &st)
-	return st, err
+	return api.NewClient(e.socket).Status(ctx)
 }
 
 // pendingList asks ctlbd for its pending attachments.
-func (e *env) pendingList() []pending.Status {
+func (e *env) pendingList() []api.PendingAttachment {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	var out []pending.Status
-	if err := api.NewClient(e.socket).Do(ctx, http.MethodGet, api.PathPending, nil, nil, &out); err != nil {
+	out, err := api.NewClient(e.socket).Pending(ctx)
+	if err != nil {
 		e.t.Fatalf("GET %s: %v", api.PathPending, err)
 	}
 	return out
@@ -236,7 +189,7 @@ func (e *env) bridgeConf() map[string]any {
 // 1.0.0; ctlb-only lists use 1.1.0 for GC and STATUS.
 func (e *env) netList(version string, plugins ...map[string]any) *libcni.NetworkConfigList {
 	e.t.Helper()
-	raw, err := json.Marshal(map[string]any{"cniVersion": version, "name": "ctlbnet", "plugins": plugins})
+	raw, err := json.Marshal(map[string]any{"cniVersion": version, "name": netName, "plugins": plugins})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -273,6 +226,7 @@ type pod struct {
 	uid    string // K8S_POD_UID; empty for runtimes without one
 	netns  ns.NetNS
 	cgroup string // the pod cgroup (may not exist yet)
+	net    string // the network its attachment is looked up in
 	rt     *libcni.RuntimeConf
 }
 
@@ -291,7 +245,7 @@ func newUID() string {
 // caller's business (it may be made before or after ADD).
 func (e *env) newPod(uid, cgroup string) *pod {
 	e.t.Helper()
-	p := &pod{id: randHex(32), uid: uid, netns: testutil.NewNetNS(e.t), cgroup: cgroup}
+	p := &pod{id: randHex(32), uid: uid, netns: testutil.NewNetNS(e.t), cgroup: cgroup, net: netName}
 	p.rt = &libcni.RuntimeConf{
 		ContainerID: p.id,
 		NetNS:       p.netns.Path(),
@@ -406,7 +360,7 @@ func wantCode(t *testing.T, what string, err error, code uint, want string) {
 // attachment reads the pod's attachment, if any.
 func (e *env) attachment(p *pod) (datapath.Attachment, bool) {
 	e.t.Helper()
-	a, err := e.dp.Attachment(cni.AttachmentID(p.id))
+	a, err := e.dp.Attachment(cni.AttachmentID(p.net, p.id))
 	if errors.Is(err, datapath.ErrNoAttachment) {
 		return a, false
 	}
@@ -447,28 +401,39 @@ func (e *env) waitAttached(p *pod, limit time.Duration) time.Duration {
 // leftovers lists attachment directories and pending records.
 func (e *env) leftovers() (links, records []string) {
 	e.t.Helper()
-	ents, err := os.ReadDir(filepath.Join(e.bpffs, "links"))
+	list := func(dir string) []string {
+		ents, err := os.ReadDir(dir)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			e.t.Fatal(err)
+		}
+		var out []string
+		for _, d := range ents {
+			out = append(out, d.Name())
+		}
+		return out
+	}
+	return list(filepath.Join(e.bpffs, "links")), list(pending.Dir(e.stateDir))
+}
+
+// owners lists the attachments that have owner records.
+func (e *env) owners() []string {
+	e.t.Helper()
+	ents, err := os.ReadDir(filepath.Join(e.stateDir, "attachments"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		e.t.Fatal(err)
 	}
+	var out []string
 	for _, d := range ents {
-		links = append(links, d.Name())
+		out = append(out, d.Name())
 	}
-	ents, err = os.ReadDir(pending.Dir(e.stateDir))
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		e.t.Fatal(err)
-	}
-	for _, d := range ents {
-		records = append(records, d.Name())
-	}
-	return links, records
+	return out
 }
 
 func (e *env) wantNothingLeft() {
 	e.t.Helper()
 	links, records := e.leftovers()
-	if len(links) > 0 || len(records) > 0 {
-		e.t.Fatalf("left over: link pins %v, pending records %v", links, records)
+	if owners := e.owners(); len(links) > 0 || len(records) > 0 || len(owners) > 0 {
+		e.t.Fatalf("left over: link pins %v, pending records %v, attachment owners %v", links, records, owners)
 	}
 }
 
@@ -572,7 +537,7 @@ func (e *env) pluginStdin(version string, extra map[string]any, withPrev bool) [
 	c := e.ctlbConf(extra)
 	delete(c, "capabilities")
 	c["cniVersion"] = version
-	c["name"] = "ctlbnet"
+	c["name"] = netName
 	if withPrev {
 		c["prevResult"] = prevResult("198.18.0.9")
 	}

@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,10 +25,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cni"
-	"github.com/ctlb/ctlb/internal/config"
-	"github.com/ctlb/ctlb/internal/daemon"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 )
 
@@ -112,11 +109,11 @@ func waitProgs(t *testing.T, dir string, want int) {
 // (its record and any temporary file).
 func (e *env) pinsOf(containerID string) []string {
 	e.t.Helper()
-	id := cni.AttachmentID(containerID)
+	id := cni.AttachmentID(netName, containerID)
 	var out []string
 	for _, d := range []struct{ dir, name, tmp string }{
 		{filepath.Join(e.bpffs, "links"), id, "-" + id + "-"},
-		{pending.Dir(e.stateDir), containerID + ".json", "-" + containerID + "-"},
+		{pending.Dir(e.stateDir), id + ".json", "-" + id + "-"},
 	} {
 		ents, err := os.ReadDir(d.dir)
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -165,7 +162,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 	// too narrow for random times to hit often.
 	const random, inAttach = 60, 20
 	states := map[string]int{}
-	killed := 0
+	killed, midOp := 0, 0
 	for i := range random + inAttach {
 		pendingPath := i < random && i%3 == 2
 		p := e.cgroupfsPod("besteffort", !pendingPath)
@@ -174,7 +171,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 		if i < random {
 			diedOfKill = killAfter(t, c, time.Duration(rand.Int64N(int64(span))))
 		} else {
-			diedOfKill = e.killInAttach(t, c, cni.AttachmentID(p.id))
+			diedOfKill = e.killInAttach(t, c, cni.AttachmentID(netName, p.id))
 		}
 		if diedOfKill {
 			killed++
@@ -182,14 +179,15 @@ func TestKillPluginDuringAdd(t *testing.T) {
 		left := e.pinsOf(p.id)
 		state := "nothing"
 		switch {
-		case slices.Contains(left, "links/"+cni.AttachmentID(p.id)):
+		case slices.Contains(left, "links/"+cni.AttachmentID(netName, p.id)):
 			state = "attached"
-		case slices.Contains(left, "pending/"+p.id+".json"):
+		case slices.Contains(left, "pending/"+cni.AttachmentID(netName, p.id)+".json"):
 			state = "pending record"
 		}
 		for _, l := range left {
 			if strings.Contains(l, "/_") || strings.Contains(l, "/.") {
 				state += " + temporary " + filepath.Dir(l)
+				midOp++
 				break
 			}
 		}
@@ -216,8 +214,11 @@ func TestKillPluginDuringAdd(t *testing.T) {
 		}
 		waitProgs(t, p.cgroup, 0)
 	}
-	t.Logf("%d ADDs SIGKILLed, %d at random times, %d inside the attach (%d died of the signal, the rest had finished); state each left: %v",
-		random+inAttach, random, inAttach, killed, states)
+	t.Logf("%d ADDs SIGKILLed, %d at random times, %d inside the attach (%d died of the signal, the rest had finished; %d mid-operation, leaving a temporary directory or a half-written record); state each left: %v",
+		random+inAttach, random, inAttach, killed, midOp, states)
+	if midOp == 0 {
+		t.Fatalf("no kill landed mid-operation (states %v): the test proved nothing about interrupted ADDs", states)
+	}
 	e.wantNothingLeftBut(1)
 	if st, err := e.status(); err != nil || st.Pending != 0 || st.Attachments != 1 {
 		t.Fatalf("ctlbd status %+v (%v): want only the load pod's attachment and no pending record", st, err)
@@ -243,16 +244,25 @@ func diedOfSignal(err error) bool {
 }
 
 // killInAttach starts the plugin and SIGKILLs it the moment it creates the
-// temporary directory of attachment id (inotify on the links directory),
-// plus up to 100µs, so that it dies with 0 to 3 of its links pinned there.
+// temporary directory of attachment id, plus up to 100µs, so that it dies
+// with 0 to 3 of its links pinned there.
 func (e *env) killInAttach(t *testing.T, c *exec.Cmd, id string) bool {
+	t.Helper()
+	return killOnEntry(t, c, filepath.Join(e.bpffs, "links"), "_tmp-"+id+"-", 100*time.Microsecond)
+}
+
+// killOnEntry starts the plugin and SIGKILLs it the moment an entry whose
+// name starts with prefix is created in (or renamed into) dir (inotify),
+// plus a random spin of up to jitter, and reports whether it died of the
+// signal rather than having finished first.
+func killOnEntry(t *testing.T, c *exec.Cmd, dir, prefix string, jitter time.Duration) bool {
 	t.Helper()
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
 	if err != nil {
 		t.Fatalf("inotify: %v", err)
 	}
 	defer unix.Close(fd)
-	if _, err := unix.InotifyAddWatch(fd, filepath.Join(e.bpffs, "links"), unix.IN_CREATE); err != nil {
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE|unix.IN_MOVED_TO); err != nil {
 		t.Fatalf("inotify watch: %v", err)
 	}
 	if err := c.Start(); err != nil {
@@ -269,9 +279,12 @@ func (e *env) killInAttach(t *testing.T, c *exec.Cmd, id string) bool {
 			return false
 		default:
 		}
+		// Wait in poll(2), not in sleeps: the window to hit is tens of µs.
+		if _, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 10); err != nil && !errors.Is(err, unix.EINTR) {
+			t.Fatalf("poll inotify: %v", err)
+		}
 		n, err := unix.Read(fd, buf)
 		if errors.Is(err, unix.EAGAIN) {
-			time.Sleep(50 * time.Microsecond)
 			continue
 		}
 		if err != nil {
@@ -281,8 +294,10 @@ func (e *env) killInAttach(t *testing.T, c *exec.Cmd, id string) bool {
 			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
 			name := strings.TrimRight(string(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+int(ev.Len)]), "\x00")
 			off += unix.SizeofInotifyEvent + int(ev.Len)
-			if strings.HasPrefix(name, "_tmp-"+id+"-") {
-				for spin := time.Now().Add(time.Duration(rand.Int64N(int64(100 * time.Microsecond)))); time.Now().Before(spin); {
+			if strings.HasPrefix(name, prefix) {
+				if jitter > 0 {
+					for spin := time.Now().Add(time.Duration(rand.Int64N(int64(jitter)))); time.Now().Before(spin); {
+					}
 				}
 				_ = c.Process.Kill()
 				return diedOfSignal(<-exited)
@@ -291,7 +306,7 @@ func (e *env) killInAttach(t *testing.T, c *exec.Cmd, id string) bool {
 	}
 	_ = c.Process.Kill()
 	<-exited
-	t.Fatalf("the plugin made no temporary directory for %s within 5s", id)
+	t.Fatalf("the plugin made no %s* entry in %s within 5s", prefix, dir)
 	return false
 }
 
@@ -327,7 +342,8 @@ func (e *env) wantNothingLeftBut(n int) {
 
 // setServers writes the VIP's server set through ctlbd's API.
 func (e *env) setServers(ctx context.Context, set []string) error {
-	return api.NewClient(e.socket).Do(ctx, http.MethodPut, api.PathServices, nil, api.ServiceRequest{VIP: vip, Servers: set}, nil)
+	_, err := api.NewClient(e.socket).SetService(ctx, api.ServiceRequest{VIP: vip, Servers: set})
+	return err
 }
 
 // 200 pods ADDed and DELeted 24 at a time, as kubelet does, a third on the
@@ -418,7 +434,7 @@ func TestManyPodsWhileServersChange(t *testing.T) {
 			}
 			if kind != 2 {
 				if err := waitFor(10*time.Second, func() bool {
-					a, err := e.dp.Attachment(cni.AttachmentID(p.id))
+					a, err := e.dp.Attachment(cni.AttachmentID(netName, p.id))
 					return err == nil && a.Alive && len(a.Missing) == 0
 				}); err != nil {
 					errs <- fmt.Errorf("pod %d (kind %d): not attached: %w", i, kind, err)
@@ -455,8 +471,8 @@ func TestManyPodsWhileServersChange(t *testing.T) {
 		t.Fatalf("ctlbd status %+v (%v): want only the load pod's attachment and no pending record", st, err)
 	}
 	want, _ := last.Load().([]string)
-	var listed []api.Service
-	if err := api.NewClient(e.socket).Do(context.Background(), http.MethodGet, api.PathServices, nil, nil, &listed); err != nil {
+	listed, err := api.NewClient(e.socket).Services(context.Background())
+	if err != nil {
 		t.Fatal(err)
 	}
 	if len(listed) != 1 || fmt.Sprint(addrs(listed[0].Servers)) != fmt.Sprint(want) {
@@ -490,53 +506,12 @@ func waitFor(limit time.Duration, cond func() bool) error {
 }
 
 // restartDaemon replaces the env's ctlbd with one that reconciles every
-// interval, on the same bpffs, socket and state directory, and returns its
-// log.
-func (e *env) restartDaemon(every time.Duration) *syncWriter {
-	t := e.t
-	t.Helper()
-	e.daemon.stop()
-	cfg := config.Default()
-	cfg.BPFFS, cfg.Socket, cfg.StateDir = e.bpffs, e.socket, e.stateDir
-	cfg.ReconcileInterval = config.Duration(every)
-	cfg.Services = e.services
-	var logs bytes.Buffer
-	lw := &syncWriter{w: &logs}
-	d, err := daemon.New(cfg, "", slog.New(slog.NewTextHandler(lw, &slog.HandlerOptions{Level: slog.LevelDebug})))
-	if err != nil {
-		t.Fatalf("ctlbd: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	rd := &runningDaemon{d: d, cancel: cancel, done: make(chan error, 1), log: e.daemon.log}
-	go func() { rd.done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		rd.stop()
-		if t.Failed() {
-			t.Logf("--- ctlbd (reconciling every %s):\n%s", every, lw.String())
-		}
-	})
-	e.daemon = rd
-	if err := waitFor(10*time.Second, func() bool { _, err := e.status(); return err == nil }); err != nil {
-		t.Fatalf("restarted ctlbd does not answer: %v", err)
-	}
-	return lw
-}
-
-type syncWriter struct {
-	mu sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (s *syncWriter) Write(b []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(b)
-}
-
-func (s *syncWriter) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.String()
+// interval, on the same bpffs, socket and state directory.
+func (e *env) restartDaemon(every time.Duration) *ctlbdtest.Daemon {
+	e.t.Helper()
+	e.daemon.Stop()
+	e.startDaemonEvery(every)
+	return e.daemon
 }
 
 // objectPins are the map and program pins ctlbd keeps in its bpffs.
@@ -594,7 +569,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	}
 
 	// One pass of ctlbd's reconciler, the one its loop runs.
-	r := e.daemon.d.Reconcile()
+	r := e.daemon.Daemon().Reconcile()
 	if !slices.Contains(r.Repinned, "ctlb_services_v1") {
 		t.Fatalf("reconcile: %+v, want ctlb_services_v1 re-pinned", r)
 	}
@@ -613,7 +588,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := os.Remove(filepath.Join(e.bpffs, "links", cni.AttachmentID(p.id), "connect4")); err != nil {
+	if err := os.Remove(filepath.Join(e.bpffs, "links", cni.AttachmentID(netName, p.id), "connect4")); err != nil {
 		t.Fatal(err)
 	}
 	removed := time.Now()
@@ -635,7 +610,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	if got := e.objectPins(); fmt.Sprint(got) != fmt.Sprint(pins) {
 		t.Fatalf("pins after the repair %v, want %v", got, pins)
 	}
-	if logs := logs.String(); !strings.Contains(logs, "pinned them again") || !strings.Contains(logs, "re-attached") {
+	if logs := logs.Logs(); !strings.Contains(logs, "pinned them again") || !strings.Contains(logs, "re-attached") {
 		t.Fatalf("ctlbd did not report the repair loudly:\n%s", logs)
 	}
 	e.wantAttached(p)

@@ -14,6 +14,8 @@ import (
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // Bad input gets the spec's error JSON with a meaningful code, and changes
@@ -42,8 +44,9 @@ func TestBadStdin(t *testing.T) {
 		{"malformed JSON on DEL", "DEL", uidArgs, []byte(`{"cniVersion": "1.0.0", "name": "ctlbnet", "type": "ctlb"} trailing`), types.ErrDecodingFailure, ""},
 		{"no prevResult", "ADD", uidArgs, e.pluginStdin("1.0.0", nil, false), types.ErrInvalidNetworkConfig, "chained plugin"},
 		{"no prevResult on CHECK", "CHECK", uidArgs, e.pluginStdin("1.0.0", nil, false), types.ErrInvalidNetworkConfig, "chained plugin"},
-		{"unknown key", "ADD", uidArgs, conf(func(c map[string]any) { c["bpfs"] = "/sys/fs/bpf/ctlb" }), types.ErrInvalidNetworkConfig, `unknown config key(s) "bpfs"`},
-		{"unknown key on DEL", "DEL", uidArgs, conf(func(c map[string]any) { c["sockett"] = "/x" }), types.ErrInvalidNetworkConfig, `"sockett"`},
+		{"unknown key", "ADD", uidArgs, conf(func(c map[string]any) { c["bpfs"] = "/sys/fs/bpf/ctlb" }), types.ErrUnsupportedField, `unsupported field "bpfs": "/sys/fs/bpf/ctlb"`},
+		{"unknown key on CHECK", "CHECK", uidArgs, conf(func(c map[string]any) { c["mtu"] = 1400 }), types.ErrUnsupportedField, `"mtu": 1400`},
+		{"CNI_ARGS unknown key without IgnoreUnknown", "ADD", "K8S_POD_UID=" + p.uid + ";FOO=bar", e.pluginStdin("1.0.0", nil, true), types.ErrInvalidEnvironmentVariables, "FOO=bar"},
 		{"cgroupPath with ..", "ADD", uidArgs, conf(func(c map[string]any) { c["cgroupPath"] = "/kubepods/../../etc" }), types.ErrInvalidNetworkConfig, `".." is not allowed`},
 		{"runtime cgroupPath with ..", "ADD", uidArgs, conf(func(c map[string]any) {
 			c["runtimeConfig"] = map[string]any{"cgroupPath": "/kubepods/besteffort/../../.."}
@@ -109,7 +112,7 @@ func TestExampleConflist(t *testing.T) {
 			ipam["dataDir"] = e.dataDir
 		case "ctlb":
 			// The shipped values are the defaults.
-			if m["bpffs"] != "/sys/fs/bpf/ctlb" || m["socket"] != config.DefaultSocket || m["stateDir"] != config.DefaultStateDir {
+			if m["bpffs"] != datapath.DefaultDir || m["socket"] != api.DefaultSocket || m["stateDir"] != api.DefaultStateDir {
 				t.Fatalf("example ctlb entry %v: want the default paths", m)
 			}
 			m["bpffs"], m["socket"], m["stateDir"], m["logFile"] = e.bpffs, e.socket, e.stateDir, e.logFile
@@ -124,6 +127,7 @@ func TestExampleConflist(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := e.cgroupfsPod("besteffort", true)
+	p.net = list.Name
 	res, err := e.add(list, p)
 	if err != nil {
 		t.Fatalf("ADD with the example conflist: %v", err)

@@ -2,6 +2,7 @@ package cnitest
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -28,7 +29,7 @@ func TestCheck(t *testing.T) {
 	if err := e.check(list, p); err != nil {
 		t.Fatalf("CHECK after ADD: %v", err)
 	}
-	id := cni.AttachmentID(p.id)
+	id := cni.AttachmentID(netName, p.id)
 	links := filepath.Join(e.bpffs, "links", id)
 
 	// One link pin removed by hand: that hook is detached.
@@ -58,7 +59,7 @@ func TestCheck(t *testing.T) {
 	wantCode(t, "CHECK against another cgroup", e.check(list, &pm), cni.ErrWrongCgroup, "not on the pod cgroup "+other)
 
 	// ctlbd down.
-	e.daemon.stop()
+	e.daemon.Stop()
 	wantCode(t, "CHECK with ctlbd down", e.check(list, p), types.ErrTryAgainLater, "ctlbd is unreachable")
 	e.startDaemon()
 	if err := e.check(list, p); err != nil {
@@ -107,7 +108,7 @@ func TestDel(t *testing.T) {
 	// A pending one, with ctlbd down: the record goes too.
 	s := e.cgroupfsPod("besteffort", false)
 	e.mustAdd(list, s)
-	e.daemon.stop()
+	e.daemon.Stop()
 	if err := e.del(list, s); err != nil {
 		t.Fatalf("DEL of a pending attachment with ctlbd down: %v", err)
 	}
@@ -151,12 +152,12 @@ func TestGC(t *testing.T) {
 	}
 
 	links, records := e.leftovers()
-	want := []string{cni.AttachmentID(pods[0].id), cni.AttachmentID(pods[2].id), "cgroup-test"}
+	want := []string{cni.AttachmentID(netName, pods[0].id), cni.AttachmentID(netName, pods[2].id), "cgroup-test"}
 	if fmt.Sprint(sorted(links)) != fmt.Sprint(sorted(want)) {
 		t.Fatalf("after GC: attachments %v, want exactly %v", links, want)
 	}
-	if len(records) != 1 || records[0] != kept.id+".json" {
-		t.Fatalf("after GC: pending records %v, want only %s.json", records, kept.id)
+	if len(records) != 1 || records[0] != cni.AttachmentID(netName, kept.id)+".json" {
+		t.Fatalf("after GC: pending records %v, want only the one of %s", records, kept.id)
 	}
 
 	// Without a list GC only removes dead ones.
@@ -165,7 +166,7 @@ func TestGC(t *testing.T) {
 		t.Fatalf("GC without a list: %v", err)
 	}
 	links, records = e.leftovers()
-	want = []string{cni.AttachmentID(pods[0].id), "cgroup-test"}
+	want = []string{cni.AttachmentID(netName, pods[0].id), "cgroup-test"}
 	if fmt.Sprint(sorted(links)) != fmt.Sprint(sorted(want)) || len(records) != 1 {
 		t.Fatalf("after GC without a list: attachments %v records %v, want %v and 1 record", links, records, want)
 	}
@@ -177,7 +178,10 @@ func sorted(ss []string) []string {
 	return out
 }
 
-// STATUS is ready only with the pins in place and ctlbd answering.
+// STATUS fails only when ADD would: pins missing or of another layout.
+// ctlbd down or restarting is no failure (ADD works from the pins), which
+// matters because containerd 2.x turns a STATUS failure into
+// NetworkReady=false for the whole node. And indeed ADD works then.
 func TestStatus(t *testing.T) {
 	e := newEnv(t)
 	list := e.netList("1.1.0", e.ctlbConf(nil))
@@ -185,14 +189,23 @@ func TestStatus(t *testing.T) {
 	if err := status(); err != nil {
 		t.Fatalf("STATUS: %v", err)
 	}
-	e.daemon.stop()
-	wantCode(t, "STATUS with ctlbd down", status(), types.ErrPluginNotAvailable, "ctlbd is unreachable")
+	e.daemon.Stop()
+	if err := status(); err != nil {
+		t.Fatalf("STATUS with ctlbd down: %v, want ready", err)
+	}
+	p := e.cgroupfsPod("besteffort", true)
+	e.mustAdd(e.chain(nil), p)
+	e.wantAttached(p)
+	wantRedirected(t, p, container(t, p, "app"))
 	e.startDaemon()
 	if err := status(); err != nil {
 		t.Fatalf("STATUS with ctlbd back: %v", err)
 	}
 	noPins := e.netList("1.1.0", e.ctlbConf(map[string]any{"bpffs": filepath.Join(filepath.Dir(e.bpffs), "elsewhere")}))
 	wantCode(t, "STATUS without pins", e.cni.GetStatusNetworkList(context.Background(), noPins), types.ErrPluginNotAvailable, "not ready: pinned objects")
+	// A config ADD would refuse fails STATUS as well.
+	typo := e.netList("1.1.0", e.ctlbConf(map[string]any{"sokcet": e.socket}))
+	wantCode(t, "STATUS with an unknown key", e.cni.GetStatusNetworkList(context.Background(), typo), types.ErrUnsupportedField, `"sokcet"`)
 }
 
 // Kubelet runs many ADD and DEL at once for different pods: all succeed and
@@ -217,8 +230,8 @@ func TestParallelAddDel(t *testing.T) {
 				return
 			}
 			// In between, the pod is attached or pending.
-			_, attErr := e.dp.Attachment(cni.AttachmentID(p.id))
-			_, recErr := pending.Read(e.stateDir, p.id)
+			_, attErr := e.dp.Attachment(cni.AttachmentID(netName, p.id))
+			_, recErr := pending.Read(e.stateDir, cni.AttachmentID(netName, p.id))
 			if (attErr == nil) == (recErr == nil) {
 				errs <- fmt.Errorf("pod %d after ADD: attachment %v, pending record %v: want exactly one", i, attErr, recErr)
 			}
@@ -243,4 +256,67 @@ func TestParallelAddDel(t *testing.T) {
 	if st, err := e.status(); err != nil || st.Pending != 0 || st.Attachments != 0 {
 		t.Fatalf("ctlbd status %+v (%v): want no attachment and no pending record", st, err)
 	}
+}
+
+// DEL is best effort: whatever is wrong with the config beyond "type", or
+// with its surroundings (ctlbd down, pins gone), it exits 0, prints
+// nothing, and removes what it can.
+func TestDelBestEffort(t *testing.T) {
+	e := newEnv(t)
+	list := e.chain(nil)
+	del := func(what string, p *pod, edit func(map[string]any)) {
+		t.Helper()
+		var c map[string]any
+		if err := json.Unmarshal(e.pluginStdin("1.0.0", nil, true), &c); err != nil {
+			t.Fatal(err)
+		}
+		edit(c)
+		out, err := execPlugin(t, "DEL", p.id, p.netns.Path(), "K8S_POD_UID="+p.uid, []byte(mustJSON(t, c)))
+		if err != nil || len(out) != 0 {
+			t.Fatalf("DEL %s: exit %v, stdout %q; want exit 0 and nothing on stdout", what, err, out)
+		}
+	}
+
+	// Everything wrong at once, ctlbd down: the attachment still goes.
+	p := e.cgroupfsPod("besteffort", true)
+	e.mustAdd(list, p)
+	e.daemon.Stop()
+	del("with an unopenable logFile, an undecodable prevResult, unknown keys, bad values and ctlbd down", p, func(c map[string]any) {
+		c["logFile"] = filepath.Join(t.TempDir(), "no-such-dir", "ctlb.log")
+		c["prevResult"] = "not a result"
+		c["futureKey"] = map[string]any{"x": 1}
+		c["logLevel"] = "loud"
+		c["scope"] = "cluster"
+		c["pendingGrace"] = "soon"
+	})
+	if _, ok := e.attachment(p); ok {
+		t.Fatal("attachment left after DEL")
+	}
+	e.wantNothingLeft()
+	e.startDaemon()
+
+	// No prevResult, a bpffs that is not a path, a socket of the wrong type.
+	q := e.cgroupfsPod("besteffort", true)
+	e.mustAdd(list, q)
+	del("without prevResult and with a relative bpffs", q, func(c map[string]any) {
+		delete(c, "prevResult")
+		c["bpffs"] = "sys/fs/bpf"
+		c["socket"] = 7
+	})
+	// That DEL could not know where the pins are: a proper one removes them.
+	del("proper", q, func(map[string]any) {})
+	e.wantNothingLeft()
+
+	// Pins gone under an attached pod, and the whole bpffs directory gone.
+	r := e.cgroupfsPod("besteffort", true)
+	e.mustAdd(list, r)
+	if err := os.RemoveAll(filepath.Join(e.bpffs, "links", cni.AttachmentID(netName, r.id))); err != nil {
+		t.Fatal(err)
+	}
+	del("with its link pins gone", r, func(map[string]any) {})
+	s := e.cgroupfsPod("besteffort", false)
+	e.mustAdd(list, s)
+	del("with the bpffs directory gone", s, func(c map[string]any) { c["bpffs"] = filepath.Join(t.TempDir(), "gone") })
+	del("twice", s, func(map[string]any) {})
+	e.wantNothingLeft()
 }

@@ -16,7 +16,7 @@ import (
 
 // refPlugins are the reference plugins the chains use, from Debian's
 // containernetworking-plugins.
-var refPlugins = []string{"bridge", "host-local", "loopback"}
+var refPlugins = []string{"bridge", "host-local", "loopback", "portmap", "bandwidth"}
 
 const refPluginDir = "/usr/lib/cni"
 

@@ -47,7 +47,7 @@ func TestAddTiming(t *testing.T) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.dp.Attach(cni.AttachmentID(randHex(32)), dir); err != nil {
+		if _, err := e.dp.Attach(cni.AttachmentID(netName, randHex(32)), dir); err != nil {
 			t.Fatalf("bulk attach %d: %v", i, err)
 		}
 	}

@@ -61,6 +61,18 @@ type Cluster struct {
 	nextIP  byte
 
 	launch chan launchReq
+
+	// Secure clusters (Options.Secure): HTTPS and gRPC only over TLS,
+	// ACLs on with default deny.
+	secure bool
+	pki    *pki
+	http   *http.Client
+	// CAFile signs every server certificate (name ServerName).
+	CAFile string
+	// Token is the bootstrap (initial management) token; TokenFile holds
+	// it, as a deployment would mount it.
+	Token     string
+	TokenFile string
 }
 
 // Server is one Consul server agent.
@@ -97,7 +109,10 @@ func StartClusterWith(t testing.TB, n int, opts Options) *Cluster {
 	if err != nil {
 		t.Fatalf("consul binary: %v", err)
 	}
-	c := &Cluster{t: t, bin: bin, dir: t.TempDir(), nextIP: 11, launch: make(chan launchReq)}
+	c := &Cluster{t: t, bin: bin, dir: t.TempDir(), nextIP: 11, launch: make(chan launchReq), http: httpClient}
+	if opts.Secure {
+		c.setupSecure()
+	}
 	c.startLauncher()
 	c.makeNetwork(opts)
 	var peers []netip.Addr
@@ -296,6 +311,11 @@ func (c *Cluster) newServer(expect int, join []netip.Addr) *Server {
 			"suspicion_mult": 1, "retransmit_mult": 2,
 		},
 	}
+	if c.secure {
+		if err := c.secureConf(s, conf); err != nil {
+			t.Fatalf("secure config for %s: %v", name, err)
+		}
+	}
 	b, err := json.MarshalIndent(conf, "", "  ")
 	if err != nil {
 		t.Fatal(err)
@@ -355,11 +375,23 @@ func (c *Cluster) HTTPAddr() string {
 	return ""
 }
 
-// HTTPAddr is this server's HTTP API.
-func (s *Server) HTTPAddr() string { return fmt.Sprintf("http://%s:%d", s.Addr, HTTPPort) }
+// HTTPAddr is this server's HTTP API (https://ip:8501 in a secure
+// cluster).
+func (s *Server) HTTPAddr() string {
+	if s.c.secure {
+		return fmt.Sprintf("https://%s:%d", s.Addr, HTTPSPort)
+	}
+	return fmt.Sprintf("http://%s:%d", s.Addr, HTTPPort)
+}
 
-// GRPCAddr is this server's gRPC/xDS address.
-func (s *Server) GRPCAddr() netip.AddrPort { return netip.AddrPortFrom(s.Addr, GRPCPort) }
+// GRPCAddr is this server's gRPC/xDS address (the TLS port 8503 in a
+// secure cluster).
+func (s *Server) GRPCAddr() netip.AddrPort {
+	if s.c.secure {
+		return netip.AddrPortFrom(s.Addr, GRPCTLSPort)
+	}
+	return netip.AddrPortFrom(s.Addr, GRPCPort)
+}
 
 // launchReq asks the launcher thread to start a command.
 type launchReq struct {
@@ -479,7 +511,14 @@ func (c *Cluster) Get(path string, v any) error {
 
 // Get reads a JSON answer of this server's HTTP API.
 func (s *Server) Get(path string, v any) error {
-	resp, err := httpClient.Get(s.HTTPAddr() + path)
+	req, err := http.NewRequest(http.MethodGet, s.HTTPAddr()+path, nil)
+	if err != nil {
+		return err
+	}
+	if s.c.Token != "" {
+		req.Header.Set("X-Consul-Token", s.c.Token)
+	}
+	resp, err := s.c.http.Do(req)
 	if err != nil {
 		return err
 	}
@@ -625,7 +664,10 @@ func (c *Cluster) put(path string, body any) error {
 		if err != nil {
 			return err
 		}
-		resp, err := httpClient.Do(req)
+		if c.Token != "" {
+			req.Header.Set("X-Consul-Token", c.Token)
+		}
+		resp, err := c.http.Do(req)
 		if err != nil {
 			errs = append(errs, err)
 			continue

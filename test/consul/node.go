@@ -20,6 +20,11 @@ type Options struct {
 	// uplink, so nothing leaves the machine. The caller owns Node and
 	// removes it after the cluster (create it first).
 	Node ns.NetNS
+	// Secure runs the cluster as production does: HTTPS (8501) and gRPC
+	// over TLS (8503) only, with certificates from a CA the test makes
+	// (Cluster.CAFile, name ServerName), verified internal RPC, and ACLs
+	// with default deny; the bootstrap token is in Cluster.TokenFile.
+	Secure bool
 }
 
 // testRange is where pods and test hosts live (DESIGN.md).

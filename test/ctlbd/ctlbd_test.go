@@ -14,6 +14,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -24,29 +25,29 @@ var servers = []string{"127.0.0.31:8502", "127.0.0.32:8502", "127.0.0.33:9000"}
 
 // pod is a test "pod": a network namespace holding the servers (on lo /32s)
 // and a cgroup attached through the CLI.
-func newPod(t *testing.T, d *daemon) (ns.NetNS, string) {
+func newPod(t *testing.T, d *ctlbdtest.Daemon) (ns.NetNS, string) {
 	t.Helper()
 	netns := testutil.NewNetNS(t)
 	testutil.AddLoopbackAddrs(t, netns, "127.0.0.31", "127.0.0.32", "127.0.0.33")
 	testutil.StartServers(t, netns, servers...)
 	cg := testutil.NewCgroup(t, "")
-	d.mustCLI("attach", "--cgroup", cg)
+	d.MustCLI("attach", "--cgroup", cg)
 	return netns, cg
 }
 
 func TestCLIServicesAndStatus(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
-	out := d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	d.Start()
+	out := d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	if !strings.Contains(out, "3 servers") {
 		t.Errorf("service set output %q", out)
 	}
 	var svcs []api.Service
-	d.jsonCLI(&svcs, "service", "list")
-	if len(svcs) != 1 || svcs[0].VIP.String() != vip || fmt.Sprint(svcs[0].Servers) != "["+strings.Join(servers, " ")+"]" || svcs[0].Empty != datapath.EmptyReject {
+	d.JSON(&svcs, "service", "list")
+	if len(svcs) != 1 || svcs[0].VIP.String() != vip || fmt.Sprint(svcs[0].Servers) != "["+strings.Join(servers, " ")+"]" || svcs[0].Empty != string(datapath.EmptyReject) {
 		t.Fatalf("service list = %+v", svcs)
 	}
-	if rows := lines(d.mustCLI("service", "list")); len(rows) != 2 || rows[1][0] != vip {
+	if rows := lines(d.MustCLI("service", "list")); len(rows) != 2 || rows[1][0] != vip {
 		t.Errorf("service list table = %v", rows)
 	}
 
@@ -55,12 +56,12 @@ func TestCLIServicesAndStatus(t *testing.T) {
 	testutil.StartServers(t, netns, servers...)
 	cg := testutil.NewCgroup(t, "")
 	var att api.Attachment
-	d.jsonCLI(&att, "attach", "--cgroup", cg)
+	d.JSON(&att, "attach", "--cgroup", cg)
 	if att.CgroupPath != cg || !att.Alive {
 		t.Fatalf("attach = %+v", att)
 	}
 	var atts []api.Attachment
-	d.jsonCLI(&atts, "attachments")
+	d.JSON(&atts, "attachments")
 	if len(atts) != 1 || atts[0].ID != att.ID {
 		t.Fatalf("attachments = %+v", atts)
 	}
@@ -75,7 +76,7 @@ func TestCLIServicesAndStatus(t *testing.T) {
 		t.Fatalf("connects failed: %v", r.Errors)
 	}
 	var st api.Status
-	d.jsonCLI(&st, "status")
+	d.JSON(&st, "status")
 	if len(st.Services) != 1 || len(st.Services[0].Servers) != 3 || st.Attachments != 1 {
 		t.Fatalf("status = %+v", st)
 	}
@@ -84,13 +85,13 @@ func TestCLIServicesAndStatus(t *testing.T) {
 			t.Errorf("status %s: connects %d open %d inSet %v, want 5, 2, true", s.Server, s.Connects, s.Open, s.InSet)
 		}
 	}
-	if !strings.Contains(d.mustCLI("status"), "127.0.0.31:8502") {
+	if !strings.Contains(d.MustCLI("status"), "127.0.0.31:8502") {
 		t.Error("status table does not name the servers")
 	}
 	c.Stop(t)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		d.jsonCLI(&st, "status")
+		d.JSON(&st, "status")
 		open := int64(0)
 		for _, s := range st.Services[0].Servers {
 			open += s.Open
@@ -104,37 +105,37 @@ func TestCLIServicesAndStatus(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	d.mustCLI("detach", "--cgroup", cg)
-	d.jsonCLI(&atts, "attachments")
+	d.MustCLI("detach", "--cgroup", cg)
+	d.JSON(&atts, "attachments")
 	if len(atts) != 0 {
 		t.Fatalf("attachments after detach = %+v", atts)
 	}
-	d.mustCLI("service", "delete", vip)
-	d.jsonCLI(&svcs, "service", "list")
+	d.MustCLI("service", "delete", vip)
+	d.JSON(&svcs, "service", "list")
 	if len(svcs) != 0 {
 		t.Fatalf("service list after delete = %+v", svcs)
 	}
 	var v struct{ Client, Daemon *api.Version }
-	d.jsonCLI(&v, "version")
+	d.JSON(&v, "version")
 	if v.Client == nil || v.Daemon == nil || v.Daemon.Layout != datapath.Layout {
 		t.Fatalf("version = %+v", v)
 	}
 	// Socket is the daemon's and root's only.
-	if fi, err := os.Stat(d.socket); err != nil || fi.Mode().Perm() != 0o600 {
+	if fi, err := os.Stat(d.Socket); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("socket mode = %v, %v; want 0600", fi.Mode(), err)
 	}
 }
 
 func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
-	d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	d.Start()
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	netns, cg := newPod(t, d)
-	servicesID := pinnedMapID(t, d.bpffs, "ctlb_services_v1")
+	servicesID := pinnedMapID(t, d.BPFFS, "ctlb_services_v1")
 
 	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
 	time.Sleep(200 * time.Millisecond)
-	d.kill()
+	d.Kill()
 	// No daemon: connections must keep landing on the servers.
 	time.Sleep(time.Second)
 	down := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 6})
@@ -147,7 +148,7 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 			t.Fatalf("while ctlbd was down: landed on %q, not a server", s)
 		}
 	}
-	d.start()
+	d.Start()
 	r := storm.Finish(t)
 	t.Logf("storm across the SIGKILL and restart: %d connects, %d failed, per server %v", r.Total, r.Failed, r.PerServer)
 	if r.Failed != 0 {
@@ -160,22 +161,22 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	}
 
 	// The restarted daemon adopted the pins instead of re-creating them.
-	if id := pinnedMapID(t, d.bpffs, "ctlb_services_v1"); id != servicesID {
+	if id := pinnedMapID(t, d.BPFFS, "ctlb_services_v1"); id != servicesID {
 		t.Errorf("services map ID %d after restart, was %d: re-created, not adopted", id, servicesID)
 	}
 	var svcs []api.Service
-	d.jsonCLI(&svcs, "service", "list")
+	d.JSON(&svcs, "service", "list")
 	if len(svcs) != 1 || len(svcs[0].Servers) != 3 {
 		t.Fatalf("service list after restart = %+v", svcs)
 	}
 	var atts []api.Attachment
-	d.jsonCLI(&atts, "attachments")
+	d.JSON(&atts, "attachments")
 	if len(atts) != 1 || atts[0].CgroupPath != cg {
 		t.Fatalf("attachments after restart = %+v", atts)
 	}
 
 	// SIGTERM leaves the data path too.
-	d.stop()
+	d.Stop()
 	r = testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 3})
 	if r.Failed != 0 {
 		t.Fatalf("after SIGTERM: %v", r.Errors)
@@ -208,15 +209,15 @@ func contains(ss []string, s string) bool {
 
 func TestBadInputChangesNothing(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
-	d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	d.Start()
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	cg := testutil.NewCgroup(t, "")
-	d.mustCLI("attach", "--cgroup", cg)
+	d.MustCLI("attach", "--cgroup", cg)
 	v1 := testutil.V2Mount(t)
 	outside := t.TempDir()
 
 	snapshot := func() string {
-		return d.mustCLI("service", "list", "-o", "json") + d.mustCLI("attachments", "-o", "json")
+		return d.MustCLI("service", "list", "-o", "json") + d.MustCLI("attachments", "-o", "json")
 	}
 	before := snapshot()
 	cases := []struct {
@@ -241,10 +242,10 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{[]string{"attach", "--cgroup", cg + "/../.."}, `".."`},
 		{[]string{"attach", "--cgroup", cg + "/missing"}, "does not exist"},
 		{[]string{"detach", "--cgroup", cg + "/missing"}, "no attachment"},
-		{[]string{"status", "-o", "yaml"}, `"yaml"`},
+		{[]string{"status", "-o", "xml"}, `"xml"`},
 	}
 	for _, c := range cases {
-		_, errOut, code := d.cli(c.args...)
+		_, errOut, code := d.CLI(c.args...)
 		if code == 0 {
 			t.Errorf("ctlbd %s: exit 0, want failure", strings.Join(c.args, " "))
 			continue
@@ -302,18 +303,18 @@ func TestConfigAndReload(t *testing.T) {
 		{"vip": "198.19.0.1:8502", "servers": ["127.0.0.31:8502", "127.0.0.32:8502"]},
 		{"vip": "198.19.0.2:80", "servers": [], "empty": "passthrough"}]}`)
 	d := newDaemon(t, "--config", path)
-	d.start()
+	d.Start()
 	want := map[string][]string{"198.19.0.1:8502": {"127.0.0.31:8502", "127.0.0.32:8502"}, "198.19.0.2:80": {}}
 	assertServices(t, d, want)
 
 	// A reload that drops one VIP and changes the other.
 	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.33:9000"]}]}`)
-	d.mustCLI("reload")
+	d.MustCLI("reload")
 	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:9000"}})
 
 	// A bad config is rejected with the reason; the old one stays.
 	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.33:9000"], "colour": "blue"}]}`)
-	_, errOut, code := d.cli("reload")
+	_, errOut, code := d.CLI("reload")
 	if code == 0 || !strings.Contains(errOut, `"colour"`) || !strings.Contains(errOut, "old config kept") {
 		t.Errorf("bad reload: exit %d, %q", code, errOut)
 	}
@@ -321,13 +322,13 @@ func TestConfigAndReload(t *testing.T) {
 
 	// SIGHUP does the same as reload.
 	write(`{"services": [{"vip": "198.19.0.3:443", "servers": ["127.0.0.31:8502"]}]}`)
-	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := syscall.Kill(d.PID(), syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		var svcs []api.Service
-		d.jsonCLI(&svcs, "service", "list")
+		d.JSON(&svcs, "service", "list")
 		if len(svcs) == 1 && svcs[0].VIP.String() == "198.19.0.3:443" {
 			break
 		}
@@ -338,10 +339,10 @@ func TestConfigAndReload(t *testing.T) {
 	}
 }
 
-func assertServices(t *testing.T, d *daemon, want map[string][]string) {
+func assertServices(t *testing.T, d *ctlbdtest.Daemon, want map[string][]string) {
 	t.Helper()
 	var svcs []api.Service
-	d.jsonCLI(&svcs, "service", "list")
+	d.JSON(&svcs, "service", "list")
 	got := map[string][]string{}
 	for _, s := range svcs {
 		ss := []string{}
@@ -357,18 +358,37 @@ func assertServices(t *testing.T, d *daemon, want map[string][]string) {
 
 func TestTwoDaemons(t *testing.T) {
 	a := newDaemon(t)
-	a.start()
+	a.Start()
 	b := newDaemon(t)
-	b.start()
-	a.mustCLI("service", "set", vip, "127.0.0.31:8502")
+	b.Start()
+	a.MustCLI("service", "set", vip, "127.0.0.31:8502")
 	var svcs []api.Service
-	b.jsonCLI(&svcs, "service", "list")
+	b.JSON(&svcs, "service", "list")
 	if len(svcs) != 0 {
 		t.Fatalf("daemon b sees daemon a's services: %+v", svcs)
 	}
 	// A second daemon on a's bpffs is refused: one writer per map set.
-	_, errOut, code := run("run", "--bpffs", a.bpffs, "--socket", filepath.Join(t.TempDir(), "c.sock"))
+	_, errOut, code := run("run", "--bpffs", a.BPFFS, "--socket", filepath.Join(t.TempDir(), "c.sock"))
 	if code == 0 || !strings.Contains(errOut, "another ctlbd owns") {
 		t.Fatalf("second daemon on the same bpffs: exit %d, %q", code, errOut)
+	}
+}
+
+// TestOutputFormats: every listing prints as table, json and yaml, the
+// yaml with the API's field names.
+func TestOutputFormats(t *testing.T) {
+	d := newDaemon(t)
+	d.Start()
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
+	out := d.MustCLI("service", "list", "-o", "yaml")
+	for _, want := range []string{"vip: " + vip, "empty: reject", "servers:", "- " + servers[0]} {
+		if !strings.Contains(out, want) {
+			t.Errorf("service list -o yaml = %q, want it to contain %q", out, want)
+		}
+	}
+	for _, args := range [][]string{{"status"}, {"attachments"}, {"version"}} {
+		if out := d.MustCLI(append(args, "-o", "yaml")...); strings.TrimSpace(out) == "" || strings.HasPrefix(strings.TrimSpace(out), "{") {
+			t.Errorf("%v -o yaml = %q, want YAML", args, out)
+		}
 	}
 }

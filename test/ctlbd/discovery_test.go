@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 )
 
@@ -21,7 +22,7 @@ import (
 type node struct {
 	t     *testing.T
 	netns ns.NetNS
-	d     *daemon
+	d     *ctlbdtest.Daemon
 	cfg   string
 }
 
@@ -43,16 +44,15 @@ func (n *node) writeConfig(conf string) {
 
 func (n *node) start() {
 	n.t.Helper()
-	n.d = newDaemon(n.t, "--config", n.cfg)
-	n.d.netns = n.netns
-	n.d.start()
+	n.d = newDaemonIn(n.t, n.netns, "--config", n.cfg)
+	n.d.Start()
 }
 
 // status returns the one VIP's status.
 func (n *node) status(v string) api.ServiceStatus {
 	n.t.Helper()
 	var st api.Status
-	n.d.jsonCLI(&st, "status")
+	n.d.JSON(&st, "status")
 	for _, s := range st.Services {
 		if s.VIP == v {
 			return s
@@ -73,7 +73,7 @@ func (n *node) waitSet(v string, want []string, within time.Duration) time.Durat
 			return time.Since(start)
 		}
 		if time.Since(start) > within {
-			n.t.Fatalf("VIP %s set = %v, want %v within %v\n%s", v, got, want, within, n.d.logs.String())
+			n.t.Fatalf("VIP %s set = %v, want %v within %v\n%s", v, got, want, within, n.d.Logs())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -82,7 +82,7 @@ func (n *node) waitSet(v string, want []string, within time.Duration) time.Durat
 // serviceServers is the VIP's set as the maps hold it (service list).
 func (n *node) serviceServers(v string) []string {
 	var svcs []api.Service
-	n.d.jsonCLI(&svcs, "service", "list")
+	n.d.JSON(&svcs, "service", "list")
 	for _, s := range svcs {
 		if s.VIP.String() == v {
 			out := []string{}
@@ -105,7 +105,7 @@ func TestHealthChecksKeepTheSetRight(t *testing.T) {
 	n.start()
 	n.waitSet(vip, srvs, 5*time.Second)
 	cg := testutil.NewCgroup(t, "")
-	n.d.mustCLI("attach", "--cgroup", cg)
+	n.d.MustCLI("attach", "--cgroup", cg)
 
 	// A bounded connect loop runs while one server dies.
 	storm := testutil.StartClient(t, n.netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
@@ -147,7 +147,7 @@ func TestHealthChecksKeepTheSetRight(t *testing.T) {
 	t.Logf("server restart to its return to the map (rise 2, interval 1s): %v", took)
 
 	// The CLI may not fight the health checks over a tracked VIP.
-	if _, errOut, code := n.d.cli("service", "set", vip, srvs[0]); code == 0 || !strings.Contains(errOut, "kept by its config sources") {
+	if _, errOut, code := n.d.CLI("service", "set", vip, srvs[0]); code == 0 || !strings.Contains(errOut, "kept by its config sources") {
 		t.Errorf("service set on a tracked VIP: exit %d, %q", code, errOut)
 	}
 }
@@ -164,7 +164,7 @@ func TestPanicModeBothWays(t *testing.T) {
 	n.waitSet(vip, srvs, 5*time.Second)
 	n.waitSet(vip2, srvs, 5*time.Second)
 	cg := testutil.NewCgroup(t, "")
-	n.d.mustCLI("attach", "--cgroup", cg)
+	n.d.MustCLI("attach", "--cgroup", cg)
 	for _, s := range started {
 		s.Close()
 	}
@@ -200,7 +200,7 @@ func TestDNSSourceAndSourceFailure(t *testing.T) {
 	took := n.waitSet(vip, []string{"127.0.0.62:8502", "127.0.0.63:8502"}, 5*time.Second)
 	t.Logf("DNS answer change to map change: %v", took)
 	cg := testutil.NewCgroup(t, "")
-	n.d.mustCLI("attach", "--cgroup", cg)
+	n.d.MustCLI("attach", "--cgroup", cg)
 	r := testutil.RunClient(t, n.netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 4})
 	if r.Failed != 0 || r.PerServer["127.0.0.62:8502"] != 2 || r.PerServer["127.0.0.63:8502"] != 2 {
 		t.Fatalf("after the DNS change: landed %v (%v)", r.PerServer, r.Errors)
@@ -236,11 +236,11 @@ func TestReloadRestartsOnlyChangedTrackers(t *testing.T) {
 	n.waitSet(vip, srvs[:1], 5*time.Second)
 	// A bad config is refused whole.
 	n.writeConfig(fmt.Sprintf(`{"services": [{"vip": %q, "servers": %s, "health": {"type": "icmp"}}]}`, vip, jsonList(srvs)))
-	if _, errOut, code := n.d.cli("reload"); code == 0 || !strings.Contains(errOut, "icmp") {
+	if _, errOut, code := n.d.CLI("reload"); code == 0 || !strings.Contains(errOut, "icmp") {
 		t.Fatalf("bad reload: exit %d, %q", code, errOut)
 	}
 	n.writeConfig(fmt.Sprintf(`{"services": [{"vip": %q, "servers": %s, "health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, jsonList(srvs)))
-	n.d.mustCLI("reload")
+	n.d.MustCLI("reload")
 	n.waitSet(vip, srvs, 5*time.Second)
 }
 

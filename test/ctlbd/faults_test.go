@@ -26,43 +26,30 @@ func fastReconcile(t *testing.T) string {
 	return path
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > d {
-			t.Fatalf("%s: not within %v", what, d)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return time.Since(start)
-}
-
 func TestRestartFiveTimesUnderLoad(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
-	d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	d.Start()
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	netns, cg := newPod(t, d)
-	pinsBefore := listPins(t, d.bpffs)
+	pinsBefore := listPins(t, d.BPFFS)
 
 	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 50000, Duration: time.Minute})
 	for i := 0; i < 5; i++ {
 		time.Sleep(100 * time.Millisecond)
-		d.kill()
+		d.Kill()
 		time.Sleep(100 * time.Millisecond)
-		d.start()
+		d.Start()
 	}
 	r := storm.Finish(t)
 	t.Logf("5 SIGKILL+restart cycles under load: %d connects tried, %d failed, %d misrouted", r.Total, r.Failed, misrouted(r.PerServer))
 	if r.Failed != 0 || misrouted(r.PerServer) != 0 {
 		t.Errorf("failed %d, misrouted %d (%v) of %d", r.Failed, misrouted(r.PerServer), r.Errors, r.Total)
 	}
-	if after := listPins(t, d.bpffs); strings.Join(after, " ") != strings.Join(pinsBefore, " ") {
+	if after := listPins(t, d.BPFFS); strings.Join(after, " ") != strings.Join(pinsBefore, " ") {
 		t.Errorf("pins changed across restarts:\nbefore %v\nafter  %v", pinsBefore, after)
 	}
 	var atts []api.Attachment
-	d.jsonCLI(&atts, "attachments")
+	d.JSON(&atts, "attachments")
 	if len(atts) != 1 {
 		t.Errorf("attachments after restarts = %+v, want exactly one", atts)
 	}
@@ -100,32 +87,33 @@ func listPins(t *testing.T, dir string) []string {
 
 func TestPinsRemovedByHandAreRestored(t *testing.T) {
 	d := newDaemon(t, "--config", fastReconcile(t))
-	d.start()
-	d.mustCLI(append([]string{"service", "set", vip}, servers...)...)
+	d.Start()
+	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	netns, cg := newPod(t, d)
-	want := listPins(t, d.bpffs)
+	want := listPins(t, d.BPFFS)
 
 	// Every map and program pin goes, and one link pin of the attachment.
 	for _, p := range want {
 		if !strings.HasPrefix(p, "links/") || strings.HasSuffix(p, "/connect4") {
-			if err := os.Remove(filepath.Join(d.bpffs, p)); err != nil {
+			if err := os.Remove(filepath.Join(d.BPFFS, p)); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	took := waitFor(t, "pins restored", 5*time.Second, func() bool {
-		return strings.Join(listPins(t, d.bpffs), " ") == strings.Join(want, " ")
+	took := testutil.Eventually(t, "pins restored", 5*time.Second, func() (bool, string) {
+		got := strings.Join(listPins(t, d.BPFFS), " ")
+		return got == strings.Join(want, " "), "pins " + got
 	})
 	t.Logf("pins restored %v after removal", took)
-	if !strings.Contains(d.logs.String(), "pinned them again") || !strings.Contains(d.logs.String(), "re-attached") {
-		t.Errorf("the daemon did not report the repair loudly:\n%s", d.logs.String())
+	if !strings.Contains(d.Logs(), "pinned them again") || !strings.Contains(d.Logs(), "re-attached") {
+		t.Errorf("the daemon did not report the repair loudly:\n%s", d.Logs())
 	}
 	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 6})
 	if r.Failed != 0 || misrouted(r.PerServer) != 0 || len(r.PerServer) != 3 {
 		t.Fatalf("after the repair: landed %v, failed %d (%v)", r.PerServer, r.Failed, r.Errors)
 	}
 	var svcs []api.Service
-	d.jsonCLI(&svcs, "service", "list")
+	d.JSON(&svcs, "service", "list")
 	if len(svcs) != 1 || len(svcs[0].Servers) != 3 {
 		t.Fatalf("services after the repair = %+v", svcs)
 	}
@@ -133,27 +121,27 @@ func TestPinsRemovedByHandAreRestored(t *testing.T) {
 
 func TestDeadCgroupAttachmentCollected(t *testing.T) {
 	d := newDaemon(t, "--config", fastReconcile(t))
-	d.start()
+	d.Start()
 	cg := testutil.NewCgroup(t, "")
-	d.mustCLI("attach", "--cgroup", cg)
+	d.MustCLI("attach", "--cgroup", cg)
 	// The pod is torn down without a DEL: its cgroup just goes.
 	if err := os.Remove(cg); err != nil {
 		t.Fatal(err)
 	}
-	took := waitFor(t, "dead attachment removed", 10*time.Second, func() bool {
+	took := testutil.Eventually(t, "dead attachment removed", 10*time.Second, func() (bool, string) {
 		var atts []api.Attachment
-		d.jsonCLI(&atts, "attachments")
-		return len(atts) == 0
+		d.JSON(&atts, "attachments")
+		return len(atts) == 0, fmt.Sprintf("attachments %+v", atts)
 	})
 	t.Logf("attachment of a removed cgroup collected %v after rmdir", took)
-	if pins := listPins(t, filepath.Join(d.bpffs, "links")); len(pins) != 0 {
+	if pins := listPins(t, filepath.Join(d.BPFFS, "links")); len(pins) != 0 {
 		t.Fatalf("link pins left: %v", pins)
 	}
 	// A new cgroup of the same name attaches again.
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	d.mustCLI("attach", "--cgroup", cg)
+	d.MustCLI("attach", "--cgroup", cg)
 }
 
 // TestServerHostRemoved kills a server process and then removes its host's
@@ -175,7 +163,7 @@ func TestServerHostRemoved(t *testing.T) {
 	n.start()
 	n.waitSet(vip, srvs, 5*time.Second)
 	cg := testutil.NewCgroup(t, "")
-	n.d.mustCLI("attach", "--cgroup", cg)
+	n.d.MustCLI("attach", "--cgroup", cg)
 
 	storm := testutil.StartClient(t, n.netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
 	time.Sleep(200 * time.Millisecond)

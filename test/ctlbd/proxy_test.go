@@ -83,9 +83,8 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 			if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			d := newDaemon(t, "--config", cfg)
-			d.netns = node
-			d.start()
+			d := newDaemonIn(t, node, "--config", cfg)
+			d.Start()
 
 			// No attachment: the proxy answers on the local VIP.
 			r := testutil.RunClient(t, node, "", testutil.ClientSpec{Mode: "dial", Target: vip, Count: 9})
@@ -99,7 +98,7 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 			}
 			// Attached: connect4 sends connections straight to the servers.
 			cg := testutil.NewCgroup(t, "")
-			d.mustCLI("attach", "--cgroup", cg)
+			d.MustCLI("attach", "--cgroup", cg)
 			r = testutil.RunClient(t, node, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 6})
 			if r.Failed != 0 || len(r.PerServer) != 3 {
 				t.Fatalf("through connect4: landed %v, failed %d (%v)", r.PerServer, r.Failed, r.Errors)
@@ -123,7 +122,7 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 				t.Errorf("ctlb_attachments = %v, want 1", got)
 			}
 			var st api.Status
-			d.jsonCLI(&st, "status")
+			d.JSON(&st, "status")
 			if st.Attachments != 1 {
 				t.Errorf("status attachments = %d", st.Attachments)
 			}

@@ -3,8 +3,8 @@ package ctlbd_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -51,12 +51,11 @@ func openDir(t *testing.T) string {
 
 func TestPinsAndSocketAreRootOnly(t *testing.T) {
 	d := newDaemon(t)
-	d.socket = filepath.Join(openDir(t), "ctlbd.sock")
-	d.args = append(d.args, "--socket", d.socket)
-	d.start()
-	d.mustCLI("service", "set", vip, servers[0])
+	d.Socket = filepath.Join(openDir(t), "ctlbd.sock")
+	d.Start()
+	d.MustCLI("service", "set", vip, servers[0])
 
-	err := filepath.Walk(d.bpffs, func(p string, fi os.FileInfo, err error) error {
+	err := filepath.Walk(d.BPFFS, func(p string, fi os.FileInfo, err error) error {
 		if err != nil {
 			return err
 		}
@@ -68,22 +67,22 @@ func TestPinsAndSocketAreRootOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if fi, err := os.Stat(d.socket); err != nil || fi.Mode().Perm() != 0o600 {
+	if fi, err := os.Stat(d.Socket); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode(), err)
 	}
 
-	before := d.mustCLI("service", "list", "-o", "json")
+	before := d.MustCLI("service", "list", "-o", "json")
 	for _, args := range [][]string{
-		{"--socket", d.socket, "service", "list"},
-		{"--socket", d.socket, "service", "set", vip, servers[1]},
-		{"--socket", d.socket, "service", "delete", vip},
+		{"--socket", d.Socket, "service", "list"},
+		{"--socket", d.Socket, "service", "set", vip, servers[1]},
+		{"--socket", d.Socket, "service", "delete", vip},
 	} {
 		out, code := runAs(nobody, nobody, ctlbd, args...)
 		if code == 0 || !strings.Contains(out, "permission denied") {
 			t.Errorf("as uid %d: ctlbd %s: exit %d, %q; want permission denied", nobody, strings.Join(args[2:], " "), code, out)
 		}
 	}
-	if after := d.mustCLI("service", "list", "-o", "json"); after != before {
+	if after := d.MustCLI("service", "list", "-o", "json"); after != before {
 		t.Errorf("an unprivileged user changed the services:\n%s\n%s", before, after)
 	}
 	// Nor can it read or write the maps directly.
@@ -92,15 +91,15 @@ func TestPinsAndSocketAreRootOnly(t *testing.T) {
 		t.Fatalf("bpftool: %v (make deps installs it)", err)
 	}
 	for _, args := range [][]string{
-		{"map", "dump", "pinned", filepath.Join(d.bpffs, "ctlb_services_v1")},
-		{"map", "delete", "pinned", filepath.Join(d.bpffs, "ctlb_rr_v1"), "key", "0", "0", "0", "0", "0", "0", "0", "0"},
+		{"map", "dump", "pinned", filepath.Join(d.BPFFS, "ctlb_services_v1")},
+		{"map", "delete", "pinned", filepath.Join(d.BPFFS, "ctlb_rr_v1"), "key", "0", "0", "0", "0", "0", "0", "0", "0"},
 	} {
 		out, code := runAs(nobody, nobody, bpftool, args...)
 		if code == 0 {
 			t.Errorf("as uid %d: bpftool %s succeeded: %s", nobody, strings.Join(args, " "), out)
 		}
 	}
-	if after := d.mustCLI("service", "list", "-o", "json"); after != before {
+	if after := d.MustCLI("service", "list", "-o", "json"); after != before {
 		t.Errorf("services changed:\n%s\n%s", before, after)
 	}
 }
@@ -113,10 +112,9 @@ func TestSocketGroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := newDaemon(t, "--config", cfg)
-	d.socket = filepath.Join(openDir(t), "run", "ctlbd.sock")
-	d.args = append(d.args, "--socket", d.socket)
-	d.start()
-	fi, err := os.Stat(d.socket)
+	d.Socket = filepath.Join(openDir(t), "run", "ctlbd.sock")
+	d.Start()
+	fi, err := os.Stat(d.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,10 +122,10 @@ func TestSocketGroup(t *testing.T) {
 	if fi.Mode().Perm() != 0o660 || st.Gid != group {
 		t.Fatalf("socket mode %v group %d; want 0660 group %d", fi.Mode(), st.Gid, group)
 	}
-	if out, code := runAs(nobody, group, ctlbd, "--socket", d.socket, "service", "set", vip, servers[0]); code != 0 {
+	if out, code := runAs(nobody, group, ctlbd, "--socket", d.Socket, "service", "set", vip, servers[0]); code != 0 {
 		t.Fatalf("member of the socket group: exit %d: %s", code, out)
 	}
-	if out, code := runAs(nobody, nobody, ctlbd, "--socket", d.socket, "service", "list"); code == 0 || !strings.Contains(out, "permission denied") {
+	if out, code := runAs(nobody, nobody, ctlbd, "--socket", d.Socket, "service", "list"); code == 0 || !strings.Contains(out, "permission denied") {
 		t.Fatalf("non-member: exit %d, %q; want permission denied", code, out)
 	}
 }
@@ -136,15 +134,15 @@ func TestSocketGroup(t *testing.T) {
 // with 10,000 servers are refused with a clear limit, changing nothing.
 func TestHostileSizes(t *testing.T) {
 	d := newDaemon(t)
-	d.start()
-	before := d.mustCLI("service", "list", "-o", "json")
+	d.Start()
+	before := d.MustCLI("service", "list", "-o", "json")
 
 	huge := api.ServiceRequest{VIP: vip}
 	for i := 0; len(huge.Servers)*20 < 2*api.MaxRequestBytes; i++ {
 		huge.Servers = append(huge.Servers, fmt.Sprintf("127.%d.%d.%d:8502", i>>16&255, i>>8&255, i&255))
 	}
-	err := api.NewClient(d.socket).Do(context.Background(), http.MethodPut, api.PathServices, nil, huge, nil)
-	if err == nil || !strings.Contains(err.Error(), "request larger than") {
+	_, err := d.Client().SetService(context.Background(), huge)
+	if !errors.Is(err, api.ErrTooLarge) || !strings.Contains(err.Error(), "request larger than") {
 		t.Errorf("a %d-server request of over %d bytes: %v, want it refused as too large", len(huge.Servers), api.MaxRequestBytes, err)
 	}
 
@@ -152,10 +150,10 @@ func TestHostileSizes(t *testing.T) {
 	for i := 0; i < 10000; i++ {
 		args = append(args, fmt.Sprintf("127.1.%d.%d:8502", i>>8, i&255))
 	}
-	if _, errOut, code := d.cli(args...); code == 0 || !strings.Contains(errOut, "10000 servers, at most 1024") {
+	if _, errOut, code := d.CLI(args...); code == 0 || !strings.Contains(errOut, "10000 servers, at most 1024") {
 		t.Errorf("10,000 servers: exit %d, %q; want the limit named", code, errOut)
 	}
-	if after := d.mustCLI("service", "list", "-o", "json"); after != before {
+	if after := d.MustCLI("service", "list", "-o", "json"); after != before {
 		t.Errorf("refused requests changed the services:\n%s\n%s", before, after)
 	}
 }

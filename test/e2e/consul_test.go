@@ -17,7 +17,9 @@ import (
 
 	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/test/consul"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
@@ -67,7 +69,7 @@ func TestConsulFlagship(t *testing.T) {
 	d := startTrackingDaemon(t, nd, source.HTTPAddr())
 	all := grpcAddrs(cl.Servers()...)
 	d.waitSet(ctx, all, 30*time.Second)
-	t.Logf("ctlbd put all three servers in the VIP's set %v after it was started", time.Since(d.started).Round(time.Millisecond))
+	t.Logf("ctlbd put all three servers in the VIP's set %v after it was started", time.Since(d.Started).Round(time.Millisecond))
 	d.logStatus("ctlbd status")
 
 	step(t, "3. containerd in the node, the ctlb CNI plugin in its chain; a pod through CRI with a gRPC client container")
@@ -81,7 +83,8 @@ func TestConsulFlagship(t *testing.T) {
 		}
 	})
 	network := node.InstallNetwork(t, spec)
-	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef})
+	// CTLB_CONTAINERD=2.x runs it on containerd 2.x.
+	c := containerd.Start(t, containerd.Options{Node: nd, Network: network, SandboxImage: images.PauseRef, Release: containerd.FromEnv(t)})
 	c.Import(t, imgs.PauseTar)
 	c.Import(t, grpcClientImage(t))
 	pod := c.RunPod(t, containerd.PodSpec{Name: "consul-client"})
@@ -165,8 +168,8 @@ func TestConsulFlagship(t *testing.T) {
 	d.logStatus("ctlbd status")
 
 	step(t, "7. the pod never changed: one container process made every call, one attachment served it")
-	if atts := d.attachments(); len(atts) != 1 || atts[0].ID != "cni-"+pod.ID || atts[0].CgroupPath != pod.CgroupDir(testutil.V2Mount(t)) || !atts[0].Alive {
-		t.Errorf("attachments = %+v, want one, cni-%s, alive on the pod cgroup", atts, pod.ID)
+	if atts := d.Attachments(); len(atts) != 1 || atts[0].ID != cni.AttachmentID(network.Name, pod.ID) || atts[0].CgroupPath != pod.CgroupDir(testutil.V2Mount(t)) || !atts[0].Alive {
+		t.Errorf("attachments = %+v, want one, %s, alive on the pod cgroup", atts, cni.AttachmentID(network.Name, pod.ID))
 	}
 	final := calls.stop(ctx, c)
 	for i, call := range final {
@@ -192,10 +195,10 @@ func TestConsulFlagship(t *testing.T) {
 		}
 	}
 	pod.Remove(t)
-	if atts := d.attachments(); len(atts) != 0 {
+	if atts := d.Attachments(); len(atts) != 0 {
 		t.Errorf("after RemovePodSandbox: attachments %+v, want none", atts)
 	}
-	if pins := d.linkPins(); len(pins) != 0 {
+	if pins := d.LinkPins(); len(pins) != 0 {
 		t.Errorf("after RemovePodSandbox: pins left under %s/links: %v", d.BPFFS, pins)
 	}
 }
@@ -435,21 +438,13 @@ func (l *callLog) checkRotation(phase string, cs []grpcCall, want []string) {
 }
 
 // trackingDaemon is the real ctlbd run inside a node's network namespace
-// with a config file, so that its Consul source and health checks reach
-// servers that only the node can reach. It is read back through its CLI.
+// (through nsenter) by the one test runner, with the Consul-flagship views
+// of its state.
 type trackingDaemon struct {
-	t   *testing.T
-	bin string
-	// BPFFS, Socket and StateDir are the daemon's; the CNI plugin gets
-	// the same three.
-	BPFFS, Socket, StateDir string
-	config, log             string
-	// logSeen is how much of the log logChanges has shown.
+	*ctlbdtest.Daemon
+	t *testing.T
+	// logSeen is how much of the log logStatus has shown.
 	logSeen int
-
-	cmd     *exec.Cmd
-	started time.Time
-	exited  chan struct{}
 }
 
 // startTrackingDaemon runs ctlbd in nd with the VIP tracking the "consul"
@@ -457,122 +452,40 @@ type trackingDaemon struct {
 // health-checked every second.
 func startTrackingDaemon(t *testing.T, nd *node.Node, consulAddr string) *trackingDaemon {
 	t.Helper()
-	bpffs := filepath.Join(testutil.MountBPFFS(t), "ctlb")
-	// A short directory of its own: the socket path must fit in sun_path.
-	dir, err := os.MkdirTemp("", "ctlb-d-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	d := &trackingDaemon{
-		t: t, bin: ctlbdBin, BPFFS: bpffs,
-		Socket:   filepath.Join(dir, "ctlbd.sock"),
-		StateDir: filepath.Join(dir, "state"),
-		config:   filepath.Join(dir, "ctlbd.json"),
-		log:      filepath.Join(dir, "ctlbd.log"),
-	}
+	return startTrackingDaemonFor(t, nd, map[string]any{
+		"vip":    vip,
+		"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
+		"health": map[string]any{"interval": "1s", "timeout": "500ms"},
+		"empty":  "reject",
+	})
+}
+
+// startTrackingDaemonFor runs ctlbd in nd with one service, as given.
+func startTrackingDaemonFor(t *testing.T, nd *node.Node, service map[string]any) *trackingDaemon {
+	t.Helper()
 	cfg := map[string]any{
-		"bpffs": d.BPFFS, "socket": d.Socket, "stateDir": d.StateDir, "logLevel": "info",
-		"services": []map[string]any{{
-			"vip":    vip,
-			"consul": map[string]any{"address": consulAddr, "service": "consul", "port": consul.GRPCPort},
-			"health": map[string]any{"interval": "1s", "timeout": "500ms"},
-			"empty":  "reject",
-		}},
+		"logLevel": "info",
+		"services": []map[string]any{service},
 	}
-	b, err := json.MarshalIndent(cfg, "", "  ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(d.config, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	d := ctlbdtest.New(t, ctlbdtest.Options{
+		Bin:    ctlbdBin,
+		Config: cfg,
+		// nsenter execs ctlbd: the PID is the daemon's.
+		Wrap: func(argv []string) *exec.Cmd { return nd.Command(argv[0], argv[1:]...) },
+	})
+	b, _ := os.ReadFile(d.ConfigPath)
 	t.Logf("ctlbd config:\n%s", b)
-	logf, err := os.Create(d.log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	// nsenter execs ctlbd: the PID is the daemon's.
-	d.cmd = nd.Command(d.bin, "run", "--config", d.config)
-	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	d.started = time.Now()
-	if err := d.cmd.Start(); err != nil {
-		t.Fatalf("start ctlbd: %v", err)
-	}
-	d.exited = make(chan struct{})
-	go func() { _ = d.cmd.Wait(); close(d.exited) }()
-	t.Cleanup(d.stop)
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if _, err := d.cli("status"); err == nil { // status fails while the daemon is not up
-			return d
-		}
-		select {
-		case <-d.exited:
-			t.Fatalf("ctlbd exited at start:\n%s", d.logTail())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ctlbd not answering on %s after 10s:\n%s", d.Socket, d.logTail())
-		}
-	}
-}
-
-// stop ends the daemon by its PID: SIGTERM, then SIGKILL after 10 s.
-func (d *trackingDaemon) stop() {
-	if d.t.Failed() {
-		d.t.Logf("ctlbd log:\n%s", d.logTail())
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.exited:
-	case <-time.After(10 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.exited
-	}
-}
-
-func (d *trackingDaemon) logTail() string {
-	b, _ := os.ReadFile(d.log)
-	if len(b) > 6000 {
-		b = b[len(b)-6000:]
-	}
-	return string(b)
-}
-
-// cli runs a ctlbd client command against the daemon.
-func (d *trackingDaemon) cli(args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, d.bin, append([]string{"--socket", d.Socket}, args...)...).Output()
-	if err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			err = fmt.Errorf("%w: %s", err, ee.Stderr)
-		}
-		return "", fmt.Errorf("ctlbd %s: %w", strings.Join(args, " "), err)
-	}
-	return string(out), nil
-}
-
-func (d *trackingDaemon) json(v any, args ...string) {
-	d.t.Helper()
-	out, err := d.cli(append(args, "-o", "json")...)
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	if err := json.Unmarshal([]byte(out), v); err != nil {
-		d.t.Fatalf("ctlbd %s -o json: %v: %s", strings.Join(args, " "), err, out)
-	}
+	d.Start()
+	return &trackingDaemon{Daemon: d, t: t}
 }
 
 // logStatus logs `ctlbd status` as an operator sees it, after the set
 // changes the daemon logged since the last call, with their reasons.
 func (d *trackingDaemon) logStatus(title string) {
 	d.t.Helper()
-	if b, err := os.ReadFile(d.log); err == nil && len(b) > d.logSeen {
+	if b := d.Logs(); len(b) > d.logSeen {
 		var changes []string
-		for _, line := range strings.Split(string(b[d.logSeen:]), "\n") {
+		for _, line := range strings.Split(b[d.logSeen:], "\n") {
 			if strings.Contains(line, "server set changed") {
 				changes = append(changes, "  "+line)
 			}
@@ -582,18 +495,14 @@ func (d *trackingDaemon) logStatus(title string) {
 			d.t.Logf("ctlbd log, set changes:\n%s", strings.Join(changes, "\n"))
 		}
 	}
-	out, err := d.cli("status")
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	d.t.Logf("%s:\n%s", title, out)
+	d.t.Logf("%s:\n%s", title, d.MustCLI("status"))
 }
 
 // set is the VIP's server set as the map holds it (ctlbd service list).
 func (d *trackingDaemon) set() []string {
 	d.t.Helper()
 	var svcs []api.Service
-	d.json(&svcs, "service", "list")
+	d.JSON(&svcs, "service", "list")
 	out := []string{}
 	for _, s := range svcs {
 		if s.VIP == netip.MustParseAddrPort(vip) {
@@ -634,7 +543,7 @@ func (d *trackingDaemon) waitSet(ctx context.Context, want []string, limit time.
 func (d *trackingDaemon) connects(server string) (uint64, bool) {
 	d.t.Helper()
 	var st api.Status
-	d.json(&st, "status")
+	d.JSON(&st, "status")
 	for _, svc := range st.Services {
 		if svc.VIP != vip {
 			continue
@@ -646,24 +555,4 @@ func (d *trackingDaemon) connects(server string) (uint64, bool) {
 		}
 	}
 	return 0, false
-}
-
-func (d *trackingDaemon) attachments() []api.Attachment {
-	d.t.Helper()
-	var atts []api.Attachment
-	d.json(&atts, "attachments")
-	return atts
-}
-
-// linkPins lists the attachment pins under BPFFS/links, minus ctlb's own
-// temporary ones ("_" prefix).
-func (d *trackingDaemon) linkPins() []string {
-	ents, _ := os.ReadDir(filepath.Join(d.BPFFS, "links"))
-	var out []string
-	for _, e := range ents {
-		if !strings.HasPrefix(e.Name(), "_") {
-			out = append(out, e.Name())
-		}
-	}
-	return out
 }

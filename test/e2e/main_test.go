@@ -29,6 +29,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	testutil.RunClientIfChild() // the host-scope test's client processes
 	if os.Geteuid() != 0 && !testutil.InCI() {
 		// Every test here skips without root; building would be wasted.
 		os.Exit(m.Run())

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/test/runtime/images"
 	"github.com/ctlb/ctlb/test/runtime/podman"
@@ -35,8 +36,8 @@ func TestPodmanPodRedirected(t *testing.T) {
 
 	atts := e.daemon.Attachments()
 	want := pod.CgroupDir(testutil.V2Mount(t))
-	if len(atts) != 1 || atts[0].ID != "cni-"+pod.InfraID || atts[0].CgroupPath != want || !atts[0].Alive {
-		t.Errorf("attachments = %+v, want one, cni-%s, alive on %s", atts, pod.InfraID, want)
+	if len(atts) != 1 || atts[0].ID != cni.AttachmentID(e.net.Name, pod.InfraID) || atts[0].CgroupPath != want || !atts[0].Alive {
+		t.Errorf("attachments = %+v, want one, %s, alive on %s", atts, cni.AttachmentID(e.net.Name, pod.InfraID), want)
 	}
 	if st := e.daemon.Status(); st.Pending != 0 {
 		t.Errorf("%d attachments still pending after the client ran", st.Pending)

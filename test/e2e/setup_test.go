@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/ctlb/ctlb/internal/testutil"
-	"github.com/ctlb/ctlb/test/runtime/ctlbd"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/test/runtime/node"
 )
 
@@ -24,23 +24,43 @@ var servers = []string{"198.18.200.1:8502", "198.18.200.2:8502", "198.18.200.3:9
 // env is one test's node: ctlbd (when the plugin is chained), the node
 // namespace with the servers, and the CNI network the runtime reads.
 type env struct {
-	daemon *ctlbd.Daemon
+	daemon *ctlbdtest.Daemon
 	node   *node.Node
 	net    *node.Network
+	// pluginLog is the ctlb plugin's log (JSON lines), when chained.
+	pluginLog string
 }
 
 // newEnv builds a node whose conflist chains bridge, host-local, loopback
 // and, when withCtlb, the ctlb plugin, with ctlbd running and the VIP set.
 func newEnv(t *testing.T, withCtlb bool) *env {
 	t.Helper()
+	return newEnvWith(t, envOptions{ctlb: withCtlb})
+}
+
+// envOptions change what newEnvWith builds.
+type envOptions struct {
+	ctlb bool
+	// tweak changes the network spec (a CNI version, other plugins)
+	// before it is installed.
+	tweak func(*node.NetworkSpec)
+	// daemonArgs are more flags of ctlbd run.
+	daemonArgs []string
+}
+
+// newEnvWith is newEnv with options.
+func newEnvWith(t *testing.T, o envOptions) *env {
+	t.Helper()
+	withCtlb, tweak := o.ctlb, o.tweak
 	testutil.RequireRoot(t)
 	e := &env{}
 	spec := node.NetworkSpec{Subnet: podSubnet, Gateway: podGateway}
 	if withCtlb {
 		requirePlugin(t)
-		e.daemon = ctlbd.Start(t, ctlbdBin)
+		e.daemon = ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbdBin, Args: o.daemonArgs})
 		e.daemon.SetService(vip, servers...)
 		logFile := filepath.Join(t.TempDir(), "ctlb-plugin.log")
+		e.pluginLog = logFile
 		spec.Ctlb = &node.CtlbPlugin{Binary: plugin, BPFFS: e.daemon.BPFFS, Socket: e.daemon.Socket, StateDir: e.daemon.StateDir, LogFile: logFile}
 		t.Cleanup(func() {
 			if t.Failed() {
@@ -52,6 +72,9 @@ func newEnv(t *testing.T, withCtlb bool) *env {
 	e.node = node.New(t)
 	testutil.AddLoopbackAddrs(t, e.node.NS, "198.18.200.1", "198.18.200.2", "198.18.200.3")
 	testutil.StartServers(t, e.node.NS, servers...)
+	if tweak != nil {
+		tweak(&spec)
+	}
 	e.net = node.InstallNetwork(t, spec)
 	return e
 }

@@ -1,11 +1,10 @@
 // Command ctlb is the chained CNI plugin ("type": "ctlb" in a conflist): it
 // attaches ctlb's connect-time load balancer to each pod's cgroup. The logic
-// is in pkg/cni; this binary only wires it to the CNI protocol.
+// is in internal/cni; this binary only wires it to the CNI protocol.
 package main
 
 import (
 	"github.com/containernetworking/cni/pkg/skel"
-	cniversion "github.com/containernetworking/cni/pkg/version"
 	bv "github.com/containernetworking/plugins/pkg/utils/buildversion"
 
 	"github.com/ctlb/ctlb/internal/cni"
@@ -21,5 +20,5 @@ func main() {
 		Check:  cni.Check,
 		Status: cni.Status,
 		GC:     cni.GC,
-	}, cniversion.PluginSupports("0.4.0", "1.0.0", "1.1.0"), bv.BuildString("ctlb"))
+	}, cni.Versions, bv.BuildString("ctlb"))
 }

@@ -1,4 +1,5 @@
-// Package containerd runs a private containerd (1.6, with runc) inside a test
+// Package containerd runs a private containerd (Debian's 1.6 or 2.x built
+// from the module proxy, with runc; see Release) inside a test
 // node and drives it through CRI the way kubelet does: RunPodSandbox with a
 // pod UID and cgroup parent, CreateContainer/StartContainer, container logs
 // from the pod's log directory, StopPodSandbox/RemovePodSandbox. Every
@@ -42,6 +43,11 @@ type Options struct {
 	// SandboxImage is the pod sandbox image; it must be imported (Import)
 	// before the first RunPodSandbox.
 	SandboxImage string
+	// Release is the containerd release; Debian's 1.6 when zero.
+	Release Release
+	// NRISocket is where containerd 2.x serves NRI plugins; a file in the
+	// containerd's own directory when empty.
+	NRISocket string
 }
 
 // Containerd is one running private containerd.
@@ -51,9 +57,14 @@ type Containerd struct {
 	Dir, Root, State, Socket, Config, Log string
 	// LogRoot is where pods' container logs go (kubelet's /var/log/pods).
 	LogRoot string
+	// NRISocket is where containerd 2.x serves NRI plugins.
+	NRISocket string
+	// Release is the containerd release that runs.
+	Release Release
 	Runtime cri.RuntimeServiceClient
 	Images  cri.ImageServiceClient
 
+	node   *node.Node
 	cmd    *exec.Cmd
 	exited chan struct{}
 	conn   *grpc.ClientConn
@@ -87,6 +98,14 @@ func Start(t testing.TB, opts Options) *Containerd {
 		LogRoot: filepath.Join(dir, "pods"),
 		pods:    map[string]*Pod{},
 		cgroups: map[string]bool{},
+		Release: opts.Release,
+	}
+	if c.Release.Name == "" {
+		c.Release = Debian
+	}
+	c.NRISocket = opts.NRISocket
+	if c.NRISocket == "" {
+		c.NRISocket = filepath.Join(dir, "nri.sock")
 	}
 	t.Cleanup(c.cleanup)
 	// kubelet makes the QoS-level cgroups when the node starts, long before
@@ -97,27 +116,21 @@ func Start(t testing.TB, opts Options) *Containerd {
 			t.Fatal(err)
 		}
 	}
-	if err := os.WriteFile(c.Config, []byte(c.configTOML(opts)), 0o644); err != nil {
+	config := c.configTOML(opts)
+	if c.Release.V2 {
+		config = c.configTOMLv3(opts)
+	}
+	if err := os.WriteFile(c.Config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	logf, err := os.Create(c.Log)
-	if err != nil {
+	c.node = opts.Node
+	if err := c.start(); err != nil {
 		t.Fatal(err)
 	}
-	defer logf.Close()
-	c.cmd = opts.Node.Command("containerd", "--config", c.Config, "--log-level", "info")
-	c.cmd.Stdout, c.cmd.Stderr = logf, logf
-	// Its own process group: a signal meant for the test never reaches it.
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := c.cmd.Start(); err != nil {
-		t.Fatalf("start containerd: %v", err)
-	}
-	c.exited = make(chan struct{})
-	go func() { _ = c.cmd.Wait(); close(c.exited) }()
-
-	c.conn, err = grpc.NewClient("unix://"+c.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatalf("cri client: %v", err)
+	var err2 error
+	c.conn, err2 = grpc.NewClient("unix://"+c.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err2 != nil {
+		t.Fatalf("cri client: %v", err2)
 	}
 	c.Runtime = cri.NewRuntimeServiceClient(c.conn)
 	c.Images = cri.NewImageServiceClient(c.conn)
@@ -125,6 +138,42 @@ func Start(t testing.TB, opts Options) *Containerd {
 		t.Fatalf("%v\n%s", err, c.logTail())
 	}
 	return c
+}
+
+// start runs containerd in the node, its log appended to Log.
+func (c *Containerd) start() error {
+	logf, err := os.OpenFile(c.Log, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	c.cmd = c.node.Command(c.Release.bin("containerd"), "--config", c.Config, "--log-level", "info")
+	c.cmd.Env = c.Release.env()
+	c.cmd.Stdout, c.cmd.Stderr = logf, logf
+	// Its own process group: a signal meant for the test never reaches it.
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := c.cmd.Start(); err != nil {
+		return fmt.Errorf("start containerd: %w", err)
+	}
+	exited := make(chan struct{})
+	c.exited = exited
+	cmd := c.cmd
+	go func() { _ = cmd.Wait(); close(exited) }()
+	return nil
+}
+
+// Restart stops containerd (SIGTERM, by PID) and starts it again on the
+// same root and state, as an upgrade or a crash-restart of the node's
+// runtime would: pods and their shims keep running meanwhile.
+func (c *Containerd) Restart(t testing.TB) {
+	t.Helper()
+	c.stop()
+	if err := c.start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.waitReady(20 * time.Second); err != nil {
+		t.Fatalf("after restart: %v\n%s", err, c.logTail())
+	}
 }
 
 // configTOML is containerd's config (version 2). Settings this machine
@@ -181,6 +230,58 @@ disabled_plugins = [
 `
 }
 
+// configTOMLv3 is containerd 2.x's config (version 3; 2.4 migrates it to
+// its native 4), after shared/runtimes/containerd2-config.toml: the same
+// workarounds as 1.6 under the plugins' new names, and NRI on a socket of
+// its own (NRISocket).
+func (c *Containerd) configTOMLv3(o Options) string {
+	q := strconv.Quote
+	return `version = 3
+root = ` + q(c.Root) + `
+state = ` + q(c.State) + `
+
+[grpc]
+  address = ` + q(c.Socket) + `
+
+[ttrpc]
+  address = ` + q(c.Socket+".ttrpc") + `
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = ` + q(filepath.Join(c.Root, "opt")) + `
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = ` + q(o.SandboxImage) + `
+
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_selinux = false
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = ` + q(filepath.Join(c.State, "runc")) + `
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = [` + q(o.Network.BinDir) + `]
+    conf_dir = ` + q(o.Network.ConfDir) + `
+    max_conf_num = 1
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[plugins."io.containerd.nri.v1.nri"]
+  disable = false
+  socket_path = ` + q(c.NRISocket) + `
+  plugin_path = ` + q(filepath.Join(c.Dir, "nri", "plugins")) + `
+  plugin_config_path = ` + q(filepath.Join(c.Dir, "nri", "conf.d")) + `
+`
+}
+
 // waitReady waits until CRI reports the runtime and the network ready
 // (the CNI config was loaded).
 func (c *Containerd) waitReady(limit time.Duration) error {
@@ -196,15 +297,20 @@ func (c *Containerd) waitReady(limit time.Duration) error {
 		st, err := c.Runtime.Status(ctx, &cri.StatusRequest{})
 		cancel()
 		if err == nil {
+			// containerd 2.x adds conditions of its own (deprecation
+			// warnings); readiness is kubelet's two.
 			ready := 0
 			for _, cond := range st.GetStatus().GetConditions() {
+				if cond.Type != cri.RuntimeReady && cond.Type != cri.NetworkReady {
+					continue
+				}
 				if cond.Status {
 					ready++
 				} else {
-					err = fmt.Errorf("condition %s: %s", cond.Type, cond.Message)
+					err = fmt.Errorf("condition %s: %s: %s", cond.Type, cond.Reason, cond.Message)
 				}
 			}
-			if err == nil && ready >= 2 {
+			if err == nil && ready == 2 {
 				return nil
 			}
 		}
@@ -219,7 +325,7 @@ func (c *Containerd) Import(t testing.TB, tarPath string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "ctr", "--address", c.Socket, "--namespace", Namespace, "images", "import", tarPath).CombinedOutput()
+	out, err := exec.CommandContext(ctx, c.Release.bin("ctr"), "--address", c.Socket, "--namespace", Namespace, "images", "import", tarPath).CombinedOutput()
 	if err != nil {
 		t.Fatalf("ctr images import %s: %v\n%s", tarPath, err, out)
 	}

@@ -28,6 +28,8 @@ type PodSpec struct {
 	// its pod cgroup exists. By default the test creates it first, in every
 	// hierarchy, as kubelet does.
 	NoPodCgroup bool
+	// Annotations of the pod (containerd passes them to CNI and NRI).
+	Annotations map[string]string
 }
 
 // Pod is one pod sandbox.
@@ -45,6 +47,9 @@ type ContainerSpec struct {
 	Name, Image string
 	// Command replaces the image's entrypoint when set; Args its command.
 	Command, Args []string
+	// Attempt counts restarts of the container, as kubelet's restart
+	// count: a restart is a new container of the same name.
+	Attempt uint32
 }
 
 // Container is one created and started container.
@@ -106,6 +111,7 @@ func (c *Containerd) StartPod(spec PodSpec) (*Pod, error) {
 		Hostname:     p.Name,
 		LogDirectory: p.Log,
 		Labels:       map[string]string{"app": "ctlb-e2e"},
+		Annotations:  spec.Annotations,
 		Linux: &cri.LinuxPodSandboxConfig{
 			CgroupParent: p.CgroupParent,
 			SecurityContext: &cri.LinuxSandboxSecurityContext{
@@ -157,11 +163,11 @@ func (p *Pod) StartContainer(spec ContainerSpec) (*Container, error) {
 	resp, err := p.c.Runtime.CreateContainer(ctx, &cri.CreateContainerRequest{
 		PodSandboxId: p.ID,
 		Config: &cri.ContainerConfig{
-			Metadata: &cri.ContainerMetadata{Name: spec.Name},
+			Metadata: &cri.ContainerMetadata{Name: spec.Name, Attempt: spec.Attempt},
 			Image:    &cri.ImageSpec{Image: spec.Image},
 			Command:  spec.Command,
 			Args:     spec.Args,
-			LogPath:  spec.Name + ".log",
+			LogPath:  fmt.Sprintf("%s.%d.log", spec.Name, spec.Attempt),
 			Linux:    &cri.LinuxContainerConfig{},
 		},
 		SandboxConfig: p.config,
@@ -170,7 +176,7 @@ func (p *Pod) StartContainer(spec ContainerSpec) (*Container, error) {
 		return nil, fmt.Errorf("CreateContainer %s in %s: %w", spec.Name, p.Name, err)
 	}
 	ct.ID = resp.ContainerId
-	ct.LogPath = filepath.Join(p.Log, spec.Name+".log")
+	ct.LogPath = filepath.Join(p.Log, fmt.Sprintf("%s.%d.log", spec.Name, spec.Attempt))
 	if _, err := p.c.Runtime.StartContainer(ctx, &cri.StartContainerRequest{ContainerId: ct.ID}); err != nil {
 		return nil, fmt.Errorf("StartContainer %s in %s: %w", spec.Name, p.Name, err)
 	}
@@ -202,9 +208,19 @@ func (ct *Container) Wait(limit time.Duration) (int32, error) {
 // CRI log file ("TIMESTAMP STREAM P|F TEXT" lines, P marking a partial
 // line continued by the next).
 func (ct *Container) Stdout() ([]string, error) {
-	f, err := os.Open(ct.LogPath)
+	out, err := ReadCRILog(ct.LogPath)
 	if err != nil {
 		return nil, fmt.Errorf("container %s log: %w", ct.Name, err)
+	}
+	return out, nil
+}
+
+// ReadCRILog reads the standard output lines of a CRI container log file
+// (kubelet's and containerd's format).
+func ReadCRILog(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
 	}
 	defer f.Close()
 	var out []string
@@ -262,6 +278,12 @@ func (p *Pod) remove() error {
 	delete(p.c.pods, p.ID)
 	p.c.mu.Unlock()
 	return nil
+}
+
+// CgroupDir is the container's own cgroup in the cgroup v2 tree under
+// mount (runc's cgroupfs naming: the pod's cgroup parent, then the ID).
+func (ct *Container) CgroupDir(v2mount string) string {
+	return filepath.Join(v2mount, ct.p.CgroupParent, ct.ID)
 }
 
 // CgroupDir is the pod cgroup in the cgroup v2 tree under mount.

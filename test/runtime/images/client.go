@@ -13,6 +13,12 @@ func ClientArgs(target string, count int, deadline time.Duration) []string {
 	return []string{"-target", target, "-count", strconv.Itoa(count), "-deadline", deadline.String()}
 }
 
+// LingeringClientArgs are ClientArgs for a container that stays after its
+// run, at most linger or until SIGTERM, so that its pod keeps running.
+func LingeringClientArgs(target string, count int, deadline, linger time.Duration) []string {
+	return append(ClientArgs(target, count, deadline), "-linger", linger.String())
+}
+
 // clientLine is one line the client prints (cmd/vipclient's Line).
 type clientLine struct {
 	N        int      `json:"n"`

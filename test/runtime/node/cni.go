@@ -31,6 +31,11 @@ type NetworkSpec struct {
 	Subnet, Gateway string
 	// Ctlb, when set, chains the ctlb plugin after bridge and loopback.
 	Ctlb *CtlbPlugin
+	// CNIVersion of the conflist: "1.0.0" by default (Debian's plugins stop
+	// there); "1.1.0" (STATUS) needs PluginDir with plugins that speak it.
+	CNIVersion string
+	// PluginDir holds bridge, host-local and loopback; Debian's by default.
+	PluginDir string
 }
 
 // Network is a CNI network installed for a node's runtime.
@@ -70,8 +75,12 @@ func InstallNetwork(t testing.TB, spec NetworkSpec) *Network {
 			t.Fatal(err)
 		}
 	}
+	pluginDir := spec.PluginDir
+	if pluginDir == "" {
+		pluginDir = DebianCNIDir
+	}
 	for _, p := range []string{"bridge", "host-local", "loopback"} {
-		if err := os.Symlink(filepath.Join(DebianCNIDir, p), filepath.Join(n.BinDir, p)); err != nil {
+		if err := os.Symlink(filepath.Join(pluginDir, p), filepath.Join(n.BinDir, p)); err != nil {
 			t.Fatalf("cni bin dir: %v", err)
 		}
 	}
@@ -117,6 +126,9 @@ func (n *Network) conflist() map[string]any {
 			"bpffs":    c.BPFFS,
 			"socket":   c.Socket,
 			"stateDir": c.StateDir,
+			// containerd >= 1.7 then passes runtimeConfig.cgroupPath, and
+			// the pod annotations (container scope through NRI).
+			"capabilities": map[string]bool{"cgroupPath": true, "io.kubernetes.cri.pod-annotations": true},
 		}
 		if c.LogFile != "" {
 			p["logFile"] = c.LogFile
@@ -124,7 +136,11 @@ func (n *Network) conflist() map[string]any {
 		}
 		plugins = append(plugins, p)
 	}
-	return map[string]any{"cniVersion": "1.0.0", "name": n.Name, "plugins": plugins}
+	version := n.Spec.CNIVersion
+	if version == "" {
+		version = "1.0.0"
+	}
+	return map[string]any{"cniVersion": version, "name": n.Name, "plugins": plugins}
 }
 
 // removeCache deletes libcni's cached results of this network, which a

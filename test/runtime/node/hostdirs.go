@@ -17,6 +17,10 @@ var runtimeHostPaths = []string{
 	"/var/lib/containers",
 	"/var/lib/containers/cache",
 	"/var/lib/containers/cache/blob-info-cache-v1.boltdb",
+	// Mount points of the kubelet test's tmpfs (inside its private mount
+	// namespace): kubelet writes there whatever --root-dir says.
+	"/var/lib/kubelet",
+	"/var/log/containers",
 }
 
 // TrackHostPaths notes which of the runtimes' host paths exist now and

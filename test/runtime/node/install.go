@@ -45,6 +45,8 @@ var (
 		{DebianCNIDir + "/host-local", "containernetworking-plugins"},
 		{DebianCNIDir + "/loopback", "containernetworking-plugins"},
 	}
+	// CrunTools: podman with crun instead of runc.
+	CrunTools = []Tool{{"crun", "crun"}}
 )
 
 // installMu serialises apt-get between parallel tests.

@@ -36,7 +36,9 @@ type Podman struct {
 	Dir string
 	// CgroupParent is the parent of every pod's cgroup (P/<podID>).
 	CgroupParent string
-	env          []string
+	// Runtime is the OCI runtime podman runs containers with.
+	Runtime string
+	env     []string
 
 	mu    sync.Mutex
 	netns map[string]bool // pod network namespaces podman made for us
@@ -58,14 +60,24 @@ type Pod struct {
 // network namespaces.
 func New(t testing.TB, n *node.Node, net *node.Network) *Podman {
 	t.Helper()
+	return NewWithRuntime(t, n, net, "runc")
+}
+
+// NewWithRuntime is New with another OCI runtime ("crun": Debian's crun
+// package); the runtime must be installed.
+func NewWithRuntime(t testing.TB, n *node.Node, net *node.Network, runtime string) *Podman {
+	t.Helper()
 	node.RequireTools(t, node.PodmanTools)
+	if runtime == "crun" {
+		node.RequireTools(t, node.CrunTools)
+	}
 	dir, err := os.MkdirTemp("", "ctlb-podman-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
-	p := &Podman{t: t, node: n, net: net, Dir: dir, CgroupParent: "/ctlb-e2e-podman-" + hex.EncodeToString(b), netns: map[string]bool{}}
+	p := &Podman{t: t, node: n, net: net, Dir: dir, CgroupParent: "/ctlb-e2e-podman-" + hex.EncodeToString(b), Runtime: runtime, netns: map[string]bool{}}
 	t.Cleanup(p.cleanup)
 	conf, storage, err := p.writeConfig()
 	if err != nil {
@@ -108,7 +120,7 @@ default_ulimits = [`+q(fmt.Sprintf("nofile=%d:%d", nofile.Max, nofile.Max))+`, `
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 events_logfile_path = `+q(filepath.Join(p.Dir, "events.log"))+`
-runtime = "runc"
+runtime = `+q(p.Runtime)+`
 tmp_dir = `+q(filepath.Join(p.Dir, "tmp"))+`
 lock_type = "file"
 
@@ -183,6 +195,26 @@ func (p *Podman) CreatePod(t testing.TB, name string) *Pod {
 func (pod *Pod) RunContainer(t testing.TB, timeout time.Duration, rootfs string, cmd ...string) (string, int) {
 	t.Helper()
 	out, err := pod.pm.Run(timeout, append([]string{"run", "--rm", "--pod", pod.ID, "--rootfs", rootfs}, cmd...)...)
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return out, 0
+	case errors.As(err, &ee):
+		t.Logf("%v", err)
+		return out, ee.ExitCode()
+	}
+	t.Fatal(err)
+	return "", -1
+}
+
+// RunStandalone runs cmd from rootfs as a container of no pod (`podman run
+// --network NET --cgroup-parent P`), in the foreground, removed when it
+// exits, and returns its standard output and exit code. Its cgroup is
+// P/libpod-<ID>; CNI ADD runs before its process exists.
+func (p *Podman) RunStandalone(t testing.TB, timeout time.Duration, rootfs string, cmd ...string) (string, int) {
+	t.Helper()
+	args := []string{"run", "--rm", "--network", p.net.Name, "--cgroup-parent", p.CgroupParent, "--rootfs", rootfs}
+	out, err := p.Run(timeout, append(args, cmd...)...)
 	var ee *exec.ExitError
 	switch {
 	case err == nil:

@@ -19,6 +19,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -34,10 +36,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/health"
 	"github.com/hashicorp/consul/proto-public/pbdataplane"
 	"github.com/hashicorp/consul/proto-public/pbserverdiscovery"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 )
 
@@ -67,18 +72,35 @@ func main() {
 	interval := flag.Duration("interval", 100*time.Millisecond, "pause between calls")
 	timeout := flag.Duration("timeout", 10*time.Second, "bound of one call, connection included")
 	deadline := flag.Duration("deadline", 2*time.Minute, "stop calling after this long")
+	caPEM := flag.String("tls-ca-pem", "", "speak TLS, trusting this PEM CA (the text itself: a container has no files of the test)")
+	serverName := flag.String("tls-server-name", "", "name expected in the server certificate (with -tls-ca-pem)")
+	token := flag.String("token", "", "ACL token sent as x-consul-token (test clusters only)")
 	flag.Parse()
 	if *target == "" || *count < 1 || *count > 100000 || (*rpc != "watchservers" && *rpc != "features") || *interval < time.Millisecond {
 		fmt.Fprintln(os.Stderr, "usage: grpcclient -target IP:PORT [-rpc watchservers|features] [-count N] [-interval D] [-timeout D] [-deadline D]")
 		os.Exit(2)
+	}
+	creds := insecure.NewCredentials()
+	if *caPEM != "" {
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM([]byte(*caPEM)) {
+			fmt.Fprintln(os.Stderr, "grpcclient: -tls-ca-pem holds no PEM certificate")
+			os.Exit(2)
+		}
+		// Consul's gRPC TLS port negotiates no ALPN, which grpc-go's own
+		// TLS refuses; ctlb's health check credentials accept it.
+		creds = health.TLSCredentials(&tls.Config{RootCAs: pool, ServerName: *serverName})
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, *deadline)
 	defer cancel()
 	enc := json.NewEncoder(os.Stdout)
+	if *token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "x-consul-token", *token)
+	}
 	for n := 0; n < *count && ctx.Err() == nil; n++ {
-		l := call(ctx, *target, *rpc, *timeout)
+		l := call(ctx, *target, *rpc, *timeout, creds)
 		if l.Err != "" && ctx.Err() != nil {
 			break // cut short by the stop signal or -deadline: no verdict on the server
 		}
@@ -93,14 +115,14 @@ func main() {
 }
 
 // call makes one call on a connection of its own and closes it.
-func call(parent context.Context, target, rpc string, timeout time.Duration) (l Line) {
+func call(parent context.Context, target, rpc string, timeout time.Duration, creds credentials.TransportCredentials) (l Line) {
 	l.Start = time.Now().UnixNano()
 	defer func() { l.End = time.Now().UnixNano() }()
 	ctx, cancel := context.WithTimeout(parent, timeout)
 	defer cancel()
 	d := &recordingDialer{}
 	conn, err := grpc.NewClient("passthrough:///"+target,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithContextDialer(d.dial))
 	if err != nil {
 		l.Err = err.Error()

@@ -16,6 +16,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 )
 
@@ -39,6 +41,7 @@ func main() {
 	target := flag.String("target", "", "address to dial, IP:PORT")
 	count := flag.Int("count", 6, "connections to make after the first success")
 	deadline := flag.Duration("deadline", 30*time.Second, "give up after this long")
+	linger := flag.Duration("linger", 0, "after the run, stay this long (or until SIGTERM) so the pod keeps running")
 	flag.Parse()
 	if *target == "" || *count < 1 || *count > 10000 {
 		fmt.Fprintln(os.Stderr, "usage: vipclient -target IP:PORT [-count N (1-10000)] [-deadline D]")
@@ -87,6 +90,18 @@ func main() {
 	_ = enc.Encode(Line{N: *count, Done: true})
 	if failed > 0 {
 		os.Exit(1)
+	}
+	if *linger > 0 {
+		// A pod whose containers all exited is terminal, and kubelet tears
+		// it down: lingering keeps it for the test to look at. SIGTERM (the
+		// pod's deletion) ends it at once: as PID 1 the default action of a
+		// signal does not apply.
+		stop := make(chan os.Signal, 1)
+		signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+		select {
+		case <-stop:
+		case <-time.After(*linger):
+		}
 	}
 }
 

@@ -1,12 +1,14 @@
 // Package topo builds what the benchmark runs in and takes it down again:
 // named network namespaces joined by veth pairs, cgroups, a private bpffs,
 // and child processes started by PID inside a namespace and a cgroup. It is
-// the program's counterpart of internal/testutil, which is tied to testing.T:
-// every piece registers its own removal on an Undo stack, which the caller
+// the core internal/testutil wraps for tests (testutil registers the Undo
+// with t.Cleanup), and the benchmark program uses directly: every piece registers its own removal on an Undo stack, which the caller
 // unwinds on success, on error and on Ctrl-C alike.
 package topo
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 )
@@ -32,17 +34,28 @@ func (u *Undo) Push(what string, fn func() error) {
 // Unwind runs every registered removal, newest first, logging failures and
 // going on: one stuck piece must not leave the rest behind.
 func (u *Undo) Unwind() {
+	for _, err := range u.unwind() {
+		slog.Warn("cleanup failed", "error", err)
+	}
+}
+
+// UnwindErr is Unwind returning the failures instead of logging them (a
+// test reports them as errors).
+func (u *Undo) UnwindErr() error { return errors.Join(u.unwind()...) }
+
+func (u *Undo) unwind() []error {
+	var errs []error
 	for {
 		u.mu.Lock()
 		if len(u.fns) == 0 {
 			u.mu.Unlock()
-			return
+			return errs
 		}
 		s := u.fns[len(u.fns)-1]
 		u.fns = u.fns[:len(u.fns)-1]
 		u.mu.Unlock()
 		if err := s.fn(); err != nil {
-			slog.Warn("cleanup failed", "what", s.what, "err", err)
+			errs = append(errs, fmt.Errorf("%s: %w", s.what, err))
 		}
 	}
 }

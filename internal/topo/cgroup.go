@@ -2,16 +2,16 @@ package topo
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/ctlb/ctlb/internal/testutil"
 )
 
 // Cgroup creates the cgroup dir (its parent must exist) and registers the
@@ -25,8 +25,50 @@ func Cgroup(u *Undo, dir string) error {
 }
 
 // RemoveCgroup kills what still runs in the cgroup tree at dir and removes
-// it deepest first (internal/testutil's, without a testing.TB).
-func RemoveCgroup(dir string) error { return testutil.RemoveCgroupTree(dir) }
+// it deepest first, since rmdir refuses a cgroup with children or tasks; it
+// returns what it could not remove. internal/testutil's RemoveCgroup is this
+// with a testing.TB.
+func RemoveCgroup(dir string) error {
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	var errs []error
+	for i := len(dirs) - 1; i >= 0; i-- {
+		d := dirs[i]
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			killProcs(d)
+			err := os.Remove(d)
+			if err == nil || errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			if time.Now().After(deadline) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// killProcs SIGKILLs the processes listed in one cgroup, by PID: they are
+// the test's own children placed there.
+func killProcs(dir string) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil && pid != os.Getpid() {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
 
 // CPU is CPU time: all of it, and the part spent in user mode.
 type CPU struct {

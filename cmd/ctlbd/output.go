@@ -1,0 +1,38 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+
+	"sigs.k8s.io/yaml"
+)
+
+// The one place output formats live: every command that prints a result
+// calls printResult, and -o picks the format.
+const outputHelp = "output format: table, json or yaml"
+
+// printResult writes v as JSON or YAML, or calls table for the default,
+// human format.
+func printResult(w io.Writer, format string, v any, table func(*tabwriter.Writer)) error {
+	switch format {
+	case "json":
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	case "yaml":
+		// Through JSON, so the field names are the API's json tags.
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("encode yaml: %w", err)
+		}
+		_, err = w.Write(b)
+		return err
+	case "table", "":
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		table(tw)
+		return tw.Flush()
+	}
+	return fmt.Errorf("--output %q: want table, json or yaml", format)
+}

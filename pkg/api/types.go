@@ -1,0 +1,177 @@
+package api
+
+import (
+	"net/netip"
+	"time"
+)
+
+// ErrorResponse is the body of every non-2xx answer.
+type ErrorResponse struct {
+	Error string `json:"error"`
+}
+
+// ServiceRequest sets one VIP's static servers (ctlbd service set).
+type ServiceRequest struct {
+	VIP     string   `json:"vip"`
+	Servers []string `json:"servers"`
+	// Empty is "reject" (default) or "passthrough".
+	Empty string `json:"empty,omitempty"`
+}
+
+// Service is one VIP and the servers the maps send its connects to.
+type Service struct {
+	VIP     netip.AddrPort   `json:"vip"`
+	Servers []netip.AddrPort `json:"servers"`
+	// Empty is what a connect does while the set is empty: "reject" or
+	// "passthrough".
+	Empty string `json:"empty"`
+}
+
+// AttachRequest attaches to or detaches from a cgroup (ctlbd attach/detach).
+type AttachRequest struct {
+	Cgroup string `json:"cgroup"`
+	// Host asks for host scope: the one attachment at the cgroup v2 root
+	// (Cgroup must then be empty).
+	Host bool `json:"host,omitempty"`
+}
+
+// Attachment is one attachment of ctlb's programs to a cgroup.
+type Attachment struct {
+	ID string `json:"id"`
+	// CgroupID is the kernel's ID of the cgroup; 0 once the cgroup is gone.
+	CgroupID uint64 `json:"cgroupId"`
+	// CgroupPath is the cgroup's directory, when it still exists.
+	CgroupPath string `json:"cgroupPath,omitempty"`
+	// Alive is false when the cgroup has died; GC removes such attachments.
+	Alive bool `json:"alive"`
+	// Missing names hooks whose pin is gone (someone removed it by hand).
+	Missing []string `json:"missing,omitempty"`
+}
+
+// PendingNotice is the body of POST /v1/pending: the CNI plugin recorded a
+// pending attachment for this container and asks ctlbd to look at it now.
+type PendingNotice struct {
+	ContainerID string `json:"containerID"`
+	// AttachmentID is the record's key (one record per network and
+	// container); a plugin older than that sends only ContainerID.
+	AttachmentID string `json:"attachmentID,omitempty"`
+}
+
+// Key is the pending record the notice is about.
+func (n PendingNotice) Key() string {
+	if n.AttachmentID != "" {
+		return n.AttachmentID
+	}
+	return n.ContainerID
+}
+
+// NetnsID identifies a network namespace (device and inode of its nsfs file).
+type NetnsID struct {
+	Dev uint64 `json:"dev"`
+	Ino uint64 `json:"ino"`
+}
+
+// PendingAttachment is an attachment recorded at CNI ADD whose cgroup did
+// not exist yet, and what ctlbd has done with it.
+type PendingAttachment struct {
+	ContainerID  string    `json:"containerID"`
+	AttachmentID string    `json:"attachmentID"`
+	BPFFS        string    `json:"bpffs"`
+	CgroupDir    string    `json:"cgroupDir,omitempty"`
+	PodUID       string    `json:"podUID,omitempty"`
+	Netns        string    `json:"netns,omitempty"`
+	NetnsID      NetnsID   `json:"netnsID"`
+	Created      time.Time `json:"created"`
+	// State is pending, attached or failed.
+	State  string `json:"state"`
+	Cgroup string `json:"cgroup,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
+// Health of a server, one vocabulary in code, API, CLI and metrics.
+const (
+	HealthHealthy   = "healthy"
+	HealthUnhealthy = "unhealthy"
+	// HealthUnchecked: no check is configured (a static server) or none
+	// has finished yet.
+	HealthUnchecked = "unchecked"
+)
+
+// ServerStatus is one server of a VIP in ctlbd status.
+type ServerStatus struct {
+	Server string `json:"server"`
+	// Source names where the server came from: static, dns, consul, exec.
+	Source string `json:"source,omitempty"`
+	// Health is HealthHealthy, HealthUnhealthy or HealthUnchecked.
+	Health   string `json:"health,omitempty"`
+	InSet    bool   `json:"inSet"`
+	Connects uint64 `json:"connects"`
+	Open     int64  `json:"open"`
+	// LastError is the last failed health check's error.
+	LastError string `json:"lastError,omitempty"`
+}
+
+// SourceStatus is one server source of a tracked VIP.
+type SourceStatus struct {
+	Name      string `json:"name"`
+	Servers   int    `json:"servers"`
+	Errors    uint64 `json:"errors"`
+	LastError string `json:"lastError,omitempty"`
+	// Rejected counts the entries of the source's last answer that were
+	// left out (not an address, wrong family, not unicast, listed twice,
+	// another host's loopback); RejectedFirst shows the first few.
+	Rejected      int             `json:"rejected,omitempty"`
+	RejectedFirst []RejectedEntry `json:"rejectedFirst,omitempty"`
+}
+
+// RejectedEntry is one entry of a source's answer left out, and why.
+type RejectedEntry struct {
+	Entry  string `json:"entry"`
+	Reason string `json:"reason"`
+}
+
+// ServiceStatus is one VIP in ctlbd status.
+type ServiceStatus struct {
+	VIP     string         `json:"vip"`
+	Empty   string         `json:"empty"`
+	Servers []ServerStatus `json:"servers"`
+	// Tracked VIPs get their set from sources and health checks.
+	Tracked bool           `json:"tracked"`
+	Panic   bool           `json:"panic,omitempty"`
+	Changes uint64         `json:"changes,omitempty"`
+	Sources []SourceStatus `json:"sources,omitempty"`
+	// Trimmed counts the candidates left out over the most servers a VIP
+	// may have (the highest addresses go).
+	Trimmed int `json:"trimmed,omitempty"`
+}
+
+// Status is ctlbd status.
+type Status struct {
+	Version     string          `json:"version"`
+	BPFFS       string          `json:"bpffs"`
+	Services    []ServiceStatus `json:"services"`
+	Attachments int             `json:"attachments"`
+	Pending     int             `json:"pending"`
+	// NRI is the NRI plugin's state, NRIConnected or NRIDisconnected;
+	// empty when ctlbd runs none. The CNI plugin leaves pods annotated
+	// ctlb.io/containers to it only while it is connected.
+	NRI string `json:"nri,omitempty"`
+	// NRISocket is the runtime socket the NRI plugin uses.
+	NRISocket string `json:"nriSocket,omitempty"`
+	// HostScope says ctlb is attached at the cgroup v2 root (every process).
+	HostScope bool `json:"hostScope,omitempty"`
+}
+
+// States of ctlbd's NRI plugin in Status.NRI.
+const (
+	NRIConnected    = "connected"
+	NRIDisconnected = "disconnected"
+)
+
+// Version is ctlbd version.
+type Version struct {
+	Version string `json:"version"`
+	Commit  string `json:"commit,omitempty"`
+	Layout  int    `json:"layout"`
+	Go      string `json:"go"`
+}
