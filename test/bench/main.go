@@ -61,8 +61,9 @@ type Config struct {
 	CostBlock, CostPairs int
 	// Phases to run (memory, scale, cni, paths, bpf, cost); empty means
 	// all. Paths limits the path comparison to these; empty means all.
-	Phases []string
-	Paths  []string
+	Phases  []string
+	Paths   []string
+	Metrics []string // of the path comparison; empty means all
 	// Self is the program started for the child roles; default this one.
 	Self string
 	// Quiet silences progress lines.
@@ -82,7 +83,7 @@ func main() {
 		return
 	}
 	var cfg Config
-	var attach, vips, phases, paths string
+	var attach, vips, phases, paths, metricList string
 	flag.IntVar(&cfg.Rounds, "rounds", 9, "interleaved rounds of every path and metric")
 	flag.DurationVar(&cfg.Duration, "duration", 600*time.Millisecond, "length of one measurement")
 	flag.IntVar(&cfg.Clients, "clients", 32, "concurrent clients in the many-clients connection test")
@@ -100,6 +101,7 @@ func main() {
 	flag.IntVar(&cfg.CostBlock, "cost-block", defaultCostBlock, "connects per block in the CPU-per-connect measurement")
 	flag.IntVar(&cfg.CostPairs, "cost-pairs", defaultCostPairs, "pairs of blocks in the CPU-per-connect measurement")
 	flag.StringVar(&phases, "phases", strings.Join(allPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
+	flag.StringVar(&metricList, "metrics", "", "metrics of the path comparison, comma-separated (default all): "+metricNames())
 	flag.StringVar(&paths, "paths", "", "paths to compare, comma-separated (default all): "+pathNames())
 	flag.StringVar(&cfg.Out, "out", "bench/results.json", "where to write the results")
 	flag.Parse()
@@ -111,7 +113,7 @@ func main() {
 	if cfg.VIPLevels, err = levels(vips); err != nil {
 		fatal(fmt.Errorf("-vips: %w", err))
 	}
-	cfg.Phases, cfg.Paths = splitList(phases), splitList(paths)
+	cfg.Phases, cfg.Paths, cfg.Metrics = splitList(phases), splitList(paths), splitList(metricList)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	res, err := run(ctx, cfg)
@@ -185,6 +187,17 @@ func (c Config) runs(phase string) bool {
 	return len(c.Phases) == 0 || slices.Contains(c.Phases, phase)
 }
 
+// measures reports whether the path comparison includes a metric.
+func (c Config) measures(name string) bool { return len(c.Metrics) == 0 || slices.Contains(c.Metrics, name) }
+
+func metricNames() string {
+	var n []string
+	for _, m := range metrics {
+		n = append(n, m.name)
+	}
+	return strings.Join(n, ", ")
+}
+
 // compares reports whether the path comparison includes a path.
 func (c Config) compares(name string) bool {
 	return len(c.Paths) == 0 || slices.Contains(c.Paths, name)
@@ -194,6 +207,11 @@ func (c Config) validate() error {
 	for _, p := range c.Phases {
 		if !slices.Contains(allPhases, p) {
 			return fmt.Errorf("phase %q: want some of %s", p, strings.Join(allPhases, ", "))
+		}
+	}
+	for _, n := range c.Metrics {
+		if !slices.ContainsFunc(metrics, func(m metric) bool { return m.name == n }) {
+			return fmt.Errorf("metric %q: want some of %s", n, metricNames())
 		}
 	}
 	for _, n := range c.Paths {

@@ -351,6 +351,9 @@ func (e *env) runPaths(ctx context.Context, cfg Config, paths []path) ([]*PathRe
 	for round := range cfg.Rounds {
 		logf("round %d/%d", round+1, cfg.Rounds)
 		for _, m := range metrics {
+			if !cfg.measures(m.name) {
+				continue
+			}
 			for k := range paths {
 				i := (k + round) % len(paths)
 				s, retries, err := e.measure(ctx, paths[i], m, cfg)

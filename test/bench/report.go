@@ -232,8 +232,8 @@ func printReport(w io.Writer, r *Results) {
 			fmt.Fprintf(w, "CNI: skipped: %s\n", c.Skipped)
 			continue
 		}
-		fmt.Fprintf(w, "CNI (plugin exec included), %d pods, %d attached: ADD p50 %.2f ms, p99 %.2f ms, max %.2f ms; DEL p50 %.2f ms, p99 %.2f ms\n",
-			c.Pods, c.Attached, c.AddP50, c.AddP99, c.AddMax, c.DelP50, c.DelP99)
+		fmt.Fprintf(w, "CNI (plugin exec included), %d pods, %d attached: ADD p50 %.2f ms, p99 %.2f ms, max %.2f ms, CPU %.2f ms; DEL p50 %.2f ms, p99 %.2f ms\n",
+			c.Pods, c.Attached, c.AddP50, c.AddP99, c.AddMax, c.AddCPU, c.DelP50, c.DelP99)
 	}
 	printConnectCost(w, r.ConnectCost)
 	printTargets(w, r.Targets)
