@@ -115,7 +115,7 @@ func (l *loop) run(netns ns.NetNS) {
 	if netns != nil {
 		runtime.LockOSThread()
 		if err := netns.Set(); err != nil {
-			l.p.log.Error("proxy loop cannot enter its network namespace", "err", err)
+			l.p.log.Error("proxy loop cannot enter its network namespace", "error", err)
 			return
 		}
 	}
@@ -152,7 +152,7 @@ func (l *loop) run(netns ns.NetNS) {
 			}
 		}
 		if err != nil && !errors.Is(err, unix.EINTR) {
-			l.p.log.Error("proxy loop: epoll_wait failed", "err", err)
+			l.p.log.Error("proxy loop: epoll_wait failed", "error", err)
 			return
 		}
 		l.now = time.Now()
@@ -185,6 +185,13 @@ func (l *loop) run(netns ns.NetNS) {
 // do runs fn on the loop and waits for it. It returns false, with fn not
 // run, if the loop has ended.
 func (l *loop) do(fn func()) bool {
+	select {
+	case <-l.done:
+		// Ended: its eventfd is closed, and the number may be another
+		// descriptor's by now.
+		return false
+	default:
+	}
 	ran := make(chan struct{})
 	l.mu.Lock()
 	l.cmds = append(l.cmds, func() { fn(); l.flushCloses(); close(ran) })
@@ -277,7 +284,7 @@ func (s *lsock) event(l *loop, fd int, _ uint32) {
 				// Out of descriptors and the like: the connection stays
 				// queued; stop listening on this socket until the next
 				// sweep rather than spin.
-				l.p.log.Warn("accept failed", "err", err, "retry_in", sweepEvery)
+				l.p.log.Warn("accept failed", "error", err, "retryIn", sweepEvery)
 				if unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, fd, &unix.EpollEvent{Fd: int32(fd)}) == nil {
 					l.paused = append(l.paused, fd)
 				}
@@ -327,7 +334,7 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 		sa, err := unix.Getsockname(fd)
 		a, ok := sa.(*unix.SockaddrInet4)
 		if err != nil || !ok {
-			p.log.Warn("closing client: cannot read the address it dialed", "err", err)
+			p.log.Warn("closing client: cannot read the address it dialed", "error", err)
 			resetFD(fd)
 			return
 		}
@@ -352,7 +359,7 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	pr := &pair{client: fd, server: -1, svc: svc, sm: sm, plan: plan, last: l.now,
 		up: dir{pipe: [2]int{-1, -1}}, down: dir{pipe: [2]int{-1, -1}}}
 	if err := l.add(fd, pr, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
-		p.log.Warn("closing client: epoll", "err", err)
+		p.log.Warn("closing client: epoll", "error", err)
 		resetFD(fd)
 		return
 	}
@@ -397,7 +404,7 @@ func (l *loop) dialFailed(pr *pair, t netip.AddrPort, err error) {
 	p := l.p
 	p.backoff.failed(t)
 	p.m.dialFailures.WithLabelValues(pr.svc.name, t.String()).Inc()
-	p.log.Warn("dial failed", "service", pr.svc.name, "target", t, "err", err)
+	p.log.Warn("dial failed", "service", pr.svc.name, "target", t, "error", err)
 }
 
 // Directions to pump.
@@ -499,7 +506,7 @@ func (l *loop) pump(pr *pair, which int) {
 				&unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(pr.client)})
 		}
 		if err != nil {
-			l.p.log.Debug("connection aborted", "service", pr.svc.name, "target", pr.target, "err", err)
+			l.p.log.Debug("connection aborted", "service", pr.svc.name, "target", pr.target, "error", err)
 			l.end(pr, true)
 			return
 		}
@@ -675,7 +682,7 @@ func (l *loop) sweep() {
 			l.dialFailed(pr, pr.target, errors.New("connect timeout"))
 			l.dial(pr)
 		case pr.connected && l.now.Sub(pr.last) >= l.p.set.idleTimeout:
-			l.p.log.Debug("connection idle", "service", pr.svc.name, "target", pr.target, "err", errIdle)
+			l.p.log.Debug("connection idle", "service", pr.svc.name, "target", pr.target, "error", errIdle)
 			l.end(pr, true)
 		}
 	}
