@@ -73,7 +73,6 @@ type Proxy struct {
 	active sync.WaitGroup
 
 	loops []*loop
-	nextL int // loop that gets the next steering socket's events
 
 	mu        sync.Mutex // guards what follows and serialises changes
 	closed    bool

@@ -188,7 +188,9 @@ func (c Config) runs(phase string) bool {
 }
 
 // measures reports whether the path comparison includes a metric.
-func (c Config) measures(name string) bool { return len(c.Metrics) == 0 || slices.Contains(c.Metrics, name) }
+func (c Config) measures(name string) bool {
+	return len(c.Metrics) == 0 || slices.Contains(c.Metrics, name)
+}
 
 func metricNames() string {
 	var n []string
