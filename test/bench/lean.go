@@ -32,11 +32,17 @@ var leanSource []byte
 // buildLean compiles lean.c with the machine's C compiler into a cache
 // keyed by the source's hash, once per source version.
 func buildLean() (string, error) {
-	cc, err := exec.LookPath("gcc")
-	if err != nil {
-		if cc, err = exec.LookPath("cc"); err != nil {
-			return "", errors.New("no C compiler (Debian package gcc)")
+	// clang is there wherever the BPF programs are built
+	// (hack/install-deps.sh); any of these compiles lean.c.
+	var cc string
+	for _, c := range []string{"gcc", "cc", "clang"} {
+		if p, err := exec.LookPath(c); err == nil {
+			cc = p
+			break
 		}
+	}
+	if cc == "" {
+		return "", errors.New("no C compiler (Debian package gcc or clang)")
 	}
 	sum := sha256.Sum256(leanSource)
 	cache, err := os.UserCacheDir()
