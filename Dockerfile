@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# The ctlbd image: ctlbd (daemon, CLI and `install-cni`) and the ctlb CNI
+# The ctlbd release image, multi-arch, built in CI with registry access (an
+# offline `make image` builds the same layout FROM scratch from bin/: see
+# hack/build-image.sh). ctlbd (daemon, CLI and `install-cni`) and the ctlb CNI
 # plugin beside it in /usr/local/bin, where `ctlbd install-cni` looks for the
 # plugin by default. Both are static (CGO_ENABLED=0). The generated BPF
 # objects are committed, so the build needs no clang.

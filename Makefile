@@ -10,9 +10,13 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X github.com/ctlb/ctlb/internal/version.Version=$(VERSION)
 GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 TESTFLAGS ?= -count=1 -timeout 40m
+# The container image: its name is set here, once (the chart's
+# image.repository default matches; docs/DEPLOY.md "The image").
+IMAGE    ?= ctlb/ctlbd
+IMAGE_TAG ?= $(VERSION)
 BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o internal/*/*_bpfel.go internal/*/*_bpfel.o)
 
-.PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean
+.PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean manifests image
 
 # Fuzz targets as NAME:PACKAGE; each runs for FUZZTIME in make test.
 FUZZTIME ?= 10s
@@ -35,6 +39,16 @@ generate: deps
 check-generate: generate
 	@git diff --exit-code --stat -- $(BPF_GEN) || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' 'internal/*/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
+
+# The ctlbd image from the static binaries, with podman, buildah or docker;
+# no registry needed (FROM scratch). IMAGE and IMAGE_TAG name it.
+image: build
+	hack/build-image.sh $(IMAGE):$(IMAGE_TAG)
+
+# The plain Kubernetes manifests are the Helm chart rendered (one source);
+# test/manifests fails when conf/kubernetes/ctlb.yaml is stale.
+manifests:
+	$(GO) run ./hack/render-chart -chart charts/ctlb -o conf/kubernetes/ctlb.yaml
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt wants changes in: $$out"; exit 1; }

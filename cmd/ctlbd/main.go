@@ -69,6 +69,7 @@ socket (--socket, or $CTLB_SOCKET).`,
 		newReloadCommand(g),
 		newVersionCommand(g),
 		cniinstall.NewCommand(),
+		newMountBPFFSCommand(),
 	)
 	return root
 }

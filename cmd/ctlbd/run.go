@@ -18,8 +18,8 @@ import (
 
 func newRunCommand(g *globals) *cobra.Command {
 	var (
-		cfgPath, bpffs, stateDir, logLevel, logFormat, nriSocket string
-		hostScope                                                bool
+		cfgPath, bpffs, stateDir, logLevel, logFormat, metrics, nriSocket string
+		noWatch, hostScope                                                bool
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -28,11 +28,16 @@ func newRunCommand(g *globals) *cobra.Command {
 create them on first start), apply the config's VIPs, and serve the control
 API on a 0600 unix socket. SIGTERM stops the daemon and leaves the data path
 in place: attached pods keep being balanced while no daemon runs, and the next
-daemon adopts the pins. SIGHUP re-reads the config; a bad one is rejected and
-the old one keeps running.
+daemon adopts the pins. A change of the config file is applied as soon as it
+is written (the file's directory is watched, so a Kubernetes ConfigMap
+update, which swaps a symlink, counts too); SIGHUP and "ctlbd reload" re-read
+it as well. A bad config is rejected and logged, the old one keeps running.
 
-Flags override the config file. Two daemons can run side by side with
-different --bpffs and --socket.`,
+An example config ships as conf/ctlbd.json (the systemd unit,
+conf/systemd/ctlbd.service, reads it from /etc/ctlb/ctlbd.json; under
+systemd the daemon reports readiness with sd_notify). Flags override the
+config file. Two daemons can run side by side with different --bpffs and
+--socket.`,
 		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
   ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /tmp/ctlbd.sock`,
 		Args: cobra.NoArgs,
@@ -55,6 +60,9 @@ different --bpffs and --socket.`,
 			if f.Changed("state-dir") {
 				cfg.StateDir = stateDir
 			}
+			if f.Changed("metrics") {
+				cfg.Metrics = metrics
+			}
 			if f.Changed("log-level") {
 				cfg.LogLevel = logLevel
 			}
@@ -76,6 +84,7 @@ different --bpffs and --socket.`,
 				return err
 			}
 			defer d.Close()
+			d.NoConfigWatch = noWatch
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
 			hup := make(chan os.Signal, 1)
@@ -94,6 +103,8 @@ different --bpffs and --socket.`,
 	f.StringVarP(&cfgPath, "config", "c", "", "JSON config file (see conf/ctlbd.json)")
 	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory for ctlb's pins")
 	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
+	f.StringVar(&metrics, "metrics", "", "IP:PORT for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464, or the node's address; \"\" turns them off)")
+	f.BoolVar(&noWatch, "no-config-watch", false, "do not apply the config file when it changes (SIGHUP and \"ctlbd reload\" still do)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&nriSocket, "nri-socket", "", "run the NRI plugin on this runtime NRI socket (e.g. /var/run/nri/nri.sock): container scope for pods annotated ctlb.io/containers")

@@ -32,8 +32,13 @@ type Config struct {
 	// Socket is the control API's unix socket.
 	Socket string `json:"socket,omitempty"`
 	// SocketGroup, when set, is the one group (name or GID) besides root
-	// that may use the control socket (mode 0660 instead of 0600).
+	// that may use the control socket (mode 0660 instead of 0600), read
+	// only: status, service list, attachments, pending.
 	SocketGroup string `json:"socketGroup,omitempty"`
+	// SocketWriteGroup, when set, is a group (name or GID) whose members
+	// may also change things (set and delete services, attach, reload);
+	// socketGroup members only read (status, lists). Root always may.
+	SocketWriteGroup string `json:"socketWriteGroup,omitempty"`
 	// StateDir holds pending attachments and other small state files.
 	StateDir string `json:"stateDir,omitempty"`
 	// LogLevel is debug, info, warn or error.
@@ -44,6 +49,8 @@ type Config struct {
 	// Metrics is the address of the Prometheus endpoint (/metrics), e.g.
 	// "127.0.0.1:9464"; empty turns it off.
 	Metrics string `json:"metrics,omitempty"`
+	// ControlAPI bounds the control socket's connections.
+	ControlAPI ControlAPI `json:"controlAPI,omitzero"`
 	// Services are the VIPs this daemon keeps in the maps.
 	Services []Service `json:"services,omitempty"`
 	// Proxy, when set, runs the fallback round-robin proxy for the listed
@@ -139,6 +146,18 @@ func Load(path string) (*Config, error) {
 	return c, nil
 }
 
+// ControlAPI holds the control socket's timeouts, so a client that stalls
+// (or never sends its request) cannot hold a connection and a goroutine
+// forever. Empty fields take the defaults.
+type ControlAPI struct {
+	// ReadTimeout bounds reading one whole request (default 30s).
+	ReadTimeout Duration `json:"readTimeout,omitempty"`
+	// WriteTimeout bounds answering it (default 30s).
+	WriteTimeout Duration `json:"writeTimeout,omitempty"`
+	// IdleTimeout ends a kept-alive connection with no request (default 2m).
+	IdleTimeout Duration `json:"idleTimeout,omitempty"`
+}
+
 // Default is the configuration with no file: defaults and no services.
 func Default() *Config {
 	c := &Config{}
@@ -162,6 +181,14 @@ func (c *Config) applyDefaults() {
 	if c.ReconcileInterval == 0 {
 		c.ReconcileInterval = Duration(5 * time.Second)
 	}
+	for _, d := range []struct {
+		v   *Duration
+		def time.Duration
+	}{{&c.ControlAPI.ReadTimeout, 30 * time.Second}, {&c.ControlAPI.WriteTimeout, 30 * time.Second}, {&c.ControlAPI.IdleTimeout, 2 * time.Minute}} {
+		if *d.v == 0 {
+			*d.v = Duration(d.def)
+		}
+	}
 }
 
 // Validate checks every field, naming the one that is wrong.
@@ -173,6 +200,14 @@ func (c *Config) Validate() error {
 	}
 	if c.ReconcileInterval < Duration(100*time.Millisecond) {
 		return fmt.Errorf("config reconcileInterval: %s, want at least 100ms", time.Duration(c.ReconcileInterval))
+	}
+	for _, d := range []struct {
+		name string
+		v    Duration
+	}{{"readTimeout", c.ControlAPI.ReadTimeout}, {"writeTimeout", c.ControlAPI.WriteTimeout}, {"idleTimeout", c.ControlAPI.IdleTimeout}} {
+		if d.v < Duration(10*time.Millisecond) {
+			return fmt.Errorf("config controlAPI.%s: %s, want at least 10ms", d.name, time.Duration(d.v))
+		}
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

@@ -8,19 +8,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf/rlimit"
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctlb/ctlb/internal/bpffs"
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/nri"
@@ -50,6 +49,12 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
+	// ready is what /readyz reports.
+	ready readiness
+
+	// NoConfigWatch turns off applying the config file when it changes
+	// (set before Run); SIGHUP and `ctlbd reload` still do.
+	NoConfigWatch bool
 	// nri is the NRI plugin (container scope) when the config asks for it.
 	nri *nri.Plugin
 }
@@ -91,18 +96,22 @@ func (d *Daemon) Close() error {
 	return err
 }
 
-// ensureBPFFS mounts a bpffs on dir when dir is not on one already.
+// ensureBPFFS puts the pin directory on a bpffs, mounting one where needed
+// (internal/bpffs), and lifts the memlock limit on kernels that still charge
+// BPF maps to it (before 5.11). Lifting it needs CAP_SYS_RESOURCE; a kernel
+// that accounts BPF memory to the memory cgroup needs neither, so a failure
+// is only logged.
 func ensureBPFFS(dir string, log *slog.Logger) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
+	if err := rlimit.RemoveMemlock(); err != nil {
+		log.Warn("could not lift RLIMIT_MEMLOCK; maps may fail to load on kernels before 5.11", "error", err)
 	}
-	if datapath.IsBPFFS(dir) {
-		return nil
+	mounted, err := bpffs.Ensure(dir)
+	if err != nil {
+		return err
 	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
+	if mounted != "" {
+		log.Info("mounted bpffs", "dir", mounted)
 	}
-	log.Info("mounted bpffs", "dir", dir)
 	return nil
 }
 
@@ -128,17 +137,19 @@ func lockDir(dir string) (*os.File, error) {
 // Run applies the config and serves the control API until ctx ends.
 func (d *Daemon) Run(ctx context.Context) error {
 	d.runCtx = ctx
+	// Metrics and probes first: /readyz says what is not done yet.
+	if d.cfg.Metrics != "" {
+		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
+			return err
+		}
+	}
 	if err := d.loadTable(); err != nil {
 		return err
 	}
 	if err := d.applyServices(nil, d.cfg); err != nil {
 		return err
 	}
-	if d.cfg.Metrics != "" {
-		if err := d.serveMetrics(ctx, d.cfg.Metrics); err != nil {
-			return err
-		}
-	}
+	d.ready.configApplied.Store(true)
 	if d.cfg.Proxy != nil {
 		p, err := proxy.New(*d.cfg.Proxy, d.table.targets, proxy.Options{Logger: d.log.With("part", "proxy"), Registerer: d.registry})
 		if err != nil {
@@ -155,6 +166,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.startPending(ctx); err != nil {
 		return err
 	}
+	if d.cfgPath != "" && !d.NoConfigWatch {
+		if err := d.watchConfig(ctx); err != nil {
+			return err
+		}
+	}
 	if d.cfg.HostScope {
 		if _, err := d.AttachHost(); err != nil {
 			return fmt.Errorf("config hostScope: %w", err)
@@ -163,101 +179,40 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.startNRI(ctx)
 	d.Reconcile()
 	go d.reconcileLoop(ctx, time.Duration(d.cfg.ReconcileInterval))
-	ln, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup)
+	ln, roles, err := listenUnix(d.cfg.Socket, d.cfg.SocketGroup, d.cfg.SocketWriteGroup, d.log)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	api := d.cfg.ControlAPI
+	srv := &http.Server{
+		Handler:     roles.authorize(d.Handler()),
+		ConnContext: peerContext,
+		// A stalled or idle client cannot hold a connection forever.
+		ReadHeaderTimeout: min(time.Duration(api.ReadTimeout), 10*time.Second),
+		ReadTimeout:       time.Duration(api.ReadTimeout),
+		WriteTimeout:      time.Duration(api.WriteTimeout),
+		IdleTimeout:       time.Duration(api.IdleTimeout),
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", len(d.cfg.Services))
+	d.ready.serving.Store(true)
+	d.mu.Lock()
+	nServices := len(d.cfg.Services)
+	d.mu.Unlock()
+	d.notify(readyState(nServices))
+	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", nServices)
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
 		return fmt.Errorf("control API: %w", err)
 	}
+	d.notify(sddaemon.SdNotifyStopping)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(shutdownCtx)
 	os.Remove(d.cfg.Socket)
 	d.log.Info("ctlbd stopped; the data path stays in place")
 	return nil
-}
-
-// listenUnix listens on a root-only unix socket, replacing a stale one. With
-// a group, that group alone may use it too (0660).
-func listenUnix(path, group string) (net.Listener, error) {
-	gid := -1
-	if group != "" {
-		g, err := lookupGroup(group)
-		if err != nil {
-			return nil, fmt.Errorf("socketGroup %q: %w", group, err)
-		}
-		gid = g
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
-	}
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
-	}
-	// Bind in a private directory, fix the mode, then rename into place: the
-	// socket is never reachable with a wider mode, and no process-wide umask
-	// change races other goroutines creating files.
-	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".ctlbd-sock-")
-	if err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
-	}
-	defer os.RemoveAll(tmpDir)
-	tmp := filepath.Join(tmpDir, "s")
-	ln, err := net.Listen("unix", tmp)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if gid >= 0 {
-		if err := os.Chown(path, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket %s: chown to group %s: %w", path, group, err)
-		}
-		if err := os.Chmod(path, 0o660); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket %s: %w", path, err)
-		}
-		// The group must reach the socket: it may traverse the directory,
-		// not list or change it.
-		dir := filepath.Dir(path)
-		if err := os.Chown(dir, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
-		}
-		if err := os.Chmod(dir, 0o710); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("socket directory %s: %w", dir, err)
-		}
-	}
-	return ln, nil
-}
-
-// lookupGroup takes a group name or a numeric GID.
-func lookupGroup(group string) (int, error) {
-	if gid, err := strconv.Atoi(group); err == nil && gid >= 0 {
-		return gid, nil
-	}
-	g, err := user.LookupGroup(group)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(g.Gid)
 }
 
 // Reload re-reads the config file and applies it. A config that does not

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ctlb/ctlb/internal/discovery"
 	"github.com/ctlb/ctlb/internal/health"
 )
 
@@ -38,6 +39,12 @@ var (
 		"Changes of a tracked VIP's healthy set written to the map.", []string{"vip"}, nil)
 	descPanic = prometheus.NewDesc("ctlb_service_panic",
 		"1 while a tracked VIP is in panic mode (no healthy server; every candidate kept).", []string{"vip"}, nil)
+	descRejected = prometheus.NewDesc("ctlb_source_rejected_entries",
+		"Entries of a source's last answer left out (not an address, wrong family, not unicast, listed twice, another host's loopback).", []string{"vip", "source"}, nil)
+	descTrimmed = prometheus.NewDesc("ctlb_service_candidates_trimmed",
+		"Candidates of a tracked VIP left out over the most servers a VIP may have.", []string{"vip"}, nil)
+	descConsulRequests = prometheus.NewDesc("ctlb_consul_requests_total",
+		"HTTP requests this daemon sent to Consul's API (all its watches; one watch per distinct query).", nil, nil)
 )
 
 // collector reads the kernel's counters at scrape time, so the numbers are
@@ -46,7 +53,7 @@ type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic} {
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descRejected, descTrimmed, descConsulRequests} {
 		ch <- d
 	}
 }
@@ -77,6 +84,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descDeadAttachments, prometheus.GaugeValue, float64(dead))
 	}
 	ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pendingCount()))
+	ch <- prometheus.MustNewConstMetric(descConsulRequests, prometheus.CounterValue, float64(discovery.ConsulRequests()))
 	for vip, snap := range d.snapshots() {
 		v := vip.String()
 		for _, srv := range snap.Servers {
@@ -92,7 +100,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		for _, src := range snap.Sources {
 			ch <- prometheus.MustNewConstMetric(descSourceErrors, prometheus.CounterValue, float64(src.Errors), v, src.Name)
+			ch <- prometheus.MustNewConstMetric(descRejected, prometheus.GaugeValue, float64(src.Rejected), v, src.Name)
 		}
+		ch <- prometheus.MustNewConstMetric(descTrimmed, prometheus.GaugeValue, float64(snap.Trimmed), v)
 		ch <- prometheus.MustNewConstMetric(descSetChanges, prometheus.CounterValue, float64(snap.Changes), v)
 		ch <- prometheus.MustNewConstMetric(descPanic, prometheus.GaugeValue, boolFloat(snap.Panic), v)
 	}
@@ -113,14 +123,18 @@ func (d *Daemon) newRegistry() *prometheus.Registry {
 	return r
 }
 
-// serveMetrics serves /metrics on addr until ctx ends.
+// serveMetrics serves /metrics, /healthz and /readyz on addr until ctx ends.
 func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("metrics: listen %s: %w", addr, err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	// Liveness and readiness probes (Kubernetes' httpGet) on the same
+	// listener: the metrics address is the one the kubelet can reach.
+	mux.Handle("GET /healthz", serveProbe(d.healthChecks))
+	mux.Handle("GET /readyz", serveProbe(d.readyChecks))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()

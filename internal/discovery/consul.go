@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -256,14 +257,6 @@ func (h *consulHub) leave(w *consulWatch) {
 	}
 }
 
-// ConsulWatchCount is the number of distinct Consul queries running in
-// this process (one per distinct query, however many VIPs use it).
-func ConsulWatchCount() int {
-	consulWatches.mu.Lock()
-	defer consulWatches.mu.Unlock()
-	return len(consulWatches.watches)
-}
-
 func (w *consulWatch) latest() (consulAnswer, uint64, <-chan struct{}) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -475,6 +468,13 @@ func (c *consulClient) isLocalNode(node string) bool {
 	return c.nodeName == node
 }
 
+// consulRequests counts every HTTP request to Consul in this process.
+var consulRequests atomic.Uint64
+
+// ConsulRequests is how many HTTP requests this process has sent to Consul
+// (every watch), for the ctlb_consul_requests_total metric.
+func ConsulRequests() uint64 { return consulRequests.Load() }
+
 // boundedTransport limits what an answer may make ctlbd read (an error
 // body is short; a real answer is bounded too).
 type boundedTransport struct {
@@ -482,6 +482,7 @@ type boundedTransport struct {
 }
 
 func (t *boundedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	consulRequests.Add(1)
 	resp, err := t.next.RoundTrip(req)
 	if err != nil {
 		return nil, err

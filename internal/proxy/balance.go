@@ -21,6 +21,9 @@ type service struct {
 	name string
 	next atomic.Uint64
 	m    atomic.Pointer[serviceMetrics] // set by the first connection
+	// active counts the client connections held for this service, for
+	// maxConnectionsPerService.
+	active atomic.Int64
 }
 
 // backoff remembers targets whose last dial failed, so the next clients try

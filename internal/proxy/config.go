@@ -22,6 +22,9 @@ const (
 	DefaultIdleTimeout    = 5 * time.Minute
 	DefaultConnectTimeout = 2 * time.Second
 	DefaultDrainTimeout   = 10 * time.Second
+	// DefaultMaxConnections caps the client connections the proxy holds
+	// at once (each takes two file descriptors).
+	DefaultMaxConnections = 16384
 )
 
 // Config is the proxy section of the ctlbd configuration, e.g.
@@ -29,6 +32,7 @@ const (
 //	{"mode": "steering",
 //	 "services": [{"vip": "198.18.100.1", "ports": [8502, 8500]}],
 //	 "idleTimeout": "5m", "connectTimeout": "2s", "drainTimeout": "10s",
+//	 "maxConnections": 16384, "maxConnectionsPerService": 4096,
 //	 "localVIP": {"enabled": true, "device": "ctlb0"}}
 //
 // Empty fields take the defaults above.
@@ -37,10 +41,19 @@ type Config struct {
 	Mode     string    `json:"mode,omitempty"`
 	Services []Service `json:"services"`
 	// Durations in time.ParseDuration syntax ("5m", "2s").
-	IdleTimeout    string   `json:"idleTimeout,omitempty"`
-	ConnectTimeout string   `json:"connectTimeout,omitempty"`
-	DrainTimeout   string   `json:"drainTimeout,omitempty"`
-	LocalVIP       LocalVIP `json:"localVIP"`
+	IdleTimeout    string `json:"idleTimeout,omitempty"`
+	ConnectTimeout string `json:"connectTimeout,omitempty"`
+	DrainTimeout   string `json:"drainTimeout,omitempty"`
+	// MaxConnections caps the client connections held open at once, over
+	// all services (default DefaultMaxConnections); MaxConnectionsPerService
+	// caps each VIP:port (default: no cap of its own). A client past a cap
+	// is reset at once and counted in ctlb_proxy_rejected_total.
+	MaxConnections           int `json:"maxConnections,omitempty"`
+	MaxConnectionsPerService int `json:"maxConnectionsPerService,omitempty"`
+	// RejectLogInterval is how often, at most, one kind of rejected
+	// connection is logged (default 10s); the rest are counted.
+	RejectLogInterval string   `json:"rejectLogInterval,omitempty"`
+	LocalVIP          LocalVIP `json:"localVIP"`
 }
 
 // Service is one VIP the proxy serves. A client that dials VIP:port is sent
@@ -70,6 +83,9 @@ type settings struct {
 	idleTimeout    time.Duration
 	connectTimeout time.Duration
 	drainTimeout   time.Duration
+	maxConns       int
+	maxPerService  int
+	rejectLogEvery time.Duration
 	localVIP       bool
 	device         string
 }
@@ -99,6 +115,19 @@ func (c Config) settings() (*settings, error) {
 	}
 	if s.drainTimeout, err = duration("drainTimeout", c.DrainTimeout, DefaultDrainTimeout); err != nil {
 		return nil, err
+	}
+	if s.rejectLogEvery, err = duration("rejectLogInterval", c.RejectLogInterval, DefaultRejectLogInterval); err != nil {
+		return nil, err
+	}
+	switch {
+	case c.MaxConnections < 0:
+		return nil, fmt.Errorf("maxConnections: %d must not be negative", c.MaxConnections)
+	case c.MaxConnectionsPerService < 0:
+		return nil, fmt.Errorf("maxConnectionsPerService: %d must not be negative", c.MaxConnectionsPerService)
+	}
+	s.maxConns, s.maxPerService = c.MaxConnections, c.MaxConnectionsPerService
+	if s.maxConns == 0 {
+		s.maxConns = DefaultMaxConnections
 	}
 	if s.device == "" {
 		s.device = vip.DefaultDevice

@@ -297,6 +297,7 @@ type pair struct {
 	connected      bool
 	clientOut      bool      // the client's socket is registered for writability
 	deadline       time.Time // of the dial
+	dialStart      time.Time // for the dial duration histogram
 	last           time.Time // bytes last moved
 	up, down       dir
 }
@@ -320,7 +321,15 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	svc := (*p.dests.Load())[dst]
 	if svc == nil {
 		p.m.rejected.WithLabelValues(dst.String(), rejectUnknownDest).Inc()
-		p.log.Warn("closing client: no service for the address it dialed", "client", peerName(fd), "dest", dst)
+		p.rejects.warn(rejectUnknownDest+" "+dst.String(), "closing client: no service for the address it dialed",
+			"client", peerName(fd), "dest", dst)
+		resetFD(fd)
+		return
+	}
+	if reason := p.admit(svc); reason != "" {
+		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
+		p.rejects.warn(reason+" "+svc.name, "closing client: connection limit reached", "service", svc.name,
+			"client", peerName(fd), "reason", reason, "maxConnections", p.set.maxConns, "maxConnectionsPerService", p.set.maxPerService)
 		resetFD(fd)
 		return
 	}
@@ -328,20 +337,23 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	sm.accepted.Inc()
 	plan, reason := p.plan(svc)
 	if len(plan) == 0 {
+		p.release(svc)
 		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
-		p.log.Warn("closing client: no target answered", "service", svc.name, "client", peerName(fd), "reason", reason)
+		p.rejects.warn(reason+" "+svc.name, "closing client: no target answered", "service", svc.name,
+			"client", peerName(fd), "reason", reason)
 		resetFD(fd)
 		return
 	}
-	pr := &pair{client: fd, server: -1, svc: svc, sm: sm, plan: plan, last: l.now,
+	pr := &pair{client: fd, server: -1, svc: svc, sm: sm, plan: plan, last: l.now, dialStart: time.Now(),
 		up: dir{pipe: [2]int{-1, -1}}, down: dir{pipe: [2]int{-1, -1}}}
 	if err := l.add(fd, pr, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
+		p.release(svc)
 		p.log.Warn("closing client: epoll", "error", err)
 		resetFD(fd)
 		return
 	}
 	sm.open.Inc()
-	p.active.Add(1)
+	p.held.Add(1)
 	l.pairs[pr] = struct{}{}
 	l.dial(pr)
 }
@@ -373,7 +385,8 @@ func (l *loop) dial(pr *pair) {
 		return
 	}
 	p.m.rejected.WithLabelValues(pr.svc.name, rejectDialFailed).Inc()
-	p.log.Warn("closing client: no target answered", "service", pr.svc.name, "client", peerName(pr.client), "reason", rejectDialFailed)
+	p.rejects.warn(rejectDialFailed+" "+pr.svc.name, "closing client: no target answered", "service", pr.svc.name,
+		"client", peerName(pr.client), "reason", rejectDialFailed)
 	l.end(pr, true)
 }
 
@@ -381,7 +394,7 @@ func (l *loop) dialFailed(pr *pair, t netip.AddrPort, err error) {
 	p := l.p
 	p.backoff.failed(t)
 	p.m.dialFailures.WithLabelValues(pr.svc.name, t.String()).Inc()
-	p.log.Warn("dial failed", "service", pr.svc.name, "target", t, "error", err)
+	p.rejects.warn("dial "+pr.svc.name+" "+t.String(), "dial failed", "service", pr.svc.name, "target", t, "error", err)
 }
 
 // Directions to pump.
@@ -456,6 +469,7 @@ func (pr *pair) event(l *loop, fd int, ev uint32) {
 func (l *loop) connected(pr *pair) {
 	p := l.p
 	p.backoff.succeeded(pr.target)
+	pr.sm.dial.Observe(time.Since(pr.dialStart).Seconds())
 	pr.tm = pr.sm.target(p.m, pr.svc.name, pr.target)
 	pr.tm.proxied.Inc()
 	pr.connected = true
@@ -639,7 +653,8 @@ func (l *loop) end(pr *pair, abort bool) {
 	pr.up.closePipe()
 	pr.down.closePipe()
 	pr.sm.open.Dec()
-	l.p.active.Done()
+	l.p.release(pr.svc)
+	l.p.held.Done()
 }
 
 // sweep ends dials past the connect timeout (the next target is tried) and

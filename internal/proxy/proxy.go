@@ -69,8 +69,12 @@ type Proxy struct {
 	// closing is set once Shutdown starts: loops reset what they accept
 	// from then on.
 	closing atomic.Bool
-	// active counts open pairs, for Shutdown's drain.
-	active sync.WaitGroup
+	// held counts open pairs, for Shutdown's drain.
+	held sync.WaitGroup
+	// active counts the client connections held, for maxConnections.
+	active atomic.Int64
+	// rejects logs rejected connections, at most once per interval and kind.
+	rejects *rateLog
 
 	loops []*loop
 
@@ -119,6 +123,7 @@ func New(cfg Config, targets Targets, opts Options) (*Proxy, error) {
 		backoff:   newBackoff(opts.FailBackoff),
 		listeners: make(map[netip.AddrPort][]loopFD),
 	}
+	p.rejects = newRateLog(p.log, set.rejectLogEvery)
 	empty := map[netip.AddrPort]*service{}
 	p.dests.Store(&empty)
 	if err := p.start(opts.NetNS); err != nil {
@@ -393,6 +398,26 @@ func (p *Proxy) Listening() []netip.AddrPort {
 	return out
 }
 
+// admit counts a new client against the caps; the reason it is refused,
+// or "" (then release must follow).
+func (p *Proxy) admit(svc *service) string {
+	if p.active.Add(1) > int64(p.set.maxConns) {
+		p.active.Add(-1)
+		return rejectLimit
+	}
+	if n := svc.active.Add(1); p.set.maxPerService > 0 && n > int64(p.set.maxPerService) {
+		svc.active.Add(-1)
+		p.active.Add(-1)
+		return rejectSvcLimit
+	}
+	return ""
+}
+
+func (p *Proxy) release(svc *service) {
+	svc.active.Add(-1)
+	p.active.Add(-1)
+}
+
 // plan is the order to dial a service's targets in for one client, or the
 // reason there is none.
 func (p *Proxy) plan(svc *service) ([]netip.AddrPort, string) {
@@ -426,7 +451,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.stopAccepting()
 
 	done := make(chan struct{})
-	go func() { p.active.Wait(); close(done) }()
+	go func() { p.held.Wait(); close(done) }()
 	drain := time.NewTimer(p.set.drainTimeout)
 	defer drain.Stop()
 	select {

@@ -91,8 +91,8 @@ func TestPinsAndSocketAreRootOnly(t *testing.T) {
 		t.Fatalf("bpftool: %v (make deps installs it)", err)
 	}
 	for _, args := range [][]string{
-		{"map", "dump", "pinned", filepath.Join(d.BPFFS, "ctlb_services_v1")},
-		{"map", "delete", "pinned", filepath.Join(d.BPFFS, "ctlb_rr_v1"), "key", "0", "0", "0", "0", "0", "0", "0", "0"},
+		{"map", "dump", "pinned", filepath.Join(d.BPFFS, "ctlb_services_v2")},
+		{"map", "delete", "pinned", filepath.Join(d.BPFFS, "ctlb_svcstate_v2"), "key", "0", "0", "0", "0"},
 	} {
 		out, code := runAs(nobody, nobody, bpftool, args...)
 		if code == 0 {
@@ -122,8 +122,12 @@ func TestSocketGroup(t *testing.T) {
 	if fi.Mode().Perm() != 0o660 || st.Gid != group {
 		t.Fatalf("socket mode %v group %d; want 0660 group %d", fi.Mode(), st.Gid, group)
 	}
-	if out, code := runAs(nobody, group, ctlbd, "--socket", d.Socket, "service", "set", vip, servers[0]); code != 0 {
+	if out, code := runAs(nobody, group, ctlbd, "--socket", d.Socket, "service", "list"); code != 0 {
 		t.Fatalf("member of the socket group: exit %d: %s", code, out)
+	}
+	// Read-only unless socketWriteGroup (test/deploy checks the roles).
+	if out, code := runAs(nobody, group, ctlbd, "--socket", d.Socket, "service", "set", vip, servers[0]); code == 0 || !strings.Contains(out, "may only read") {
+		t.Fatalf("member of the socket group: service set: exit %d, %q; want a read-only refusal", code, out)
 	}
 	if out, code := runAs(nobody, nobody, ctlbd, "--socket", d.Socket, "service", "list"); code == 0 || !strings.Contains(out, "permission denied") {
 		t.Fatalf("non-member: exit %d, %q; want permission denied", code, out)

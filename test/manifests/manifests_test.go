@@ -1,9 +1,14 @@
-// Package manifests checks the Kubernetes manifests in conf/kubernetes the
-// way an API server would start to: every document decodes strictly into
-// its k8s.io/api type (an unknown or misspelled field, a duplicate key, a
-// wrong type all fail), names are valid, and the objects fit together
-// (mounts name volumes, the selector matches the pods, the ConfigMap holds a
-// daemon config the DaemonSet's flags agree with).
+// Package manifests checks the Helm chart charts/ctlb, rendered with Helm's
+// own engine for the default values and for the Consul example, and the
+// plain manifests in conf/kubernetes generated from it, the way an API
+// server would start to: every document decodes strictly into its
+// k8s.io/api type (an unknown or misspelled field, a duplicate key, a wrong
+// type all fail), names are valid, and the objects fit together (mounts
+// name volumes, the selector matches the pods, the ConfigMap holds a daemon
+// config, read by ctlbd's own loader, that the DaemonSet's flags agree
+// with). The security posture is checked too: only the bpffs init container
+// is privileged; ctlbd drops every capability but the ones test/deploy
+// found it needs.
 package manifests
 
 import (
@@ -29,10 +34,15 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ctlb/ctlb/internal/chart"
 	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/test/deploy"
 )
 
-const manifestDir = "../../conf/kubernetes"
+const (
+	manifestDir = "../../conf/kubernetes"
+	chartDir    = "../../charts/ctlb"
+)
 
 // kinds maps each kind the manifests may use to its API version and type.
 // A kind missing here is an error: add it with its real type.
@@ -46,6 +56,27 @@ var kinds = map[string]struct {
 	"DaemonSet":          {"apps/v1", func() any { return &appsv1.DaemonSet{} }},
 	"ClusterRole":        {"rbac.authorization.k8s.io/v1", func() any { return &rbacv1.ClusterRole{} }},
 	"ClusterRoleBinding": {"rbac.authorization.k8s.io/v1", func() any { return &rbacv1.ClusterRoleBinding{} }},
+	"Service":            {"v1", func() any { return &corev1.Service{} }},
+	"ServiceMonitor":     {"monitoring.coreos.com/v1", func() any { return &serviceMonitor{} }},
+}
+
+// serviceMonitor is the part of prometheus-operator's ServiceMonitor the
+// chart uses, decoded as strictly as the k8s.io/api types (the operator's
+// Go module is not worth its weight here).
+type serviceMonitor struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		Selector          metav1.LabelSelector `json:"selector"`
+		NamespaceSelector struct {
+			MatchNames []string `json:"matchNames"`
+		} `json:"namespaceSelector"`
+		Endpoints []struct {
+			Port     string `json:"port"`
+			Path     string `json:"path"`
+			Interval string `json:"interval"`
+		} `json:"endpoints"`
+	} `json:"spec"`
 }
 
 // doc is one decoded YAML document and where it came from.
@@ -90,29 +121,37 @@ func loadAll(t *testing.T, dir string) []doc {
 		if err != nil {
 			return err
 		}
-		r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
-		for i := 1; ; i++ {
-			raw, err := r.Read()
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if err != nil {
-				return fmt.Errorf("%s: document %d: %w", path, i, err)
-			}
-			if len(bytes.TrimSpace(stripComments(raw))) == 0 {
-				continue
-			}
-			obj, err := decodeStrict(raw)
-			if err != nil {
-				return fmt.Errorf("%s: document %d: %w", path, i, err)
-			}
-			docs = append(docs, doc{where: fmt.Sprintf("%s#%d", filepath.Base(path), i), obj: obj})
-		}
+		more, err := decodeStream(filepath.Base(path), data)
+		docs = append(docs, more...)
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return docs
+}
+
+// decodeStream decodes every document of a multi-document YAML stream.
+func decodeStream(name string, data []byte) ([]doc, error) {
+	var docs []doc
+	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	for i := 1; ; i++ {
+		raw, err := r.Read()
+		if errors.Is(err, io.EOF) {
+			return docs, nil
+		}
+		if err != nil {
+			return docs, fmt.Errorf("%s: document %d: %w", name, i, err)
+		}
+		if len(bytes.TrimSpace(stripComments(raw))) == 0 {
+			continue
+		}
+		obj, err := decodeStrict(raw)
+		if err != nil {
+			return docs, fmt.Errorf("%s: document %d: %w", name, i, err)
+		}
+		docs = append(docs, doc{where: fmt.Sprintf("%s#%d", name, i), obj: obj})
+	}
 }
 
 func stripComments(b []byte) []byte {
@@ -146,8 +185,81 @@ func TestStrictDecoderCatchesTypos(t *testing.T) {
 	}
 }
 
-func TestManifests(t *testing.T) {
-	docs := loadAll(t, manifestDir)
+// render renders the chart as `helm template` would, and decodes it.
+func render(t *testing.T, valueFiles []string, set map[string]any) []doc {
+	t.Helper()
+	out, err := chart.Render(chartDir, chart.DefaultRelease, valueFiles, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	docs, err := decodeStream("chart", out)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	return docs
+}
+
+// TestChartDefault: the chart with its default values (no VIPs yet).
+func TestChartDefault(t *testing.T) {
+	checkDocs(t, render(t, nil, nil), false, false)
+}
+
+// TestChartConsul: the documented Consul use case, with a ServiceMonitor
+// and the metrics on localhost only.
+func TestChartConsul(t *testing.T) {
+	docs := render(t, []string{chartDir + "/examples/consul.yaml"}, map[string]any{
+		"metrics": map[string]any{"bind": "localhost", "serviceMonitor": map[string]any{"enabled": true}},
+		"image":   map[string]any{"digest": "sha256:" + strings.Repeat("ab", 32)},
+	})
+	checkDocs(t, docs, false, true)
+	var monitors int
+	for _, d := range docs {
+		if sm, ok := d.obj.(*serviceMonitor); ok {
+			monitors++
+			if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != "metrics" {
+				t.Errorf("ServiceMonitor endpoints %+v, want the metrics port", sm.Spec.Endpoints)
+			}
+		}
+		if ds, ok := d.obj.(*appsv1.DaemonSet); ok {
+			for _, c := range ds.Spec.Template.Spec.Containers {
+				if !strings.Contains(c.Image, "@sha256:") {
+					t.Errorf("container %s: image %q, want the digest", c.Name, c.Image)
+				}
+			}
+		}
+	}
+	if monitors != 1 {
+		t.Errorf("%d ServiceMonitors, want 1", monitors)
+	}
+}
+
+// TestChartRejectsBadValues: a value the chart cannot honour fails the
+// render with its name, rather than deploying something else.
+func TestChartRejectsBadValues(t *testing.T) {
+	_, err := chart.Render(chartDir, chart.DefaultRelease, nil, map[string]any{"metrics": map[string]any{"bind": "0.0.0.0"}})
+	if err == nil || !strings.Contains(err.Error(), "metrics.bind") {
+		t.Errorf("metrics.bind 0.0.0.0: %v, want an error naming metrics.bind", err)
+	}
+}
+
+// TestPlainManifests: conf/kubernetes is the chart rendered (make
+// manifests), and it holds together on its own (namespace included).
+func TestPlainManifests(t *testing.T) {
+	want, err := chart.Manifests(chartDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(manifestDir, "ctlb.yaml"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Errorf("conf/kubernetes/ctlb.yaml is not what charts/ctlb renders (%v): run make manifests and commit", err)
+	}
+	checkDocs(t, loadAll(t, manifestDir), true, true)
+}
+
+// checkDocs checks one set of objects: withNamespace when they must create
+// their own namespace, withServices when the config must name VIPs.
+func checkDocs(t *testing.T, docs []doc, withNamespace, withServices bool) {
+	t.Helper()
 	var (
 		namespaces = map[string]bool{}
 		accounts   = map[string]bool{}
@@ -163,6 +275,9 @@ func TestManifests(t *testing.T) {
 		switch o := d.obj.(type) {
 		case *corev1.Namespace:
 			namespaces[o.Name] = true
+			if o.Labels["pod-security.kubernetes.io/enforce"] != "privileged" {
+				t.Errorf("%s: the bpffs init container is privileged: the namespace needs pod-security enforce=privileged", d.where)
+			}
 		case *corev1.ServiceAccount:
 			accounts[o.Namespace+"/"+o.Name] = true
 		case *corev1.ConfigMap:
@@ -171,18 +286,20 @@ func TestManifests(t *testing.T) {
 			daemonSets = append(daemonSets, o)
 		}
 	}
-	for _, d := range docs {
-		if _, cluster := d.obj.(*corev1.Namespace); cluster {
-			continue
-		}
-		if ns := objectMeta(d.obj).Namespace; !namespaces[ns] {
-			t.Errorf("%s: namespace %q is not created by these manifests", d.where, ns)
+	if withNamespace {
+		for _, d := range docs {
+			if _, cluster := d.obj.(*corev1.Namespace); cluster {
+				continue
+			}
+			if ns := objectMeta(d.obj).Namespace; !namespaces[ns] {
+				t.Errorf("%s: namespace %q is not created by these manifests", d.where, ns)
+			}
 		}
 	}
 	if len(daemonSets) != 1 {
 		t.Fatalf("%d DaemonSets, want 1", len(daemonSets))
 	}
-	checkDaemonSet(t, daemonSets[0], accounts, configMaps)
+	checkDaemonSet(t, daemonSets[0], accounts, configMaps, withServices)
 }
 
 func objectMeta(obj any) metav1.ObjectMeta {
@@ -198,6 +315,10 @@ func objectMeta(obj any) metav1.ObjectMeta {
 	case *rbacv1.ClusterRole:
 		return o.ObjectMeta
 	case *rbacv1.ClusterRoleBinding:
+		return o.ObjectMeta
+	case *corev1.Service:
+		return o.ObjectMeta
+	case *serviceMonitor:
 		return o.ObjectMeta
 	}
 	panic(fmt.Sprintf("no metadata for %T", obj))
@@ -215,7 +336,7 @@ func checkLabels(t *testing.T, where string, l map[string]string) {
 	}
 }
 
-func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool, configMaps map[string]*corev1.ConfigMap) {
+func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool, configMaps map[string]*corev1.ConfigMap, withServices bool) {
 	t.Helper()
 	spec := ds.Spec.Template.Spec
 	where := "DaemonSet " + ds.Name
@@ -310,19 +431,35 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 		}
 	}
 
-	// The daemon: privileged, probed with `ctlbd status`, its mounts.
+	// Least privilege: the one privileged container is the init container
+	// mounting bpffs; ctlbd drops every capability but the ones it needs.
+	var bpffsInit *corev1.Container
+	for i, c := range all {
+		privileged := c.SecurityContext != nil && c.SecurityContext.Privileged != nil && *c.SecurityContext.Privileged
+		isInit := i < len(spec.InitContainers)
+		if privileged && (!isInit || len(c.Command) < 2 || c.Command[1] != "mount-bpffs") {
+			t.Errorf("%s container %s: privileged; only the mount-bpffs init container may be", where, c.Name)
+		}
+		if privileged {
+			bpffsInit = &spec.InitContainers[i]
+		}
+	}
+	if bpffsInit == nil {
+		t.Errorf("%s: no privileged init container running `ctlbd mount-bpffs`", where)
+	} else {
+		m := mountAt(*bpffsInit, "/sys/fs/bpf")
+		if m == nil || m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationBidirectional ||
+			volumes[m.Name].HostPath == nil || volumes[m.Name].HostPath.Path != "/sys/fs/bpf" {
+			t.Errorf("%s container %s: want the host's /sys/fs/bpf at /sys/fs/bpf with Bidirectional propagation", where, bpffsInit.Name)
+		}
+	}
+
 	ctlbd, ok := containers["ctlbd"]
 	if !ok {
 		t.Fatalf("%s: no container named ctlbd", where)
 	}
 	cw := where + " container ctlbd"
-	if sc := ctlbd.SecurityContext; sc == nil || sc.Privileged == nil || !*sc.Privileged {
-		t.Errorf("%s: not privileged", cw)
-	}
-	if p := ctlbd.ReadinessProbe; p == nil || p.Exec == nil || len(p.Exec.Command) < 2 ||
-		filepath.Base(p.Exec.Command[0]) != "ctlbd" || p.Exec.Command[1] != "status" {
-		t.Errorf("%s: readiness probe %+v, want exec `ctlbd status`", cw, ctlbd.ReadinessProbe)
-	}
+	checkLeastPrivilege(t, cw, ctlbd, spec.SecurityContext)
 	mounts := map[string]corev1.VolumeMount{}
 	for _, m := range ctlbd.VolumeMounts {
 		mounts[m.MountPath] = m
@@ -331,7 +468,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 		hostPath    string
 		propagation corev1.MountPropagationMode
 	}{
-		"/sys/fs/bpf":    {"/sys/fs/bpf", corev1.MountPropagationBidirectional},
+		"/sys/fs/bpf":    {"/sys/fs/bpf", corev1.MountPropagationHostToContainer},
 		"/sys/fs/cgroup": {"/sys/fs/cgroup", corev1.MountPropagationHostToContainer},
 		"/run/ctlb":      {"/run/ctlb", ""},
 	} {
@@ -366,7 +503,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 	if err != nil {
 		t.Fatalf("ConfigMap %s key %s: %v", cm.Name, key, err)
 	}
-	if len(cfg.Services) == 0 {
+	if withServices && len(cfg.Services) == 0 {
 		t.Errorf("ConfigMap %s key %s: no services", cm.Name, key)
 	}
 	for _, c := range []*corev1.Container{install, watch} {
@@ -377,21 +514,36 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 			t.Errorf("%s container %s: --socket %q, ctlbd.json says %q", where, c.Name, got, cfg.Socket)
 		}
 	}
+	if bpffsInit != nil {
+		if got := flagValue(bpffsInit.Command, "--bpffs"); got != cfg.BPFFS {
+			t.Errorf("%s container %s: --bpffs %q, ctlbd.json says %q", where, bpffsInit.Name, got, cfg.BPFFS)
+		}
+	}
 	if !strings.HasPrefix(cfg.Socket, "/run/ctlb/") || !strings.HasPrefix(cfg.BPFFS, "/sys/fs/bpf/") {
 		t.Errorf("ctlbd.json: socket %q and bpffs %q must lie in the host mounts /run/ctlb and /sys/fs/bpf", cfg.Socket, cfg.BPFFS)
 	}
 
-	// Prometheus finds the metrics port the daemon listens on.
-	ann := ds.Spec.Template.Annotations
-	if ann["prometheus.io/scrape"] != "true" {
-		t.Errorf("%s: pod annotation prometheus.io/scrape = %q, want \"true\"", where, ann["prometheus.io/scrape"])
-	}
-	_, port, err := net.SplitHostPort(cfg.Metrics)
+	// Metrics and probes: one listener on the node's address (downward
+	// API) or 127.0.0.1, never every interface; the probes reach it.
+	metrics := flagValue(ctlbd.Command, "--metrics")
+	host, port, err := net.SplitHostPort(metrics)
 	if err != nil {
-		t.Fatalf("ctlbd.json metrics %q: %v", cfg.Metrics, err)
+		t.Fatalf("%s: --metrics %q: %v", cw, metrics, err)
 	}
-	if ann["prometheus.io/port"] != port {
-		t.Errorf("%s: prometheus.io/port %q, ctlbd.json metrics listens on %q", where, ann["prometheus.io/port"], port)
+	probeHost := ""
+	switch host {
+	case "127.0.0.1":
+		probeHost = host
+	case "$(CTLB_NODE_IP)":
+		var fromHostIP bool
+		for _, e := range ctlbd.Env {
+			fromHostIP = fromHostIP || (e.Name == "CTLB_NODE_IP" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.hostIP")
+		}
+		if !fromHostIP {
+			t.Errorf("%s: --metrics uses $(CTLB_NODE_IP), which is not status.hostIP", cw)
+		}
+	default:
+		t.Errorf("%s: --metrics %q: want the node's address or 127.0.0.1, not every interface", cw, metrics)
 	}
 	var declared bool
 	for _, p := range ctlbd.Ports {
@@ -400,6 +552,72 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 	if !declared {
 		t.Errorf("%s: no port named metrics at %s", cw, port)
 	}
+	for name, pr := range map[string]struct {
+		probe *corev1.Probe
+		path  string
+	}{"startupProbe": {ctlbd.StartupProbe, "/healthz"}, "livenessProbe": {ctlbd.LivenessProbe, "/healthz"}, "readinessProbe": {ctlbd.ReadinessProbe, "/readyz"}} {
+		if pr.probe == nil || pr.probe.HTTPGet == nil || pr.probe.HTTPGet.Path != pr.path || pr.probe.HTTPGet.Port.String() != "metrics" || pr.probe.HTTPGet.Host != probeHost {
+			t.Errorf("%s: %s %+v, want httpGet %s on port metrics, host %q", cw, name, pr.probe, pr.path, probeHost)
+		}
+	}
+	if ann := ds.Spec.Template.Annotations; ann["prometheus.io/scrape"] == "true" && ann["prometheus.io/port"] != port {
+		t.Errorf("%s: prometheus.io/port %q, ctlbd listens on %q", where, ann["prometheus.io/port"], port)
+	}
+	if len(spec.Tolerations) == 0 || spec.PriorityClassName == "" {
+		t.Errorf("%s: tolerations %v, priorityClassName %q: a node agent runs on every node, before others", where, spec.Tolerations, spec.PriorityClassName)
+	}
+}
+
+// checkLeastPrivilege: not privileged, every capability dropped but the
+// ones test/deploy found ctlbd needs, read-only root, RuntimeDefault
+// seccomp, no privilege escalation.
+func checkLeastPrivilege(t *testing.T, where string, c corev1.Container, pod *corev1.PodSecurityContext) {
+	t.Helper()
+	sc := c.SecurityContext
+	if sc == nil {
+		t.Errorf("%s: no securityContext", where)
+		return
+	}
+	if sc.Privileged != nil && *sc.Privileged {
+		t.Errorf("%s: privileged", where)
+	}
+	if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+		t.Errorf("%s: allowPrivilegeEscalation is not false", where)
+	}
+	if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+		t.Errorf("%s: readOnlyRootFilesystem is not true", where)
+	}
+	seccomp := sc.SeccompProfile
+	if seccomp == nil && pod != nil {
+		seccomp = pod.SeccompProfile
+	}
+	if seccomp == nil || seccomp.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Errorf("%s: seccompProfile %+v, want RuntimeDefault", where, seccomp)
+	}
+	var want []string
+	for _, c := range deploy.Needed {
+		want = append(want, strings.ToUpper(c))
+	}
+	var added []string
+	if sc.Capabilities != nil {
+		for _, c := range sc.Capabilities.Add {
+			added = append(added, string(c))
+		}
+	}
+	slices.Sort(added)
+	slices.Sort(want)
+	if sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || !slices.Equal(added, want) {
+		t.Errorf("%s: capabilities %+v, want drop [ALL] add exactly %v (test/deploy)", where, sc.Capabilities, want)
+	}
+}
+
+func mountAt(c corev1.Container, path string) *corev1.VolumeMount {
+	for i, m := range c.VolumeMounts {
+		if m.MountPath == path {
+			return &c.VolumeMounts[i]
+		}
+	}
+	return nil
 }
 
 // configMapFile finds the ConfigMap key behind a file path in the container.

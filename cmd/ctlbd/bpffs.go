@@ -1,0 +1,42 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctlb/ctlb/internal/bpffs"
+)
+
+func newMountBPFFSCommand() *cobra.Command {
+	var dir string
+	cmd := &cobra.Command{
+		Use:   "mount-bpffs",
+		Short: "Make the pin directory exist on a bpffs, then exit",
+		Long: `Make the pin directory exist on a BPF filesystem, as "ctlbd run" does at start,
+and exit. When /sys/fs/bpf is plain sysfs (the host never mounted a bpffs),
+the bpffs goes on /sys/fs/bpf itself and the pin directory is made inside it;
+a pin directory elsewhere gets a bpffs of its own.
+
+This is the one step that needs CAP_SYS_ADMIN and mount propagation to the
+host: in Kubernetes it runs in a small privileged init container with
+/sys/fs/bpf mounted Bidirectional, so the long-running ctlbd container runs
+unprivileged (docs/DEPLOY.md).`,
+		Example: `  ctlbd mount-bpffs --bpffs /sys/fs/bpf/ctlb`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			mounted, err := bpffs.Ensure(dir)
+			if err != nil {
+				return err
+			}
+			if mounted != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "mounted bpffs on %s\n", mounted)
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s is on bpffs already\n", dir)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")
+	return cmd
+}

@@ -1,0 +1,160 @@
+package deploy
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
+)
+
+const (
+	nobody     = 65534
+	readGroup  = 4242
+	writeGroup = 4243
+)
+
+// runAs runs ctlbd as uid with the given groups (the first is the primary
+// one) and no capabilities.
+func runAs(uid uint32, groups []uint32, args ...string) (string, int) {
+	cmd := exec.Command(ctlbd, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: groups[0], Groups: groups[1:]}}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return out.String(), ee.ExitCode()
+	}
+	if err != nil {
+		return err.Error(), -1
+	}
+	return out.String(), 0
+}
+
+// openDir is a directory any user may traverse (0755), for a socket that
+// only its own mode and its directory's should protect.
+func openDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ctlb-sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func groupDaemon(t *testing.T, socket string, cfg map[string]any) *ctlbdtest.Daemon {
+	t.Helper()
+	return ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbd, Socket: socket, Config: cfg})
+}
+
+// TestSocketGroupReadOnly: members of socketGroup read (status, lists) but
+// change nothing; members of socketWriteGroup change things; the kernel's
+// peer credentials decide, supplementary groups included.
+func TestSocketGroupReadOnly(t *testing.T) {
+	testutil.RequireRoot(t)
+	sock := filepath.Join(openDir(t), "run", "ctlbd.sock")
+	d := groupDaemon(t, sock, map[string]any{"socketGroup": "4242", "socketWriteGroup": "4243"})
+	d.SetService("198.18.255.1:80", "198.18.0.2:80")
+	before := d.MustCLI("service", "list", "-o", "json")
+
+	reader := []uint32{readGroup}
+	for _, args := range [][]string{{"status"}, {"service", "list"}, {"attachments"}} {
+		if out, code := runAs(nobody, reader, append([]string{"--socket", sock}, args...)...); code != 0 {
+			t.Errorf("socketGroup member: ctlbd %s: exit %d: %s", strings.Join(args, " "), code, out)
+		}
+	}
+	for _, args := range [][]string{
+		{"service", "set", "198.18.255.1:80", "198.18.0.3:80"},
+		{"service", "delete", "198.18.255.1:80"},
+		{"reload"},
+	} {
+		out, code := runAs(nobody, reader, append([]string{"--socket", sock}, args...)...)
+		if code == 0 || !strings.Contains(out, "may only read") {
+			t.Errorf("socketGroup member: ctlbd %s: exit %d, %q; want a read-only refusal", strings.Join(args, " "), code, out)
+		}
+	}
+	if after := d.MustCLI("service", "list", "-o", "json"); after != before {
+		t.Fatalf("a read-only member changed the services:\n%s\n%s", before, after)
+	}
+	// In both groups (the write group as a supplementary one): may change.
+	writer := []uint32{readGroup, writeGroup}
+	if out, code := runAs(nobody, writer, "--socket", sock, "service", "set", "198.18.255.1:80", "198.18.0.3:80"); code != 0 {
+		t.Errorf("socketWriteGroup member: service set: exit %d: %s", code, out)
+	}
+	if after := d.MustCLI("service", "list", "-o", "json"); after == before {
+		t.Errorf("the write group member's change did not land")
+	}
+	// Outside the groups: the socket's mode keeps it out.
+	if out, code := runAs(nobody, []uint32{nobody}, "--socket", sock, "status"); code == 0 || !strings.Contains(out, "permission denied") {
+		t.Errorf("non-member: exit %d, %q; want permission denied", code, out)
+	}
+	// The directory ctlbd created: the group may traverse it, no more.
+	fi, err := os.Stat(filepath.Dir(sock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); fi.Mode().Perm() != 0o710 || st.Gid != readGroup {
+		t.Errorf("created socket directory: mode %v gid %d, want 0710 gid %d", fi.Mode().Perm(), st.Gid, readGroup)
+	}
+}
+
+// TestSocketGroupLeavesForeignDirectory: a directory ctlbd did not create
+// keeps its mode and owner.
+func TestSocketGroupLeavesForeignDirectory(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := filepath.Join(openDir(t), "mine")
+	if err := os.Mkdir(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	d := groupDaemon(t, filepath.Join(dir, "ctlbd.sock"), map[string]any{"socketGroup": "4242"})
+	fi, err := os.Stat(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); fi.Mode().Perm() != 0o750 || st.Uid != 0 || st.Gid != 0 {
+		t.Errorf("existing directory changed: mode %v uid %d gid %d, want 0750 root:root", fi.Mode().Perm(), st.Uid, st.Gid)
+	}
+	if !strings.Contains(d.Logs(), "socket directory not changed") {
+		t.Errorf("no warning that the group cannot reach the socket:\n%s", d.LogTail(1000))
+	}
+}
+
+// TestSocketInSharedDirectoryRefused: a sticky or world-writable directory
+// (like /tmp) is refused with a clear error, and nothing is created there.
+func TestSocketInSharedDirectoryRefused(t *testing.T) {
+	testutil.RequireRoot(t)
+	for name, mode := range map[string]os.FileMode{"sticky": 0o1777, "world-writable": 0o777} {
+		dir := filepath.Join(openDir(t), name)
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, mode); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		cmd := exec.CommandContext(ctx, ctlbd, "run", "--bpffs", filepath.Join(testutil.MountBPFFS(t), "ctlb"),
+			"--socket", filepath.Join(dir, "ctlbd.sock"), "--state-dir", filepath.Join(t.TempDir(), "state"))
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if err == nil || !strings.Contains(string(out), "is shared") {
+			t.Errorf("%s directory: %v, %q; want a refusal naming the shared directory", name, err, lastLine(string(out)))
+		}
+		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+			t.Errorf("%s directory: ctlbd left %d entries", name, len(ents))
+		}
+	}
+}
