@@ -50,30 +50,54 @@ type ConnectCost struct {
 }
 
 // costProgram is one of ctlb's cgroup programs as pinned in the datapath
-// directory, in the order the subsets add them.
-var costPrograms = []struct {
+// directory.
+type costProgram struct {
 	hook   string
 	attach ebpf.AttachType
-}{
-	{"connect4", ebpf.AttachCGroupInet4Connect},
-	{"getpeername4", ebpf.AttachCgroupInet4GetPeername},
-	{"sock_release", ebpf.AttachCgroupInetSockRelease},
+}
+
+// costPrograms are the programs an IPv4 TCP connect runs, in the order the
+// subsets add them: the rewrite, the reverse translation, then the
+// accounting of the socket's end, which is sock_release in layout 1 and
+// sock_ops in layout 2 (whichever is pinned).
+func (e *env) costPrograms() []costProgram {
+	ps := []costProgram{
+		{"connect4", ebpf.AttachCGroupInet4Connect},
+		{"getpeername4", ebpf.AttachCgroupInet4GetPeername},
+	}
+	for _, p := range []costProgram{
+		{"sock_release", ebpf.AttachCgroupInetSockRelease},
+		{"sock_ops", ebpf.AttachCGroupSockOps},
+	} {
+		if pins, _ := filepath.Glob(e.progPin(p.hook)); len(pins) == 1 {
+			return append(ps, p)
+		}
+	}
+	return ps
+}
+
+func (e *env) progPin(hook string) string {
+	return filepath.Join(e.bpffs, "ctlb", "ctlb_"+hook+"_v*")
 }
 
 // subsetCgroup makes a cgroup with the first n of costPrograms attached,
 // straight from their pins (whatever the layout version), so that each
 // program's share of the cost shows on its own.
 func (e *env) subsetCgroup(n int) (string, error) {
+	progs := e.costPrograms()
+	if n > len(progs) {
+		return "", fmt.Errorf("%d programs found for the subsets, want %d", len(progs), n)
+	}
 	var names []string
-	for _, p := range costPrograms[:n] {
+	for _, p := range progs[:n] {
 		names = append(names, p.hook)
 	}
 	cg, err := e.cgroup("cost-" + strings.Join(names, "-"))
 	if err != nil {
 		return "", err
 	}
-	for _, p := range costPrograms[:n] {
-		pins, _ := filepath.Glob(filepath.Join(e.bpffs, "ctlb", "ctlb_"+p.hook+"_v*"))
+	for _, p := range progs[:n] {
+		pins, _ := filepath.Glob(e.progPin(p.hook))
 		if len(pins) != 1 {
 			return "", fmt.Errorf("program %s: %d pins in %s", p.hook, len(pins), filepath.Join(e.bpffs, "ctlb"))
 		}
@@ -110,14 +134,19 @@ func (e *env) measureConnectCost(ctx context.Context, cfg Config) (ConnectCost, 
 	}
 	plain := func() (string, error) { return e.cgPlain, nil }
 	subset := func(n int) func() (string, error) { return func() (string, error) { return e.subsetCgroup(n) } }
+	progs := e.costPrograms()
 	rows := []row{
 		{"none", "plain cgroup, servers (the method's own bias: should be 0)", plain, direct},
 		{"connect4", "connect4 program alone, VIP", subset(1), vip},
 		{"+getpeername4", "connect4 and getpeername4, VIP", subset(2), vip},
-		{"+sock_release", "connect4, getpeername4 and sock_release, VIP", subset(3), vip},
+	}
+	if len(progs) == 3 {
+		rows = append(rows, row{"+" + progs[2].hook, "connect4, getpeername4 and " + progs[2].hook + ", VIP", subset(3), vip})
+	}
+	rows = append(rows, []row{
 		{"ctlb", "ctlb as attached (datapath.Attach), VIP", func() (string, error) { return e.cgPod, nil }, vip},
 		{"ctlb non-VIP", "ctlb as attached, dialing the servers (no VIP: lookup misses)", func() (string, error) { return e.cgPod, nil }, direct},
-	}
+	}...)
 	if e.unavailable[pathDNAT.name] == "" {
 		rows = append(rows, row{"dnat", "plain cgroup, VIP DNATed by nftables (conntrack)", plain, dnat})
 	}
