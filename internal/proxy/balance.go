@@ -33,6 +33,9 @@ type backoff struct {
 	d     time.Duration
 	mu    sync.Mutex
 	until map[netip.AddrPort]time.Time
+	// any is whether until may hold entries: while no target failed, a
+	// connection takes no lock here (the event loops would contend).
+	any atomic.Bool
 }
 
 func newBackoff(d time.Duration) *backoff {
@@ -51,16 +54,32 @@ func (b *backoff) failed(t netip.AddrPort) {
 		}
 	}
 	b.until[t] = now.Add(b.d)
+	b.any.Store(true)
 }
 
 func (b *backoff) succeeded(t netip.AddrPort) {
+	if !b.any.Load() {
+		return
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	delete(b.until, t)
+	if len(b.until) == 0 {
+		b.any.Store(false)
+	}
 }
 
 // split returns the targets not cooling down and those that are.
 func (b *backoff) split(targets []netip.AddrPort, skip func(netip.AddrPort) bool) (fresh, cooling []netip.AddrPort) {
+	if !b.any.Load() {
+		fresh = make([]netip.AddrPort, 0, len(targets))
+		for _, t := range targets {
+			if !skip(t) {
+				fresh = append(fresh, t)
+			}
+		}
+		return fresh, nil
+	}
 	now := time.Now()
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -2,7 +2,8 @@
 // the connect4 path cannot serve (no cgroup v2, a VM or sandboxed runtime,
 // processes outside any attached cgroup). It accepts connections to VIP:port,
 // sends each to the next healthy server of that VIP:port's set (the set the
-// connect4 path uses) and copies bytes both ways in the kernel with splice.
+// connect4 path uses) and moves bytes both ways from event loops, one per CPU
+// (loop.go), splicing bulk transfers in the kernel.
 //
 // Two listening modes: a socket per address and port, or steering, where one
 // socket serves every VIP:port through an sk_lookup program (internal/steering)
@@ -15,8 +16,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/steering"
 	"github.com/ctlb/ctlb/internal/vip"
@@ -64,49 +66,31 @@ type Proxy struct {
 	// accept without a lock; replaced whole by SetServices.
 	dests atomic.Pointer[map[netip.AddrPort]*service]
 
-	ctx    context.Context // cancelled when open connections are cut
-	cancel context.CancelFunc
-
-	mu        sync.Mutex // guards what follows and serialises changes
-	closed    bool
-	listeners map[netip.AddrPort]*net.TCPListener // listeners mode
-	socket    *net.TCPListener                    // steering mode
-	steer     *steering.Steering
-	device    *vip.Device
-	conns     map[*clientConn]struct{}
-
-	acceptWG sync.WaitGroup
-	connWG   sync.WaitGroup
-
-	// work hands accepted connections to idle workers (see dispatch).
-	work chan *net.TCPConn
-
+	// closing is set once Shutdown starts: loops reset what they accept
+	// from then on.
+	closing atomic.Bool
+	// held counts open pairs, for Shutdown's drain.
+	held sync.WaitGroup
 	// active counts the client connections held, for maxConnections.
 	active atomic.Int64
 	// rejects logs rejected connections, at most once per interval and kind.
 	rejects *rateLog
+
+	loops []*loop
+
+	mu        sync.Mutex // guards what follows and serialises changes
+	closed    bool
+	listeners map[netip.AddrPort][]loopFD // listeners mode: one socket per loop
+	socket    []loopFD                    // steering mode: one reuseport group
+	socketAt  netip.AddrPort
+	steer     *steering.Steering
+	device    *vip.Device
 }
 
-// workerIdle is how long a worker that finished a connection waits for
-// another before it exits: long enough to carry a busy proxy from one
-// connection to the next, short enough that a burst leaves no crowd behind.
-const workerIdle = time.Second
-
-// clientConn is one accepted connection, tracked so Shutdown can cut it.
-type clientConn struct {
-	mu     sync.Mutex
-	client *net.TCPConn
-	pipe   *pipe
-}
-
-func (c *clientConn) cut() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.pipe != nil {
-		c.pipe.abort()
-		return
-	}
-	reset(c.client)
+// loopFD is a listening socket and the loop that serves it.
+type loopFD struct {
+	l  *loop
+	fd int
 }
 
 // New validates cfg and starts serving it: it makes the VIPs local when
@@ -137,12 +121,9 @@ func New(cfg Config, targets Targets, opts Options) (*Proxy, error) {
 		reg:       opts.Registerer,
 		m:         m,
 		backoff:   newBackoff(opts.FailBackoff),
-		listeners: make(map[netip.AddrPort]*net.TCPListener),
-		conns:     make(map[*clientConn]struct{}),
-		work:      make(chan *net.TCPConn),
+		listeners: make(map[netip.AddrPort][]loopFD),
 	}
 	p.rejects = newRateLog(p.log, set.rejectLogEvery)
-	p.ctx, p.cancel = context.WithCancel(context.Background())
 	empty := map[netip.AddrPort]*service{}
 	p.dests.Store(&empty)
 	if err := p.start(opts.NetNS); err != nil {
@@ -167,6 +148,14 @@ func (p *Proxy) start(netnsPath string) error {
 		}
 		p.device = d
 	}
+	for range max(1, min(runtime.GOMAXPROCS(0), maxLoops)) {
+		l, err := newLoop(p)
+		if err != nil {
+			return fmt.Errorf("proxy: %w", err)
+		}
+		p.loops = append(p.loops, l)
+		go l.run(p.netns)
+	}
 	if p.set.mode == ModeSteering {
 		s, err := steering.Attach(netnsPath)
 		if err != nil {
@@ -175,17 +164,17 @@ func (p *Proxy) start(netnsPath string) error {
 		p.steer = s
 		// Any address does: the program hands connections to the
 		// socket whatever it is bound to. Loopback keeps it off the
-		// network for everything else.
-		l, err := p.listen(netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), 0))
+		// network for everything else. One socket per loop, in one
+		// reuseport group: the program picks the group's first, the
+		// kernel spreads over the group.
+		fds, at, err := p.listenGroup(netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), 0))
 		if err != nil {
 			return err
 		}
-		p.socket = l
-		if err := s.SetSocket(l); err != nil {
+		p.socket, p.socketAt = fds, at
+		if err := s.SetSocket(rawFD(fds[0].fd)); err != nil {
 			return fmt.Errorf("proxy steering: %w", err)
 		}
-		p.acceptWG.Add(1)
-		go p.serve(l)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -259,6 +248,9 @@ func (p *Proxy) apply(dests map[netip.AddrPort]netip.AddrPort, local []netip.Add
 	return nil
 }
 
+// maxLoops bounds the event loops whatever GOMAXPROCS says.
+const maxLoops = 64
+
 // open starts serving dests; on error it undoes what it did.
 func (p *Proxy) open(dests []netip.AddrPort) error {
 	for i, d := range dests {
@@ -266,11 +258,9 @@ func (p *Proxy) open(dests []netip.AddrPort) error {
 		if p.steer != nil {
 			err = p.steer.Add(d)
 		} else {
-			var l *net.TCPListener
-			if l, err = p.listen(d); err == nil {
-				p.listeners[d] = l
-				p.acceptWG.Add(1)
-				go p.serve(l)
+			var fds []loopFD
+			if fds, _, err = p.listenGroup(d); err == nil {
+				p.listeners[d] = fds
 			}
 		}
 		if err != nil {
@@ -287,48 +277,103 @@ func (p *Proxy) closeDest(d netip.AddrPort) error {
 	if p.steer != nil {
 		return p.steer.Remove(d)
 	}
-	l, ok := p.listeners[d]
+	fds, ok := p.listeners[d]
 	if !ok {
 		return nil
 	}
 	delete(p.listeners, d)
-	return l.Close()
+	closeGroup(fds)
+	return nil
 }
 
-// listen opens a listening socket in the proxy's namespace. IP_FREEBIND
-// lets it bind a VIP that is not (yet) local: whoever makes it local later
-// need not come before the proxy.
-func (p *Proxy) listen(addr netip.AddrPort) (*net.TCPListener, error) {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_IP, syscall.IP_FREEBIND, 1)
-		})
-		if err == nil {
-			err = serr
+// closeGroup closes listening sockets on their loops.
+func closeGroup(fds []loopFD) {
+	for _, f := range fds {
+		if !f.l.do(func() { f.l.forget(f.fd) }) {
+			unix.Close(f.fd) // the loop has ended
 		}
-		return err
-	}}
-	// Plain TCP: a SOCKMAP refuses MPTCP sockets, and the splice path is
-	// TCP's.
-	lc.SetMultipathTCP(false)
-	// No TCP keep-alive on accepted sockets (nor on dialed ones): the
-	// idle timeout already ends a connection whose peers went quiet,
-	// long before the probes would, and Go's keep-alive setup costs four
-	// setsockopt calls per socket, a measurable share of a short
-	// connection.
-	lc.KeepAlive = -1
-	var l net.Listener
-	err := p.inNetNS(func() error {
-		var err error
-		l, err = lc.Listen(context.Background(), "tcp4", addr.String())
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	return l.(*net.TCPListener), nil
 }
+
+// listenGroup opens one listening socket per loop on addr, in one
+// SO_REUSEPORT group, and hands each to its loop. Port 0 picks a port for
+// the group. IP_FREEBIND lets it bind a VIP that is not (yet) local:
+// whoever makes it local later need not come before the proxy. Plain TCP:
+// a SOCKMAP refuses MPTCP sockets.
+func (p *Proxy) listenGroup(addr netip.AddrPort) ([]loopFD, netip.AddrPort, error) {
+	var fds []loopFD
+	fail := func(err error) ([]loopFD, netip.AddrPort, error) {
+		closeGroup(fds)
+		return nil, netip.AddrPort{}, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	for _, l := range p.loops {
+		var fd int
+		err := p.inNetNS(func() error {
+			var err error
+			fd, err = listenFD(addr)
+			return err
+		})
+		if err != nil {
+			return fail(err)
+		}
+		if !addr.IsValid() || addr.Port() == 0 {
+			sa, err := unix.Getsockname(fd)
+			if err != nil {
+				unix.Close(fd)
+				return fail(err)
+			}
+			addr = netip.AddrPortFrom(addr.Addr(), uint16(sa.(*unix.SockaddrInet4).Port))
+		}
+		var aerr error
+		dst := addr
+		if p.set.mode == ModeSteering {
+			dst = netip.AddrPort{} // read from each accepted socket
+		}
+		if !l.do(func() { aerr = l.add(fd, &lsock{dst: dst}, unix.EPOLLIN) }) {
+			aerr = errors.New("proxy loop stopped")
+		}
+		if aerr != nil {
+			unix.Close(fd)
+			return fail(aerr)
+		}
+		fds = append(fds, loopFD{l, fd})
+	}
+	return fds, addr, nil
+}
+
+func listenFD(addr netip.AddrPort) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	for _, o := range []int{unix.SO_REUSEADDR, unix.SO_REUSEPORT} {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, o, 1); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	if err := unix.Listen(fd, 4096); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// rawFD gives a descriptor to APIs that take a syscall.Conn.
+type rawFD int
+
+func (f rawFD) SyscallConn() (syscall.RawConn, error) { return f, nil }
+func (f rawFD) Control(fn func(fd uintptr)) error     { fn(uintptr(f)); return nil }
+func (f rawFD) Read(func(fd uintptr) bool) error      { return errors.ErrUnsupported }
+func (f rawFD) Write(func(fd uintptr) bool) error     { return errors.ErrUnsupported }
 
 func (p *Proxy) inNetNS(fn func() error) error {
 	if p.netns == nil {
@@ -338,158 +383,19 @@ func (p *Proxy) inNetNS(fn func() error) error {
 }
 
 // Listening returns the local addresses of the proxy's listening sockets:
-// one per destination in listeners mode, the single steering socket in
-// steering mode.
+// one per destination in listeners mode, the single steering address in
+// steering mode (each is a reuseport group of one socket per loop).
 func (p *Proxy) Listening() []netip.AddrPort {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []netip.AddrPort
-	if p.socket != nil {
-		out = append(out, p.socket.Addr().(*net.TCPAddr).AddrPort())
+	if len(p.socket) > 0 {
+		out = append(out, p.socketAt)
 	}
-	for _, l := range p.listeners {
-		out = append(out, l.Addr().(*net.TCPAddr).AddrPort())
+	for d := range p.listeners {
+		out = append(out, d)
 	}
 	return out
-}
-
-// serve accepts on l until it is closed.
-func (p *Proxy) serve(l *net.TCPListener) {
-	defer p.acceptWG.Done()
-	var delay time.Duration
-	for {
-		c, err := l.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of file descriptors and the like: wait a little
-			// rather than spin, and keep serving.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed", "listener", l.Addr().String(), "error", err, "retryIn", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
-		if !p.track(c) {
-			reset(c)
-			continue
-		}
-		p.dispatch(c)
-	}
-}
-
-// dispatch gives c to an idle worker, or to a new one when none is idle.
-// Reusing goroutines spares each connection a goroutine's start and exit
-// and, above all, the growth of its stack to the depth a dial needs (the
-// runtime copies the stack at each doubling), a visible share of a short
-// connection's CPU in profiles.
-func (p *Proxy) dispatch(c *net.TCPConn) {
-	select {
-	case p.work <- c:
-	default:
-		go p.worker(c)
-	}
-}
-
-// worker handles c, then the connections dispatch hands it, until none
-// came for workerIdle or the proxy is shut down.
-func (p *Proxy) worker(c *net.TCPConn) {
-	idle := time.NewTimer(workerIdle)
-	defer idle.Stop()
-	for {
-		p.handle(c)
-		idle.Reset(workerIdle)
-		select {
-		case c = <-p.work:
-		case <-idle.C:
-			return
-		case <-p.ctx.Done():
-			return
-		}
-	}
-}
-
-// track registers c for Shutdown; false once the proxy is shutting down.
-func (p *Proxy) track(c *net.TCPConn) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return false
-	}
-	p.connWG.Add(1)
-	return true
-}
-
-func (p *Proxy) handle(c *net.TCPConn) {
-	defer p.connWG.Done()
-	cc := &clientConn{client: c}
-	p.mu.Lock()
-	p.conns[cc] = struct{}{}
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		delete(p.conns, cc)
-		p.mu.Unlock()
-	}()
-
-	dst := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-	svc := (*p.dests.Load())[dst]
-	if svc == nil {
-		p.m.rejected.WithLabelValues(dst.String(), rejectUnknownDest).Inc()
-		p.rejects.warn(rejectUnknownDest+" "+dst.String(), "closing client: no service for the address it dialed",
-			"client", c.RemoteAddr().String(), "dest", dst)
-		reset(c)
-		return
-	}
-	if reason := p.admit(svc); reason != "" {
-		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
-		p.rejects.warn(reason+" "+svc.name, "closing client: connection limit reached", "service", svc.name,
-			"client", c.RemoteAddr().String(), "reason", reason, "maxConnections", p.set.maxConns, "maxConnectionsPerService", p.set.maxPerService)
-		reset(c)
-		return
-	}
-	defer p.release(svc)
-	sm := svc.metrics(p.m)
-	sm.accepted.Inc()
-	sm.open.Inc()
-	defer sm.open.Dec()
-
-	dialStart := time.Now()
-	server, target, reason := p.dial(svc)
-	if server == nil {
-		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
-		p.rejects.warn(reason+" "+svc.name, "closing client: no target answered", "service", svc.name,
-			"client", c.RemoteAddr().String(), "reason", reason)
-		reset(c)
-		return
-	}
-	sm.dial.Observe(time.Since(dialStart).Seconds())
-	tm := sm.target(p.m, svc.name, target)
-	tm.proxied.Inc()
-
-	pp := newPipe(c, server, p.set.idleTimeout)
-	cc.mu.Lock()
-	cc.pipe = pp
-	cc.mu.Unlock()
-	if p.ctx.Err() != nil {
-		// Shutdown cut the connections while this one was dialing.
-		pp.abort()
-		return
-	}
-	// The Debug line's attributes cost allocations on every connection:
-	// build them only when someone reads them.
-	debug := p.log.Enabled(p.ctx, slog.LevelDebug)
-	var start time.Time
-	if debug {
-		start = time.Now()
-	}
-	err := pp.run(tm.toTarget, tm.fromTarget)
-	if debug {
-		p.log.Debug("connection closed", "service", svc.name, "client", c.RemoteAddr().String(), "target", target,
-			"duration", time.Since(start), "error", err)
-	}
 }
 
 // admit counts a new client against the caps; the reason it is refused,
@@ -512,13 +418,12 @@ func (p *Proxy) release(svc *service) {
 	p.active.Add(-1)
 }
 
-// dial connects to the first target of the service's plan that answers.
-// It never tries a target twice, so it ends after at most one attempt per
-// target; with none it returns the reason for the metrics.
-func (p *Proxy) dial(svc *service) (*net.TCPConn, netip.AddrPort, string) {
+// plan is the order to dial a service's targets in for one client, or the
+// reason there is none.
+func (p *Proxy) plan(svc *service) ([]netip.AddrPort, string) {
 	targets := p.targets(svc.key)
 	if len(targets) == 0 {
-		return nil, netip.AddrPort{}, rejectNoTarget
+		return nil, rejectNoTarget
 	}
 	dests := *p.dests.Load()
 	// A target that is one of our own destinations would dial back
@@ -526,28 +431,9 @@ func (p *Proxy) dial(svc *service) (*net.TCPConn, netip.AddrPort, string) {
 	loops := func(t netip.AddrPort) bool { _, ok := dests[t]; return ok }
 	plan := svc.plan(targets, p.backoff, loops)
 	if len(plan) == 0 {
-		return nil, netip.AddrPort{}, rejectNoTarget
+		return nil, rejectNoTarget
 	}
-	d := net.Dialer{Timeout: p.set.connectTimeout, KeepAlive: -1} // see listen
-	for _, t := range plan {
-		var c net.Conn
-		err := p.inNetNS(func() error {
-			var err error
-			c, err = d.DialContext(p.ctx, "tcp4", t.String())
-			return err
-		})
-		if err == nil {
-			p.backoff.succeeded(t)
-			return c.(*net.TCPConn), t, ""
-		}
-		if p.ctx.Err() != nil {
-			return nil, netip.AddrPort{}, rejectShutdown
-		}
-		p.backoff.failed(t)
-		p.m.dialFailures.WithLabelValues(svc.name, t.String()).Inc()
-		p.rejects.warn("dial "+svc.name+" "+t.String(), "dial failed", "service", svc.name, "target", t, "error", err)
-	}
-	return nil, netip.AddrPort{}, rejectDialFailed
+	return plan, ""
 }
 
 // Shutdown stops accepting, lets open connections finish until the drain
@@ -561,11 +447,11 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	p.closed = true
 	p.mu.Unlock()
+	p.closing.Store(true)
 	p.stopAccepting()
-	p.acceptWG.Wait()
 
 	done := make(chan struct{})
-	go func() { p.connWG.Wait(); close(done) }()
+	go func() { p.held.Wait(); close(done) }()
 	drain := time.NewTimer(p.set.drainTimeout)
 	defer drain.Stop()
 	select {
@@ -573,13 +459,10 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	case <-drain.C:
 	case <-ctx.Done():
 	}
-	p.cancel()
-	p.mu.Lock()
-	cut := len(p.conns)
-	for c := range p.conns {
-		c.cut()
+	cut := 0
+	for _, l := range p.loops {
+		l.do(func() { cut += l.cutAll() })
 	}
-	p.mu.Unlock()
 	<-done
 	if cut > 0 {
 		p.log.Info("cut connections still open at the drain deadline", "connections", cut)
@@ -592,12 +475,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 func (p *Proxy) stopAccepting() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for d, l := range p.listeners {
-		l.Close()
+	for d, fds := range p.listeners {
+		closeGroup(fds)
 		delete(p.listeners, d)
-	}
-	if p.socket != nil {
-		p.socket.Close()
 	}
 	if p.steer != nil {
 		if err := p.steer.Close(); err != nil {
@@ -605,13 +485,17 @@ func (p *Proxy) stopAccepting() {
 		}
 		p.steer = nil
 	}
+	closeGroup(p.socket)
+	p.socket = nil
 }
 
 // teardown releases what New acquired, for Shutdown and a failed New.
 func (p *Proxy) teardown() {
 	p.stopAccepting()
-	p.acceptWG.Wait()
-	p.cancel()
+	for _, l := range p.loops {
+		l.do(func() { l.cutAll() })
+		l.stop()
+	}
 	if p.device != nil {
 		p.device.Close()
 	}

@@ -212,8 +212,9 @@ func TestLongStreamsAndHalfClose(t *testing.T) {
 			fromTarget += size
 
 			// Byte counters settle once the connections are done.
-			waitFor(t, "byte counters", func() bool {
-				return sumBytes(e, "to_target") == float64(toTarget) && sumBytes(e, "from_target") == float64(fromTarget)
+			waitFor(t, "byte counters", func() (bool, string) {
+				to, from := sumBytes(e, "to_target"), sumBytes(e, "from_target")
+				return to == float64(toTarget) && from == float64(fromTarget), fmt.Sprintf("to_target %v (want %d), from_target %v (want %d)", to, toTarget, from, fromTarget)
 			})
 		})
 	}
@@ -228,15 +229,10 @@ func sumBytes(e *env, dir string) float64 {
 }
 
 // waitFor polls cond for up to opTimeout.
-func waitFor(t *testing.T, what string, cond func() bool) {
+// waitFor waits for cond, failing with what it last saw.
+func waitFor(t *testing.T, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(opTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not reached after %s", what, opTimeout)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tu.Eventually(t, what, opTimeout, cond)
 }
 
 func TestDeadTargetSkipped(t *testing.T) {
@@ -572,12 +568,12 @@ func TestShutdownDrains(t *testing.T) {
 
 			stopped := make(chan error, 1)
 			go func() { stopped <- e.p.Shutdown(context.Background()) }()
-			waitFor(t, "new connections refused", func() bool {
+			waitFor(t, "new connections refused", func() (bool, string) {
 				c, err := dialIn(e.node, vipPort(portB))
 				if err == nil {
 					c.Close()
 				}
-				return errors.Is(err, syscall.ECONNREFUSED)
+				return errors.Is(err, syscall.ECONNREFUSED), fmt.Sprintf("dial: %v", err)
 			})
 			select {
 			case <-stopped:

@@ -239,14 +239,20 @@ func linkPod(t *testing.T, node, pod ns.NetNS) {
 		netns ns.NetNS
 		name  string
 	}{{node, "veth-pod"}, {pod, "eth0"}} {
-		waitFor(t, side.name+" up", func() bool {
+		waitFor(t, side.name+" up", func() (bool, string) {
 			var up bool
+			var state string
 			_ = side.netns.Do(func(ns.NetNS) error {
 				l, err := netlink.LinkByName(side.name)
 				up = err == nil && l.Attrs().OperState == netlink.OperUp
+				if err == nil {
+					state = l.Attrs().OperState.String()
+				} else {
+					state = err.Error()
+				}
 				return nil
 			})
-			return up
+			return up, "state " + state
 		})
 	}
 }

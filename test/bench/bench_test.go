@@ -49,6 +49,8 @@ func tinyConfig(t *testing.T, plugin string) Config {
 		Warm:         true,
 		CNIPlugin:    plugin,
 		CNIPods:      3,
+		CostBlock:    20,
+		CostPairs:    5,
 		Out:          filepath.Join(t.TempDir(), "results.json"),
 		Quiet:        true,
 	}
@@ -141,6 +143,26 @@ func TestBenchSmoke(t *testing.T) {
 		if strings.Contains(p.Program, "connect4") && p.Runs == 0 {
 			t.Errorf("connect4 never ran during the cost measurement: %+v", res.BPFCost)
 		}
+	}
+	// The lean client made the rate rows and the CPU-per-connect rows;
+	// every row connected without an error.
+	if !res.Lean {
+		t.Errorf("the lean client did not run: %s", res.LeanUnavailable)
+	}
+	rows := map[string]CostRow{}
+	for _, c := range res.ConnectCost.Rows {
+		rows[c.Name] = c
+		if c.Skipped != "" || c.Errors > 0 || c.ANs <= 0 || c.BNs <= 0 {
+			t.Errorf("connect cost row %s: %+v", c.Name, c)
+		}
+	}
+	for _, want := range []string{"none", "connect4", "+getpeername4", "ctlb", "ctlb non-VIP", "dnat"} {
+		if _, ok := rows[want]; !ok {
+			t.Errorf("connect cost: no row %q in %+v", want, res.ConnectCost.Rows)
+		}
+	}
+	if rows["+sock_release"].Name == "" && rows["+sock_ops"].Name == "" {
+		t.Errorf("connect cost: no row for the accounting program (sock_release or sock_ops) in %+v", res.ConnectCost.Rows)
 	}
 	if len(res.CNI) != 2 {
 		t.Fatalf("%d CNI results, want 2", len(res.CNI))

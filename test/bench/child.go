@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -214,6 +215,18 @@ func childCtlbProxy() error {
 	p, err := proxy.New(cfg, func(svc netip.AddrPort) []netip.AddrPort { return targets[svc] }, proxy.Options{})
 	if err != nil {
 		return fmt.Errorf("ctlb proxy: %w", err)
+	}
+	// CTLB_BENCH_PROXY_PROFILE=PREFIX writes a CPU profile of each ctlb
+	// proxy to PREFIX.MODE.pprof, for looking into where its time goes.
+	if prefix := os.Getenv("CTLB_BENCH_PROXY_PROFILE"); prefix != "" {
+		f, err := os.Create(prefix + "." + a.Mode + ".pprof")
+		if err != nil {
+			return fmt.Errorf("profile: %w", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("profile: %w", err)
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	say(ready{Ready: true})
 	untilStdinCloses()

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/ctlb/ctlb/internal/cni"
@@ -25,6 +26,10 @@ type CNIResult struct {
 	AddMax   float64 `json:"addMaxMs"`
 	DelP50   float64 `json:"delP50ms"`
 	DelP99   float64 `json:"delP99ms"`
+	// AddCPU is the CPU time (user and system) of one ADD's plugin
+	// process, milliseconds, the mean over the pods: unlike the wall
+	// times it hardly moves with what else the machine runs.
+	AddCPU float64 `json:"addCpuMs"`
 	// Foreign is the share of the CPUs other processes used during the ADDs.
 	Foreign float64 `json:"foreignCpuShare"`
 	Skipped string  `json:"skipped,omitempty"`
@@ -122,6 +127,10 @@ func (e *env) runCNI(ctx context.Context, cfg Config, label string, attached int
 			_ = e.dp.Detach(cni.AttachmentID("ctlb-bench", id))
 		}
 	}()
+	cpu0, err := childrenCPU()
+	if err != nil {
+		return r, err
+	}
 	c0, err := e.counters(nil)
 	if err != nil {
 		return r, err
@@ -140,6 +149,13 @@ func (e *env) runCNI(ctx context.Context, cfg Config, label string, attached int
 		return r, err
 	}
 	r.Foreign = c1.sub(c0).foreign(c1.wall.Sub(c0.wall))
+	cpu1, err := childrenCPU()
+	if err != nil {
+		return r, err
+	}
+	if len(adds) > 0 {
+		r.AddCPU = float64((cpu1 - cpu0).Microseconds()) / 1e3 / float64(len(adds))
+	}
 	for i, id := range ids {
 		rel, _ := filepath.Rel(mount, dirs[i])
 		d, err := execPlugin(ctx, cfg.CNIPlugin, "DEL", id, e.pod.Path(), e.cniConf(stateDir, "/"+rel))
@@ -153,6 +169,15 @@ func (e *env) runCNI(ctx context.Context, cfg Config, label string, attached int
 	r.DelP50, r.DelP99, _ = pct(dels)
 	logf("CNI with %d attached: ADD p50 %.2f ms p99 %.2f ms over %d pods; other processes took %.0f%% of the CPUs", attached, r.AddP50, r.AddP99, len(adds), r.Foreign*100)
 	return r, nil
+}
+
+// childrenCPU is the CPU time of this process's reaped children.
+func childrenCPU() (time.Duration, error) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru); err != nil {
+		return 0, fmt.Errorf("getrusage: %w", err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), nil
 }
 
 // pct gives p50, p99 and max in milliseconds.

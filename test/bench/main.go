@@ -22,6 +22,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -52,6 +53,17 @@ type Config struct {
 	CNIPlugin string // the plugin binary; empty skips the CNI timing
 	CNIPods   int
 	Out       string // results JSON; the gnuplot data goes beside it
+	// GoClient measures connection rates with the Go client and servers
+	// instead of the lean C ones (lean/lean.c).
+	GoClient bool
+	// CostBlock connects per block and CostPairs pairs of blocks in the
+	// CPU-per-connect measurement (cost.go); 0 means the default.
+	CostBlock, CostPairs int
+	// Phases to run (memory, scale, cni, paths, bpf, cost); empty means
+	// all. Paths limits the path comparison to these; empty means all.
+	Phases  []string
+	Paths   []string
+	Metrics []string // of the path comparison; empty means all
 	// Self is the program started for the child roles; default this one.
 	Self string
 	// Quiet silences progress lines.
@@ -71,7 +83,7 @@ func main() {
 		return
 	}
 	var cfg Config
-	var attach, vips string
+	var attach, vips, phases, paths, metricList string
 	flag.IntVar(&cfg.Rounds, "rounds", 9, "interleaved rounds of every path and metric")
 	flag.DurationVar(&cfg.Duration, "duration", 600*time.Millisecond, "length of one measurement")
 	flag.IntVar(&cfg.Clients, "clients", 32, "concurrent clients in the many-clients connection test")
@@ -85,6 +97,12 @@ func main() {
 	flag.BoolVar(&cfg.Warm, "warm", true, "keep the CPUs from idling with SCHED_IDLE spinners (idle vCPUs wake slowly)")
 	flag.StringVar(&cfg.CNIPlugin, "cni-plugin", "bin/ctlb", "ctlb CNI plugin binary to time; empty to skip")
 	flag.IntVar(&cfg.CNIPods, "cni-pods", 200, "pods to ADD for the CNI timing")
+	flag.BoolVar(&cfg.GoClient, "go-client", false, "measure connection rates with the Go client and servers, not the lean C ones")
+	flag.IntVar(&cfg.CostBlock, "cost-block", defaultCostBlock, "connects per block in the CPU-per-connect measurement")
+	flag.IntVar(&cfg.CostPairs, "cost-pairs", defaultCostPairs, "pairs of blocks in the CPU-per-connect measurement")
+	flag.StringVar(&phases, "phases", strings.Join(allPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
+	flag.StringVar(&metricList, "metrics", "", "metrics of the path comparison, comma-separated (default all): "+metricNames())
+	flag.StringVar(&paths, "paths", "", "paths to compare, comma-separated (default all): "+pathNames())
 	flag.StringVar(&cfg.Out, "out", "bench/results.json", "where to write the results")
 	flag.Parse()
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
@@ -95,6 +113,7 @@ func main() {
 	if cfg.VIPLevels, err = levels(vips); err != nil {
 		fatal(fmt.Errorf("-vips: %w", err))
 	}
+	cfg.Phases, cfg.Paths, cfg.Metrics = splitList(phases), splitList(paths), splitList(metricList)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	res, err := run(ctx, cfg)
@@ -128,8 +147,83 @@ func levels(s string) ([]int, error) {
 	return out, nil
 }
 
+// The phases of a run, in the order they run.
+const (
+	phaseMemory = "memory"
+	phaseScale  = "scale"
+	phaseCNI    = "cni"
+	phasePaths  = "paths"
+	phaseBPF    = "bpf"
+	phaseCost   = "cost"
+)
+
+var allPhases = []string{phaseMemory, phaseScale, phaseCNI, phasePaths, phaseBPF, phaseCost}
+
+const (
+	defaultCostBlock = 200
+	defaultCostPairs = 300
+)
+
+func pathNames() string {
+	var n []string
+	for _, p := range allPaths {
+		n = append(n, p.name)
+	}
+	return strings.Join(n, ", ")
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// runs reports whether the run includes a phase.
+func (c Config) runs(phase string) bool {
+	return len(c.Phases) == 0 || slices.Contains(c.Phases, phase)
+}
+
+// measures reports whether the path comparison includes a metric.
+func (c Config) measures(name string) bool {
+	return len(c.Metrics) == 0 || slices.Contains(c.Metrics, name)
+}
+
+func metricNames() string {
+	var n []string
+	for _, m := range metrics {
+		n = append(n, m.name)
+	}
+	return strings.Join(n, ", ")
+}
+
+// compares reports whether the path comparison includes a path.
+func (c Config) compares(name string) bool {
+	return len(c.Paths) == 0 || slices.Contains(c.Paths, name)
+}
+
 func (c Config) validate() error {
+	for _, p := range c.Phases {
+		if !slices.Contains(allPhases, p) {
+			return fmt.Errorf("phase %q: want some of %s", p, strings.Join(allPhases, ", "))
+		}
+	}
+	for _, n := range c.Metrics {
+		if !slices.ContainsFunc(metrics, func(m metric) bool { return m.name == n }) {
+			return fmt.Errorf("metric %q: want some of %s", n, metricNames())
+		}
+	}
+	for _, n := range c.Paths {
+		if !slices.ContainsFunc(allPaths, func(p path) bool { return p.name == n }) {
+			return fmt.Errorf("path %q: want some of %s", n, pathNames())
+		}
+	}
 	switch {
+	case c.CostBlock < 0 || c.CostBlock > 100000 || c.CostPairs < 0 || c.CostPairs > 5000:
+		return fmt.Errorf("cost block %d, cost pairs %d: want 1-100000 and 1-5000", c.CostBlock, c.CostPairs)
 	case c.Rounds < 1 || c.Rounds > 50:
 		return fmt.Errorf("rounds %d: want 1-50", c.Rounds)
 	case c.Duration <= 0 || c.Duration > 10*time.Second:
@@ -165,8 +259,16 @@ type Results struct {
 	// Connect4Servers counts, from ctlb's own counters, the connections
 	// connect4 sent to each server of the echo VIP during the run.
 	Connect4Servers map[string]uint64 `json:"connect4ConnectsPerServer"`
-	Started         time.Time         `json:"started"`
-	Seconds         float64           `json:"seconds"`
+	// ConnectCost is the CPU per connect of each path (cost.go).
+	ConnectCost ConnectCost `json:"connectCost"`
+	// Lean says whether the lean client and servers made the rate rows;
+	// LeanUnavailable why not, when they were wanted.
+	Lean            bool   `json:"leanClient"`
+	LeanUnavailable string `json:"leanUnavailable,omitempty"`
+	// Phases are the phases that ran.
+	Phases  []string  `json:"phases"`
+	Started time.Time `json:"started"`
+	Seconds float64   `json:"seconds"`
 	// Retries is how many measurements were made again because other
 	// processes used the CPUs.
 	Retries int `json:"retries"`
@@ -240,10 +342,21 @@ func runOnce(ctx context.Context, cfg Config) (*Results, error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("needs root (BPF, cgroups, network namespaces)")
 	}
+	if cfg.CostBlock == 0 {
+		cfg.CostBlock = defaultCostBlock
+	}
+	if cfg.CostPairs == 0 {
+		cfg.CostPairs = defaultCostPairs
+	}
 	res := &Results{
 		Machine: machine(),
 		Config:  ConfigJSON{cfg.Rounds, cfg.Duration.Seconds(), cfg.Clients, cfg.Streams, cfg.ScaleRounds, cfg.Warm},
 		Started: time.Now().UTC(),
+	}
+	for _, p := range allPhases {
+		if cfg.runs(p) {
+			res.Phases = append(res.Phases, p)
+		}
 	}
 	u := &topo.Undo{}
 	defer u.Unwind()
@@ -254,6 +367,8 @@ func runOnce(ctx context.Context, cfg Config) (*Results, error) {
 	if err != nil {
 		return nil, err
 	}
+	res.Lean = e.leanClients != nil
+	res.LeanUnavailable = e.leanUnavailable
 	if err := e.loadNFT(); err != nil {
 		e.unavailable[pathDNAT.name] = err.Error()
 	}
@@ -266,39 +381,67 @@ func runOnce(ctx context.Context, cfg Config) (*Results, error) {
 			logf("path %s unavailable: %s", p.name, why)
 			continue
 		}
-		paths = append(paths, p)
+		if cfg.compares(p.name) {
+			paths = append(paths, p)
+		}
 	}
 
-	// Memory first, before any traffic: TIME_WAIT sockets and conntrack
-	// entries would swamp the slab figures.
-	logf("memory: attaching %d pod cgroups, adding %d VIPs", cfg.AttachLevels[len(cfg.AttachLevels)-1]-1, cfg.VIPLevels[len(cfg.VIPLevels)-1]-baseVIPs)
-	if res.Memory, err = e.measureMemory(ctx, cfg, baseVIPs); err != nil {
-		return nil, err
-	}
 	maxAttach := cfg.AttachLevels[len(cfg.AttachLevels)-1]
 	cniMax := func() error {
+		if !cfg.runs(phaseCNI) {
+			return nil
+		}
 		r, err := e.runCNI(ctx, cfg, "full", maxAttach)
 		res.CNI = append(res.CNI, r)
 		return err
 	}
-	if res.VIPScale, res.AttachScale, err = e.runScale(ctx, cfg, baseVIPs, cniMax); err != nil {
-		return nil, err
+	if cfg.runs(phaseMemory) || cfg.runs(phaseScale) {
+		// Memory first, before any traffic: TIME_WAIT sockets and
+		// conntrack entries would swamp the slab figures. It leaves every
+		// attachment and VIP in place for the scale phase, which takes
+		// them down again.
+		logf("memory: attaching %d pod cgroups, adding %d VIPs", maxAttach-1, cfg.VIPLevels[len(cfg.VIPLevels)-1]-baseVIPs)
+		if res.Memory, err = e.measureMemory(ctx, cfg, baseVIPs); err != nil {
+			return nil, err
+		}
+		if res.VIPScale, res.AttachScale, err = e.runScale(ctx, cfg, baseVIPs, cniMax, cfg.runs(phaseScale)); err != nil {
+			return nil, err
+		}
+	} else if cfg.runs(phaseCNI) {
+		if err := e.makeScaleCgroups(maxAttach - 1); err != nil {
+			return nil, err
+		}
+		if err := e.setAttachments(ctx, 0, maxAttach-1); err != nil {
+			return nil, fmt.Errorf("attach scale cgroups: %w", err)
+		}
+		if err := cniMax(); err != nil {
+			return nil, err
+		}
+		if err := e.setAttachments(ctx, maxAttach-1, 0); err != nil {
+			return nil, fmt.Errorf("detach scale cgroups: %w", err)
+		}
 	}
-	r, err := e.runCNI(ctx, cfg, "base", 1)
-	res.CNI = append([]CNIResult{r}, res.CNI...)
-	if err != nil {
-		return nil, err
+	if cfg.runs(phaseCNI) {
+		r, err := e.runCNI(ctx, cfg, "base", 1)
+		res.CNI = append([]CNIResult{r}, res.CNI...)
+		if err != nil {
+			return nil, err
+		}
 	}
 
-	logf("paths: %d rounds of %d paths x %d metrics x %s", cfg.Rounds, len(paths), len(metrics), cfg.Duration)
-	if res.Paths, err = e.runPaths(ctx, cfg, paths); err != nil {
-		return nil, err
+	if cfg.runs(phasePaths) {
+		logf("paths: %d rounds of %d paths x %d metrics x %s", cfg.Rounds, len(paths), len(metrics), cfg.Duration)
+		if res.Paths, err = e.runPaths(ctx, cfg, paths); err != nil {
+			return nil, err
+		}
 	}
-	if res.BPFCost, err = e.measureBPFCost(ctx, cfg); err != nil {
-		return nil, err
+	if cfg.runs(phaseBPF) {
+		if res.BPFCost, err = e.measureBPFCost(ctx, cfg); err != nil {
+			return nil, err
+		}
 	}
 	for _, p := range allPaths {
-		if why := e.unavailable[p.name]; why != "" {
+		if why := e.unavailable[p.name]; why != "" && cfg.compares(p.name) && cfg.runs(phasePaths) {
 			res.Paths = append(res.Paths, &PathResult{Name: p.name, Description: p.desc, Unavailable: why})
 		}
 	}
@@ -310,6 +453,14 @@ func runOnce(ctx context.Context, cfg Config) (*Results, error) {
 	for _, st := range stats {
 		if st.VIP == netip.AddrPortFrom(pathConnect4.vip, vipEchoPort) {
 			res.Connect4Servers[st.Server.String()] += st.Connects
+		}
+	}
+	// Last: it attaches programs to cgroups of its own and would add
+	// its connects to the counters above.
+	if cfg.runs(phaseCost) && e.leanClients != nil {
+		logf("connect cost: %d pairs of %d-connect blocks per row", cfg.CostPairs, cfg.CostBlock)
+		if res.ConnectCost, err = e.measureConnectCost(ctx, cfg); err != nil {
+			return nil, err
 		}
 	}
 	res.Targets = targets(res)

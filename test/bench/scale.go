@@ -136,6 +136,17 @@ func (e *env) setVIPs(ctx context.Context, have, want int) error {
 
 func scaleID(i int) string { return fmt.Sprintf("bench-scale-%04d", i) }
 
+// makeScaleCgroups creates the pod cgroups the scale points attach (under
+// the benchmark's cgroup, which goes with everything below it).
+func (e *env) makeScaleCgroups(n int) error {
+	for i := range n {
+		if err := os.Mkdir(filepath.Join(e.cgRoot, "pods", scaleID(i)), 0o755); err != nil {
+			return fmt.Errorf("scale cgroup: %w", err)
+		}
+	}
+	return nil
+}
+
 // setAttachments brings the number of attached scale cgroups from have to
 // want; the cgroups exist already.
 func (e *env) setAttachments(ctx context.Context, have, want int) error {
@@ -234,10 +245,8 @@ func (e *env) measureMemory(ctx context.Context, cfg Config, baseVIPs int) (Memo
 	}
 	maxAttach := cfg.AttachLevels[len(cfg.AttachLevels)-1] - 1 // the client's is one
 	maxVIPs := cfg.VIPLevels[len(cfg.VIPLevels)-1] - baseVIPs
-	for i := range maxAttach {
-		if err := os.Mkdir(filepath.Join(e.cgRoot, "pods", scaleID(i)), 0o755); err != nil {
-			return mem, fmt.Errorf("scale cgroup: %w", err)
-		}
+	if err := e.makeScaleCgroups(maxAttach); err != nil {
+		return mem, err
 	}
 	read := func() (uint64, int64, error) {
 		ml, err := memlockTotal()
@@ -340,7 +349,10 @@ func (e *env) scalePoint(ctx context.Context, cfg Config, attachments, vips int)
 // attachments with the fewest VIPs. It ends at the smallest scale, where the
 // path comparison runs. BPF statistics are on throughout, at every point
 // alike, so that the programs' own cost is measured at each.
-func (e *env) runScale(ctx context.Context, cfg Config, baseVIPs int, onMaxAttach func() error) (vipPts, attachPts []ScalePoint, err error) {
+//
+// With measure false it only takes the scale down again, step by step as
+// when measuring (the memory phase ran alone).
+func (e *env) runScale(ctx context.Context, cfg Config, baseVIPs int, onMaxAttach func() error, measure bool) (vipPts, attachPts []ScalePoint, err error) {
 	stats, err := enableBPFStats()
 	if err != nil {
 		return nil, nil, err
@@ -354,6 +366,9 @@ func (e *env) runScale(ctx context.Context, cfg Config, baseVIPs int, onMaxAttac
 			return nil, nil, fmt.Errorf("remove scale VIPs: %w", err)
 		}
 		have = want
+		if !measure {
+			continue
+		}
 		pt, err := e.scalePoint(ctx, cfg, maxAttach, cfg.VIPLevels[i])
 		if err != nil {
 			return nil, nil, err
@@ -365,7 +380,9 @@ func (e *env) runScale(ctx context.Context, cfg Config, baseVIPs int, onMaxAttac
 			return nil, nil, err
 		}
 	}
-	attachPts = []ScalePoint{vipPts[0]}
+	if measure {
+		attachPts = []ScalePoint{vipPts[0]}
+	}
 	haveAtt := maxAttach - 1
 	for i := len(cfg.AttachLevels) - 2; i >= 0; i-- {
 		want := cfg.AttachLevels[i] - 1
@@ -373,6 +390,9 @@ func (e *env) runScale(ctx context.Context, cfg Config, baseVIPs int, onMaxAttac
 			return nil, nil, fmt.Errorf("detach scale cgroups: %w", err)
 		}
 		haveAtt = want
+		if !measure {
+			continue
+		}
 		pt, err := e.scalePoint(ctx, cfg, cfg.AttachLevels[i], cfg.VIPLevels[0])
 		if err != nil {
 			return nil, nil, err

@@ -85,7 +85,12 @@ type env struct {
 	// proxyCgroups: the cgroup of each path's proxy process.
 	proxyCgroups map[string]string
 	unavailable  map[string]string // path -> why it cannot run
-	retries      int               // measurements made again so far
+	// The lean client of each client cgroup (nil when the Go client
+	// measures the rates), and why not when it was wanted.
+	leanBin         string
+	leanClients     map[string]*topo.Proc
+	leanUnavailable string
+	retries         int // measurements made again so far
 }
 
 func (e *env) cgroup(name string) (string, error) {
@@ -119,7 +124,19 @@ func setup(ctx context.Context, cfg Config, u *topo.Undo) (*env, error) {
 	if err := e.loadCtlb(); err != nil {
 		return nil, err
 	}
-	if err := e.startServers(); err != nil {
+	lean := !cfg.GoClient
+	if lean {
+		if err := e.startLean(); err != nil {
+			// Only a missing compiler is a reason to go on without.
+			if e.leanBin != "" {
+				return nil, err
+			}
+			e.leanUnavailable = err.Error()
+			logf("lean client unavailable, the Go client measures the rates: %v", err)
+			lean = false
+		}
+	}
+	if err := e.startServers(lean); err != nil {
 		return nil, err
 	}
 	if cfg.Warm {
@@ -250,13 +267,18 @@ func (e *env) loadCtlb() error {
 	return nil
 }
 
-func (e *env) startServers() error {
+// startServers starts the Go servers: source servers always, echo servers
+// unless the lean ones serve the echo ports.
+func (e *env) startServers(lean bool) error {
 	var a serverArgs
 	for i, ip := range serverIPs {
 		for _, l := range []struct {
 			port int
 			echo bool
 		}{{echoPort, true}, {sourcePort, false}, {dnatEchoPort, true}, {dnatSourcePrt, false}} {
+			if lean && l.echo {
+				continue
+			}
 			a.Listeners = append(a.Listeners, serverListener{
 				NetNS: e.srv[i].Path(),
 				Addr:  netip.AddrPortFrom(ip, uint16(l.port)).String(),
