@@ -46,6 +46,7 @@ type Daemon struct {
 	runCtx context.Context
 
 	registry *prometheus.Registry
+	m        *daemonMetrics
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
@@ -81,6 +82,7 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	}
 	d := &Daemon{log: log, cfgPath: cfgPath, dp: dp, cgroups: h, lock: lock, cfg: cfg,
 		trackers: map[netip.AddrPort]*trackedService{}, runCtx: context.Background()}
+	d.m = newDaemonMetrics()
 	d.registry = d.newRegistry()
 	return d, nil
 }
