@@ -2,12 +2,12 @@ package daemon
 
 import (
 	"context"
-	"runtime"
-	"strconv"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"runtime"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
