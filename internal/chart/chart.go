@@ -6,6 +6,7 @@ package chart
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"path"
@@ -54,7 +55,7 @@ func Render(dir string, rel Release, valueFiles []string, set map[string]any) ([
 		return nil, fmt.Errorf("chart %s values: %w", dir, err)
 	}
 	e := engine.Engine{Strict: true}
-	out, err := e.Render(ch, rv)
+	out, err := e.RenderWithContext(context.Background(), ch, rv)
 	if err != nil {
 		return nil, fmt.Errorf("render chart %s: %w", dir, err)
 	}

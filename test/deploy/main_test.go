@@ -101,14 +101,3 @@ func startDaemon(t *testing.T, cfg map[string]any, args ...string) *ctlbdtest.Da
 	t.Helper()
 	return ctlbdtest.Start(t, ctlbdtest.Options{Bin: ctlbd, Config: cfg, Args: args})
 }
-
-func writeJSON(t *testing.T, path string, v any) {
-	t.Helper()
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
