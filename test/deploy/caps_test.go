@@ -351,3 +351,62 @@ func TestRunOnPlainSysfs(t *testing.T) {
 		t.Errorf("the test's sysfs or bpffs leaked into the host's mount namespace")
 	}
 }
+
+// TestReadOnlyRootFilesystem: ctlbd runs, with the Kubernetes capability
+// set and no_new_privs, on a read-only root filesystem (the DaemonSet's
+// readOnlyRootFilesystem), writing only to its mounts: the bpffs, the
+// state and socket directory, the cgroup tree. A private mount namespace
+// makes / read-only for ctlbd alone.
+func TestReadOnlyRootFilesystem(t *testing.T) {
+	n := newNode(t)
+	dir := t.TempDir() // becomes ctlbd's /run/ctlb: a mount of its own, rw
+	sock := filepath.Join(dir, "ctlbd.sock")
+	bounding := "-all"
+	for _, c := range Needed {
+		bounding += ",+" + c
+	}
+	script := `set -e
+mount --bind "$1" "$1"
+mount -o remount,bind,ro /
+if touch /ctlb-rofs-probe 2>/dev/null; then rm -f /ctlb-rofs-probe; echo "/ is writable" >&2; exit 3; fi
+shift
+exec "$@"`
+	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", dir,
+		"setpriv", "--bounding-set="+bounding, "--inh-caps=-all", "--no-new-privs", "--",
+		ctlbd, "run", "--bpffs", n.bpffs, "--socket", sock, "--state-dir", filepath.Join(dir, "state"))
+	logs := &testutil.SyncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	})
+	c := unixClient(sock)
+	deadline := time.Now().Add(10 * time.Second)
+	for call(c, "GET", "/v1/status", "", nil) != nil {
+		select {
+		case <-exited:
+			t.Fatalf("ctlbd on a read-only root exited:\n%s", logs.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("socket not up after 10s:\n%s", logs.String())
+		}
+	}
+	if err := call(c, "PUT", "/v1/services", `{"vip":"198.18.255.1:80","servers":["198.18.0.2:80"]}`, nil); err != nil {
+		t.Error(err)
+	}
+	if err := call(c, "POST", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil); err != nil {
+		t.Error(err)
+	}
+	_ = call(c, "DELETE", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil)
+}
