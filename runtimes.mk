@@ -17,3 +17,10 @@ cni-plugins-bin:
 
 kubelet-bin:
 	@echo "kubelet: $$(hack/build-kubelet.sh)"
+
+# make demo-kubelet: a real kubelet starting static pods on containerd 2.x
+# with ctlb chained, with timings (manifest -> sandbox ready -> first
+# redirected connect); hack/demo-kubelet.sh runs TestKubeletStaticPods.
+.PHONY: demo-kubelet
+demo-kubelet: deps
+	hack/demo-kubelet.sh

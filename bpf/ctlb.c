@@ -1,235 +1,607 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * ctlb: connect-time load balancing for containers.
+ * ctlb: connect-time load balancing for containers (map layout v2).
  *
- * cgroup/connect4 rewrites a TCP connect() to VIP:port into a connect() to one
- * server of that VIP's set, chosen round-robin. cgroup/getpeername4 makes such
- * a socket report the VIP as its peer, and cgroup/sock_release keeps the
- * per-server open-connection counts right. The map layout is described in
- * docs/MAPS.md; every map and program name carries the layout version (_v1),
- * so a loader never mistakes a pinned object of another layout for its own.
+ * connect4/connect6 rewrite a TCP, MPTCP or connected-UDP connect() to a VIP
+ * into a connect() to one server of the VIP's set; sendmsg4/sendmsg6 do the
+ * same per datagram for unconnected UDP, keeping the socket's server for its
+ * life. getpeername4/6 and recvmsg4/6 make the socket see the VIP as its
+ * peer. sock_ops counts established and failed TCP connects and marks
+ * failing servers, which connect skips. sock_release, attached once at the
+ * cgroup v2 root, gives back open counts. The maps are in ctlb.h; docs/MAPS.md
+ * describes them.
+ *
+ * Cost on the IPv4 TCP path: one hash lookup (the VIP), array lookups by
+ * server slot (inlined by the verifier), one atomic add for round-robin, one
+ * for the open count, and one socket-storage allocation for VIP sockets only.
  */
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
+#include "ctlb.h"
 #include <bpf/bpf_endian.h>
 
-/* Not taken from libc headers: they do not build for the bpf target. */
-#define SOCK_STREAM 1
-#define IPPROTO_TCP 6
-#define ECONNREFUSED 111
+#define TCP_SYN_SENT 2
+#define TCP_CLOSE 7
 
-/* Upper bound on servers per VIP. The inner backend arrays hold a header slot
- * plus at most this many servers; user space refuses larger sets. */
-#define CTLB_MAX_SERVERS 1024
-
-/* Header flag: a connect() to a VIP whose set is empty fails with
- * ECONNREFUSED instead of going through to the VIP unchanged. */
-#define CTLB_SVC_F_REJECT_EMPTY 0x1
-
-/* A VIP:port. Address and port in network byte order, as in sockaddr_in. */
-struct svc_key {
-	__u32 vip;
-	__u16 port;
-	__u16 pad;
+/* Flags ctx->user_ip6 etc. are read and written as u32 words. */
+struct addr16 {
+	__u32 w[4];
 };
+
+/* ----- addresses ---------------------------------------------------- */
+
+static __always_inline void v4mapped(struct addr16 *a, __u32 ip4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0xffff);
+	a->w[3] = ip4;
+}
+
+static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline void addr_copy(__u32 *dst, const __u32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
+/* ----- settings ----------------------------------------------------- */
+
+static __always_inline void hold_times(__u64 *base, __u64 *max)
+{
+	__u32 zero = 0;
+	struct config_v2 *c = bpf_map_lookup_elem(&ctlb_config_v2, &zero);
+	*base = CTLB_HOLD_BASE_NS_DEFAULT;
+	*max = CTLB_HOLD_MAX_NS_DEFAULT;
+	if (c && c->hold_base_ns)
+		*base = c->hold_base_ns;
+	if (c && c->hold_max_ns)
+		*max = c->hold_max_ns;
+}
+
+/* ----- failing marks ------------------------------------------------ */
 
 /*
- * One slot of a service's backend array. Slot 0 is the header: addr holds
- * the number of servers and flags the CTLB_SVC_F_* policy; slots 1..count are
- * the servers (addr and port in network byte order). Keeping the header in
- * the same inner map as the servers is what makes a set replacement atomic: a
- * connect() reads one inner map, old or new, never a mix.
+ * May a new connect go to this slot? A slot is usable when it carries no
+ * mark; when its hold-down has passed, the first caller takes it as the probe
+ * and pushes the mark one hold_base ahead so that the others keep skipping it
+ * until the probe's outcome is known (sock_ops clears or renews the mark).
+ * The clock is read only for marked slots.
  */
-struct backend_slot {
-	__u32 addr;
-	__u16 port;
-	__u16 flags;
+static __always_inline int slot_usable(__u32 slot)
+{
+	struct slot_fail_v2 *f = bpf_map_lookup_elem(&ctlb_failing_v2, &slot);
+	if (!f)
+		return 1;
+	__u64 until = f->until_ns;
+	if (!until)
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	if (now < until)
+		return 0;
+	__u64 base, max;
+	hold_times(&base, &max);
+	return __sync_val_compare_and_swap(&f->until_ns, until, now + base) == until;
+}
+
+static __always_inline void mark_failing(__u32 slot)
+{
+	struct slot_fail_v2 *f = bpf_map_lookup_elem(&ctlb_failing_v2, &slot);
+	if (!f)
+		return;
+	__u64 base, max;
+	hold_times(&base, &max);
+	__u32 strikes = f->strikes;
+	if (strikes > 20)
+		strikes = 20;
+	__u64 hold = base << strikes;
+	if (hold > max || hold < base)
+		hold = max;
+	f->until_ns = bpf_ktime_get_ns() + hold;
+	__sync_fetch_and_add(&f->strikes, 1);
+}
+
+static __always_inline void clear_failing(__u32 slot)
+{
+	struct slot_fail_v2 *f = bpf_map_lookup_elem(&ctlb_failing_v2, &slot);
+	if (f && (f->until_ns || f->strikes)) {
+		f->until_ns = 0;
+		f->strikes = 0;
+	}
+}
+
+/* ----- choosing a server -------------------------------------------- */
+
+struct scan_ctx {
+	void *backends;
+	__u32 count;
+	__u32 start;
+	struct backend_v2 *found;
 };
 
-/* A server as seen from one VIP: the key of the accounting maps. */
-struct backend_key {
+static long scan_one(__u64 i, void *data)
+{
+	struct scan_ctx *s = data;
+	__u32 idx = (s->start + (__u32)i) % s->count + 1;
+	struct backend_v2 *be = bpf_map_lookup_elem(s->backends, &idx);
+	if (be && slot_usable(be->slot)) {
+		s->found = be;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline __s64 open_of(__u32 slot)
+{
+	__s64 *o = bpf_map_lookup_elem(&ctlb_open_v2, &slot);
+	return o ? *o : 0;
+}
+
+/*
+ * Pick a usable server, or NULL when every server is failing. The first
+ * candidate comes from the balance mode; only when it is failing does the
+ * (bounded) scan for the next usable one run.
+ */
+static __always_inline struct backend_v2 *choose(void *backends, struct svc_hdr_v2 *hdr, __u32 count)
+{
+	__u32 first;
+	if (hdr->balance == CTLB_BALANCE_RANDOM) {
+		first = bpf_get_prandom_u32() % count;
+	} else if (hdr->balance == CTLB_BALANCE_LEAST_OPEN && count > 1) {
+		/* Power of two choices: the less loaded of two distinct
+		 * random servers. */
+		__u32 r = bpf_get_prandom_u32();
+		__u32 a = r % count;
+		__u32 b = (a + 1 + (r >> 16) % (count - 1)) % count;
+		__u32 ia = a + 1, ib = b + 1;
+		struct backend_v2 *ba = bpf_map_lookup_elem(backends, &ia);
+		struct backend_v2 *bb = bpf_map_lookup_elem(backends, &ib);
+		if (!ba || !bb)
+			return 0;
+		if (open_of(bb->slot) < open_of(ba->slot)) {
+			struct backend_v2 *t = ba;
+			ba = bb;
+			bb = t;
+			a = b;
+		}
+		if (slot_usable(ba->slot))
+			return ba;
+		if (slot_usable(bb->slot))
+			return bb;
+		first = a;
+	} else {
+		__u32 svc = hdr->svc;
+		struct svc_state_v2 *ss = bpf_map_lookup_elem(&ctlb_svcstate_v2, &svc);
+		if (!ss)
+			return 0;
+		first = __sync_fetch_and_add(&ss->rr, 1) % count;
+	}
+	__u32 idx = first + 1;
+	struct backend_v2 *be = bpf_map_lookup_elem(backends, &idx);
+	if (!be)
+		return 0;
+	if (slot_usable(be->slot))
+		return be;
+	struct scan_ctx s = {.backends = backends, .count = count, .start = first + 1};
+	bpf_loop(CTLB_MAX_SERVERS, scan_one, &s, 0);
+	if (s.found && s.found != be)
+		return s.found;
+	return 0;
+}
+
+/* ----- socket state ------------------------------------------------- */
+
+/*
+ * The socket whose state we keep: the socket itself, or for an MPTCP
+ * subflow the MPTCP socket the application holds (its getpeername and close
+ * act on that one).
+ */
+static __always_inline struct sock_state_v2 *state_get(struct bpf_sock *sk, int create, int *mptcp)
+{
+	__u64 flags = create ? BPF_SK_STORAGE_GET_F_CREATE : 0;
+	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
+	if (msk) {
+		*mptcp = 1;
+		return bpf_sk_storage_get(&ctlb_socks_v2, msk, 0, flags);
+	}
+	*mptcp = 0;
+	return bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, flags);
+}
+
+/* Give back the socket's open count and forget its VIP. */
+static __always_inline void forget(struct sock_state_v2 *st)
+{
+	if (st->flags & CTLB_SK_F_OPEN) {
+		__u32 slot = st->slot;
+		__s64 *open = bpf_map_lookup_elem(&ctlb_open_v2, &slot);
+		if (open)
+			__sync_fetch_and_add(open, -1);
+	}
+	st->flags = 0;
+	st->slot = 0;
+}
+
+static __always_inline void record(struct sock_state_v2 *st, const struct svc_key_v2 *key, __u32 svc,
+				   const struct backend_v2 *be, int mptcp, int unconnected)
+{
+	forget(st);
+	__u32 slot = be->slot;
+	__s64 *open = bpf_map_lookup_elem(&ctlb_open_v2, &slot);
+	__u8 flags = 0;
+	if (open) {
+		__sync_fetch_and_add(open, 1);
+		flags |= CTLB_SK_F_OPEN;
+	}
+	if (mptcp)
+		flags |= CTLB_SK_F_MPTCP;
+	if (unconnected)
+		flags |= CTLB_SK_F_UNCONNECTED;
+	addr_copy((__u32 *)st->vip, (const __u32 *)key->addr);
+	addr_copy((__u32 *)st->server, (const __u32 *)be->addr);
+	st->vport = key->port;
+	st->sport = be->port;
+	st->proto = key->proto;
+	st->slot = slot;
+	st->svc = svc;
+	st->flags = flags;
+}
+
+static __always_inline void count_attempt(__u32 slot)
+{
+	struct slot_counters_v2 *c = bpf_map_lookup_elem(&ctlb_counters_v2, &slot);
+	if (c)
+		c->attempts++;
+}
+
+/* ----- connect and sendmsg ------------------------------------------ */
+
+/* The VIP protocol of a socket, or 0 for sockets ctlb leaves alone. */
+static __always_inline __u8 vip_proto(struct bpf_sock_addr *ctx)
+{
+	__u32 type = ctx->type, proto = ctx->protocol;
+	if (type == SOCK_STREAM && (proto == IPPROTO_TCP || proto == IPPROTO_MPTCP))
+		return IPPROTO_TCP;
+	if (type == SOCK_DGRAM && proto == IPPROTO_UDP)
+		return IPPROTO_UDP;
+	return 0;
+}
+
+enum { HOOK_CONNECT, HOOK_SENDMSG };
+
+/*
+ * One connect() or unconnected sendmsg() to dst:port (dst v4-mapped for
+ * AF_INET and for dual-stack sockets dialing IPv4). Returns 1 with *out set
+ * to rewrite, 0 to leave the call alone, -1 to refuse it with ECONNREFUSED.
+ */
+static __always_inline int translate(struct bpf_sock_addr *ctx, const struct addr16 *dst, __u16 port, int hook,
+				     struct addr16 *out, __u16 *out_port)
+{
+	/* An earlier program on this hook denied the call: neither rewrite
+	 * nor count. */
+	if (bpf_get_retval() != 0)
+		return 0;
+	__u8 proto = vip_proto(ctx);
+	if (!proto)
+		return 0;
+
+	struct svc_key_v2 key __attribute__((aligned(8))) = {};
+	addr_copy((__u32 *)key.addr, dst->w);
+	key.port = port;
+	key.proto = proto;
+
+	struct bpf_sock *sk = ctx->sk;
+	int mptcp = 0;
+	void *backends = bpf_map_lookup_elem(&ctlb_services_v2, &key);
+	if (!backends) {
+		/* A socket that was a VIP socket (then disconnected with
+		 * AF_UNSPEC) connecting elsewhere forgets its VIP. Datagrams
+		 * to other addresses leave the state alone. */
+		if (hook == HOOK_CONNECT && sk) {
+			struct sock_state_v2 *st = state_get(sk, 0, &mptcp);
+			if (st && st->slot)
+				forget(st);
+		}
+		return 0;
+	}
+
+	if (hook == HOOK_SENDMSG && sk) {
+		/* An unconnected socket keeps its server for its life. */
+		struct sock_state_v2 *st = state_get(sk, 0, &mptcp);
+		if (st && st->slot && st->vport == key.port && st->proto == proto &&
+		    addr_eq((const __u32 *)st->vip, (const __u32 *)key.addr)) {
+			addr_copy(out->w, (const __u32 *)st->server);
+			*out_port = st->sport;
+			return 1;
+		}
+	}
+
+	__u32 zero = 0;
+	struct svc_hdr_v2 *hdr = bpf_map_lookup_elem(backends, &zero);
+	if (!hdr)
+		return 0;
+	__u32 count = hdr->count;
+	struct backend_v2 *be = 0;
+	if (count > 0 && count <= CTLB_MAX_SERVERS)
+		be = choose(backends, hdr, count);
+	if (!be) {
+		/* No server, or every server failing: the empty policy. */
+		return (hdr->flags & CTLB_SVC_F_REJECT_EMPTY) ? -1 : 0;
+	}
+
+	addr_copy(out->w, (const __u32 *)be->addr);
+	*out_port = be->port;
+	count_attempt(be->slot);
+	if (!sk)
+		return 1;
+	struct sock_state_v2 *st = state_get(sk, 1, &mptcp);
+	if (st)
+		record(st, &key, hdr->svc, be, mptcp, hook == HOOK_SENDMSG);
+	return 1;
+}
+
+static __always_inline int refuse(void)
+{
+	/* Fail at once rather than let the client wait on a VIP that nothing
+	 * answers. */
+	bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+static __always_inline int hook4(struct bpf_sock_addr *ctx, int hook)
+{
+	struct addr16 dst, out;
+	__u16 port;
+	v4mapped(&dst, ctx->user_ip4);
+	int r = translate(ctx, &dst, (__u16)ctx->user_port, hook, &out, &port);
+	if (r < 0)
+		return refuse();
+	if (r > 0) {
+		ctx->user_ip4 = out.w[3];
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+static __always_inline int hook6(struct bpf_sock_addr *ctx, int hook)
+{
+	struct addr16 dst, out;
+	__u16 port;
+	dst.w[0] = ctx->user_ip6[0];
+	dst.w[1] = ctx->user_ip6[1];
+	dst.w[2] = ctx->user_ip6[2];
+	dst.w[3] = ctx->user_ip6[3];
+	int r = translate(ctx, &dst, (__u16)ctx->user_port, hook, &out, &port);
+	if (r < 0)
+		return refuse();
+	if (r > 0) {
+		ctx->user_ip6[0] = out.w[0];
+		ctx->user_ip6[1] = out.w[1];
+		ctx->user_ip6[2] = out.w[2];
+		ctx->user_ip6[3] = out.w[3];
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int ctlb_connect4(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_CONNECT); }
+
+SEC("cgroup/connect6")
+int ctlb_connect6(struct bpf_sock_addr *ctx) { return hook6(ctx, HOOK_CONNECT); }
+
+SEC("cgroup/sendmsg4")
+int ctlb_sendmsg4(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_SENDMSG); }
+
+SEC("cgroup/sendmsg6")
+int ctlb_sendmsg6(struct bpf_sock_addr *ctx) { return hook6(ctx, HOOK_SENDMSG); }
+
+/* ----- getpeername and recvmsg: server -> VIP ------------------------ */
+
+static __always_inline int peer4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	if (!st || !st->slot)
+		return 1;
+	const __u32 *srv = (const __u32 *)st->server;
+	if (ctx->user_ip4 == srv[3] && (__u16)ctx->user_port == st->sport && srv[2] == bpf_htonl(0xffff) &&
+	    srv[0] == 0 && srv[1] == 0) {
+		ctx->user_ip4 = ((const __u32 *)st->vip)[3];
+		ctx->user_port = st->vport;
+	}
+	return 1;
+}
+
+static __always_inline int peer6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	if (!st || !st->slot)
+		return 1;
+	const __u32 *srv = (const __u32 *)st->server;
+	if (ctx->user_ip6[0] == srv[0] && ctx->user_ip6[1] == srv[1] && ctx->user_ip6[2] == srv[2] &&
+	    ctx->user_ip6[3] == srv[3] && (__u16)ctx->user_port == st->sport) {
+		const __u32 *vip = (const __u32 *)st->vip;
+		ctx->user_ip6[0] = vip[0];
+		ctx->user_ip6[1] = vip[1];
+		ctx->user_ip6[2] = vip[2];
+		ctx->user_ip6[3] = vip[3];
+		ctx->user_port = st->vport;
+	}
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int ctlb_getpeername4(struct bpf_sock_addr *ctx) { return peer4(ctx); }
+
+SEC("cgroup/getpeername6")
+int ctlb_getpeername6(struct bpf_sock_addr *ctx) { return peer6(ctx); }
+
+SEC("cgroup/recvmsg4")
+int ctlb_recvmsg4(struct bpf_sock_addr *ctx) { return peer4(ctx); }
+
+SEC("cgroup/recvmsg6")
+int ctlb_recvmsg6(struct bpf_sock_addr *ctx) { return peer6(ctx); }
+
+/* ----- release ------------------------------------------------------ */
+
+/* Attached once at the cgroup v2 root: a socket gives back its open count
+ * when it closes even if its pod was detached meanwhile. */
+SEC("cgroup/sock_release")
+int ctlb_sock_release(struct bpf_sock *sk)
+{
+	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	if (st && st->slot)
+		forget(st);
+	return 1;
+}
+
+/* ----- sock_ops: established, failed, failing marks ------------------ */
+
+#define CTLB_SK_F_MARKED 0x20 /* this socket already marked its slot failing */
+
+SEC("sockops")
+int ctlb_sock_ops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTO_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	int mptcp = 0;
+	struct sock_state_v2 *st = state_get(sk, 0, &mptcp);
+	if (!st || !st->slot || st->proto != IPPROTO_TCP)
+		return 1;
+	__u32 slot = st->slot;
+	struct slot_counters_v2 *c;
+
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Only VIP sockets get state callbacks, and only until
+		 * they are established. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
+							 BPF_SOCK_OPS_RTO_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (st->flags & CTLB_SK_F_ESTABLISHED)
+			break;
+		st->flags |= CTLB_SK_F_ESTABLISHED;
+		c = bpf_map_lookup_elem(&ctlb_counters_v2, &slot);
+		if (c)
+			c->established++;
+		clear_failing(slot);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+							 ~(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG));
+		break;
+	case BPF_SOCK_OPS_RTO_CB:
+		/* A SYN went unanswered: mark the server before the connect
+		 * gives up (which takes minutes with default retries). */
+		if (skops->state == TCP_SYN_SENT && !(st->flags & (CTLB_SK_F_MARKED | CTLB_SK_F_ESTABLISHED))) {
+			st->flags |= CTLB_SK_F_MARKED;
+			mark_failing(slot);
+		}
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[0] != TCP_SYN_SENT || skops->args[1] != TCP_CLOSE)
+			break;
+		if (st->flags & (CTLB_SK_F_FAILED | CTLB_SK_F_ESTABLISHED))
+			break;
+		st->flags |= CTLB_SK_F_FAILED;
+		c = bpf_map_lookup_elem(&ctlb_counters_v2, &slot);
+		if (c)
+			c->failed++;
+		if (!(st->flags & CTLB_SK_F_MARKED)) {
+			st->flags |= CTLB_SK_F_MARKED;
+			mark_failing(slot);
+		}
+		break;
+	}
+	return 1;
+}
+
+/* ----- upgrade from layout v1 ----------------------------------------- */
+
+/*
+ * Loaded only while upgrading v1 pins (docs/UPGRADE.md): sockets opened
+ * under v1 carry v1 socket state. This release program, attached at the
+ * cgroup v2 root, gives their open count back to the v2 slot the upgrade
+ * mapped their v1 (VIP, server) to.
+ */
+struct backend_key_v1 {
 	__u32 vip;
 	__u32 addr;
 	__u16 vport;
 	__u16 port;
 };
 
-/* What a socket remembers of its rewrite, for getpeername and release. */
-struct sock_state {
-	struct backend_key be;
+struct sock_state_v1 {
+	struct backend_key_v1 be;
 };
-
-/* VIP:port -> inner array of servers. User space swaps a whole inner array in
- * one update; the kernel frees the old one after an RCU grace period, so a
- * connect() that already looked it up keeps reading valid memory. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
-	__uint(max_entries, 65536);
-	__type(key, struct svc_key);
-	/* Template of the inner arrays. BPF_F_INNER_MAP lets each inner
-	 * array have its own size (count + 1). Sizes rather than types:
-	 * clang emits a struct reached only through the outer map's pointers
-	 * as a forward declaration, which no loader can size. */
-	__array(values, struct {
-		__uint(type, BPF_MAP_TYPE_ARRAY);
-		__uint(max_entries, 1);
-		__uint(map_flags, BPF_F_INNER_MAP);
-		__uint(key_size, sizeof(__u32));
-		__uint(value_size, sizeof(struct backend_slot));
-	});
-} ctlb_services_v1 SEC(".maps");
-
-/* VIP:port -> round-robin counter. Kept apart from the backend arrays so a set
- * replacement does not restart the rotation at the first server. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct svc_key);
-	__type(value, __u32);
-} ctlb_rr_v1 SEC(".maps");
-
-/* Connects per (VIP, server), per CPU so the hot path never shares a line. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 262144);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct backend_key);
-	__type(value, __u64);
-} ctlb_connects_v1 SEC(".maps");
-
-/* Sockets open now per (VIP, server): incremented at connect, decremented at
- * release, so it is one shared atomic counter rather than per CPU. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct backend_key);
-	__type(value, __s64);
-} ctlb_open_v1 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct sock_state);
+	__type(value, struct sock_state_v1);
 } ctlb_socks_v1 SEC(".maps");
 
-/* Find the value for key, inserting zero first if it is missing. Another CPU
- * may insert concurrently; BPF_NOEXIST makes that harmless. */
-static __always_inline void *lookup_or_init(void *map, const void *key)
-{
-	void *val = bpf_map_lookup_elem(map, key);
-	if (val)
-		return val;
-	__u64 zero = 0;
-	bpf_map_update_elem(map, key, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(map, key);
-}
-
-/* Take one away from a server's open count, once per socket: with nested
- * attachments (host scope and pod scope) a hook may run twice. */
-static __always_inline void release_state(struct sock_state *st)
-{
-	if (!st->be.addr)
-		return;
-	__s64 *open = bpf_map_lookup_elem(&ctlb_open_v1, &st->be);
-	if (open)
-		__sync_fetch_and_add(open, -1);
-	st->be.addr = 0;
-}
-
-SEC("cgroup/connect4")
-int ctlb_connect4(struct bpf_sock_addr *ctx)
-{
-	/* Only TCP is balanced; UDP and raw sockets keep their destination. */
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
-
-	struct svc_key key = {
-		.vip = ctx->user_ip4,
-		.port = (__u16)ctx->user_port,
-	};
-	void *backends = bpf_map_lookup_elem(&ctlb_services_v1, &key);
-	if (!backends)
-		return 1;
-
-	__u32 idx = 0;
-	struct backend_slot *hdr = bpf_map_lookup_elem(backends, &idx);
-	if (!hdr)
-		return 1;
-	__u32 count = hdr->addr;
-	if (count == 0 || count > CTLB_MAX_SERVERS) {
-		if (hdr->flags & CTLB_SVC_F_REJECT_EMPTY) {
-			/* Fail at once rather than let the client wait on a VIP
-			 * that nothing answers. */
-			bpf_set_retval(-ECONNREFUSED);
-			return 0;
-		}
-		return 1;
-	}
-
-	__u32 *rr = lookup_or_init(&ctlb_rr_v1, &key);
-	if (!rr)
-		return 1;
-	idx = __sync_fetch_and_add(rr, 1) % count + 1;
-	struct backend_slot *be = bpf_map_lookup_elem(backends, &idx);
-	if (!be)
-		return 1;
-
-	ctx->user_ip4 = be->addr;
-	ctx->user_port = be->port;
-
-	struct backend_key bk = {
-		.vip = key.vip,
-		.vport = key.port,
-		.addr = be->addr,
-		.port = be->port,
-	};
-	__u64 *connects = lookup_or_init(&ctlb_connects_v1, &bk);
-	if (connects)
-		__sync_fetch_and_add(connects, 1);
-
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 1;
-	struct sock_state *st = bpf_sk_storage_get(&ctlb_socks_v1, sk, 0,
-						   BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st)
-		return 1;
-	/* A socket reconnected after AF_UNSPEC still holds its old server. */
-	release_state(st);
-	__s64 *open = lookup_or_init(&ctlb_open_v1, &bk);
-	if (!open)
-		return 1;
-	__sync_fetch_and_add(open, 1);
-	st->be = bk;
-	return 1;
-}
-
-SEC("cgroup/getpeername4")
-int ctlb_getpeername4(struct bpf_sock_addr *ctx)
-{
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 1;
-	struct sock_state *st = bpf_sk_storage_get(&ctlb_socks_v1, sk, 0, 0);
-	if (!st || !st->be.addr)
-		return 1;
-	if (ctx->user_ip4 == st->be.addr && (__u16)ctx->user_port == st->be.port) {
-		ctx->user_ip4 = st->be.vip;
-		ctx->user_port = st->be.vport;
-	}
-	return 1;
-}
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct backend_key_v1);
+	__type(value, __u32);
+} ctlb_v1slots_v2 SEC(".maps");
 
 SEC("cgroup/sock_release")
-int ctlb_sock_release(struct bpf_sock *sk)
+int ctlb_release_v1(struct bpf_sock *sk)
 {
-	struct sock_state *st = bpf_sk_storage_get(&ctlb_socks_v1, sk, 0, 0);
-	if (st)
-		release_state(st);
+	struct sock_state_v1 *st = bpf_sk_storage_get(&ctlb_socks_v1, sk, 0, 0);
+	if (!st || !st->be.addr)
+		return 1;
+	__u32 *slot = bpf_map_lookup_elem(&ctlb_v1slots_v2, &st->be);
+	if (slot) {
+		__s64 *open = bpf_map_lookup_elem(&ctlb_open_v2, slot);
+		if (open)
+			__sync_fetch_and_add(open, -1);
+	}
+	st->be.addr = 0;
 	return 1;
+}
+
+/*
+ * Run by ctlbd (BPF_PROG_TEST_RUN) while upgrading: adds the counts carried
+ * over from v1 with the same atomic operations the programs use, so that no
+ * concurrent connect or release is lost.
+ */
+struct slot_adjust_v2 {
+	__u32 slot;
+	__u32 pad;
+	__s64 open;
+	__u64 attempts;
+};
+
+SEC("syscall")
+int ctlb_slot_adjust(struct slot_adjust_v2 *a)
+{
+	__u32 slot = a->slot;
+	__s64 *open = bpf_map_lookup_elem(&ctlb_open_v2, &slot);
+	if (open && a->open)
+		__sync_fetch_and_add(open, a->open);
+	struct slot_counters_v2 *c = bpf_map_lookup_elem(&ctlb_counters_v2, &slot);
+	if (c && a->attempts)
+		__sync_fetch_and_add(&c->attempts, a->attempts);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -25,6 +25,8 @@ want runc runc
 want crun crun
 want podman podman
 want catatonit catatonit
+want java openjdk-17-jdk-headless
+want python3 python3
 for extra in ${CTLB_EXTRA_PACKAGES:-}; do need+=("$extra"); done
 
 if ((${#need[@]})); then

@@ -3,10 +3,12 @@ package cni
 import "github.com/containernetworking/cni/pkg/types"
 
 // ctlb's own CNI error codes (the spec reserves 100 and up for plugins).
-// The spec's codes are used where they fit: 4 (CNI_ARGS), 5 (I/O),
-// 6 (undecodable JSON), 7 (invalid config, including an escaping
-// cgroupPath), 11 (try again later: ctlbd has not pinned its objects yet, or
-// ctlbd is unreachable on CHECK), 50 (STATUS: not ready), 999 (other).
+// The spec's codes are used where they fit: 2 (unsupported field), 4
+// (CNI_ARGS), 5 (I/O), 6 (undecodable JSON), 7 (invalid config, including an
+// escaping cgroupPath or a shared cgroup), 11 (try again later: ctlbd has not
+// pinned its objects yet, or ctlbd is unreachable on CHECK), 50 (STATUS: not
+// ready), 999 (other). plugins/meta/ctlb/README.md says which verb returns
+// which, and when.
 const (
 	// ErrNotAttached (CHECK): no attachment is pinned for the container.
 	ErrNotAttached uint = 100

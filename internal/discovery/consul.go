@@ -256,14 +256,6 @@ func (h *consulHub) leave(w *consulWatch) {
 	}
 }
 
-// ConsulWatchCount is the number of distinct Consul queries running in
-// this process (one per distinct query, however many VIPs use it).
-func ConsulWatchCount() int {
-	consulWatches.mu.Lock()
-	defer consulWatches.mu.Unlock()
-	return len(consulWatches.watches)
-}
-
 func (w *consulWatch) latest() (consulAnswer, uint64, <-chan struct{}) {
 	w.mu.Lock()
 	defer w.mu.Unlock()

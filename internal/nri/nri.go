@@ -151,7 +151,7 @@ func (p *Plugin) runOnce(ctx context.Context) error {
 	closed := make(chan struct{})
 	var once sync.Once
 	s, err := stub.New(p, stub.WithPluginName(PluginName), stub.WithPluginIdx(PluginIndex),
-		stub.WithSocketPath(p.opts.Socket), stub.WithOnClose(func() { once.Do(func() { close(closed) }) }))
+		stub.WithSocketPath(p.opts.Socket), stub.WithLogger(stubLogger{p.log}), stub.WithOnClose(func() { once.Do(func() { close(closed) }) }))
 	if err != nil {
 		return fmt.Errorf("NRI stub: %w", err)
 	}
@@ -325,4 +325,25 @@ func (p *Plugin) detach(pod *api.PodSandbox, c *api.Container, at string) {
 	case !errors.Is(err, datapath.ErrNoAttachment):
 		p.log.Error("NRI: detach", "at", at, "pod", pod.GetName(), "container", c.GetName(), "attachment", id, "error", err)
 	}
+}
+
+// stubLogger sends the NRI library's own log lines to the daemon's slog
+// logger, so ctlbd's log stays in one format.
+type stubLogger struct{ log *slog.Logger }
+
+func (l stubLogger) Debugf(ctx context.Context, format string, args ...any) {
+	l.log.DebugContext(ctx, "NRI library: "+fmt.Sprintf(format, args...))
+}
+
+func (l stubLogger) Infof(ctx context.Context, format string, args ...any) {
+	// The library's info lines are per event and registration chatter.
+	l.log.DebugContext(ctx, "NRI library: "+fmt.Sprintf(format, args...))
+}
+
+func (l stubLogger) Warnf(ctx context.Context, format string, args ...any) {
+	l.log.WarnContext(ctx, "NRI library: "+fmt.Sprintf(format, args...))
+}
+
+func (l stubLogger) Errorf(ctx context.Context, format string, args ...any) {
+	l.log.ErrorContext(ctx, "NRI library: "+fmt.Sprintf(format, args...))
 }

@@ -46,6 +46,13 @@ func (c Config) Options(onChange OnChange, log *slog.Logger) (Options, error) {
 	if err := c.Validate(); err != nil {
 		return Options{}, err
 	}
+	if c.Consul != nil && c.Consul.Token != "" {
+		l := log
+		if l == nil {
+			l = slog.Default()
+		}
+		l.Warn("consul.token is an inline ACL token in the config file; prefer consul.tokenFile (read again at every query)")
+	}
 	srcs, err := c.Sources()
 	if err != nil {
 		return Options{}, err

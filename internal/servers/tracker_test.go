@@ -159,7 +159,8 @@ func TestSourceFailureKeepsLastGood(t *testing.T) {
 	tr, rec := startTracker(t, "vip", Options{
 		Sources: []discovery.Source{
 			discovery.Static{Servers: addrs[:2]},
-			discovery.Exec{Command: []string{cmd, list}, Interval: 100 * time.Millisecond},
+			// A loaded machine may take more than the interval to run a script.
+			discovery.Exec{Command: []string{cmd, list}, Interval: 100 * time.Millisecond, Timeout: 5 * time.Second},
 		},
 		Health: fast,
 	})

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"sync"
@@ -180,7 +181,7 @@ func runClient(spec ClientSpec) {
 		var held []net.Conn
 		for _, target := range targets {
 			r.Total++
-			c, err := net.DialTimeout("tcp4", target, 3*time.Second)
+			c, err := net.DialTimeout(tcpNet(target), target, 3*time.Second)
 			if err != nil {
 				fail(err)
 				r.Landed = append(r.Landed, "")
@@ -254,7 +255,7 @@ func runClient(spec ClientSpec) {
 }
 
 func dialOnce(target string) (string, error) {
-	c, err := net.DialTimeout("tcp4", target, 3*time.Second)
+	c, err := net.DialTimeout(tcpNet(target), target, 3*time.Second)
 	if err != nil {
 		return "", err
 	}
@@ -264,7 +265,7 @@ func dialOnce(target string) (string, error) {
 }
 
 func udpOnce(target string) (string, error) {
-	c, err := net.DialTimeout("udp4", target, time.Second)
+	c, err := net.DialTimeout(udpNet(target), target, time.Second)
 	if err != nil {
 		return "", err
 	}
@@ -300,6 +301,9 @@ func peerName(c net.Conn) string {
 		}
 		if in4, ok := sa.(*syscall.SockaddrInet4); ok {
 			out = fmt.Sprintf("%d.%d.%d.%d:%d", in4.Addr[0], in4.Addr[1], in4.Addr[2], in4.Addr[3], in4.Port)
+		}
+		if in6, ok := sa.(*syscall.SockaddrInet6); ok {
+			out = netip.AddrPortFrom(netip.AddrFrom16(in6.Addr), uint16(in6.Port)).String()
 		}
 	})
 	return out

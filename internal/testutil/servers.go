@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 
@@ -34,7 +35,7 @@ func StartServers(t testing.TB, netns ns.NetNS, addrs ...string) []*Server {
 		var ln net.Listener
 		err := netns.Do(func(ns.NetNS) error {
 			var err error
-			ln, err = net.Listen("tcp4", a)
+			ln, err = net.Listen(tcpNet(a), a)
 			return err
 		})
 		if err != nil {
@@ -113,7 +114,7 @@ func StartUDPEcho(t testing.TB, netns ns.NetNS, addr string) {
 	var pc net.PacketConn
 	err := netns.Do(func(ns.NetNS) error {
 		var err error
-		pc, err = net.ListenPacket("udp4", addr)
+		pc, err = net.ListenPacket(udpNet(addr), addr)
 		return err
 	})
 	if err != nil {
@@ -132,4 +133,19 @@ func StartUDPEcho(t testing.TB, netns ns.NetNS, addr string) {
 		}
 	}()
 	t.Cleanup(func() { pc.Close(); <-done })
+}
+
+// tcpNet and udpNet pick the family of an "IP:PORT" or "[IPv6]:PORT".
+func tcpNet(addr string) string {
+	if strings.HasPrefix(addr, "[") {
+		return "tcp6"
+	}
+	return "tcp4"
+}
+
+func udpNet(addr string) string {
+	if strings.HasPrefix(addr, "[") {
+		return "udp6"
+	}
+	return "udp4"
 }

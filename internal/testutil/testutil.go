@@ -17,6 +17,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/topo"
@@ -62,8 +63,9 @@ func NewNetNS(t testing.TB) ns.NetNS {
 	return n
 }
 
-// AddLoopbackAddrs puts /32 addresses on lo inside netns (the kernel here has
-// no dummy links). Addresses must be in 127.0.0.0/8 or 198.18.0.0/15.
+// AddLoopbackAddrs puts /32 (IPv6: /128) addresses on lo inside netns (the
+// kernel here has no dummy links). Addresses must be in 127.0.0.0/8,
+// 198.18.0.0/15 or, for IPv6, 2001:2::/48.
 func AddLoopbackAddrs(t testing.TB, netns ns.NetNS, addrs ...string) {
 	t.Helper()
 	err := netns.Do(func(ns.NetNS) error {
@@ -72,10 +74,19 @@ func AddLoopbackAddrs(t testing.TB, netns ns.NetNS, addrs ...string) {
 			return err
 		}
 		for _, a := range addrs {
-			if !strings.HasPrefix(a, "127.") && !strings.HasPrefix(a, "198.18.") && !strings.HasPrefix(a, "198.19.") {
+			bits := "/32"
+			if strings.Contains(a, ":") {
+				if !strings.HasPrefix(a, "2001:2:") {
+					return fmt.Errorf("test address %s outside 2001:2::/48", a)
+				}
+				bits = "/128"
+			} else if !strings.HasPrefix(a, "127.") && !strings.HasPrefix(a, "198.18.") && !strings.HasPrefix(a, "198.19.") {
 				return fmt.Errorf("test address %s outside 127/8 and 198.18/15", a)
 			}
-			addr, err := netlink.ParseAddr(a + "/32")
+			addr, err := netlink.ParseAddr(a + bits)
+			if bits == "/128" && err == nil {
+				addr.Flags |= unix.IFA_F_NODAD // usable at once, no duplicate detection wait
+			}
 			if err != nil {
 				return err
 			}

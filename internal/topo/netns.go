@@ -34,16 +34,27 @@ func NewNetNS(u *Undo, name string) (ns.NetNS, error) {
 	f.Close()
 	errc := make(chan error, 1)
 	go func() {
-		// The thread that unshares is never unlocked: the runtime
-		// discards it, so no other goroutine ever runs in the new
-		// namespace by accident.
 		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid()))
+		if err != nil {
+			errc <- fmt.Errorf("open own netns: %w", err)
+			return
+		}
+		defer orig.Close()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			errc <- fmt.Errorf("unshare: %w", err)
 			return
 		}
 		self := fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid())
-		if err := unix.Mount(self, path, "none", unix.MS_BIND, ""); err != nil {
+		err = unix.Mount(self, path, "none", unix.MS_BIND, "")
+		// Back to where the thread came from before anything else can
+		// see it in the new namespace (a scan of /proc for the netns's
+		// processes must find none). A thread that cannot go back stays
+		// locked, and the runtime discards it when this goroutine ends.
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		if err != nil {
 			errc <- fmt.Errorf("bind mount %s: %w", path, err)
 			return
 		}

@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type ctlbBackendKey struct {
+type ctlbBackendKeyV1 struct {
 	_     structs.HostLayout
 	Vip   uint32
 	Addr  uint32
@@ -21,29 +21,95 @@ type ctlbBackendKey struct {
 	Port  uint16
 }
 
-type ctlbSockState struct {
-	_  structs.HostLayout
-	Be ctlbBackendKey
+type ctlbConfigV2 struct {
+	_          structs.HostLayout
+	HoldBaseNs uint64
+	HoldMaxNs  uint64
 }
 
-type ctlbSvcKey struct {
-	_    structs.HostLayout
-	Vip  uint32
-	Port uint16
-	Pad  uint16
+type ctlbSlotCountersV2 struct {
+	_           structs.HostLayout
+	Attempts    uint64
+	Established uint64
+	Failed      uint64
+	Terminated  uint64
+}
+
+type ctlbSlotFailV2 struct {
+	_       structs.HostLayout
+	UntilNs uint64
+	Strikes uint32
+	Flags   uint32
+}
+
+type ctlbSlotInfoV2 struct {
+	_          structs.HostLayout
+	Vip        ctlbSvcKeyV2
+	Addr       [16]uint8
+	Port       uint16
+	Flags      uint16
+	Svc        uint32
+	TermBudget uint32
+	Pad        uint32
+}
+
+type ctlbSockStateV1 struct {
+	_  structs.HostLayout
+	Be ctlbBackendKeyV1
+}
+
+type ctlbSockStateV2 struct {
+	_      structs.HostLayout
+	Vip    [16]uint8
+	Server [16]uint8
+	Vport  uint16
+	Sport  uint16
+	Proto  uint8
+	Flags  uint8
+	Pad    uint16
+	Slot   uint32
+	Svc    uint32
+}
+
+type ctlbSvcKeyV2 struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type ctlbSvcStateV2 struct {
+	_   structs.HostLayout
+	Rr  uint32
+	Pad uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	ctlbMapCtlbConnectsV1    = "ctlb_connects_v1"
-	ctlbMapCtlbOpenV1        = "ctlb_open_v1"
-	ctlbMapCtlbRrV1          = "ctlb_rr_v1"
-	ctlbMapCtlbServicesV1    = "ctlb_services_v1"
+	ctlbMapCtlbConfigV2      = "ctlb_config_v2"
+	ctlbMapCtlbCountersV2    = "ctlb_counters_v2"
+	ctlbMapCtlbFailingV2     = "ctlb_failing_v2"
+	ctlbMapCtlbOpenV2        = "ctlb_open_v2"
+	ctlbMapCtlbServicesV2    = "ctlb_services_v2"
+	ctlbMapCtlbSlotsV2       = "ctlb_slots_v2"
 	ctlbMapCtlbSocksV1       = "ctlb_socks_v1"
+	ctlbMapCtlbSocksV2       = "ctlb_socks_v2"
+	ctlbMapCtlbSvcstateV2    = "ctlb_svcstate_v2"
+	ctlbMapCtlbV1slotsV2     = "ctlb_v1slots_v2"
 	ctlbProgCtlbConnect4     = "ctlb_connect4"
+	ctlbProgCtlbConnect6     = "ctlb_connect6"
 	ctlbProgCtlbGetpeername4 = "ctlb_getpeername4"
+	ctlbProgCtlbGetpeername6 = "ctlb_getpeername6"
+	ctlbProgCtlbRecvmsg4     = "ctlb_recvmsg4"
+	ctlbProgCtlbRecvmsg6     = "ctlb_recvmsg6"
+	ctlbProgCtlbReleaseV1    = "ctlb_release_v1"
+	ctlbProgCtlbSendmsg4     = "ctlb_sendmsg4"
+	ctlbProgCtlbSendmsg6     = "ctlb_sendmsg6"
+	ctlbProgCtlbSlotAdjust   = "ctlb_slot_adjust"
+	ctlbProgCtlbSockOps      = "ctlb_sock_ops"
 	ctlbProgCtlbSockRelease  = "ctlb_sock_release"
 )
 
@@ -90,7 +156,16 @@ type ctlbSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type ctlbProgramSpecs struct {
 	CtlbConnect4     *ebpf.ProgramSpec `ebpf:"ctlb_connect4"`
+	CtlbConnect6     *ebpf.ProgramSpec `ebpf:"ctlb_connect6"`
 	CtlbGetpeername4 *ebpf.ProgramSpec `ebpf:"ctlb_getpeername4"`
+	CtlbGetpeername6 *ebpf.ProgramSpec `ebpf:"ctlb_getpeername6"`
+	CtlbRecvmsg4     *ebpf.ProgramSpec `ebpf:"ctlb_recvmsg4"`
+	CtlbRecvmsg6     *ebpf.ProgramSpec `ebpf:"ctlb_recvmsg6"`
+	CtlbReleaseV1    *ebpf.ProgramSpec `ebpf:"ctlb_release_v1"`
+	CtlbSendmsg4     *ebpf.ProgramSpec `ebpf:"ctlb_sendmsg4"`
+	CtlbSendmsg6     *ebpf.ProgramSpec `ebpf:"ctlb_sendmsg6"`
+	CtlbSlotAdjust   *ebpf.ProgramSpec `ebpf:"ctlb_slot_adjust"`
+	CtlbSockOps      *ebpf.ProgramSpec `ebpf:"ctlb_sock_ops"`
 	CtlbSockRelease  *ebpf.ProgramSpec `ebpf:"ctlb_sock_release"`
 }
 
@@ -98,11 +173,16 @@ type ctlbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ctlbMapSpecs struct {
-	CtlbConnectsV1 *ebpf.MapSpec `ebpf:"ctlb_connects_v1"`
-	CtlbOpenV1     *ebpf.MapSpec `ebpf:"ctlb_open_v1"`
-	CtlbRrV1       *ebpf.MapSpec `ebpf:"ctlb_rr_v1"`
-	CtlbServicesV1 *ebpf.MapSpec `ebpf:"ctlb_services_v1"`
+	CtlbConfigV2   *ebpf.MapSpec `ebpf:"ctlb_config_v2"`
+	CtlbCountersV2 *ebpf.MapSpec `ebpf:"ctlb_counters_v2"`
+	CtlbFailingV2  *ebpf.MapSpec `ebpf:"ctlb_failing_v2"`
+	CtlbOpenV2     *ebpf.MapSpec `ebpf:"ctlb_open_v2"`
+	CtlbServicesV2 *ebpf.MapSpec `ebpf:"ctlb_services_v2"`
+	CtlbSlotsV2    *ebpf.MapSpec `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV1    *ebpf.MapSpec `ebpf:"ctlb_socks_v1"`
+	CtlbSocksV2    *ebpf.MapSpec `ebpf:"ctlb_socks_v2"`
+	CtlbSvcstateV2 *ebpf.MapSpec `ebpf:"ctlb_svcstate_v2"`
+	CtlbV1slotsV2  *ebpf.MapSpec `ebpf:"ctlb_v1slots_v2"`
 }
 
 // ctlbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -131,20 +211,30 @@ func (o *ctlbObjects) Close() error {
 //
 // It can be passed to loadCtlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ctlbMaps struct {
-	CtlbConnectsV1 *ebpf.Map `ebpf:"ctlb_connects_v1"`
-	CtlbOpenV1     *ebpf.Map `ebpf:"ctlb_open_v1"`
-	CtlbRrV1       *ebpf.Map `ebpf:"ctlb_rr_v1"`
-	CtlbServicesV1 *ebpf.Map `ebpf:"ctlb_services_v1"`
+	CtlbConfigV2   *ebpf.Map `ebpf:"ctlb_config_v2"`
+	CtlbCountersV2 *ebpf.Map `ebpf:"ctlb_counters_v2"`
+	CtlbFailingV2  *ebpf.Map `ebpf:"ctlb_failing_v2"`
+	CtlbOpenV2     *ebpf.Map `ebpf:"ctlb_open_v2"`
+	CtlbServicesV2 *ebpf.Map `ebpf:"ctlb_services_v2"`
+	CtlbSlotsV2    *ebpf.Map `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV1    *ebpf.Map `ebpf:"ctlb_socks_v1"`
+	CtlbSocksV2    *ebpf.Map `ebpf:"ctlb_socks_v2"`
+	CtlbSvcstateV2 *ebpf.Map `ebpf:"ctlb_svcstate_v2"`
+	CtlbV1slotsV2  *ebpf.Map `ebpf:"ctlb_v1slots_v2"`
 }
 
 func (m *ctlbMaps) Close() error {
 	return _CtlbClose(
-		m.CtlbConnectsV1,
-		m.CtlbOpenV1,
-		m.CtlbRrV1,
-		m.CtlbServicesV1,
+		m.CtlbConfigV2,
+		m.CtlbCountersV2,
+		m.CtlbFailingV2,
+		m.CtlbOpenV2,
+		m.CtlbServicesV2,
+		m.CtlbSlotsV2,
 		m.CtlbSocksV1,
+		m.CtlbSocksV2,
+		m.CtlbSvcstateV2,
+		m.CtlbV1slotsV2,
 	)
 }
 
@@ -159,14 +249,32 @@ type ctlbVariables struct {
 // It can be passed to loadCtlbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ctlbPrograms struct {
 	CtlbConnect4     *ebpf.Program `ebpf:"ctlb_connect4"`
+	CtlbConnect6     *ebpf.Program `ebpf:"ctlb_connect6"`
 	CtlbGetpeername4 *ebpf.Program `ebpf:"ctlb_getpeername4"`
+	CtlbGetpeername6 *ebpf.Program `ebpf:"ctlb_getpeername6"`
+	CtlbRecvmsg4     *ebpf.Program `ebpf:"ctlb_recvmsg4"`
+	CtlbRecvmsg6     *ebpf.Program `ebpf:"ctlb_recvmsg6"`
+	CtlbReleaseV1    *ebpf.Program `ebpf:"ctlb_release_v1"`
+	CtlbSendmsg4     *ebpf.Program `ebpf:"ctlb_sendmsg4"`
+	CtlbSendmsg6     *ebpf.Program `ebpf:"ctlb_sendmsg6"`
+	CtlbSlotAdjust   *ebpf.Program `ebpf:"ctlb_slot_adjust"`
+	CtlbSockOps      *ebpf.Program `ebpf:"ctlb_sock_ops"`
 	CtlbSockRelease  *ebpf.Program `ebpf:"ctlb_sock_release"`
 }
 
 func (p *ctlbPrograms) Close() error {
 	return _CtlbClose(
 		p.CtlbConnect4,
+		p.CtlbConnect6,
 		p.CtlbGetpeername4,
+		p.CtlbGetpeername6,
+		p.CtlbRecvmsg4,
+		p.CtlbRecvmsg6,
+		p.CtlbReleaseV1,
+		p.CtlbSendmsg4,
+		p.CtlbSendmsg6,
+		p.CtlbSlotAdjust,
+		p.CtlbSockOps,
 		p.CtlbSockRelease,
 	)
 }

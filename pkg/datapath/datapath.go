@@ -9,9 +9,10 @@
 //
 // Pinned layout (docs/MAPS.md has the map formats):
 //
-//	DIR/ctlb_services_v1 ... maps, pinned by name
-//	DIR/ctlb_connect4_v1 ... programs, so that short-lived callers (the CNI
+//	DIR/ctlb_services_v2 ... maps, pinned by name
+//	DIR/ctlb_connect4_v2 ... programs, so that short-lived callers (the CNI
 //	                         plugin) attach the very programs that use DIR's maps
+//	DIR/ctlb_release_link_v2 sock_release on the cgroup v2 root
 //	DIR/links/ID/connect4    one directory of bpf_link pins per attachment
 package datapath
 
@@ -23,11 +24,13 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/crashpoint"
 )
 
@@ -36,10 +39,10 @@ const DefaultDir = "/sys/fs/bpf/ctlb"
 
 // Layout is the version of the map and program layout this build speaks. It
 // is part of every pinned name.
-const Layout = 1
+const Layout = 2
 
-// MaxServers is the largest server set one VIP may have; the connect4
-// program refuses to index beyond it.
+// MaxServers is the largest server set one VIP may have; the connect
+// programs refuse to index beyond it.
 const MaxServers = 1024
 
 // ErrNotPinned means the directory holds no ctlb objects: ctlbd has not run
@@ -52,31 +55,135 @@ var ErrLayout = errors.New("pinned ctlb objects have another layout")
 
 var versionedName = regexp.MustCompile(`^ctlb_[a-z0-9_]+_v([0-9]+)$`)
 
-// hooks are the programs of one attachment, in attach order: accounting
-// first, so that no socket is redirected without release being tracked.
-var hooks = []struct {
+type hook struct {
 	name   string // pin name inside an attachment directory
 	attach ebpf.AttachType
-}{
-	{"sock_release", ebpf.AttachCgroupInetSockRelease},
+}
+
+// hooks are the programs of one attachment, in attach order: accounting
+// and translation back to the VIP first, redirect last, so that no socket
+// is redirected before its state is understood. Detach runs in reverse.
+var hooks = []hook{
+	{"sock_ops", ebpf.AttachCGroupSockOps},
 	{"getpeername4", ebpf.AttachCgroupInet4GetPeername},
+	{"getpeername6", ebpf.AttachCgroupInet6GetPeername},
+	{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg},
+	{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg},
 	{"connect4", ebpf.AttachCGroupInet4Connect},
+	{"connect6", ebpf.AttachCGroupInet6Connect},
+	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
+	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+}
+
+// AttachTypes are the hooks one attachment puts on its cgroup, one program
+// each (tools and tests compare them with what the kernel lists).
+func AttachTypes() []ebpf.AttachType {
+	out := make([]ebpf.AttachType, 0, len(hooks))
+	for _, h := range hooks {
+		out = append(out, h.attach)
+	}
+	return out
+}
+
+// rootHook is attached once per node, at the cgroup v2 root: release must
+// run for a socket even after its pod was detached, or open counts leak.
+var rootHook = hook{"sock_release", ebpf.AttachCgroupInetSockRelease}
+
+// rootLinkPin is the pin of the root release link.
+var rootLinkPin = fmt.Sprintf("ctlb_release_link_v%d", Layout)
+
+// allHooks are every program ctlb pins.
+func allHooks() []hook { return append(append([]hook{}, hooks...), rootHook) }
+
+// progSpecName is a hook's program name in the BPF object.
+func progSpecName(hook string) string { return "ctlb_" + hook }
+
+// mapNames are the pinned maps of layout v2.
+var mapNames = []string{
+	"ctlb_services_v2", "ctlb_svcstate_v2", "ctlb_counters_v2", "ctlb_open_v2",
+	"ctlb_failing_v2", "ctlb_slots_v2", "ctlb_config_v2", "ctlb_socks_v2",
+}
+
+// dpMaps are the maps of layout v2.
+type dpMaps struct {
+	services *ebpf.Map
+	svcstate *ebpf.Map
+	counters *ebpf.Map
+	open     *ebpf.Map
+	failing  *ebpf.Map
+	slots    *ebpf.Map
+	config   *ebpf.Map
+	socks    *ebpf.Map
+}
+
+func (m *dpMaps) byName() map[string]**ebpf.Map {
+	return map[string]**ebpf.Map{
+		"ctlb_services_v2": &m.services, "ctlb_svcstate_v2": &m.svcstate,
+		"ctlb_counters_v2": &m.counters, "ctlb_open_v2": &m.open,
+		"ctlb_failing_v2": &m.failing, "ctlb_slots_v2": &m.slots,
+		"ctlb_config_v2": &m.config, "ctlb_socks_v2": &m.socks,
+	}
+}
+
+func (m *dpMaps) close() {
+	for _, p := range m.byName() {
+		if *p != nil {
+			(*p).Close()
+			*p = nil
+		}
+	}
 }
 
 // Datapath is an open handle on one pinned set of ctlb objects.
 type Datapath struct {
 	dir   string
-	objs  ctlbObjects
+	maps  dpMaps
 	progs map[string]*ebpf.Program // by hook name
+
+	allocOnce sync.Mutex
+	alloc     *slotAllocator
+
+	batchMu sync.Mutex
+	noBatch bool
+
+	// Upgraded says what an upgrade from an older layout did at Create.
+	upgraded *UpgradeReport
 }
 
 // Dir is the bpffs directory the objects are pinned in.
 func (d *Datapath) Dir() string { return d.dir }
 
+// Map returns one of the layout's maps by its pin name (e.g.
+// "ctlb_socks_v2"), for BPF objects that share them (socket termination).
+func (d *Datapath) Map(name string) (*ebpf.Map, bool) {
+	p, ok := d.maps.byName()[name]
+	if !ok || *p == nil {
+		return nil, false
+	}
+	return *p, true
+}
+
+// mainSpec is the embedded collection without the upgrade-only objects.
+func mainSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := loadCtlb()
+	if err != nil {
+		return nil, fmt.Errorf("load embedded BPF spec: %w", err)
+	}
+	delete(spec.Programs, "ctlb_release_v1")
+	delete(spec.Programs, "ctlb_slot_adjust")
+	delete(spec.Maps, "ctlb_socks_v1")
+	delete(spec.Maps, "ctlb_v1slots_v2")
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinByName
+	}
+	return spec, nil
+}
+
 // Create opens the objects pinned in dir, loading and pinning the embedded
-// ones first where they are missing. Only ctlbd creates: it is the writer
-// that owns the maps (invariant 4). dir must be on a bpffs.
-// Adopting, never rebuilding, is ARCHITECTURE.md I1; refusing other layouts is I6.
+// ones first where they are missing, and upgrading pins of layout v1 in
+// place. Only ctlbd creates: it is the writer that owns the maps (invariant
+// 4). dir must be on a bpffs. Adopting, never rebuilding, is
+// ARCHITECTURE.md I1; refusing unknown layouts and upgrading known ones, I6.
 func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
@@ -84,52 +191,76 @@ func Create(dir string) (*Datapath, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
 	}
-	if err := checkLayout(dir); err != nil {
-		return nil, err
-	}
-	if _, err := recoverMapPins(dir); err != nil {
-		return nil, err
-	}
-	spec, err := loadCtlb()
+	old, err := checkLayout(dir)
 	if err != nil {
-		return nil, fmt.Errorf("load embedded BPF spec: %w", err)
+		return nil, err
 	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinByName
+	if old == 0 {
+		// Same layout: map pins lost while no daemon ran are taken back
+		// from the programs that still use them.
+		if _, err := recoverMapPins(dir); err != nil {
+			return nil, err
+		}
+	}
+	spec, err := mainSpec()
+	if err != nil {
+		return nil, err
 	}
 	d := &Datapath{dir: dir}
-	err = spec.LoadAndAssign(&d.objs.ctlbMaps, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if err != nil {
-		return nil, fmt.Errorf("load maps pinned in %s: %w", dir, mapErr(err))
+		return nil, fmt.Errorf("load BPF objects pinned in %s: %w", dir, mapErr(err))
 	}
+	defer coll.Close()
 	crashpoint.Hit(crashpoint.CreateMaps)
-	if err := d.adoptOrLoadPrograms(spec); err != nil {
-		d.objs.ctlbMaps.Close()
+	for name, dst := range d.maps.byName() {
+		m, ok := coll.Maps[name]
+		if !ok {
+			d.maps.close()
+			return nil, fmt.Errorf("embedded BPF object lacks map %s", name)
+		}
+		if *dst, err = m.Clone(); err != nil {
+			d.maps.close()
+			return nil, fmt.Errorf("map %s: %w", name, err)
+		}
+	}
+	if err := d.adoptOrLoadPrograms(coll); err != nil {
+		d.maps.close()
 		return nil, err
+	}
+	if err := d.ensureRootRelease(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if old == 1 {
+		rep, err := d.upgradeV1()
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("upgrade layout v1 pins in %s to v%d: %w", dir, Layout, err)
+		}
+		d.upgraded = rep
 	}
 	return d, nil
 }
+
+// Upgraded reports what Create's in-place upgrade from layout v1 did, or
+// nil when no upgrade ran.
+func (d *Datapath) Upgraded() *UpgradeReport { return d.upgraded }
 
 // Open adopts the objects pinned in dir without creating anything: the CNI
 // plugin and tools use it. It fails with ErrNotPinned when ctlbd has not
 // pinned them yet.
 func Open(dir string) (*Datapath, error) {
-	if err := checkLayout(dir); err != nil {
+	old, err := checkLayout(dir)
+	if err != nil {
 		return nil, err
 	}
-	d := &Datapath{dir: dir, progs: map[string]*ebpf.Program{}}
-	maps := []struct {
-		name string
-		dst  **ebpf.Map
-	}{
-		{ctlbMapCtlbServicesV1, &d.objs.CtlbServicesV1},
-		{ctlbMapCtlbRrV1, &d.objs.CtlbRrV1},
-		{ctlbMapCtlbConnectsV1, &d.objs.CtlbConnectsV1},
-		{ctlbMapCtlbOpenV1, &d.objs.CtlbOpenV1},
-		{ctlbMapCtlbSocksV1, &d.objs.CtlbSocksV1},
+	if old != 0 {
+		return nil, fmt.Errorf("%s holds layout v%d pins not yet upgraded (start ctlbd of this version to upgrade them): %w", dir, old, ErrLayout)
 	}
-	for _, m := range maps {
-		p := filepath.Join(dir, m.name)
+	d := &Datapath{dir: dir, progs: map[string]*ebpf.Program{}}
+	for name, dst := range d.maps.byName() {
+		p := filepath.Join(dir, name)
 		mp, err := ebpf.LoadPinnedMap(p, nil)
 		if err != nil {
 			d.Close()
@@ -138,7 +269,7 @@ func Open(dir string) (*Datapath, error) {
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", p, err)
 		}
-		*m.dst = mp
+		*dst = mp
 	}
 	for _, h := range hooks {
 		p := filepath.Join(dir, progPin(h.name))
@@ -158,28 +289,20 @@ func Open(dir string) (*Datapath, error) {
 // progPin is the pin name of a program, carrying the layout version.
 func progPin(hook string) string { return fmt.Sprintf("ctlb_%s_v%d", hook, Layout) }
 
-// adoptOrLoadPrograms loads the embedded programs against the pinned maps
+// adoptOrLoadPrograms takes the programs loaded against the pinned maps
 // and, per hook, keeps the pinned program when it is the same code (same
 // kernel tag) or else upgrades to the embedded one: every existing link of
 // that hook is switched to the new program in place (BPF_LINK_UPDATE, atomic
 // for the cgroup: no connect() runs without the hook), then the program pin
 // is replaced. Attachments survive an upgrade; nothing is detached.
-func (d *Datapath) adoptOrLoadPrograms(spec *ebpf.CollectionSpec) error {
+func (d *Datapath) adoptOrLoadPrograms(coll *ebpf.Collection) error {
 	d.progs = map[string]*ebpf.Program{}
-	specs := map[string]string{
-		"connect4":     ctlbProgCtlbConnect4,
-		"getpeername4": ctlbProgCtlbGetpeername4,
-		"sock_release": ctlbProgCtlbSockRelease,
-	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: d.dir},
-	})
-	if err != nil {
-		return fmt.Errorf("load BPF programs: %w", mapErr(err))
-	}
-	defer coll.Close()
-	for _, h := range hooks {
-		embedded := coll.Programs[specs[h.name]]
+	for _, h := range allHooks() {
+		embedded := coll.Programs[progSpecName(h.name)]
+		if embedded == nil {
+			d.closeProgs()
+			return fmt.Errorf("embedded BPF object lacks program %s", progSpecName(h.name))
+		}
 		p := filepath.Join(d.dir, progPin(h.name))
 		pinned, err := ebpf.LoadPinnedProgram(p, nil)
 		switch {
@@ -218,6 +341,49 @@ func (d *Datapath) adoptOrLoadPrograms(spec *ebpf.CollectionSpec) error {
 			d.closeProgs()
 			return fmt.Errorf("open pinned program %s: %w", p, err)
 		}
+	}
+	return nil
+}
+
+// ensureRootRelease attaches sock_release at the cgroup v2 root once per
+// pin directory and keeps the link pinned (DIR/ctlb_release_link_v2).
+func (d *Datapath) ensureRootRelease() error {
+	p := filepath.Join(d.dir, rootLinkPin)
+	l, err := link.LoadPinnedLink(p, nil)
+	if err == nil {
+		defer l.Close()
+		info, err := l.Info()
+		if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId != 0 {
+			pi, err := d.progs[rootHook.name].Info()
+			if id, ok := pi.ID(); err == nil && ok && id == info.Program {
+				return nil
+			}
+			if err := l.Update(d.progs[rootHook.name]); err != nil {
+				return fmt.Errorf("update root release link: %w", err)
+			}
+			return nil
+		}
+		_ = os.Remove(p) // a link whose cgroup is gone: attach again
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("load root release link %s: %w", p, err)
+	}
+	root, err := cgroupv2.Mountpoint()
+	if err != nil {
+		return fmt.Errorf("root release: %w", err)
+	}
+	nl, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: rootHook.attach, Program: d.progs[rootHook.name]})
+	if err != nil {
+		return fmt.Errorf("attach sock_release to the cgroup root %s: %w", root, err)
+	}
+	defer nl.Close()
+	tmp := filepath.Join(d.dir, "_new_"+rootLinkPin)
+	_ = os.Remove(tmp)
+	if err := nl.Pin(tmp); err != nil {
+		return fmt.Errorf("pin root release link: %w", err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("pin root release link: %w", err)
 	}
 	return nil
 }
@@ -295,7 +461,8 @@ func (d *Datapath) closeProgs() {
 // never depends on a running process (invariant 1).
 func (d *Datapath) Close() error {
 	d.closeProgs()
-	return d.objs.ctlbMaps.Close()
+	d.maps.close()
+	return nil
 }
 
 // Unpin removes every ctlb pin in the directory, links included; used by
@@ -318,22 +485,30 @@ func (d *Datapath) Unpin() error {
 	return nil
 }
 
-// checkLayout refuses a directory holding ctlb pins of another layout.
-func checkLayout(dir string) error {
+// checkLayout refuses a directory holding ctlb pins of a layout this build
+// cannot read. It returns 1 when the directory holds layout v1 pins, which
+// Create upgrades in place.
+func checkLayout(dir string) (int, error) {
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil
+		return 0, nil
 	}
 	if err != nil {
-		return fmt.Errorf("read pin directory %s: %w", dir, err)
+		return 0, fmt.Errorf("read pin directory %s: %w", dir, err)
 	}
+	old := 0
 	for _, e := range entries {
 		m := versionedName.FindStringSubmatch(e.Name())
-		if m != nil && m[1] != fmt.Sprint(Layout) {
-			return fmt.Errorf("%s/%s: layout v%s, this ctlb speaks v%d: %w", dir, e.Name(), m[1], Layout, ErrLayout)
+		if m == nil || m[1] == fmt.Sprint(Layout) {
+			continue
 		}
+		if m[1] == "1" {
+			old = 1
+			continue
+		}
+		return 0, fmt.Errorf("%s/%s: layout v%s, this ctlb speaks v%d (and upgrades v1): %w", dir, e.Name(), m[1], Layout, ErrLayout)
 	}
-	return nil
+	return old, nil
 }
 
 // mapErr turns cilium/ebpf's incompatible-pin error into ErrLayout, so a pin

@@ -24,6 +24,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testutil.RunClientIfChild()
+	runCreateIfChild()
 	os.Exit(m.Run())
 }
 
@@ -277,7 +278,7 @@ func TestAdoptPinnedState(t *testing.T) {
 		if err != nil || !ok {
 			t.Fatalf("adopted service: ok=%v err=%v", ok, err)
 		}
-		if fmt.Sprint(got) != fmt.Sprint(svc) {
+		if fmt.Sprint(got) != fmt.Sprint(svc.Normalized()) {
 			t.Errorf("adopted service = %v, want %v", got, svc)
 		}
 		dp.Close()
@@ -290,12 +291,12 @@ func TestRefuseOtherLayout(t *testing.T) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		pinDummy(t, filepath.Join(dir, "ctlb_services_v2"))
+		pinDummy(t, filepath.Join(dir, "ctlb_services_v3"))
 		_, err := datapath.Create(dir)
-		if !errors.Is(err, datapath.ErrLayout) || !strings.Contains(err.Error(), "ctlb_services_v2") {
-			t.Fatalf("Create over a v2 pin: err = %v, want ErrLayout naming the pin", err)
+		if !errors.Is(err, datapath.ErrLayout) || !strings.Contains(err.Error(), "ctlb_services_v3") {
+			t.Fatalf("Create over a v3 pin: err = %v, want ErrLayout naming the pin", err)
 		}
-		if _, err := os.Stat(filepath.Join(dir, "ctlb_services_v1")); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(filepath.Join(dir, "ctlb_services_v2")); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("refused Create still pinned something: %v", err)
 		}
 	})
@@ -304,10 +305,10 @@ func TestRefuseOtherLayout(t *testing.T) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		pinDummy(t, filepath.Join(dir, "ctlb_rr_v1"))
+		pinDummy(t, filepath.Join(dir, "ctlb_open_v2"))
 		_, err := datapath.Create(dir)
 		if !errors.Is(err, datapath.ErrLayout) {
-			t.Fatalf("Create over a foreign ctlb_rr_v1: err = %v, want ErrLayout", err)
+			t.Fatalf("Create over a foreign ctlb_open_v2: err = %v, want ErrLayout", err)
 		}
 	})
 	t.Run("nothing pinned", func(t *testing.T) {
@@ -411,7 +412,12 @@ func TestValidate(t *testing.T) {
 		svc  datapath.Service
 		want string
 	}{
-		{"ipv6 VIP", datapath.Service{VIP: netip.MustParseAddrPort("[2001:db8::1]:80"), Servers: good}, "only IPv4"},
+		{"ipv6 VIP, ipv4 server", datapath.Service{VIP: netip.MustParseAddrPort("[2001:2::1]:80"), Servers: good}, "VIP [2001:2::1]:80 is IPv6, server 127.0.0.1:80 is IPv4"},
+		{"ipv4 VIP, ipv6 server", datapath.Service{VIP: netip.MustParseAddrPort("198.18.0.1:80"), Servers: aps(t, "[2001:2::11]:80")}, "server [2001:2::11]:80 is IPv6"},
+		{"v4-mapped VIP", datapath.Service{VIP: netip.MustParseAddrPort("[::ffff:198.18.0.1]:80"), Servers: good}, "v4-mapped"},
+		{"sctp", datapath.Service{VIP: netip.MustParseAddrPort("198.18.0.1:80"), Protocol: "sctp", Servers: good}, `protocol "sctp"`},
+		{"udp port 0", datapath.Service{VIP: netip.MustParseAddrPort("198.18.0.1:0"), Protocol: datapath.UDP, Servers: good}, "port 0"},
+		{"bad balance", datapath.Service{VIP: netip.MustParseAddrPort("198.18.0.1:80"), Balance: "fastest", Servers: good}, `balance "fastest"`},
 		{"unspecified VIP", datapath.Service{VIP: netip.MustParseAddrPort("0.0.0.0:80"), Servers: good}, "not a unicast"},
 		{"broadcast VIP", datapath.Service{VIP: netip.MustParseAddrPort("255.255.255.255:80"), Servers: good}, "not a unicast"},
 		{"port 0", datapath.Service{VIP: netip.MustParseAddrPort("198.18.0.1:0"), Servers: good}, "port 0"},
@@ -602,7 +608,7 @@ func TestProgramUpgradeKeepsAttachments(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Close()
-	progPin := filepath.Join(dir, "ctlb_connect4_v1")
+	progPin := filepath.Join(dir, "ctlb_connect4_v2")
 	if err := os.Remove(progPin); err != nil {
 		t.Fatal(err)
 	}
@@ -648,12 +654,12 @@ func TestProgramUpgradeKeepsAttachments(t *testing.T) {
 		t.Fatal(err)
 	}
 	dp2.Close()
-	if entries, _ := os.ReadDir(dir); len(entries) != 9 {
+	if entries, _ := os.ReadDir(dir); len(entries) != 8+10+2 {
 		var names []string
 		for _, e := range entries {
 			names = append(names, e.Name())
 		}
-		t.Errorf("pin directory holds %v, want 5 maps, 3 programs and links/", names)
+		t.Errorf("pin directory holds %v, want 8 maps, 10 programs, the root link and links/", names)
 	}
 }
 
@@ -678,13 +684,13 @@ func TestMapPinsRecoveredFromPrograms(t *testing.T) {
 		t.Fatal(err)
 	}
 	dp.Close()
-	for _, name := range []string{"ctlb_services_v1", "ctlb_connects_v1", "ctlb_rr_v1"} {
+	for _, name := range []string{"ctlb_services_v2", "ctlb_counters_v2", "ctlb_svcstate_v2", "ctlb_slots_v2"} {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// Program pins gone too: the links alone lead to the maps.
-	if err := os.Remove(filepath.Join(dir, "ctlb_connect4_v1")); err != nil {
+	if err := os.Remove(filepath.Join(dir, "ctlb_connect4_v2")); err != nil {
 		t.Fatal(err)
 	}
 

@@ -20,13 +20,13 @@ import (
 func recoverMapPins(dir string) ([]string, error) {
 	names := map[string]string{} // kernel (truncated) name -> pin name
 	missing := 0
-	for _, n := range []string{ctlbMapCtlbServicesV1, ctlbMapCtlbRrV1, ctlbMapCtlbConnectsV1, ctlbMapCtlbOpenV1, ctlbMapCtlbSocksV1} {
+	for _, n := range mapNames {
 		if _, err := os.Lstat(filepath.Join(dir, n)); errors.Is(err, fs.ErrNotExist) {
 			names[kernelName(n)] = n
 			missing++
 		}
 	}
-	if missing == 0 || missing == 5 && !hasPrograms(dir) {
+	if missing == 0 || missing == len(mapNames) && !hasPrograms(dir) {
 		return nil, nil // all there, or a first start
 	}
 	var fixed []string
@@ -69,6 +69,12 @@ func repinByID(dir string, id ebpf.MapID, missing map[string]string, fixed *[]st
 	if pin == "" {
 		return nil
 	}
+	// Names are cut to 15 bytes by the kernel: check the format too.
+	if spec, err := mainSpec(); err == nil {
+		if ms := spec.Maps[pin]; ms != nil && (ms.Type != mi.Type || ms.KeySize != mi.KeySize || ms.ValueSize != mi.ValueSize) {
+			return nil
+		}
+	}
 	if err := m.Pin(filepath.Join(dir, pin)); err != nil {
 		return fmt.Errorf("re-pin map %s: %w", pin, err)
 	}
@@ -96,26 +102,30 @@ func hasPrograms(dir string) bool {
 // programsInUse opens ctlb's pinned programs and those behind pinned links.
 func programsInUse(dir string) []*ebpf.Program {
 	var out []*ebpf.Program
-	for _, h := range hooks {
+	for _, h := range allHooks() {
 		if p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, progPin(h.name)), nil); err == nil {
 			out = append(out, p)
 		}
 	}
+	linkPins := []string{filepath.Join(dir, rootLinkPin)}
 	entries, _ := os.ReadDir(filepath.Join(dir, "links"))
 	for _, e := range entries {
 		for _, h := range hooks {
-			l, err := link.LoadPinnedLink(filepath.Join(dir, "links", e.Name(), h.name), nil)
-			if err != nil {
-				continue
-			}
-			info, err := l.Info()
-			l.Close()
-			if err != nil {
-				continue
-			}
-			if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
-				out = append(out, p)
-			}
+			linkPins = append(linkPins, filepath.Join(dir, "links", e.Name(), h.name))
+		}
+	}
+	for _, lp := range linkPins {
+		l, err := link.LoadPinnedLink(lp, nil)
+		if err != nil {
+			continue
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			continue
+		}
+		if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
+			out = append(out, p)
 		}
 	}
 	return out

@@ -20,12 +20,11 @@ func (d *Datapath) Repin() ([]string, error) {
 		Pin(string) error
 		Unpin() error
 	}
-	objs := map[string]pinnable{
-		ctlbMapCtlbServicesV1: d.objs.CtlbServicesV1,
-		ctlbMapCtlbRrV1:       d.objs.CtlbRrV1,
-		ctlbMapCtlbConnectsV1: d.objs.CtlbConnectsV1,
-		ctlbMapCtlbOpenV1:     d.objs.CtlbOpenV1,
-		ctlbMapCtlbSocksV1:    d.objs.CtlbSocksV1,
+	objs := map[string]pinnable{}
+	for name, m := range d.maps.byName() {
+		if *m != nil {
+			objs[name] = *m
+		}
 	}
 	for hook, p := range d.progs {
 		objs[progPin(hook)] = p
@@ -48,6 +47,14 @@ func (d *Datapath) Repin() ([]string, error) {
 		}
 		fixed = append(fixed, name)
 		crashpoint.Hit(crashpoint.Repin)
+	}
+	// The root release link is a link, not a handle this process holds:
+	// with its pin gone the kernel detached it, so it is attached again.
+	if _, err := os.Lstat(filepath.Join(d.dir, rootLinkPin)); errors.Is(err, fs.ErrNotExist) {
+		if err := d.ensureRootRelease(); err != nil {
+			return fixed, fmt.Errorf("repin: %w", err)
+		}
+		fixed = append(fixed, rootLinkPin)
 	}
 	return fixed, nil
 }

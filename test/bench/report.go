@@ -201,7 +201,7 @@ func printReport(w io.Writer, r *Results) {
 		fmt.Fprintf(w, "connect4's BPF programs (kernel run-time stats, %d connections at %d clients): %.0f ns per connection, %.2f%% of the path's CPU per connection;",
 			b.Connections, r.Config.Clients, b.NsPerConn, b.ShareOfCPU*100)
 		for _, p := range b.Programs {
-			fmt.Fprintf(w, " %s %.0f ns x %d", strings.TrimSuffix(strings.TrimPrefix(p.Program, "ctlb_"), "_v1"), p.AvgNs, p.Runs)
+			fmt.Fprintf(w, " %s %.0f ns x %d", strings.TrimSuffix(strings.TrimSuffix(strings.TrimPrefix(p.Program, "ctlb_"), "_v1"), "_v2"), p.AvgNs, p.Runs)
 		}
 		fmt.Fprintln(w)
 	}

@@ -18,7 +18,6 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
@@ -29,6 +28,7 @@ import (
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/pkg/api"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // Fault tests: each runs under a bounded load (a connect loop from an
@@ -73,6 +73,9 @@ func pluginCmd(cmd, containerID, netns, cniArgs string, stdin []byte) *exec.Cmd 
 	return c
 }
 
+// perAttachment is how many programs one attachment puts on its cgroup.
+var perAttachment = len(datapath.AttachTypes())
+
 // cgroupProgs counts the programs attached directly to a cgroup on ctlb's
 // hooks: the kernel's word on what an attachment left behind.
 func cgroupProgs(t *testing.T, dir string) int {
@@ -83,7 +86,7 @@ func cgroupProgs(t *testing.T, dir string) int {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInetSockRelease} {
+	for _, at := range datapath.AttachTypes() {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			t.Fatalf("query %s programs of %s: %v", at, dir, err)
@@ -98,10 +101,10 @@ func cgroupProgs(t *testing.T, dir string) int {
 // the programs leave the cgroup a moment after the unlink returns.
 func waitProgs(t *testing.T, dir string, want int) {
 	t.Helper()
-	n := -1
-	if err := waitFor(10*time.Second, func() bool { n = cgroupProgs(t, dir); return n == want }); err != nil {
-		t.Fatalf("%d programs attached to %s, want %d: %v", n, dir, want, err)
-	}
+	testutil.Eventually(t, fmt.Sprintf("%d programs attached to %s", want, dir), 10*time.Second, func() (bool, string) {
+		n := cgroupProgs(t, dir)
+		return n == want, fmt.Sprintf("%d programs", n)
+	})
 }
 
 // pinsOf lists what of a container is in the links directory (its
@@ -202,7 +205,7 @@ func TestKillPluginDuringAdd(t *testing.T) {
 			e.waitAttached(p, 5*time.Second)
 		}
 		e.wantAttached(p)
-		waitProgs(t, p.cgroup, 3) // one per hook: nothing of the killed ADD stays attached beside them
+		waitProgs(t, p.cgroup, perAttachment) // one per hook: nothing of the killed ADD stays attached beside them
 		if i%5 == 0 || state != "nothing" {
 			e.wantRedirectedFromNode(container(t, p, "app"))
 		}
@@ -433,11 +436,11 @@ func TestManyPodsWhileServersChange(t *testing.T) {
 				}
 			}
 			if kind != 2 {
-				if err := waitFor(10*time.Second, func() bool {
+				if _, seen, ok := testutil.Poll(10*time.Second, func() (bool, string) {
 					a, err := e.dp.Attachment(cni.AttachmentID(netName, p.id))
-					return err == nil && a.Alive && len(a.Missing) == 0
-				}); err != nil {
-					errs <- fmt.Errorf("pod %d (kind %d): not attached: %w", i, kind, err)
+					return err == nil && a.Alive && len(a.Missing) == 0, fmt.Sprintf("attachment %+v, %v", a, err)
+				}); !ok {
+					errs <- fmt.Errorf("pod %d (kind %d): not attached within 10s; last seen: %s", i, kind, seen)
 				}
 			}
 			run("DEL", &dels)
@@ -493,18 +496,6 @@ func addrs[T fmt.Stringer](in []T) []string {
 	return out
 }
 
-// waitFor polls cond every 5 ms for at most limit.
-func waitFor(limit time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not within %s", limit)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return nil
-}
-
 // restartDaemon replaces the env's ctlbd with one that reconciles every
 // interval, on the same bpffs, socket and state directory.
 func (e *env) restartDaemon(every time.Duration) *ctlbdtest.Daemon {
@@ -546,7 +537,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	}
 
 	// One map pin.
-	services := filepath.Join(e.bpffs, "ctlb_services_v1")
+	services := filepath.Join(e.bpffs, "ctlb_services_v2")
 	if err := os.Remove(services); err != nil {
 		t.Fatal(err)
 	}
@@ -570,8 +561,8 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 
 	// One pass of ctlbd's reconciler, the one its loop runs.
 	r := e.daemon.Daemon().Reconcile()
-	if !slices.Contains(r.Repinned, "ctlb_services_v1") {
-		t.Fatalf("reconcile: %+v, want ctlb_services_v1 re-pinned", r)
+	if !slices.Contains(r.Repinned, "ctlb_services_v2") {
+		t.Fatalf("reconcile: %+v, want ctlb_services_v2 re-pinned", r)
 	}
 	if err := e.check(list, p); err != nil {
 		t.Fatalf("CHECK after the re-pin: %v", err)
@@ -594,17 +585,15 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 	removed := time.Now()
 	failures := map[uint]int{}
 	var lastErr error
-	if err := waitFor(10*time.Second, func() bool {
+	testutil.Eventually(t, "CHECK passing again after the pins went", 10*time.Second, func() (bool, string) {
 		err := e.check(list, p)
 		if err != nil {
 			code, _ := cniCode(t, err)
 			failures[code]++
 			lastErr = err
 		}
-		return err == nil
-	}); err != nil {
-		t.Fatalf("CHECK does not pass again %v after the pins went (last: %v; failures by code %v)", err, lastErr, failures)
-	}
+		return err == nil, fmt.Sprintf("last CHECK: %v; failures by code %v", lastErr, failures)
+	})
 	t.Logf("all %d object pins and a link pin removed: CHECK passes again %s later (CHECKs failed meanwhile, by code: %v; last: %v)",
 		len(pins), time.Since(removed).Round(time.Millisecond), failures, lastErr)
 	if got := e.objectPins(); fmt.Sprint(got) != fmt.Sprint(pins) {
@@ -614,7 +603,7 @@ func TestPinsRemovedUnderDaemon(t *testing.T) {
 		t.Fatalf("ctlbd did not report the repair loudly:\n%s", logs)
 	}
 	e.wantAttached(p)
-	waitProgs(t, p.cgroup, 3) // one per hook: the repair left no duplicate
+	waitProgs(t, p.cgroup, perAttachment) // one per hook: the repair left no duplicate
 	wantRedirected(t, p, container(t, p, "app"))
 	finishLoad(t, "pin removal and repair", load)
 }
@@ -702,15 +691,16 @@ func TestPodCgroupRemovedWhileAttached(t *testing.T) {
 	}
 	e.wantAttached(c)
 	wantRedirected(t, c, container(t, c, "app"))
-	waitProgs(t, dir, 3)
+	waitProgs(t, dir, perAttachment)
 
 	// ctlbd's reconciler, running every 200 ms, removes a dead one unasked.
 	e.restartDaemon(200 * time.Millisecond)
 	testutil.RemoveCgroup(t, dir)
 	gone := time.Now()
-	if err := waitFor(5*time.Second, func() bool { _, ok := e.attachment(c); return !ok }); err != nil {
-		t.Fatalf("ctlbd's reconciler did not remove the dead attachment: %v", err)
-	}
+	testutil.Eventually(t, "ctlbd's reconciler removing the dead attachment", 5*time.Second, func() (bool, string) {
+		a, ok := e.attachment(c)
+		return !ok, fmt.Sprintf("attachment %+v", a)
+	})
 	t.Logf("ctlbd's reconciler (every 200ms) removed the dead attachment %s after the cgroup went", time.Since(gone).Round(time.Millisecond))
 	e.wantNothingLeftBut(1)
 

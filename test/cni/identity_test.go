@@ -172,7 +172,7 @@ func TestStaticCgroupPathShared(t *testing.T) {
 	if len(links) != 1 {
 		t.Fatalf("attachments %v, want one shared by the network's pods", links)
 	}
-	waitProgs(t, shared, 3)
+	waitProgs(t, shared, perAttachment)
 	for _, p := range pods {
 		if err := e.runAs("CHECK", netName, "eth0", p, extra); err != nil {
 			t.Fatalf("CHECK: %v", err)

@@ -30,7 +30,7 @@ func TestKillPluginDuringDel(t *testing.T) {
 		if out, err := execPlugin(t, "ADD", p.id, p.netns.Path(), args(p), stdin); err != nil {
 			t.Fatalf("trial %d: ADD: %v: %s", i, err, out)
 		}
-		waitProgs(t, p.cgroup, 3)
+		waitProgs(t, p.cgroup, perAttachment)
 		id := cni.AttachmentID(netName, p.id)
 		c := pluginCmd("DEL", p.id, p.netns.Path(), args(p), stdin)
 		if killOnEntry(t, c, links, "_del-"+id+"-", time.Duration(i%4)*20*time.Microsecond) {
@@ -98,7 +98,7 @@ func TestKillPluginDuringGC(t *testing.T) {
 		}
 		for _, p := range valid {
 			e.wantAttached(p)
-			waitProgs(t, p.cgroup, 3)
+			waitProgs(t, p.cgroup, perAttachment)
 		}
 	}
 	t.Logf("%d GCs SIGKILLed inside a detach: %d died of the signal, %d left a half-done detach that the retried GC cleaned up", trials, killed, midOp)

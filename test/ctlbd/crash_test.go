@@ -55,7 +55,7 @@ func TestCrashInsideFirstCreate(t *testing.T) {
 			d.Start()
 			whole := listPins(t, d.BPFFS)
 			t.Logf("killed with pins %v; the restarted daemon made them %v", half, whole)
-			for _, want := range []string{"ctlb_services_v1", "ctlb_connect4_v1", "ctlb_sock_release_v1"} {
+			for _, want := range []string{"ctlb_services_v2", "ctlb_connect4_v2", "ctlb_connect6_v2", "ctlb_sock_release_v2"} {
 				if !slices.Contains(whole, want) {
 					t.Fatalf("after the restart, pins %v lack %s", whole, want)
 				}

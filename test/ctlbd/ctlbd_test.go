@@ -131,7 +131,7 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	d.Start()
 	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
 	netns, cg := newPod(t, d)
-	servicesID := pinnedMapID(t, d.BPFFS, "ctlb_services_v1")
+	servicesID := pinnedMapID(t, d.BPFFS, "ctlb_services_v2")
 
 	storm := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "storm", Target: vip, Workers: 2, Count: 20000, Duration: time.Minute})
 	time.Sleep(200 * time.Millisecond)
@@ -161,7 +161,7 @@ func TestDaemonKilledDataPathKeepsWorking(t *testing.T) {
 	}
 
 	// The restarted daemon adopted the pins instead of re-creating them.
-	if id := pinnedMapID(t, d.BPFFS, "ctlb_services_v1"); id != servicesID {
+	if id := pinnedMapID(t, d.BPFFS, "ctlb_services_v2"); id != servicesID {
 		t.Errorf("services map ID %d after restart, was %d: re-created, not adopted", id, servicesID)
 	}
 	var svcs []api.Service
@@ -230,7 +230,8 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:0"}, "127.0.0.1:0"},
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:70000"}, `"127.0.0.1:70000"`},
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "127.0.0.1:80"}, "127.0.0.1:80 is listed twice"},
-		{[]string{"service", "set", "[2001:db8::1]:8502", "127.0.0.1:80"}, "only IPv4"},
+		{[]string{"service", "set", "[2001:2::1]:8502", "127.0.0.1:80"}, "a VIP and its servers are of one family"},
+		{[]string{"service", "set", "[::ffff:198.19.0.1]:8502", "127.0.0.1:80"}, "::ffff:198.19.0.1"},
 		{[]string{"service", "set", "0.0.0.0:8502", "127.0.0.1:80"}, "0.0.0.0:8502"},
 		{[]string{"service", "set", "255.255.255.255:80", "127.0.0.1:80"}, "255.255.255.255:80"},
 		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "--empty", "drop"}, `"drop"`},

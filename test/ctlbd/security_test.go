@@ -91,8 +91,8 @@ func TestPinsAndSocketAreRootOnly(t *testing.T) {
 		t.Fatalf("bpftool: %v (make deps installs it)", err)
 	}
 	for _, args := range [][]string{
-		{"map", "dump", "pinned", filepath.Join(d.BPFFS, "ctlb_services_v1")},
-		{"map", "delete", "pinned", filepath.Join(d.BPFFS, "ctlb_rr_v1"), "key", "0", "0", "0", "0", "0", "0", "0", "0"},
+		{"map", "dump", "pinned", filepath.Join(d.BPFFS, "ctlb_services_v2")},
+		{"map", "delete", "pinned", filepath.Join(d.BPFFS, "ctlb_svcstate_v2"), "key", "0", "0", "0", "0"},
 	} {
 		out, code := runAs(nobody, nobody, bpftool, args...)
 		if code == 0 {

@@ -2,7 +2,7 @@ package e2e_test
 
 import (
 	"bytes"
-	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 	"github.com/ctlb/ctlb/test/runtime/containerd"
 	"github.com/ctlb/ctlb/test/runtime/node"
@@ -83,17 +84,10 @@ func TestContainerdInstallCNIWatch(t *testing.T) {
 // returns when it saw that.
 func waitConflistHasCtlb(t *testing.T, n *node.Network) time.Time {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	var last []byte
-	for ctx.Err() == nil {
+	testutil.Eventually(t, "install-cni --watch chaining ctlb into "+n.Conflist, 20*time.Second, func() (bool, string) {
 		b, err := os.ReadFile(n.Conflist)
-		if err == nil && (strings.Contains(string(b), `"type":"ctlb"`) || strings.Contains(string(b), `"type": "ctlb"`)) {
-			return time.Now()
-		}
-		last = b
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("install-cni --watch did not chain ctlb into %s in 20s; it holds:\n%s", n.Conflist, last)
-	return time.Time{}
+		ok := err == nil && (strings.Contains(string(b), `"type":"ctlb"`) || strings.Contains(string(b), `"type": "ctlb"`))
+		return ok, fmt.Sprintf("it holds %s (%v)", b, err)
+	})
+	return time.Now()
 }

@@ -21,6 +21,8 @@ type staticRun struct {
 	pod *kubelet.Pod
 	sb  *cri.PodSandbox
 	run images.ClientRun
+	// ready is when the test saw the pod's sandbox ready.
+	ready time.Time
 }
 
 // runStatic writes a static pod whose client dials the VIP count times and
@@ -32,13 +34,14 @@ func runStatic(k *kubelet.Kubelet, t testing.TB, name, qos string, count int) (s
 	if err != nil {
 		return staticRun{pod: p}, err
 	}
+	ready := time.Now()
 	deadline := time.Now().Add(60 * time.Second)
 	var r images.ClientRun
 	for {
 		lines, err := containerd.ReadCRILog(p.LogPath(sb))
 		if err == nil {
 			if r, err = images.ParseClientOutput(lines); err == nil && r.Done {
-				return staticRun{pod: p, sb: sb, run: r}, nil
+				return staticRun{pod: p, sb: sb, run: r, ready: ready}, nil
 			}
 		}
 		if time.Now().After(deadline) {
@@ -131,7 +134,8 @@ func TestKubeletStaticPods(t *testing.T) {
 				t.Errorf("the first connect needed %d retries: %v", s.run.Retries, s.run.Failures)
 			}
 			checkStaticAttached(t, e, s)
-			t.Logf("%s: manifest written to first redirected connect: %v (pod cgroup %s)", qos, s.run.First.Sub(s.pod.Written).Round(time.Millisecond), s.pod.CgroupParent(s.sb))
+			t.Logf("%s: manifest written -> sandbox ready %v -> first redirected connect %v (pod cgroup %s, landed %v)", qos,
+				s.ready.Sub(s.pod.Written).Round(time.Millisecond), s.run.First.Sub(s.pod.Written).Round(time.Millisecond), s.pod.CgroupParent(s.sb), s.run.Landed)
 			deleted := time.Now()
 			s.pod.Delete(t)
 			waitDetached(t, e, s)

@@ -1,7 +1,7 @@
 package e2e_test
 
 import (
-	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -44,16 +44,11 @@ func startNRIEnv(t *testing.T) (*env, *containerd.Containerd) {
 // reports itself connected.
 func waitNRIRegistered(t *testing.T, e *env, n int) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var st api.Status
-	for time.Now().Before(deadline) {
-		st = e.daemon.Status()
-		if strings.Count(e.daemon.Logs(), "NRI: registered") >= n && st.NRI == api.NRIConnected {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("ctlbd's NRI plugin not registered %d times in 20s: status nri %q (socket %q)", n, st.NRI, st.NRISocket)
+	testutil.Eventually(t, fmt.Sprintf("ctlbd's NRI plugin registered %d times", n), 20*time.Second, func() (bool, string) {
+		st := e.daemon.Status()
+		got := strings.Count(e.daemon.Logs(), "NRI: registered")
+		return got >= n && st.NRI == api.NRIConnected, fmt.Sprintf("registered %d times, status nri %q (socket %q)", got, st.NRI, st.NRISocket)
+	})
 }
 
 var sinceCreate = regexp.MustCompile(`msg="NRI: attached container".* container=(\S+) .*cgroup=(\S+) sinceCreate=(\S+)`)
@@ -157,11 +152,10 @@ func TestContainerdNRIContainerScope(t *testing.T) {
 // RemoveContainer events arrive while RemovePodSandbox runs.
 func waitNoAttachments(t *testing.T, e *env) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for ctx.Err() == nil && len(e.daemon.Attachments()) != 0 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	testutil.Eventually(t, "no attachment left", 10*time.Second, func() (bool, string) {
+		atts := e.daemon.Attachments()
+		return len(atts) == 0, fmt.Sprintf("attachments %+v", atts)
+	})
 }
 
 // TestContainerdNRIFallback: the same annotated pod with a ctlbd that runs
@@ -185,4 +179,50 @@ func TestContainerdNRIFallback(t *testing.T) {
 	assertRoundRobin(t, r.Landed)
 	pod.Remove(t)
 	e.assertClean(t, "after RemovePodSandbox")
+}
+
+// TestContainerdNRIDaemonRestart: a named container starts while ctlbd is
+// down, so nothing attaches it and its connects to the VIP fail. ctlbd
+// comes back: its NRI plugin registers, the runtime's Synchronize lists the
+// running containers, and the plugin attaches the named one; the
+// container's next connects land on the servers.
+func TestContainerdNRIDaemonRestart(t *testing.T) {
+	e, c := startNRIEnv(t)
+	pod := c.RunPod(t, containerd.PodSpec{Name: "mesh-restart", Annotations: containerScope})
+	e.daemon.Stop()
+	ct := pod.RunContainer(t, containerd.ContainerSpec{Name: "envoy-sidecar", Image: images.ClientRef, Args: images.ClientArgs(vip, 3, 30*time.Second)})
+	started := time.Now()
+	time.Sleep(300 * time.Millisecond) // a few failed attempts first
+	e.daemon.Start()
+	waitNRIRegistered(t, e, 2)
+	code, err := ct.Wait(60 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, err := ct.Stdout()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := images.ParseClientOutput(lines)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code != 0 || len(r.Errors) != 0 || len(r.Landed) != 3 {
+		t.Fatalf("envoy-sidecar after ctlbd came back: exit %d, landed %v, errors %v", code, r.Landed, r.Errors)
+	}
+	for _, s := range r.Landed {
+		if !isServer(s) {
+			t.Errorf("a connection landed on %q", s)
+		}
+	}
+	if r.Retries == 0 {
+		t.Errorf("the first connect succeeded at once although ctlbd was down when the container started")
+	}
+	if !strings.Contains(e.daemon.Logs(), "at=synchronize") {
+		t.Errorf("ctlbd did not log an attachment at synchronize:\n%s", e.daemon.LogTail(4000))
+	}
+	t.Logf("container started with ctlbd down: redirected %v after its start, after %d failed attempts", r.First.Sub(started).Round(time.Millisecond), r.Retries)
+	pod.Remove(t)
+	waitNoAttachments(t, e)
+	e.assertClean(t, "after removing the pod")
 }
