@@ -118,7 +118,22 @@ func TestOperatorMetrics(t *testing.T) {
 
 	// A pin removed by hand: reconcile puts it back and counts it.
 	before := sample(scrape(t, addr), "ctlb_reconcile_repairs_total", `kind="repinned"`)
-	if err := os.Remove(filepath.Join(d.BPFFS, "ctlb_rr_v1")); err != nil {
+	// Any pinned map or program (the layout names them; links/ is a directory).
+	ents, err := os.ReadDir(d.BPFFS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := ""
+	for _, e := range ents {
+		if !e.IsDir() && strings.HasPrefix(e.Name(), "ctlb_") {
+			victim = e.Name()
+			break
+		}
+	}
+	if victim == "" {
+		t.Fatalf("no ctlb_ pin in %s", d.BPFFS)
+	}
+	if err := os.Remove(filepath.Join(d.BPFFS, victim)); err != nil {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, "the repin counted", metricsDeadline, func() (bool, string) {
