@@ -192,5 +192,8 @@ func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 		}
 	}()
 	d.log.Info("metrics", "address", ln.Addr().String())
+	if host, _, _ := net.SplitHostPort(addr); host == "" || net.ParseIP(host).IsUnspecified() {
+		d.log.Warn("metrics, /healthz and /readyz listen on every interface; give the node's address or 127.0.0.1", "metrics", addr)
+	}
 	return nil
 }
