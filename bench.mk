@@ -20,7 +20,8 @@ bench: deps
 # 3-server cluster; requests/s the servers receive at rest and in churn.
 bench-fleet: deps
 	@mkdir -p bench
-	$(GO) test -count=1 -run '^$$' -bench FleetConsul -benchtime 1x -timeout 15m -v ./test/bench | tee bench/fleet.txt
+	$(GO) test -count=1 -run '^$$' -bench FleetConsul -benchtime 1x -timeout 15m -v ./test/bench > bench/fleet.txt 2>&1; \
+	  rc=$$?; grep -E 'FLEET|^Benchmark|^(ok|FAIL)' bench/fleet.txt; exit $$rc
 
 bench-plot: deps
 	@command -v gnuplot >/dev/null || { echo "bench-plot needs gnuplot (Debian package gnuplot-nox)"; exit 1; }

@@ -247,6 +247,9 @@ func (c *call) add() error {
 
 func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.Hints, found podcgroup.Found, ok bool) error {
 	if !ok {
+		if found.Refused != nil {
+			c.log.Warn("no pod cgroup from the sandbox's netns yet: refusing a shared cgroup, recording a pending attachment", "error", found.Refused)
+		}
 		return c.addPending(id, hints, found)
 	}
 	// An earlier ADD of this container may have left a record or, if it
@@ -388,7 +391,32 @@ func (c *call) del() error {
 	if n > 0 {
 		c.log.Info("detached what an interrupted call left", "attachment", id, "dirs", n)
 	}
+	c.delLegacy()
 	return nil
+}
+
+// delLegacy removes what a plugin older than per-network attachments made
+// for the container ("cni-<containerID>", its pending record keyed by
+// container ID), so pods attached before an upgrade are torn down too.
+// Best effort: failures are logged.
+func (c *call) delLegacy() {
+	if c.conf.CgroupPath != "" {
+		return
+	}
+	legacy := attachmentPrefix + c.args.ContainerID
+	if datapath.ValidateAttachmentID(legacy) != nil {
+		return
+	}
+	if rec, err := pending.Read(c.conf.StateDir, c.args.ContainerID); err == nil && rec.AttachmentID == legacy {
+		if _, err := pending.Remove(c.conf.StateDir, c.args.ContainerID); err != nil {
+			c.log.Warn("remove a pending record of an older plugin", "attachment", legacy, "error", err)
+		}
+	}
+	if err := datapath.DetachPinned(c.conf.BPFFS, legacy); err == nil {
+		c.log.Info("detached an attachment of an older plugin", "attachment", legacy)
+	} else if !errors.Is(err, datapath.ErrNoAttachment) {
+		c.log.Warn("detach an attachment of an older plugin", "attachment", legacy, "error", err)
+	}
 }
 
 // Check verifies for real: ctlbd answers, the pins exist, the container's
@@ -450,7 +478,9 @@ func (c *call) check() error {
 		if err != nil {
 			return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 		}
-		if !slices.Contains(owners, c.owner()) {
+		// An NRI-scoped ADD (below) records no pod-level owner.
+		_, nriPod := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations)
+		if !nriPod && !slices.Contains(owners, c.owner()) {
 			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: interface %s of container %s holds no attachment in network %q (no ADD recorded)",
 				c.args.IfName, c.args.ContainerID, c.conf.Name), nil)
 		}

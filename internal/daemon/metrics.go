@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ctlb/ctlb/internal/discovery"
 	"github.com/ctlb/ctlb/internal/health"
 	"github.com/ctlb/ctlb/internal/version"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -39,6 +40,12 @@ var (
 		"Changes of a tracked VIP's healthy set written to the map.", []string{"vip"}, nil)
 	descPanic = prometheus.NewDesc("ctlb_service_panic",
 		"1 while a tracked VIP is in panic mode (no healthy server; every candidate kept).", []string{"vip"}, nil)
+	descRejected = prometheus.NewDesc("ctlb_source_rejected_entries",
+		"Entries of a source's last answer left out (not an address, wrong family, not unicast, listed twice, another host's loopback).", []string{"vip", "source"}, nil)
+	descTrimmed = prometheus.NewDesc("ctlb_service_candidates_trimmed",
+		"Candidates of a tracked VIP left out over the most servers a VIP may have.", []string{"vip"}, nil)
+	descConsulRequests = prometheus.NewDesc("ctlb_consul_requests_total",
+		"HTTP requests this daemon sent to Consul's API (all its watches; one watch per distinct query).", nil, nil)
 )
 
 // collector reads the kernel's counters at scrape time, so the numbers are
@@ -47,7 +54,7 @@ type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnects, descOpen, descServers, descAttachments,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic} {
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descRejected, descTrimmed, descConsulRequests} {
 		ch <- d
 	}
 }
@@ -86,6 +93,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(descAttachments, err)
 	}
 	ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(d.pendingCount()), "pending")
+	ch <- prometheus.MustNewConstMetric(descConsulRequests, prometheus.CounterValue, float64(discovery.ConsulRequests()))
 	for vip, snap := range d.snapshots() {
 		v := vip.String()
 		for _, srv := range snap.Servers {
@@ -101,7 +109,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		for _, src := range snap.Sources {
 			ch <- prometheus.MustNewConstMetric(descSourceErrors, prometheus.CounterValue, float64(src.Errors), v, src.Name)
+			ch <- prometheus.MustNewConstMetric(descRejected, prometheus.GaugeValue, float64(src.Rejected), v, src.Name)
 		}
+		ch <- prometheus.MustNewConstMetric(descTrimmed, prometheus.GaugeValue, float64(snap.Trimmed), v)
 		ch <- prometheus.MustNewConstMetric(descSetChanges, prometheus.CounterValue, float64(snap.Changes), v)
 		ch <- prometheus.MustNewConstMetric(descPanic, prometheus.GaugeValue, boolFloat(snap.Panic), v)
 	}

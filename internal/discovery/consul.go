@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -467,6 +468,13 @@ func (c *consulClient) isLocalNode(node string) bool {
 	return c.nodeName == node
 }
 
+// consulRequests counts every HTTP request to Consul in this process.
+var consulRequests atomic.Uint64
+
+// ConsulRequests is how many HTTP requests this process has sent to Consul
+// (every watch), for the ctlb_consul_requests_total metric.
+func ConsulRequests() uint64 { return consulRequests.Load() }
+
 // boundedTransport limits what an answer may make ctlbd read (an error
 // body is short; a real answer is bounded too).
 type boundedTransport struct {
@@ -474,6 +482,7 @@ type boundedTransport struct {
 }
 
 func (t *boundedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	consulRequests.Add(1)
 	resp, err := t.next.RoundTrip(req)
 	if err != nil {
 		return nil, err

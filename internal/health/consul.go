@@ -26,8 +26,10 @@ import (
 // anonymous is refused): TokenFile is read at every check, so a rotated
 // token is used at once.
 type Consul struct {
-	// TLS, when set, makes the check speak TLS with this client config.
-	TLS *tls.Config
+	// TLS, when set, makes the check speak TLS with this client config;
+	// TLSFiles, when set, with the config of files it follows.
+	TLS      *tls.Config
+	TLSFiles *TLSFiles
 	// TokenFile holds the ACL token; Token is an inline one.
 	TokenFile string
 	Token     string
@@ -53,7 +55,11 @@ func (c Consul) Check(ctx context.Context, addr netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
-	conn, err := dialGRPC(addr, c.TLS)
+	tc, err := clientTLS(c.TLSFiles, c.TLS)
+	if err != nil {
+		return fmt.Errorf("consul grpc %s: %w", addr, err)
+	}
+	conn, err := dialGRPC(addr, tc)
 	if err != nil {
 		return fmt.Errorf("consul grpc %s: %w", addr, err)
 	}

@@ -65,8 +65,10 @@ type GRPC struct {
 	// Service is the name sent in the request; "" asks about the server as
 	// a whole.
 	Service string
-	// TLS, when set, makes the check speak TLS with this client config.
-	TLS *tls.Config
+	// TLS, when set, makes the check speak TLS with this client config;
+	// TLSFiles, when set, with the config of files it follows.
+	TLS      *tls.Config
+	TLSFiles *TLSFiles
 }
 
 // Kind implements Checker.
@@ -84,7 +86,11 @@ func dialGRPC(addr netip.AddrPort, tc *tls.Config) (*grpc.ClientConn, error) {
 
 // Check implements Checker.
 func (c GRPC) Check(ctx context.Context, addr netip.AddrPort) error {
-	conn, err := dialGRPC(addr, c.TLS)
+	tc, err := clientTLS(c.TLSFiles, c.TLS)
+	if err != nil {
+		return fmt.Errorf("grpc health %s: %w", addr, err)
+	}
+	conn, err := dialGRPC(addr, tc)
 	if err != nil {
 		return fmt.Errorf("grpc health %s: %w", addr, err)
 	}

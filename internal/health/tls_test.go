@@ -11,6 +11,8 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -118,5 +120,58 @@ func TestGRPCTLS(t *testing.T) {
 			}
 		}
 		cancel()
+	}
+}
+
+// TestTLSFilesFollowRotation: a check built on TLSFiles uses a rotated CA
+// file from the next check on, with no new checker.
+func TestTLSFilesFollowRotation(t *testing.T) {
+	cert, pool := testCert(t, "server.dc1.consul")
+	_, otherPool := testCert(t, "server.dc1.consul")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})))
+	hs := grpchealth.NewServer()
+	healthpb.RegisterHealthServer(s, hs)
+	go func() { _ = s.Serve(l) }()
+	t.Cleanup(s.Stop)
+	addr := netip.MustParseAddrPort(l.Addr().String())
+
+	// The "file" holds which pool to trust; its content changes size so
+	// the stamp moves even within one mtime tick.
+	caFile := filepath.Join(t.TempDir(), "ca")
+	write := func(s string) {
+		if err := os.WriteFile(caFile, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("other")
+	builds := 0
+	tf := &TLSFiles{Files: []string{caFile}, Build: func() (*tls.Config, error) {
+		builds++
+		b, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, err
+		}
+		p := otherPool
+		if string(b) == "right-one" {
+			p = pool
+		}
+		return &tls.Config{RootCAs: p, ServerName: "server.dc1.consul"}, nil
+	}}
+	ck := GRPC{TLSFiles: tf}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := ck.Check(ctx, addr); err == nil {
+		t.Fatal("the check passed with the wrong CA")
+	}
+	if err := ck.Check(ctx, addr); err == nil || builds != 1 {
+		t.Fatalf("second check: %v, builds %d (want 1: unchanged files are not read again)", err, builds)
+	}
+	write("right-one")
+	if err := ck.Check(ctx, addr); err != nil || builds != 2 {
+		t.Fatalf("after the rotation: %v, builds %d", err, builds)
 	}
 }

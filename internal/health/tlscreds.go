@@ -5,6 +5,9 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
+	"os"
+	"strings"
+	"sync"
 
 	"google.golang.org/grpc/credentials"
 )
@@ -66,4 +69,52 @@ func (a *alpnTolerantTLS) Clone() credentials.TransportCredentials {
 func (a *alpnTolerantTLS) OverrideServerName(name string) error {
 	a.cfg.ServerName = name
 	return nil
+}
+
+// TLSFiles is a client TLS config made from files and made again whenever
+// one of them changes (a rotated certificate or CA is used from the next
+// check on, without a reload). Build makes the config from the files.
+type TLSFiles struct {
+	Files []string
+	Build func() (*tls.Config, error)
+
+	mu    sync.Mutex
+	stamp string
+	cfg   *tls.Config
+}
+
+// Config gives the current config, rebuilt when a file's size or
+// modification time moved since the last build.
+func (f *TLSFiles) Config() (*tls.Config, error) {
+	var b strings.Builder
+	for _, p := range f.Files {
+		if p == "" {
+			continue
+		}
+		st, err := os.Stat(p)
+		if err != nil {
+			return nil, fmt.Errorf("tls file: %w", err)
+		}
+		fmt.Fprintf(&b, "%s:%d:%d;", p, st.Size(), st.ModTime().UnixNano())
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.cfg != nil && b.String() == f.stamp {
+		return f.cfg, nil
+	}
+	cfg, err := f.Build()
+	if err != nil {
+		return nil, err
+	}
+	f.cfg, f.stamp = cfg, b.String()
+	return cfg, nil
+}
+
+// clientTLS picks a check's TLS config: the files' current one, else the
+// fixed one, else none (plaintext).
+func clientTLS(files *TLSFiles, fixed *tls.Config) (*tls.Config, error) {
+	if files != nil {
+		return files.Config()
+	}
+	return fixed, nil
 }

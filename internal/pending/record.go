@@ -51,11 +51,18 @@ type Record struct {
 	Netns   string            `json:"netns,omitempty"`
 	NetnsID podcgroup.NetnsID `json:"netnsID"`
 	Created time.Time         `json:"created"`
+
+	// file is the key the record was read under.
+	file string
 }
 
 // Key names the record's file: its attachment ID, or, in a record without
-// one, its container ID.
+// one or read from a file named by container ID (written by a plugin older
+// than per-network attachments), its container ID.
 func (r Record) Key() string {
+	if r.file != "" {
+		return r.file
+	}
 	if r.AttachmentID != "" {
 		return r.AttachmentID
 	}
@@ -179,9 +186,11 @@ func readFile(p string) (Record, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return Record{}, fmt.Errorf("pending record %s: %w", p, err)
 	}
-	if want := strings.TrimSuffix(filepath.Base(p), ".json"); r.Key() != want {
+	want := strings.TrimSuffix(filepath.Base(p), ".json")
+	if r.Key() != want && r.ContainerID != want {
 		return Record{}, fmt.Errorf("pending record %s: names attachment %q", p, r.Key())
 	}
+	r.file = want
 	return r, nil
 }
 

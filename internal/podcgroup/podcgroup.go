@@ -47,6 +47,9 @@ type Hints struct {
 type Found struct {
 	Dir    string // absolute directory inside the v2 mount
 	Source Source
+	// Refused, when nothing was found, says why the processes in the
+	// sandbox's netns gave no pod cgroup (they sit in shared cgroups).
+	Refused error
 }
 
 // Resolver locates pod cgroups in one v2 hierarchy.
@@ -301,9 +304,10 @@ func (r *Resolver) FindByNetns(want map[NetnsID]bool) (found map[NetnsID]string,
 // pod's). /proc/PID/cgroup is read with containerd/cgroups. crun with the
 // systemd driver puts processes in a "container" leaf below the scope,
 // which is skipped. A process whose parent is a well-known shared cgroup is
-// not in a pod: a standalone libpod container (podman run without a pod)
-// gets its own cgroup; anything else is refused, since attaching to the
-// shared parent would reach every container below it.
+// not in a pod and is refused, since attaching to the shared parent would
+// reach every container below it. A libpod container (libpod-<id>) whose
+// parent is not a libpod pod is a standalone `podman run`: it gets its own
+// cgroup.
 func (r *Resolver) podDirOfProcess(pid string) (string, bool, error) {
 	_, rel, err := cgroups.ParseCgroupFileUnified(filepath.Join(r.ProcRoot, pid, "cgroup"))
 	if err != nil || rel == "" {
@@ -322,11 +326,13 @@ func (r *Resolver) podDirOf(rel string) (string, bool, error) {
 		return "", false, fmt.Errorf("sandbox process is in the shared cgroup %s (%s): refusing to attach there", rel, why)
 	}
 	target := filepath.Dir(rel)
-	if why := SharedCgroup(target); why != "" {
-		if !IsLibpodContainer(filepath.Base(rel)) {
-			return "", false, fmt.Errorf("sandbox process is in %s, directly below the shared cgroup %s (%s): no pod cgroup to attach to", rel, target, why)
-		}
-		target = rel // podman run without a pod: the container's own cgroup
+	if IsLibpodContainer(filepath.Base(rel)) && !IsLibpodPod(filepath.Base(target)) {
+		// podman run without a pod: the parent is podman's cgroup parent of
+		// every container (machine.slice, libpod_parent, or --cgroup-parent),
+		// so the container's own cgroup is the one to attach.
+		target = rel
+	} else if why := SharedCgroup(target); why != "" {
+		return "", false, fmt.Errorf("sandbox process is in %s, directly below the shared cgroup %s (%s): no pod cgroup to attach to", rel, target, why)
 	}
 	dir, err := r.Cgroups.Resolve(target, false)
 	if err != nil {
@@ -340,6 +346,24 @@ func (r *Resolver) podDirOf(rel string) (string, bool, error) {
 func IsLibpodContainer(name string) bool {
 	id, ok := strings.CutPrefix(strings.TrimSuffix(name, ".scope"), "libpod-")
 	return ok && id != "" && !strings.HasPrefix(id, "conmon-")
+}
+
+// IsLibpodPod reports whether a cgroup name is a podman pod's: the pod ID
+// (64 hex digits, cgroupfs driver) or machine-libpod_pod_<id>.slice
+// (systemd).
+func IsLibpodPod(name string) bool {
+	if strings.HasPrefix(name, "machine-libpod_pod_") && strings.HasSuffix(name, ".slice") {
+		return true
+	}
+	if len(name) != 64 {
+		return false
+	}
+	for _, c := range name {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // SharedCgroup says why a cgroup (as /proc/PID/cgroup shows it, relative to
@@ -398,7 +422,10 @@ func (r *Resolver) Resolve(h Hints) (found Found, ok bool, err error) {
 				return Found{Dir: dir, Source: FromNetns}, true, nil
 			}
 			if err := refused[id]; err != nil {
-				return Found{}, false, fmt.Errorf("netns %s: %w", h.Netns, err)
+				// Not an error: the sandbox's own process may not exist yet
+				// (a runtime helper can be in the netns meanwhile); the
+				// caller records a pending attachment and says why.
+				return Found{Refused: fmt.Errorf("netns %s: %w", h.Netns, err)}, false, nil
 			}
 		}
 	}

@@ -252,22 +252,34 @@ func (c Config) HealthParams() health.Params {
 	}.WithDefaults()
 }
 
-// Checker gives the configured check. The TLS files are read now; the
+// Checker gives the configured check. The TLS files are read now, and
+// again whenever one changes; the
 // consul check's token is the Consul source's (tokenFile, token, or
 // CONSUL_HTTP_TOKEN_FILE), read at every check.
 func (c Config) Checker() (health.Checker, error) {
-	var tc *tls.Config
-	if c.Health.TLS != nil {
-		var err error
-		if tc, err = c.Health.TLS.discovery().Config(); err != nil {
-			return nil, fmt.Errorf("health.tls: %w", err)
+	var tf *health.TLSFiles
+	if t := c.Health.TLS; t != nil {
+		dt := t.discovery()
+		tf = &health.TLSFiles{
+			Files: []string{t.CAFile, t.CertFile, t.KeyFile},
+			Build: func() (*tls.Config, error) {
+				tc, err := dt.Config()
+				if err != nil {
+					return nil, fmt.Errorf("health.tls: %w", err)
+				}
+				return tc, nil
+			},
+		}
+		// Read now too: a bad file is a config error, not a failed check.
+		if _, err := tf.Config(); err != nil {
+			return nil, err
 		}
 	}
 	switch c.Health.Type {
 	case "grpc":
-		return health.GRPC{Service: c.Health.GRPCService, TLS: tc}, nil
+		return health.GRPC{Service: c.Health.GRPCService, TLSFiles: tf}, nil
 	case "consul":
-		ck := health.Consul{TLS: tc}
+		ck := health.Consul{TLSFiles: tf}
 		if cc := c.Consul; cc != nil {
 			ck.Token, ck.TokenFile = cc.Token, cc.TokenFile
 		}

@@ -25,8 +25,11 @@ import (
 
 // Fleet size and shape: every node runs a ctlbd that watches the catalog.
 const (
-	fleetDaemons     = 50
-	fleetVIPsPerNode = 3 // VIPs per daemon, all on the same Consul query
+	fleetDaemons = 50
+	// Half the daemons have 1 VIP, half have 6, all on the same Consul
+	// query: the two halves' loads side by side show it flat in the VIPs.
+	fleetFewVIPs  = 1
+	fleetManyVIPs = 6
 	// The rest window covers a whole blocking query (60 s wait plus
 	// Consul's jitter of up to 1/16): every watch comes back once in it.
 	fleetRestWindow  = 70 * time.Second
@@ -40,6 +43,7 @@ type countingProxy struct {
 	srv      *http.Server
 	url      string
 	requests atomic.Int64
+	inFlight atomic.Int64 // requests the server holds now (blocking queries)
 }
 
 func newCountingProxy(b *testing.B, target string) *countingProxy {
@@ -58,6 +62,8 @@ func newCountingProxy(b *testing.B, target string) *countingProxy {
 	rp.ErrorLog = log.New(io.Discard, "", 0)
 	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.requests.Add(1)
+		p.inFlight.Add(1)
+		defer p.inFlight.Add(-1)
 		rp.ServeHTTP(w, r)
 	})}
 	go p.srv.Serve(ln)
@@ -67,13 +73,14 @@ func newCountingProxy(b *testing.B, target string) *countingProxy {
 
 // fleetDaemon is one ctlbd with a private bpffs, state dir and socket.
 type fleetDaemon struct {
+	vips   int
 	cmd    *exec.Cmd
 	exited chan struct{}
 	proxy  *countingProxy
 	log    string
 }
 
-func startFleetDaemon(b *testing.B, bin string, i int, proxy *countingProxy) *fleetDaemon {
+func startFleetDaemon(b *testing.B, bin string, i, vips int, proxy *countingProxy) *fleetDaemon {
 	b.Helper()
 	bpffs := filepath.Join(testutil.MountBPFFS(b), "ctlb")
 	dir, err := os.MkdirTemp("", "ctlb-fleet-")
@@ -82,7 +89,7 @@ func startFleetDaemon(b *testing.B, bin string, i int, proxy *countingProxy) *fl
 	}
 	b.Cleanup(func() { os.RemoveAll(dir) })
 	var services []map[string]any
-	for v := range fleetVIPsPerNode {
+	for v := range vips {
 		services = append(services, map[string]any{
 			"vip":    fmt.Sprintf("198.18.200.%d:%d", 1+v, 8502),
 			"consul": map[string]any{"address": proxy.url, "service": "consul", "port": consul.GRPCPort},
@@ -102,7 +109,7 @@ func startFleetDaemon(b *testing.B, bin string, i int, proxy *countingProxy) *fl
 	if err := os.WriteFile(conf, data, 0o600); err != nil {
 		b.Fatal(err)
 	}
-	d := &fleetDaemon{proxy: proxy, log: filepath.Join(dir, "ctlbd.log"), exited: make(chan struct{})}
+	d := &fleetDaemon{vips: vips, proxy: proxy, log: filepath.Join(dir, "ctlbd.log"), exited: make(chan struct{})}
 	logf, err := os.Create(d.log)
 	if err != nil {
 		b.Fatal(err)
@@ -149,7 +156,8 @@ func fleetRate(before, after []int64, d time.Duration) (total float64, worst int
 }
 
 // BenchmarkFleetConsulLoad: 50 ctlbd daemons (each with a private bpffs,
-// state dir and socket, and 3 VIPs on the same Consul query) follow one
+// state dir and socket; half with 1 VIP, half with 6, all on the same
+// Consul query) follow one
 // real 3-server cluster. A counting proxy in front of the servers' HTTP API
 // per daemon measures the requests per second the servers receive at rest
 // and during catalog churn (a server killed, then a replacement). One
@@ -171,7 +179,11 @@ func BenchmarkFleetConsulLoad(b *testing.B) {
 		var ds []*fleetDaemon
 		for i := range fleetDaemons {
 			p := newCountingProxy(b, servers[i%2].HTTPAddr())
-			ds = append(ds, startFleetDaemon(b, bins["ctlbd"], i, p))
+			vips := fleetFewVIPs
+			if i%4 >= 2 { // both halves ask both servers
+				vips = fleetManyVIPs
+			}
+			ds = append(ds, startFleetDaemon(b, bins["ctlbd"], i, vips, p))
 		}
 		// Every daemon has its first answer when each proxy counted one
 		// request and the next (blocking) one is out.
@@ -189,9 +201,15 @@ func BenchmarkFleetConsulLoad(b *testing.B) {
 		}
 		cancel()
 		startup := fleetCounts(ds)
-		time.Sleep(fleetRestWindow)
+		// Each daemon's VIPs share one watch: one blocking query each is
+		// held by the servers, however many VIPs the daemon has.
+		time.Sleep(2 * time.Second)
+		held := map[int]int64{}
+		for _, d := range ds {
+			held[d.vips] += d.proxy.inFlight.Load()
+		}
+		time.Sleep(fleetRestWindow - 2*time.Second)
 		rest := fleetCounts(ds)
-		restRate, restWorst := fleetRate(startup, rest, fleetRestWindow)
 
 		// Churn: s3 dies; 5 s later a replacement starts on a new address.
 		churnStart := time.Now()
@@ -200,18 +218,43 @@ func BenchmarkFleetConsulLoad(b *testing.B) {
 		cl.AddServer()
 		time.Sleep(fleetChurnWindow - time.Since(churnStart))
 		churn := fleetCounts(ds)
-		churnRate, churnWorst := fleetRate(rest, churn, time.Since(churnStart))
+		churnTook := time.Since(churnStart)
 
+		restRate, restWorst := fleetRate(startup, rest, fleetRestWindow)
+		churnRate, churnWorst := fleetRate(rest, churn, churnTook)
 		var sum int64
 		for _, n := range startup {
 			sum += n
 		}
-		b.Logf("FLEET %d daemons x %d VIPs (one shared watch each) on 3 Consul servers: start-up %d requests (%.1f per daemon)",
-			fleetDaemons, fleetVIPsPerNode, sum, float64(sum)/fleetDaemons)
+		b.Logf("FLEET %d daemons (half with %d VIP, half with %d, one Consul query) on 3 Consul servers: start-up %d requests (%.1f per daemon)",
+			fleetDaemons, fleetFewVIPs, fleetManyVIPs, sum, float64(sum)/fleetDaemons)
 		b.Logf("FLEET at rest: %.2f requests/s to the servers (%.3f per daemon per s; most by one daemon in %s: %d)",
 			restRate, restRate/fleetDaemons, fleetRestWindow, restWorst)
 		b.Logf("FLEET churn (kill + replacement): %.2f requests/s (%.3f per daemon per s; most by one daemon in %s: %d)",
 			churnRate, churnRate/fleetDaemons, fleetChurnWindow, churnWorst)
+		// The two halves side by side.
+		for _, vips := range []int{fleetFewVIPs, fleetManyVIPs} {
+			var idx []int
+			for i, d := range ds {
+				if d.vips == vips {
+					idx = append(idx, i)
+				}
+			}
+			pick := func(c []int64) []int64 {
+				out := make([]int64, len(idx))
+				for j, i := range idx {
+					out[j] = c[i]
+				}
+				return out
+			}
+			r, _ := fleetRate(pick(startup), pick(rest), fleetRestWindow)
+			c, _ := fleetRate(pick(rest), pick(churn), churnTook)
+			n := float64(len(idx))
+			b.Logf("FLEET daemons with %d VIP(s): %d, blocking queries held %.1f per daemon, %.3f requests/s per daemon at rest, %.3f in churn",
+				vips, len(idx), float64(held[vips])/n, r/n, c/n)
+			b.ReportMetric(float64(held[vips])/n, fmt.Sprintf("queries-held/daemon-%dvips", vips))
+			b.ReportMetric(c/n, fmt.Sprintf("req/s-churn/daemon-%dvips", vips))
+		}
 		b.ReportMetric(restRate, "req/s-rest")
 		b.ReportMetric(churnRate, "req/s-churn")
 		b.ReportMetric(float64(churnWorst)/fleetChurnWindow.Seconds(), "req/s-churn-worst-daemon")

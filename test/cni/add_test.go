@@ -160,7 +160,9 @@ func wantRecord(t *testing.T, e *env, p *pod) {
 // finding the sandbox's process by its netns once the runtime starts it.
 func TestAddBeforeCgroupNetnsOnly(t *testing.T) {
 	e := newEnv(t)
-	podDir := filepath.Join(e.cgroups, "libpod_parent", "pod-"+randHex(8))
+	// podman's layout: P/<podID> (64 hex digits), containers in
+	// P/<podID>/libpod-<ctrID>.
+	podDir := filepath.Join(e.cgroups, "libpod_parent", randHex(32))
 	mkdirAll(t, filepath.Dir(podDir))
 	p := e.newPod("", podDir)
 	e.mustAdd(e.chain(nil), p)
@@ -172,11 +174,11 @@ func TestAddBeforeCgroupNetnsOnly(t *testing.T) {
 	// The runtime makes the pod cgroup and starts the infra process in a
 	// container cgroup below it, inside the pod's netns.
 	mkdirAll(t, podDir)
-	infra := container(t, p, "libpod-"+randHex(8))
+	infra := container(t, p, "libpod-"+randHex(32))
 	startInfra(t, p.netns, infra)
 	took := e.waitAttached(p, 5*time.Second)
 	t.Logf("netns-only pending attachment completed %s after the infra process started", took)
-	wantRedirected(t, p, container(t, p, "libpod-"+randHex(8)))
+	wantRedirected(t, p, container(t, p, "libpod-"+randHex(32)))
 	if err := e.del(e.chain(nil), p); err != nil {
 		t.Fatal(err)
 	}
@@ -281,6 +283,45 @@ func TestAddSystemdOCIForm(t *testing.T) {
 		_, err := e.add(e.chain(nil), q)
 		wantCode(t, "ADD with cgroupPath "+bad, err, types.ErrInvalidNetworkConfig, "not a pod's")
 		_ = e.del(e.chain(nil), q)
+	}
+	e.wantNothingLeft()
+}
+
+// Every QoS class in both drivers' layouts, found by K8S_POD_UID and, as
+// containerd 1.7+ passes it, by the pod's CgroupParent in cgroupPath (the
+// kubelet's expanded form for systemd): Guaranteed pods sit directly in the
+// kubepods root, Burstable and BestEffort in their class's cgroup.
+func TestAddQoSClasses(t *testing.T) {
+	e := newEnv(t)
+	for _, driver := range []string{"cgroupfs", "systemd"} {
+		for _, qos := range []string{"guaranteed", "burstable", "besteffort"} {
+			for _, via := range []string{"podUID", "cgroupPath"} {
+				uid := newUID()
+				u := strings.ReplaceAll(uid, "-", "_")
+				var dir string
+				switch {
+				case driver == "cgroupfs" && qos == "guaranteed":
+					dir = filepath.Join(e.cgroups, "kubepods", "pod"+uid)
+				case driver == "cgroupfs":
+					dir = filepath.Join(e.cgroups, "kubepods", qos, "pod"+uid)
+				case qos == "guaranteed":
+					dir = filepath.Join(e.cgroups, "kubepods.slice", "kubepods-pod"+u+".slice")
+				default:
+					dir = filepath.Join(e.cgroups, "kubepods.slice", "kubepods-"+qos+".slice", "kubepods-"+qos+"-pod"+u+".slice")
+				}
+				mkdirAll(t, dir)
+				p := e.newPod(uid, dir)
+				if via == "cgroupPath" {
+					p.rt.CapabilityArgs = map[string]any{"cgroupPath": strings.TrimPrefix(dir, testutil.V2Mount(t))}
+				}
+				e.mustAdd(e.chain(nil), p)
+				e.wantAttached(p)
+				wantRedirected(t, p, container(t, p, "app"))
+				if err := e.del(e.chain(nil), p); err != nil {
+					t.Fatalf("%s %s via %s: DEL: %v", driver, qos, via, err)
+				}
+			}
+		}
 	}
 	e.wantNothingLeft()
 }

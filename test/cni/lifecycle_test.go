@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 
@@ -203,6 +204,19 @@ func TestStatus(t *testing.T) {
 	}
 	noPins := e.netList("1.1.0", e.ctlbConf(map[string]any{"bpffs": filepath.Join(filepath.Dir(e.bpffs), "elsewhere")}))
 	wantCode(t, "STATUS without pins", e.cni.GetStatusNetworkList(context.Background(), noPins), types.ErrPluginNotAvailable, "not ready: pinned objects")
+	// Pins of a layout this plugin does not speak: ADD would refuse them.
+	other := filepath.Join(filepath.Dir(e.bpffs), "otherlayout")
+	mkdirAll(t, other)
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Pin(filepath.Join(other, "ctlb_services_v99")); err != nil {
+		t.Fatal(err)
+	}
+	layout := e.netList("1.1.0", e.ctlbConf(map[string]any{"bpffs": other}))
+	wantCode(t, "STATUS with pins of another layout", e.cni.GetStatusNetworkList(context.Background(), layout), types.ErrPluginNotAvailable, "another layout")
 	// A config ADD would refuse fails STATUS as well.
 	typo := e.netList("1.1.0", e.ctlbConf(map[string]any{"sokcet": e.socket}))
 	wantCode(t, "STATUS with an unknown key", e.cni.GetStatusNetworkList(context.Background(), typo), types.ErrUnsupportedField, `"sokcet"`)
@@ -318,5 +332,35 @@ func TestDelBestEffort(t *testing.T) {
 	e.mustAdd(list, s)
 	del("with the bpffs directory gone", s, func(c map[string]any) { c["bpffs"] = filepath.Join(t.TempDir(), "gone") })
 	del("twice", s, func(map[string]any) {})
+	e.wantNothingLeft()
+}
+
+// Pods attached by a plugin older than per-network attachments
+// ("cni-<containerID>", a pending record keyed by container ID) are torn
+// down by the new plugin's DEL too.
+func TestDelAfterUpgrade(t *testing.T) {
+	e := newEnv(t)
+	p := e.cgroupfsPod("besteffort", true)
+	if _, err := e.dp.Attach("cni-"+p.id, p.cgroup); err != nil {
+		t.Fatal(err)
+	}
+	waiting := e.cgroupfsPod("besteffort", false)
+	// The older plugin named its records by container ID.
+	legacy := mustJSON(t, pending.Record{ContainerID: waiting.id, AttachmentID: "cni-" + waiting.id, BPFFS: e.bpffs, CgroupDir: waiting.cgroup, Created: time.Now()})
+	if err := pending.EnsureDir(e.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(pending.Dir(e.stateDir), waiting.id+".json"), []byte(legacy), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pending.Read(e.stateDir, waiting.id); err != nil {
+		t.Fatalf("a record of the older plugin does not read: %v", err)
+	}
+	for _, q := range []*pod{p, waiting} {
+		if err := e.del(e.chain(nil), q); err != nil {
+			t.Fatalf("DEL: %v", err)
+		}
+	}
+	waitProgs(t, p.cgroup, 0)
 	e.wantNothingLeft()
 }

@@ -28,6 +28,7 @@ func TestExecCandidatesCleaned(t *testing.T) {
 		t.Fatal(err)
 	}
 	n := newNode(t, []string{"127.0.0.51", "127.0.0.52", "127.0.0.53"}, fmt.Sprintf(`{
+		"metrics": "127.0.0.1:9464",
 		"services": [{"vip": %q, "exec": {"command": ["/bin/cat", %q], "interval": "2s", "timeout": "2s"},
 		              "health": {"interval": "1s", "timeout": "500ms", "rise": 1}}]}`, vip, list))
 	started := testutil.StartServers(t, n.netns, live...)
@@ -57,6 +58,14 @@ func TestExecCandidatesCleaned(t *testing.T) {
 	out := n.d.MustCLI("status")
 	if !strings.Contains(out, "entries left out") || !strings.Contains(out, "left out over the limit") {
 		t.Errorf("ctlbd status does not show the rejected and trimmed candidates:\n%s", out)
+	}
+
+	page := scrape(t, n.netns, "127.0.0.1:9464")
+	if v := metric(t, page, "ctlb_source_rejected_entries", fmt.Sprintf(`source="exec",vip=%q`, vip)); v != 3 {
+		t.Errorf("ctlb_source_rejected_entries = %v, want 3", v)
+	}
+	if v := metric(t, page, "ctlb_service_candidates_trimmed", fmt.Sprintf(`vip=%q`, vip)); v != 1100-1024 {
+		t.Errorf("ctlb_service_candidates_trimmed = %v, want %d", v, 1100-1024)
 	}
 
 	// The map still follows health.
