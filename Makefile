@@ -54,6 +54,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt wants changes in: $$out"; exit 1; }
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy and commit"; exit 1; }
 
 # Every test runs as root against the real kernel. In CI (CI=true) a test that
 # cannot run fails instead of skipping, and any SKIP line fails the run.

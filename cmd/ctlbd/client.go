@@ -22,6 +22,9 @@ func (g *globals) client() (*api.Client, context.Context, context.CancelFunc) {
 	return api.NewClient(g.socket), ctx, cancel
 }
 
+// wide reports -o wide: tables print their extra columns.
+func (g *globals) wide() bool { return g.output == "wide" }
+
 // print writes v in the -o format.
 func (g *globals) print(w io.Writer, v any, table func(*tabwriter.Writer)) error {
 	return printResult(w, g.output, v, table)
@@ -100,7 +103,16 @@ aborted and reconnect through the VIP to a server still in the set. With
 			}
 			c, ctx, cancel := g.client()
 			defer cancel()
-			return c.DeleteServiceProtocol(ctx, args[0], string(proto))
+			if err := c.DeleteServiceProtocol(ctx, args[0], string(proto)); err != nil {
+				return err
+			}
+			out := struct {
+				Deleted  string `json:"deleted"`
+				Protocol string `json:"protocol"`
+			}{args[0], string(proto)}
+			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {
+				fmt.Fprintf(w, "deleted %s/%s: connects to it are no longer rewritten\n", proto, args[0])
+			})
 		},
 	}
 	del.Flags().StringVar(&delProtocol, "protocol", "tcp", `the VIP's protocol: "tcp" or "udp"`)
@@ -235,20 +247,113 @@ func newAttachmentsCommand(g *globals) *cobra.Command {
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), list, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "ID\tSTATE\tCGROUP ID\tCGROUP")
+				if g.wide() {
+					fmt.Fprintln(w, "ID\tSTATE\tPOD\tCGROUP ID\tCGROUP\tMISSING")
+				} else {
+					fmt.Fprintln(w, "ID\tSTATE\tPOD\tCGROUP")
+				}
 				for _, a := range list {
 					state := "attached"
 					if !a.Alive {
 						state = "dead"
 					}
 					if len(a.Missing) > 0 {
-						state = "broken (missing " + strings.Join(a.Missing, ",") + ")"
+						state = "broken"
 					}
-					fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", a.ID, state, a.CgroupID, a.CgroupPath)
+					pod := "-"
+					if a.PodName != "" {
+						pod = a.PodNamespace + "/" + a.PodName
+					}
+					if g.wide() {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", a.ID, state, pod, a.CgroupID, a.CgroupPath, strings.Join(a.Missing, ","))
+					} else {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", a.ID, state, pod, a.CgroupPath)
+					}
 				}
 			})
 		},
 	}
+}
+
+func newPendingCommand(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "pending",
+		Short: "List pending attachments: pods whose cgroup did not exist yet at CNI ADD",
+		Long: `List the attachments the CNI plugin recorded because the pod's cgroup did not
+exist yet at ADD (containerd and podman run CNI before the container), with
+their age, what ctlbd looks for (the runtime's cgroup path, the pod UID, or a
+process in the sandbox's network namespace) and why it is still waiting.
+ctlbd completes each the moment its cgroup appears; one that stays here for
+long names a cgroup that never came (docs/TROUBLESHOOTING.md).`,
+		Example: `  ctlbd pending
+  ctlbd pending -o wide`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, ctx, cancel := g.client()
+			defer cancel()
+			list, err := c.Pending(ctx)
+			if err != nil {
+				return err
+			}
+			now := time.Now()
+			return g.print(cmd.OutOrStdout(), list, func(w *tabwriter.Writer) {
+				if g.wide() {
+					fmt.Fprintln(w, "CONTAINER\tAGE\tSTATE\tWAITING FOR\tREASON\tATTACHMENT\tNETNS\tBPFFS")
+				} else {
+					fmt.Fprintln(w, "CONTAINER\tAGE\tSTATE\tWAITING FOR\tREASON")
+				}
+				for _, p := range list {
+					age := now.Sub(p.Created).Round(time.Second)
+					if g.wide() {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ContainerID, age, p.State, waitingFor(p), pendingReason(p), p.AttachmentID, dash(p.Netns), p.BPFFS)
+					} else {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", shortID(p.ContainerID), age, p.State, waitingFor(p), pendingReason(p))
+					}
+				}
+			})
+		},
+	}
+}
+
+// waitingFor says where ctlbd looks for a pending attachment's cgroup.
+func waitingFor(p api.PendingAttachment) string {
+	switch {
+	case p.CgroupDir != "":
+		return "cgroup " + p.CgroupDir
+	case p.PodUID != "":
+		return "pod UID " + p.PodUID
+	case p.Netns != "":
+		return "a process in netns " + p.Netns
+	}
+	return "-"
+}
+
+// pendingReason is why a record still waits.
+func pendingReason(p api.PendingAttachment) string {
+	switch {
+	case p.Error != "":
+		return p.Error
+	case p.State == "ignored":
+		return "recorded for bpffs " + p.BPFFS + ", not this daemon's"
+	case p.State == "pending":
+		return "the pod cgroup does not exist yet"
+	}
+	return "-"
+}
+
+// shortID abbreviates a container ID as runtimes print them.
+func shortID(id string) string {
+	if len(id) > 13 {
+		return id[:13]
+	}
+	return id
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func newStatusCommand(g *globals) *cobra.Command {
@@ -322,11 +427,29 @@ func newReloadCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "reload",
 		Short: "Re-read the daemon's config file (as SIGHUP does); a bad one is rejected",
-		Args:  cobra.NoArgs,
+		Long: `Re-read the daemon's config file and apply it, as SIGHUP does. ctlbd also
+applies the file by itself whenever it changes (unless run with
+--no-config-watch), so this is for forcing it, or for seeing a rejection's
+reason at once. A config that does not parse or validate is rejected with the
+reason, and the running one stays.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, ctx, cancel := g.client()
 			defer cancel()
-			return c.Reload(ctx)
+			if err := c.Reload(ctx); err != nil {
+				return err
+			}
+			st, err := c.Status(ctx)
+			if err != nil {
+				return err
+			}
+			out := struct {
+				Reloaded bool `json:"reloaded"`
+				Services int  `json:"services"`
+			}{true, len(st.Services)}
+			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {
+				fmt.Fprintf(w, "config reloaded: %d VIPs in the maps\n", len(st.Services))
+			})
 		},
 	}
 }

@@ -3,8 +3,11 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -22,7 +25,11 @@ func main() {
 		if e, ok := err.(exitError); ok {
 			os.Exit(e.code)
 		}
-		fmt.Fprintln(os.Stderr, "ctlbd:", err)
+		socket := ""
+		if f := root.PersistentFlags().Lookup("socket"); f != nil {
+			socket = f.Value.String()
+		}
+		fmt.Fprintln(os.Stderr, "ctlbd:", oneLine(err, socket))
 		os.Exit(1)
 	}
 }
@@ -64,6 +71,7 @@ socket (--socket, or $CTLB_SOCKET).`,
 		newAttachCommand(g),
 		newDetachCommand(g),
 		newAttachmentsCommand(g),
+		newPendingCommand(g),
 		newStatusCommand(g),
 		newReloadCommand(g),
 		newVersionCommand(g),
@@ -71,4 +79,27 @@ socket (--socket, or $CTLB_SOCKET).`,
 		newMountBPFFSCommand(),
 	)
 	return root
+}
+
+// oneLine turns a failure to reach the daemon into one line that says what
+// to do, instead of the Go error chain (dial unix ...: connect: ...).
+func oneLine(err error, socket string) string {
+	if !errors.Is(err, api.ErrUnreachable) {
+		return err.Error()
+	}
+	why := "no answer"
+	var errno syscall.Errno
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		why = "no answer in time (ctlbd is busy or stuck)"
+	case errors.As(err, &errno) && errno == syscall.ENOENT:
+		why = "no socket there: is ctlbd running? (--socket or $CTLB_SOCKET names another)"
+	case errors.As(err, &errno) && errno == syscall.ECONNREFUSED:
+		why = "connection refused: the socket is left over, no ctlbd listens on it"
+	case errors.As(err, &errno) && (errno == syscall.EACCES || errno == syscall.EPERM):
+		why = "permission denied: only root and the socketGroup may use it"
+	case errors.As(err, &errno):
+		why = errno.Error()
+	}
+	return fmt.Sprintf("ctlbd is not reachable at %s: %s", socket, why)
 }

@@ -11,7 +11,7 @@ import (
 
 // The one place output formats live: every command that prints a result
 // calls printResult, and -o picks the format.
-const outputHelp = "output format: table, json or yaml"
+const outputHelp = "output format: table, wide (a table with more columns), json or yaml"
 
 // printResult writes v as JSON or YAML, or calls table for the default,
 // human format.
@@ -29,10 +29,10 @@ func printResult(w io.Writer, format string, v any, table func(*tabwriter.Writer
 		}
 		_, err = w.Write(b)
 		return err
-	case "table", "":
+	case "table", "wide", "":
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		table(tw)
 		return tw.Flush()
 	}
-	return fmt.Errorf("--output %q: want table, json or yaml", format)
+	return fmt.Errorf("--output %q: want table, wide, json or yaml", format)
 }

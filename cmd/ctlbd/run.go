@@ -19,6 +19,7 @@ import (
 func newRunCommand(g *globals) *cobra.Command {
 	var (
 		cfgPath, bpffs, stateDir, logLevel, logFormat, metrics, nriSocket string
+		hostCgroupNS                                                      string
 		noWatch, hostScope                                                bool
 	)
 	cmd := &cobra.Command{
@@ -79,6 +80,10 @@ config file. Two daemons can run side by side with different --bpffs and
 			if err != nil {
 				return err
 			}
+			// Before any goroutine of ours: this may re-execute ctlbd.
+			if note := joinHostCgroupNS(hostCgroupNS); note != "" {
+				log.Info("cgroup namespace", "note", note)
+			}
 			d, err := daemon.New(cfg, cfgPath, log)
 			if err != nil {
 				return err
@@ -104,6 +109,7 @@ config file. Two daemons can run side by side with different --bpffs and
 	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory for ctlb's pins")
 	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "directory for pending attachments")
 	f.StringVar(&metrics, "metrics", "", "IP:PORT for /metrics, /healthz and /readyz (e.g. 127.0.0.1:9464, or the node's address; \"\" turns them off)")
+	f.StringVar(&hostCgroupNS, "host-cgroupns", "/proc/1/ns/cgroup", "cgroup namespace to move to when ctlbd runs in a private one (an unprivileged container; needs the host PID namespace); \"\" stays")
 	f.BoolVar(&noWatch, "no-config-watch", false, "do not apply the config file when it changes (SIGHUP and \"ctlbd reload\" still do)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")

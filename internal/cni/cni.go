@@ -156,7 +156,13 @@ func (c *call) attachmentID() string {
 }
 
 func (c *call) owner() Owner {
-	return Owner{Network: c.conf.Name, ContainerID: c.args.ContainerID, IfName: c.args.IfName}
+	o := Owner{Network: c.conf.Name, ContainerID: c.args.ContainerID, IfName: c.args.IfName}
+	// Best effort, for display only: ADD refuses bad CNI_ARGS elsewhere,
+	// and DEL must succeed whatever they hold.
+	if a, err := parseArgs(c.args.Args); err == nil {
+		o.PodNamespace, o.PodName = podName(string(a.K8S_POD_NAMESPACE)), podName(string(a.K8S_POD_NAME))
+	}
+	return o
 }
 
 // Add attaches ctlb to the pod's cgroup, or records a pending attachment

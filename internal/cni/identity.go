@@ -76,6 +76,36 @@ type Owner struct {
 	Network     string `json:"network"`
 	ContainerID string `json:"containerID"`
 	IfName      string `json:"ifName"`
+	// PodNamespace and PodName are the Kubernetes pod's, from CNI_ARGS,
+	// for `ctlbd attachments`; empty outside Kubernetes.
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
+}
+
+// PodOf names the Kubernetes pod an attachment was made for (namespace and
+// name from the CNI ADD's CNI_ARGS), or "" when no owner recorded one.
+func PodOf(stateDir, attID string) (namespace, name string) {
+	owners, _ := listOwners(stateDir, attID)
+	for _, o := range owners {
+		if o.PodName != "" {
+			return o.PodNamespace, o.PodName
+		}
+	}
+	return "", ""
+}
+
+// podName keeps a namespace or pod name only when it is one Kubernetes
+// could have made (a DNS subdomain): it is shown to operators as is.
+func podName(s string) string {
+	if len(s) == 0 || len(s) > 253 {
+		return ""
+	}
+	for _, r := range s {
+		if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' && r != '.' {
+			return ""
+		}
+	}
+	return s
 }
 
 // ownersDir holds <attachmentID>/<hash>.json for every owner.

@@ -46,6 +46,7 @@ type Daemon struct {
 	runCtx context.Context
 
 	registry *prometheus.Registry
+	m        *daemonMetrics
 	proxy    *proxy.Proxy
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
@@ -94,6 +95,7 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	d.ends = newEndings(dp, log.With("part", "endings"), d.serverGone, d.table.inSomeSet)
 	d.reb = newRebalancer(d)
 	d.fail = newFailWatch(d)
+	d.m = newDaemonMetrics()
 	d.registry = d.newRegistry()
 	return d, nil
 }

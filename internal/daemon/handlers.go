@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/ctlb/ctlb/internal/cgroupv2"
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/version"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -135,7 +136,15 @@ func trackedConflict(vip datapath.ServiceKey) error {
 
 func (d *Daemon) listAttachments(w http.ResponseWriter, r *http.Request) {
 	list, err := d.dp.Attachments()
-	reply(w, apiAttachments(list), err)
+	out := apiAttachments(list)
+	d.mu.Lock()
+	stateDir := d.cfg.StateDir
+	d.mu.Unlock()
+	for i := range out {
+		// The pod the CNI plugin recorded as the attachment's owner.
+		out[i].PodNamespace, out[i].PodName = cni.PodOf(stateDir, out[i].ID)
+	}
+	reply(w, out, err)
 }
 
 // cgroupDir resolves an API cgroup path to an existing directory inside the

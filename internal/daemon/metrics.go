@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"runtime"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -14,6 +16,8 @@ import (
 
 	"github.com/ctlb/ctlb/internal/discovery"
 	"github.com/ctlb/ctlb/internal/health"
+	"github.com/ctlb/ctlb/internal/version"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 var (
@@ -32,11 +36,8 @@ var (
 	descServers = prometheus.NewDesc("ctlb_service_servers",
 		"Servers in a VIP's set in the maps.", []string{"vip", "protocol"}, nil)
 	descAttachments = prometheus.NewDesc("ctlb_attachments",
-		"Cgroup attachments pinned.", nil, nil)
-	descDeadAttachments = prometheus.NewDesc("ctlb_attachments_dead",
-		"Attachments whose cgroup has died, waiting for GC.", nil, nil)
-	descPending = prometheus.NewDesc("ctlb_pending_attachments",
-		"Pending attachments: pods whose cgroup did not exist yet at CNI ADD.", nil, nil)
+		"Cgroup attachments by state: attached (every link pinned), incomplete (a link pin is missing; reconcile repairs it), "+
+			"dead (the cgroup is gone; reconcile removes it), pending (the pod cgroup did not exist yet at CNI ADD).", []string{"state"}, nil)
 	descHealthy = prometheus.NewDesc("ctlb_server_healthy",
 		"Health of a candidate server of a tracked VIP: 1 healthy, 0 unhealthy, -1 not checked yet.", []string{"vip", "server"}, nil)
 	descInSet = prometheus.NewDesc("ctlb_server_in_set",
@@ -64,7 +65,7 @@ var (
 type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments, descDeadAttachments, descPending,
+	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments,
 		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests} {
 		ch <- d
 	}
@@ -95,16 +96,24 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	if atts, err := d.dp.Attachments(); err == nil {
-		dead := 0
+		states := map[string]int{"attached": 0, "incomplete": 0, "dead": 0}
 		for _, a := range atts {
-			if !a.Alive {
-				dead++
+			switch {
+			case !a.Alive:
+				states["dead"]++
+			case len(a.Missing) > 0:
+				states["incomplete"]++
+			default:
+				states["attached"]++
 			}
 		}
-		ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(len(atts)))
-		ch <- prometheus.MustNewConstMetric(descDeadAttachments, prometheus.GaugeValue, float64(dead))
+		for state, n := range states {
+			ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(n), state)
+		}
+	} else {
+		ch <- prometheus.NewInvalidMetric(descAttachments, err)
 	}
-	ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pendingCount()))
+	ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(d.pendingCount()), "pending")
 	ch <- prometheus.MustNewConstMetric(descTermination, prometheus.GaugeValue, boolFloat(d.ends.available()))
 	for key, m := range d.ends.all() {
 		for srv, n := range m {
@@ -142,11 +151,56 @@ func boolFloat(b bool) float64 {
 	return 0
 }
 
+// daemonMetrics are the metrics ctlbd measures itself (the collector reads
+// the rest from the maps at scrape time).
+type daemonMetrics struct {
+	buildInfo      prometheus.Gauge
+	pendingSeconds prometheus.Histogram
+	checkSeconds   *prometheus.HistogramVec
+	repairs        *prometheus.CounterVec
+}
+
+func newDaemonMetrics() *daemonMetrics {
+	return &daemonMetrics{
+		buildInfo: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name:        "ctlb_build_info",
+			Help:        "Always 1; the labels say which ctlbd runs: version, commit, Go version, map layout.",
+			ConstLabels: prometheus.Labels{"version": version.Version, "commit": version.Commit(), "goversion": runtime.Version(), "layout": strconv.Itoa(datapath.Layout)},
+		}),
+		pendingSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "ctlb_pending_attach_duration_seconds",
+			Help: "How long a pending attachment waited, from the CNI ADD that recorded it to its attachment.",
+			// 10 ms to about 5.5 min: a cgroup that appears at once to one
+			// that waits for a slow image pull.
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 16),
+		}),
+		checkSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ctlb_health_check_duration_seconds",
+			Help: "Duration of one active health check of a candidate server, by VIP, check kind (tcp, grpc, consul) and result (pass, fail).",
+			// 100 us to about 6.5 s: a loopback check to a check timeout.
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 17),
+		}, []string{"vip", "kind", "result"}),
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ctlb_reconcile_repairs_total",
+			Help: "Repairs made by the reconcile loop, by kind: repinned (a pin removed by hand), dead (attachment of a dead cgroup removed), repaired (lost link pins re-attached), stale (a half-made link directory removed).",
+		}, []string{"kind"}),
+	}
+}
+
+func (m *daemonMetrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.buildInfo, m.pendingSeconds, m.checkSeconds, m.repairs}
+}
+
 // newRegistry holds every ctlbd metric: the kernel's counters, the proxy's,
-// and the process's own.
+// ctlbd's own, and the process's.
 func (d *Daemon) newRegistry() *prometheus.Registry {
 	r := prometheus.NewRegistry()
 	r.MustRegister(collector{d}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	r.MustRegister(d.m.collectors()...)
+	d.m.buildInfo.Set(1)
+	for _, k := range []string{"repinned", "dead", "repaired", "stale"} {
+		d.m.repairs.WithLabelValues(k) // every kind shows, at 0
+	}
 	return r
 }
 
@@ -175,5 +229,8 @@ func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 		}
 	}()
 	d.log.Info("metrics", "address", ln.Addr().String())
+	if host, _, _ := net.SplitHostPort(addr); host == "" || net.ParseIP(host).IsUnspecified() {
+		d.log.Warn("metrics, /healthz and /readyz listen on every interface; give the node's address or 127.0.0.1", "metrics", addr)
+	}
 	return nil
 }

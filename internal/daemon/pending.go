@@ -37,6 +37,7 @@ func (d *Daemon) startPending(ctx context.Context) error {
 		return err
 	}
 	w := pending.NewWatcher(stateDir, d.dp, podcgroup.NewResolver(d.cgroups), d.log.With("part", "pending"))
+	w.Completed = func(waited time.Duration) { d.m.pendingSeconds.Observe(waited.Seconds()) }
 	d.mu.Lock()
 	d.pending = w
 	d.mu.Unlock()

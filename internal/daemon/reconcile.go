@@ -49,6 +49,7 @@ func (d *Daemon) Reconcile() ReconcileResult {
 	atts, err := d.dp.Attachments()
 	if err != nil {
 		d.log.Error("reconcile: list attachments", "error", err)
+		d.countRepairs(r)
 		return r
 	}
 	for _, a := range atts {
@@ -72,5 +73,17 @@ func (d *Daemon) Reconcile() ReconcileResult {
 	if r.Stale, err = d.dp.RemoveStale(time.Minute); err != nil {
 		d.log.Error("reconcile: remove stale link directories", "error", err)
 	}
+	d.countRepairs(r)
 	return r
+}
+
+// countRepairs adds a pass's repairs to ctlb_reconcile_repairs_total.
+func (d *Daemon) countRepairs(r ReconcileResult) {
+	if d.m == nil {
+		return
+	}
+	d.m.repairs.WithLabelValues("repinned").Add(float64(len(r.Repinned)))
+	d.m.repairs.WithLabelValues("dead").Add(float64(len(r.Dead)))
+	d.m.repairs.WithLabelValues("repaired").Add(float64(len(r.Repaired)))
+	d.m.repairs.WithLabelValues("stale").Add(float64(r.Stale))
 }

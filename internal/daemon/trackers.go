@@ -4,6 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ctlb/ctlb/internal/health"
 
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/servers"
@@ -53,6 +58,10 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 	if err != nil {
 		return err
 	}
+	if opts.Checker == nil {
+		opts.Checker = health.TCP{}
+	}
+	opts.Checker = timedChecker{opts.Checker, d.m.checkSeconds.MustCurryWith(prometheus.Labels{"vip": ts.key.String()})}
 	ts.tracker = servers.New(ts.key.String(), opts)
 	tctx, cancel := context.WithCancel(ctx)
 	ts.cancel = cancel
@@ -62,6 +71,23 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 	d.trackers[ts.key] = ts
 	go ts.tracker.Run(tctx)
 	return nil
+}
+
+// timedChecker times each health check for ctlb_health_check_duration_seconds.
+type timedChecker struct {
+	health.Checker
+	seconds prometheus.ObserverVec // curried with the VIP
+}
+
+func (c timedChecker) Check(ctx context.Context, addr netip.AddrPort) error {
+	start := time.Now()
+	err := c.Checker.Check(ctx, addr)
+	result := "pass"
+	if err != nil {
+		result = "fail"
+	}
+	c.seconds.WithLabelValues(c.Kind(), result).Observe(time.Since(start).Seconds())
+	return err
 }
 
 // stopTracker stops a VIP's tracker, if it has one. Callers hold d.mu.

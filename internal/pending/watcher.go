@@ -70,6 +70,9 @@ type Watcher struct {
 	TTL  time.Duration
 	Poll time.Duration
 	Scan time.Duration
+	// Completed, when set, learns how long each completed record waited
+	// (from the plugin's ADD to the attachment), for a latency metric.
+	Completed func(waited time.Duration)
 
 	kicks chan kick
 
@@ -394,8 +397,12 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 	})
 	switch {
 	case err == nil:
+		waited := time.Since(r.Created)
 		w.log.Info("pending attachment completed", "containerID", r.ContainerID, "attachment", att.ID,
-			"cgroup", dir, "after", time.Since(r.Created).Round(time.Millisecond))
+			"cgroup", dir, "after", waited.Round(time.Millisecond))
+		if w.Completed != nil {
+			w.Completed(waited)
+		}
 		return Status{Record: r, State: StateAttached, Cgroup: dir}, true
 	case errors.Is(err, fs.ErrNotExist):
 		// CNI DEL took it first.

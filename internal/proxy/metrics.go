@@ -141,3 +141,12 @@ func (sm *serviceMetrics) target(m *metrics, service string, t netip.AddrPort) *
 	})
 	return tm.(*targetMetrics)
 }
+
+// DescribeMetrics sends the descriptions of every metric the proxy
+// registers, without registering any (for docs/METRICS.md's check).
+func DescribeMetrics(ch chan<- *prometheus.Desc) {
+	m, _ := newMetrics(nil)
+	for _, c := range m.collectors() {
+		c.Describe(ch)
+	}
+}

@@ -71,6 +71,10 @@ type Attachment struct {
 	Alive bool `json:"alive"`
 	// Missing names hooks whose pin is gone (someone removed it by hand).
 	Missing []string `json:"missing,omitempty"`
+	// PodNamespace and PodName name the Kubernetes pod the CNI plugin
+	// attached it for, when it was one.
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
 }
 
 // PendingNotice is the body of POST /v1/pending: the CNI plugin recorded a

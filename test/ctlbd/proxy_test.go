@@ -118,8 +118,8 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 					t.Errorf("ctlb_proxy_connections_total{%s} = %v, want 3 (the unattached pod's)", plabels, got)
 				}
 			}
-			if got := metric(t, page, "ctlb_attachments", ""); got != 1 {
-				t.Errorf("ctlb_attachments = %v, want 1", got)
+			if got := metric(t, page, "ctlb_attachments", `state="attached"`); got != 1 {
+				t.Errorf("ctlb_attachments{state=attached} = %v, want 1", got)
 			}
 			var st api.Status
 			d.JSON(&st, "status")

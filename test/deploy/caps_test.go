@@ -79,10 +79,13 @@ func newNode(t *testing.T) node {
 	return node{bpffs: filepath.Join(testutil.MountBPFFS(t), "ctlb"), podA: podA, podB: podB, netns: netns.Path()}
 }
 
+// extraRunArgs are added to `ctlbd run` by steps (set by one test at a time).
+var extraRunArgs []string
+
 // steps runs ctlbd with the bounding set cut to caps and returns each
 // step's error (nil: it worked). A step that cannot run because an earlier
 // one failed counts as failed.
-func steps(t *testing.T, n node, caps []string, group bool) map[string]error {
+func steps(t *testing.T, n node, caps []string, group bool, wrap ...string) map[string]error {
 	t.Helper()
 	dir := t.TempDir()
 	state := filepath.Join(dir, "state")
@@ -103,8 +106,10 @@ func steps(t *testing.T, n node, caps []string, group bool) map[string]error {
 	}
 	// Root whose bounding set is the list: after exec its permitted and
 	// effective sets are exactly the list, and nothing can raise them.
-	cmd := exec.Command("setpriv", "--bounding-set="+bounding, "--inh-caps=-all", "--no-new-privs", "--",
+	argv := append(slices.Clone(wrap), "setpriv", "--bounding-set="+bounding, "--inh-caps=-all", "--no-new-privs", "--",
 		ctlbd, "run", "--config", cfgPath)
+	argv = append(argv, extraRunArgs...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	logs := &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
@@ -350,4 +355,93 @@ func TestRunOnPlainSysfs(t *testing.T) {
 	if hostMI, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(hostMI), sys) {
 		t.Errorf("the test's sysfs or bpffs leaked into the host's mount namespace")
 	}
+}
+
+// TestReadOnlyRootFilesystem: ctlbd runs, with the Kubernetes capability
+// set and no_new_privs, on a read-only root filesystem (the DaemonSet's
+// readOnlyRootFilesystem), writing only to its mounts: the bpffs, the
+// state and socket directory, the cgroup tree. A private mount namespace
+// makes / read-only for ctlbd alone.
+func TestReadOnlyRootFilesystem(t *testing.T) {
+	n := newNode(t)
+	dir := t.TempDir() // becomes ctlbd's /run/ctlb: a mount of its own, rw
+	sock := filepath.Join(dir, "ctlbd.sock")
+	bounding := "-all"
+	for _, c := range Needed {
+		bounding += ",+" + c
+	}
+	script := `set -e
+mount --bind "$1" "$1"
+mount -o remount,bind,ro /
+if touch /ctlb-rofs-probe 2>/dev/null; then rm -f /ctlb-rofs-probe; echo "/ is writable" >&2; exit 3; fi
+shift
+exec "$@"`
+	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", dir,
+		"setpriv", "--bounding-set="+bounding, "--inh-caps=-all", "--no-new-privs", "--",
+		ctlbd, "run", "--bpffs", n.bpffs, "--socket", sock, "--state-dir", filepath.Join(dir, "state"))
+	logs := &testutil.SyncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	})
+	c := unixClient(sock)
+	deadline := time.Now().Add(10 * time.Second)
+	for call(c, "GET", "/v1/status", "", nil) != nil {
+		select {
+		case <-exited:
+			t.Fatalf("ctlbd on a read-only root exited:\n%s", logs.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("socket not up after 10s:\n%s", logs.String())
+		}
+	}
+	if err := call(c, "PUT", "/v1/services", `{"vip":"198.18.255.1:80","servers":["198.18.0.2:80"]}`, nil); err != nil {
+		t.Error(err)
+	}
+	if err := call(c, "POST", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil); err != nil {
+		t.Error(err)
+	}
+	_ = call(c, "DELETE", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil)
+}
+
+// TestPrivateCgroupNamespace: an unprivileged container on a cgroup v2 host
+// gets a cgroup namespace of its own, where every other process's
+// /proc/PID/cgroup reads "/../..". ctlbd joins the host's (it has the host
+// PID namespace) and still finds a sandbox's pod cgroup through its
+// processes; kept out of it, it cannot.
+func TestPrivateCgroupNamespace(t *testing.T) {
+	n := newNode(t)
+	own := testutil.NewCgroup(t, "") // the "container" cgroup: the private namespace's root
+	// Move into own, then a new cgroup namespace rooted there, then ctlbd
+	// with the Kubernetes capabilities (unshare execs, so one PID).
+	wrap := []string{"sh", "-c", `echo $$ > "$0/cgroup.procs" && exec unshare --cgroup -- "$@"`, own}
+	// The "host" namespace is the test's own (this machine's PID 1 is not
+	// readable, a container runtime's init here).
+	extraRunArgs = []string{"--host-cgroupns", fmt.Sprintf("/proc/%d/ns/cgroup", os.Getpid())}
+	t.Cleanup(func() { extraRunArgs = nil })
+	for step, err := range steps(t, n, Needed, false, wrap...) {
+		if err != nil {
+			t.Errorf("in a private cgroup namespace: %s: %v", step, err)
+		}
+	}
+	// Kept in the private namespace (as if the join were not there), the
+	// scan cannot map the sandbox to its cgroup.
+	extraRunArgs = []string{"--host-cgroupns", ""}
+	res := steps(t, n, Needed, false, wrap...)
+	if res["start"] == nil && res["pending by netns scan"] == nil {
+		t.Errorf("without joining the host's cgroup namespace ctlbd started and its netns scan worked: the test does not show the case")
+	}
+	t.Logf("staying in the private namespace: start: %v; pending by netns scan: %v", res["start"], res["pending by netns scan"])
 }

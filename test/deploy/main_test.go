@@ -20,7 +20,7 @@ import (
 	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
 )
 
-var ctlbd string // path of the built binary
+var ctlbd, plugin string // paths of the built binaries
 
 // pendingDeadline bounds the wait for a netns scan to complete a pending
 // attachment (the watcher scans about every second).
@@ -32,13 +32,14 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	bins, err := testutil.BuildBinaries(dir, "./cmd/ctlbd")
+	bins, err := testutil.BuildBinaries(dir, "./cmd/ctlbd", "./plugins/meta/ctlb")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}
 	ctlbd = bins["ctlbd"]
+	plugin = bins["ctlb"]
 	// Unprivileged users in the socket tests must be able to run it.
 	_ = os.Chmod(dir, 0o755)
 	code := m.Run()

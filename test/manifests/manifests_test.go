@@ -210,6 +210,7 @@ func TestChartConsul(t *testing.T) {
 	docs := render(t, []string{chartDir + "/examples/consul.yaml"}, map[string]any{
 		"metrics": map[string]any{"bind": "localhost", "serviceMonitor": map[string]any{"enabled": true}},
 		"image":   map[string]any{"digest": "sha256:" + strings.Repeat("ab", 32)},
+		"cni":     map[string]any{"uninstallOnExit": true},
 	})
 	checkDocs(t, docs, false, true)
 	var monitors int
@@ -224,6 +225,11 @@ func TestChartConsul(t *testing.T) {
 			for _, c := range ds.Spec.Template.Spec.Containers {
 				if !strings.Contains(c.Image, "@sha256:") {
 					t.Errorf("container %s: image %q, want the digest", c.Name, c.Image)
+				}
+			}
+			for _, c := range ds.Spec.Template.Spec.Containers {
+				if c.Name == "cni-watch" && !slices.Contains(c.Command, "--uninstall-on-exit") {
+					t.Errorf("cni.uninstallOnExit: cni-watch runs %v", c.Command)
 				}
 			}
 		}

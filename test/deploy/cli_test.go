@@ -1,0 +1,105 @@
+package deploy
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/ctlb/ctlb/internal/pending"
+	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/api"
+)
+
+// TestOperatorCLI: `ctlbd pending` with age and reason, -o wide/json/yaml,
+// attachments naming the pod the CNI plugin attached, confirmations of
+// delete and reload, and a one-line error when the daemon is not there.
+func TestOperatorCLI(t *testing.T) {
+	d := startDaemon(t, map[string]any{"services": []any{map[string]any{"vip": "198.18.255.1:80", "servers": []string{"198.18.0.2:80"}}}})
+
+	// A pending attachment whose cgroup never comes.
+	parent := testutil.NewCgroup(t, "")
+	rel := strings.TrimPrefix(parent, testutil.V2Mount(t))
+	rec := pending.Record{ContainerID: "0123456789abcdef0123", AttachmentID: "cni-test-0123456789abcdef0123", BPFFS: d.BPFFS,
+		CgroupDir: rel + "/never", Created: time.Now().Add(-90 * time.Second).UTC()}
+	if err := pending.Write(d.StateDir, rec); err != nil {
+		t.Fatal(err)
+	}
+	var list []api.PendingAttachment
+	testutil.Eventually(t, "the record listed", 10*time.Second, func() (bool, string) {
+		list = nil
+		out := d.MustCLI("pending", "-o", "json")
+		_ = json.Unmarshal([]byte(out), &list)
+		return len(list) == 1, out
+	})
+	table := d.MustCLI("pending")
+	rows := strings.Split(strings.TrimSpace(table), "\n")
+	if len(rows) != 2 || !strings.HasPrefix(rows[0], "CONTAINER") || !strings.Contains(rows[1], "0123456789abc") ||
+		!strings.Contains(rows[1], "cgroup "+rel+"/never") || !strings.Contains(rows[1], "does not exist yet") || !strings.Contains(rows[1], "1m3") {
+		t.Errorf("ctlbd pending:\n%s\nwant the short container ID, its age (1m3xs), the cgroup it waits for and why", table)
+	}
+	if wide := d.MustCLI("pending", "-o", "wide"); !strings.Contains(wide, "ATTACHMENT") || !strings.Contains(wide, rec.AttachmentID) {
+		t.Errorf("ctlbd pending -o wide:\n%s\nwant the attachment ID column", wide)
+	}
+	var fromYAML []api.PendingAttachment
+	if err := yaml.UnmarshalStrict([]byte(d.MustCLI("pending", "-o", "yaml")), &fromYAML); err != nil || len(fromYAML) != 1 || fromYAML[0].AttachmentID != rec.AttachmentID {
+		t.Errorf("ctlbd pending -o yaml: %v, %+v", err, fromYAML)
+	}
+
+	// The CNI plugin attaches a pod: attachments names it.
+	pod := testutil.NewCgroup(t, rel)
+	netns := testutil.NewNetNS(t)
+	conf, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "pods", "type": "ctlb",
+		"bpffs": d.BPFFS, "socket": d.Socket, "stateDir": d.StateDir, "cgroupPath": strings.TrimPrefix(pod, testutil.V2Mount(t)),
+		"prevResult": map[string]any{"cniVersion": "1.0.0", "interfaces": []any{map[string]any{"name": "eth0", "sandbox": netns.Path()}},
+			"ips": []any{map[string]any{"address": "198.18.0.9/24", "interface": 0}}},
+	})
+	cmd := exec.Command(plugin)
+	cmd.Env = append(os.Environ(), "CNI_COMMAND=ADD", "CNI_CONTAINERID=cafe0123", "CNI_NETNS="+netns.Path(), "CNI_IFNAME=eth0",
+		"CNI_PATH="+filepath.Dir(plugin), "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0")
+	cmd.Stdin = bytes.NewReader(conf)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("CNI ADD: %v: %s", err, out)
+	}
+	atts := d.MustCLI("attachments")
+	if !strings.Contains(atts, "POD") || !strings.Contains(atts, "shop/web-0") {
+		t.Errorf("ctlbd attachments:\n%s\nwant the pod shop/web-0", atts)
+	}
+	if wide := d.MustCLI("attachments", "-o", "wide"); !strings.Contains(wide, "CGROUP ID") {
+		t.Errorf("ctlbd attachments -o wide:\n%s\nwant the CGROUP ID column", wide)
+	}
+	var al []api.Attachment
+	if err := json.Unmarshal([]byte(d.MustCLI("attachments", "-o", "json")), &al); err != nil || len(al) != 1 || al[0].PodNamespace != "shop" || al[0].PodName != "web-0" {
+		t.Errorf("attachments -o json: %v %+v", err, al)
+	}
+	cmd = exec.Command(plugin)
+	cmd.Env = append(os.Environ(), "CNI_COMMAND=DEL", "CNI_CONTAINERID=cafe0123", "CNI_NETNS="+netns.Path(), "CNI_IFNAME=eth0",
+		"CNI_PATH="+filepath.Dir(plugin), "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0")
+	cmd.Stdin = bytes.NewReader(conf)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("CNI DEL: %v: %s", err, out)
+	}
+
+	// Confirmations.
+	d.SetService("198.18.255.9:80", "198.18.0.3:80")
+	if out := d.MustCLI("service", "delete", "198.18.255.9:80"); !strings.Contains(out, "deleted 198.18.255.9:80") {
+		t.Errorf("service delete printed %q, want a confirmation", out)
+	}
+	if out := d.MustCLI("reload"); !strings.Contains(out, "config reloaded: 1 VIPs") {
+		t.Errorf("reload printed %q, want a confirmation with the VIP count", out)
+	}
+
+	// The daemon is not there: one line that says what to do.
+	_, errOut, code := d.CLI("--socket", filepath.Join(t.TempDir(), "none.sock"), "status")
+	if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, "not reachable") || !strings.Contains(errOut, "is ctlbd running?") ||
+		strings.Contains(errOut, "dial unix") {
+		t.Errorf("unreachable daemon: exit %d, %q; want one line without the Go error chain", code, errOut)
+	}
+}
