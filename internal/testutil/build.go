@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"testing"
 )
 
 // BuildBinaries builds the named main packages ("./cmd/ctlbd") of this
@@ -49,4 +50,28 @@ func ModuleRoot() (string, error) {
 		}
 		dir = parent
 	}
+}
+
+// MainWithBinaries is a TestMain that builds pkgs once into a temporary
+// directory readable by every user (the security tests run them as
+// unprivileged users), hands their paths to use, runs the tests and removes
+// the binaries.
+func MainWithBinaries(m *testing.M, use func(bins map[string]string), pkgs ...string) {
+	RunClientIfChild()
+	dir, err := os.MkdirTemp("", "ctlb-test-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bins, err := BuildBinaries(dir, pkgs...)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	use(bins)
+	_ = os.Chmod(dir, 0o755)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }

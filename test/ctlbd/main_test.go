@@ -5,8 +5,6 @@ package ctlbd_test
 import (
 	"bufio"
 	"bytes"
-	"fmt"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -20,24 +18,7 @@ import (
 var ctlbd string // path of the built binary
 
 func TestMain(m *testing.M) {
-	testutil.RunClientIfChild()
-	dir, err := os.MkdirTemp("", "ctlbd-test-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bins, err := testutil.BuildBinaries(dir, "./cmd/ctlbd")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	ctlbd = bins["ctlbd"]
-	// Unprivileged users in the security tests must be able to run it.
-	_ = os.Chmod(dir, 0o755)
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	testutil.MainWithBinaries(m, func(bins map[string]string) { ctlbd = bins["ctlbd"] }, "./cmd/ctlbd")
 }
 
 // newDaemon prepares the real ctlbd on a private bpffs and socket, with

@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -27,24 +26,9 @@ var ctlbd, plugin string // paths of the built binaries
 const pendingDeadline = 10 * time.Second
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "ctlb-caps-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bins, err := testutil.BuildBinaries(dir, "./cmd/ctlbd", "./plugins/meta/ctlb")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	ctlbd = bins["ctlbd"]
-	plugin = bins["ctlb"]
-	// Unprivileged users in the socket tests must be able to run it.
-	_ = os.Chmod(dir, 0o755)
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	testutil.MainWithBinaries(m, func(bins map[string]string) {
+		ctlbd, plugin = bins["ctlbd"], bins["ctlb"]
+	}, "./cmd/ctlbd", "./plugins/meta/ctlb")
 }
 
 // call makes one control API request; out, when set, gets the JSON answer.
