@@ -1,7 +1,6 @@
 package ctlbd_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +11,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
 )
 
@@ -20,38 +20,12 @@ const nobody = 65534
 
 // runAs runs a command as uid/gid with no capabilities.
 func runAs(uid, gid uint32, name string, args ...string) (string, int) {
-	cmd := exec.Command(name, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok {
-		return out.String(), ee.ExitCode()
-	}
-	if err != nil {
-		return err.Error(), -1
-	}
-	return out.String(), 0
-}
-
-// openDir makes a directory any user may traverse, for a socket that only
-// its own mode should protect.
-func openDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "ctlb-sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return testutil.RunAs(uid, []uint32{gid}, name, args...)
 }
 
 func TestPinsAndSocketAreRootOnly(t *testing.T) {
 	d := newDaemon(t)
-	d.Socket = filepath.Join(openDir(t), "ctlbd.sock")
+	d.Socket = filepath.Join(testutil.SharedDir(t), "ctlbd.sock")
 	d.Start()
 	d.MustCLI("service", "set", vip, servers[0])
 
@@ -112,7 +86,7 @@ func TestSocketGroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := newDaemon(t, "--config", cfg)
-	d.Socket = filepath.Join(openDir(t), "run", "ctlbd.sock")
+	d.Socket = filepath.Join(testutil.SharedDir(t), "run", "ctlbd.sock")
 	d.Start()
 	fi, err := os.Stat(d.Socket)
 	if err != nil {

@@ -1,7 +1,6 @@
 package deploy
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"os/exec"
@@ -21,36 +20,10 @@ const (
 	writeGroup = 4243
 )
 
-// runAs runs ctlbd as uid with the given groups (the first is the primary
-// one) and no capabilities.
+// runAs runs ctlbd as uid with groups (the first is the primary one) and
+// no capabilities.
 func runAs(uid uint32, groups []uint32, args ...string) (string, int) {
-	cmd := exec.Command(ctlbd, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: groups[0], Groups: groups[1:]}}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok {
-		return out.String(), ee.ExitCode()
-	}
-	if err != nil {
-		return err.Error(), -1
-	}
-	return out.String(), 0
-}
-
-// openDir is a directory any user may traverse (0755), for a socket that
-// only its own mode and its directory's should protect.
-func openDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "ctlb-sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return testutil.RunAs(uid, groups, ctlbd, args...)
 }
 
 func groupDaemon(t *testing.T, socket string, cfg map[string]any) *ctlbdtest.Daemon {
@@ -63,7 +36,7 @@ func groupDaemon(t *testing.T, socket string, cfg map[string]any) *ctlbdtest.Dae
 // peer credentials decide, supplementary groups included.
 func TestSocketGroupReadOnly(t *testing.T) {
 	testutil.RequireRoot(t)
-	sock := filepath.Join(openDir(t), "run", "ctlbd.sock")
+	sock := filepath.Join(testutil.SharedDir(t), "run", "ctlbd.sock")
 	d := groupDaemon(t, sock, map[string]any{"socketGroup": "4242", "socketWriteGroup": "4243"})
 	d.SetService("198.18.255.1:80", "198.18.0.2:80")
 	before := d.MustCLI("service", "list", "-o", "json")
@@ -113,7 +86,7 @@ func TestSocketGroupReadOnly(t *testing.T) {
 // keeps its mode and owner.
 func TestSocketGroupLeavesForeignDirectory(t *testing.T) {
 	testutil.RequireRoot(t)
-	dir := filepath.Join(openDir(t), "mine")
+	dir := filepath.Join(testutil.SharedDir(t), "mine")
 	if err := os.Mkdir(dir, 0o750); err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +111,7 @@ func TestSocketGroupLeavesForeignDirectory(t *testing.T) {
 func TestSocketInSharedDirectoryRefused(t *testing.T) {
 	testutil.RequireRoot(t)
 	for name, mode := range map[string]os.FileMode{"sticky": 0o1777, "world-writable": 0o777} {
-		dir := filepath.Join(openDir(t), name)
+		dir := filepath.Join(testutil.SharedDir(t), name)
 		if err := os.Mkdir(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
