@@ -111,7 +111,7 @@ aborted and reconnect through the VIP to a server still in the set. With
 				Protocol string `json:"protocol"`
 			}{args[0], string(proto)}
 			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {
-				fmt.Fprintf(w, "deleted %s/%s: connects to it are no longer rewritten\n", proto, args[0])
+				fmt.Fprintf(w, "deleted %s (%s): connects to it are no longer rewritten\n", args[0], proto)
 			})
 		},
 	}

@@ -223,6 +223,7 @@ func (c *call) add() error {
 		return cniErr(types.ErrIOFailure, "ctlb: attachment owners", err)
 	}
 	before, _ := listOwners(c.conf.StateDir, id)
+	before = slices.DeleteFunc(before, c.owner().same) // a retried ADD of this interface
 	err = addOwner(c.conf.StateDir, id, c.owner())
 	unlock()
 	if err != nil {
@@ -480,7 +481,7 @@ func (c *call) check() error {
 		}
 		// An NRI-scoped ADD (below) records no pod-level owner.
 		_, nriPod := annotation.ContainerNames(c.conf.RuntimeConfig.PodAnnotations)
-		if !nriPod && !slices.Contains(owners, c.owner()) {
+		if !nriPod && !slices.ContainsFunc(owners, c.owner().same) {
 			return cniErr(ErrNotAttached, fmt.Sprintf("ctlb: interface %s of container %s holds no attachment in network %q (no ADD recorded)",
 				c.args.IfName, c.args.ContainerID, c.conf.Name), nil)
 		}
@@ -665,7 +666,7 @@ func (c *call) gc() error {
 				continue
 			}
 			for _, o := range owners {
-				if validOwner[o] {
+				if validOwner[o.key()] {
 					continue
 				}
 				if _, err := removeOwner(c.conf.StateDir, id, o); err != nil {

@@ -82,6 +82,16 @@ type Owner struct {
 	PodName      string `json:"podName,omitempty"`
 }
 
+// same reports whether two owners are the same (network, container,
+// interface), whatever pod names they recorded: a retried ADD may carry
+// other CNI_ARGS than the first.
+func (o Owner) same(p Owner) bool { return o.key() == p.key() }
+
+// key is the owner without its display-only pod names.
+func (o Owner) key() Owner {
+	return Owner{Network: o.Network, ContainerID: o.ContainerID, IfName: o.IfName}
+}
+
 // PodOf names the Kubernetes pod an attachment was made for (namespace and
 // name from the CNI ADD's CNI_ARGS), or "" when no owner recorded one.
 func PodOf(stateDir, attID string) (namespace, name string) {

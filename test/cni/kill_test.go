@@ -134,3 +134,26 @@ func (e *env) hasTemporaryLinks() bool {
 	links, _ := e.leftovers()
 	return slices.ContainsFunc(links, func(l string) bool { return strings.HasPrefix(l, "_") })
 }
+
+// An owner that recorded its pod's namespace and name (for `ctlbd
+// attachments`) is still matched by identity alone: GC with the container
+// in cni.dev/valid-attachments keeps it, and CHECK finds it whatever
+// CNI_ARGS the call carries.
+func TestOwnerWithPodNameMatchedByIdentity(t *testing.T) {
+	e := newEnv(t)
+	p := e.cgroupfsPod("besteffort", true)
+	stdin := e.pluginStdin("1.1.0", nil, true)
+	named := "IgnoreUnknown=1;K8S_POD_UID=" + p.uid + ";K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+	if out, err := execPlugin(t, "ADD", p.id, p.netns.Path(), named, stdin); err != nil {
+		t.Fatalf("ADD: %v: %s", err, out)
+	}
+	if out, err := execPlugin(t, "GC", "", "", "", e.gcStdin([]*pod{p})); err != nil {
+		t.Fatalf("GC: %v: %s", err, out)
+	}
+	e.wantAttached(p)
+	for _, args := range []string{named, "IgnoreUnknown=1;K8S_POD_UID=" + p.uid} {
+		if out, err := execPlugin(t, "CHECK", p.id, p.netns.Path(), args, stdin); err != nil {
+			t.Fatalf("CHECK with CNI_ARGS %q after GC: %v: %s", args, err, out)
+		}
+	}
+}
