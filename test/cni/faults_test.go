@@ -343,9 +343,11 @@ func (e *env) wantNothingLeftBut(n int) {
 	}
 }
 
-// setServers writes the VIP's server set through ctlbd's API.
+// setServers writes the VIP's server set through ctlbd's API. Connections
+// to servers that leave are kept: this churn tests the CNI path, and the
+// load's in-flight connects must not be ended (test/ctlbd proves the ending).
 func (e *env) setServers(ctx context.Context, set []string) error {
-	_, err := api.NewClient(e.socket).SetService(ctx, api.ServiceRequest{VIP: vip, Servers: set})
+	_, err := api.NewClient(e.socket).SetService(ctx, api.ServiceRequest{VIP: vip, Servers: set, OnServerRemoved: "keep"})
 	return err
 }
 

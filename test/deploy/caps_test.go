@@ -213,7 +213,7 @@ func steps(t *testing.T, n node, caps []string, group bool, wrap ...string) map[
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("GET /metrics: %s: %s", resp.Status, firstLine(string(body)))
 		}
-		if !strings.Contains(string(body), `ctlb_service_servers{vip="198.18.255.1:80"} 1`) {
+		if !strings.Contains(string(body), `ctlb_service_servers{protocol="tcp",vip="198.18.255.1:80"} 1`) {
 			return fmt.Errorf("GET /metrics: no ctlb_service_servers for the VIP")
 		}
 		return nil
