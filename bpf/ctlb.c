@@ -143,6 +143,37 @@ static __always_inline __s64 open_of(__u32 slot)
 	return o ? *o : 0;
 }
 
+/* Up to this many servers, least-open looks at every one and takes the
+ * least loaded (ties go to the first seen from a random start): exact, and
+ * still a handful of array lookups. Larger sets use the power of two
+ * choices, whose cost does not grow with the set. */
+#define CTLB_LEAST_OPEN_EXACT 8
+
+struct least_ctx {
+	void *backends;
+	__u32 count;
+	__u32 start;
+	struct backend_v2 *best;
+	__s64 best_open;
+};
+
+static long least_one(__u64 i, void *data)
+{
+	struct least_ctx *s = data;
+	if (i >= s->count)
+		return 1;
+	__u32 idx = (s->start + (__u32)i) % s->count + 1;
+	struct backend_v2 *be = bpf_map_lookup_elem(s->backends, &idx);
+	if (!be || !slot_usable(be->slot))
+		return 0;
+	__s64 o = open_of(be->slot);
+	if (!s->best || o < s->best_open) {
+		s->best = be;
+		s->best_open = o;
+	}
+	return 0;
+}
+
 /*
  * Pick a usable server, or NULL when every server is failing. The first
  * candidate comes from the balance mode; only when it is failing does the
@@ -153,6 +184,10 @@ static __always_inline struct backend_v2 *choose(void *backends, struct svc_hdr_
 	__u32 first;
 	if (hdr->balance == CTLB_BALANCE_RANDOM) {
 		first = bpf_get_prandom_u32() % count;
+	} else if (hdr->balance == CTLB_BALANCE_LEAST_OPEN && count > 1 && count <= CTLB_LEAST_OPEN_EXACT) {
+		struct least_ctx s = {.backends = backends, .count = count, .start = bpf_get_prandom_u32() % count};
+		bpf_loop(CTLB_LEAST_OPEN_EXACT, least_one, &s, 0);
+		return s.best; /* 0: every server is failing */
 	} else if (hdr->balance == CTLB_BALANCE_LEAST_OPEN && count > 1) {
 		/* Power of two choices: the less loaded of two distinct
 		 * random servers. */
