@@ -10,7 +10,7 @@
 package deploy
 
 import (
-	"encoding/json"
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -26,7 +26,8 @@ import (
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/podcgroup"
 	"github.com/ctlb/ctlb/internal/testutil"
-	"github.com/ctlb/ctlb/pkg/datapath"
+	"github.com/ctlb/ctlb/internal/testutil/ctlbdtest"
+	"github.com/ctlb/ctlb/pkg/api"
 )
 
 // node is what the steps act on: a pin directory, a pod cgroup to attach,
@@ -88,44 +89,25 @@ var extraRunArgs []string
 func steps(t *testing.T, n node, caps []string, group bool, wrap ...string) map[string]error {
 	t.Helper()
 	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
-	sock := filepath.Join(dir, "run", "ctlbd.sock")
 	metrics := freePort(t)
-	cfg := map[string]any{"bpffs": n.bpffs, "socket": sock, "stateDir": state, "metrics": metrics}
+	cfg := map[string]any{"metrics": metrics}
 	if group {
 		cfg["socketGroup"] = "4242"
 	}
-	b, _ := json.Marshal(cfg)
-	cfgPath := filepath.Join(dir, "ctlbd.json")
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	bounding := "-all"
-	for _, c := range caps {
-		bounding += ",+" + c
-	}
 	// Root whose bounding set is the list: after exec its permitted and
 	// effective sets are exactly the list, and nothing can raise them.
-	argv := append(slices.Clone(wrap), "setpriv", "--bounding-set="+bounding, "--inh-caps=-all", "--no-new-privs", "--",
-		ctlbd, "run", "--config", cfgPath)
-	argv = append(argv, extraRunArgs...)
-	cmd := exec.Command(argv[0], argv[1:]...)
-	logs := &testutil.SyncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
+	d := ctlbdtest.New(t, ctlbdtest.Options{
+		Bin: ctlbd, Config: cfg, Args: extraRunArgs, BPFFS: n.bpffs,
+		Socket: filepath.Join(dir, "run", "ctlbd.sock"), StateDir: filepath.Join(dir, "state"),
+		Wrap: func(argv []string) *exec.Cmd {
+			argv = append(append(slices.Clone(wrap), setpriv(caps)...), argv...)
+			return exec.Command(argv[0], argv[1:]...)
+		},
+	})
+	startErr := d.TryStart()
 	defer func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-		t.Logf("caps %v: ctlbd log:\n%s", caps, logs.String())
+		d.Stop()
+		t.Logf("caps %v: ctlbd log:\n%s", caps, d.Logs())
 	}()
 
 	res := map[string]error{}
@@ -133,39 +115,25 @@ func steps(t *testing.T, n node, caps []string, group bool, wrap ...string) map[
 	if group {
 		all = append(all, "socketGroup")
 	}
-	fail := func(from int, err error) map[string]error {
-		for _, s := range all[from:] {
-			res[s] = fmt.Errorf("not reached: %w", err)
+	if startErr != nil {
+		for _, s := range all {
+			res[s] = fmt.Errorf("not reached: %s", lastLine(startErr.Error()))
 		}
 		return res
 	}
-	c := unixClient(sock)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		resp, err := c.Get("http://ctlbd/v1/status")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		select {
-		case <-exited:
-			return fail(0, fmt.Errorf("ctlbd exited: %s", lastLine(logs.String())))
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			return fail(0, fmt.Errorf("socket not up after 10s: %v", err))
-		}
-	}
 	res["start"] = nil
 	if group {
-		fi, err := os.Stat(sock)
+		fi, err := os.Stat(d.Socket)
 		if err == nil && fi.Sys().(*syscall.Stat_t).Gid != 4242 {
 			err = fmt.Errorf("socket group %d, want 4242", fi.Sys().(*syscall.Stat_t).Gid)
 		}
 		res["socketGroup"] = err
 	}
-	res["service set"] = call(c, "PUT", "/v1/services", `{"vip":"198.18.255.1:80","servers":["198.18.0.2:80"]}`, nil)
-	res["attach"] = call(c, "POST", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil)
+	c := d.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, res["service set"] = c.SetService(ctx, api.ServiceRequest{VIP: "198.18.255.1:80", Servers: []string{"198.18.0.2:80"}})
+	_, res["attach"] = c.Attach(ctx, api.AttachRequest{Cgroup: n.podA})
 
 	id, err := podcgroup.StatNetns(n.netns)
 	if err != nil {
@@ -173,34 +141,37 @@ func steps(t *testing.T, n node, caps []string, group bool, wrap ...string) map[
 	}
 	rec := pending.Record{ContainerID: "sandbox-" + strings.Join(caps, "-"), AttachmentID: "cnih-caps", BPFFS: n.bpffs,
 		Netns: n.netns, NetnsID: id, Created: time.Now().UTC()}
-	if err := pending.Write(state, rec); err != nil {
+	if err := pending.Write(d.StateDir, rec); err != nil {
 		t.Fatal(err)
 	}
 	// The daemon's scan of /proc (every poll) finds the sandbox process and
 	// attaches its pod cgroup; wait for that attachment.
 	res["pending by netns scan"] = func() error {
-		if err := call(c, "POST", "/v1/pending", fmt.Sprintf(`{"containerID":%q}`, rec.ContainerID), nil); err != nil {
+		if _, err := c.NotifyPending(ctx, rec.ContainerID, rec.AttachmentID); err != nil {
 			return err
 		}
-		deadline := time.Now().Add(pendingDeadline)
-		var last string
-		for {
-			var atts []datapath.Attachment
-			if err := call(c, "GET", "/v1/attachments", "", &atts); err != nil {
-				return err
+		var callErr error
+		_, seen, ok := testutil.Poll(pendingDeadline, func() (bool, string) {
+			atts, err := c.Attachments(ctx)
+			if err != nil {
+				callErr = err
+				return true, ""
 			}
 			for _, a := range atts {
 				if a.ID == rec.AttachmentID && a.CgroupPath == n.podB {
-					return nil
+					return true, ""
 				}
 			}
-			last = fmt.Sprint(atts)
-			if time.Now().After(deadline) {
-				return fmt.Errorf("no attachment %s of %s after %v (the sandbox's netns not found in /proc); attachments: %s",
-					rec.AttachmentID, n.podB, pendingDeadline, last)
-			}
-			time.Sleep(50 * time.Millisecond)
+			return false, fmt.Sprint(atts)
+		})
+		if callErr != nil {
+			return callErr
 		}
+		if !ok {
+			return fmt.Errorf("no attachment %s of %s after %v (the sandbox's netns not found in /proc); attachments: %s",
+				rec.AttachmentID, n.podB, pendingDeadline, seen)
+		}
+		return nil
 	}()
 
 	res["metrics"] = func() error {
@@ -219,9 +190,19 @@ func steps(t *testing.T, n node, caps []string, group bool, wrap ...string) map[
 		return nil
 	}()
 	// Leave the pod cgroups unattached for the next run.
-	_ = call(c, "DELETE", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil)
-	_ = call(c, "DELETE", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podB), nil)
+	_, _ = c.Detach(ctx, api.AttachRequest{Cgroup: n.podA})
+	_, _ = c.Detach(ctx, api.AttachRequest{Cgroup: n.podB})
 	return res
+}
+
+// setpriv is the command prefix that runs a program as root whose bounding
+// set is exactly caps, with no inheritable ones and no_new_privs.
+func setpriv(caps []string) []string {
+	bounding := "-all"
+	for _, c := range caps {
+		bounding += ",+" + c
+	}
+	return []string{"setpriv", "--bounding-set=" + bounding, "--inh-caps=-all", "--no-new-privs", "--"}
 }
 
 // TestMinimalCapabilities runs ctlbd with exactly the list and without each
@@ -296,45 +277,23 @@ func TestRunOnPlainSysfs(t *testing.T) {
 	if err := os.Mkdir(sys, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	pins := filepath.Join(sys, "fs", "bpf", "ctlb")
-	sock := filepath.Join(dir, "ctlbd.sock")
-	script := `mount -t sysfs sysfs "$1" && exec "$2" run --bpffs "$3" --socket "$4" --state-dir "$5"`
-	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
-		sys, ctlbd, pins, sock, filepath.Join(dir, "state"))
-	logs := &testutil.SyncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
+	// The script mounts a fresh sysfs and execs ctlbd (one PID throughout).
+	script := `mount -t sysfs sysfs "$1" && shift && exec "$@"`
+	d := ctlbdtest.New(t, ctlbdtest.Options{
+		Bin: ctlbd, BPFFS: filepath.Join(sys, "fs", "bpf", "ctlb"),
+		Wrap: func(argv []string) *exec.Cmd {
+			return exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", sys}, argv...)...)
+		},
 	})
-	c := unixClient(sock)
-	deadline := time.Now().Add(10 * time.Second)
-	for call(c, "GET", "/v1/status", "", nil) != nil {
-		select {
-		case <-exited:
-			t.Fatalf("ctlbd exited:\n%s", logs.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("socket not up after 10s:\n%s", logs.String())
-		}
-	}
-	if err := call(c, "PUT", "/v1/services", `{"vip":"198.18.255.1:80","servers":["198.18.0.2:80"]}`, nil); err != nil {
+	d.Start()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.Client().SetService(ctx, api.ServiceRequest{VIP: "198.18.255.1:80", Servers: []string{"198.18.0.2:80"}}); err != nil {
 		t.Fatal(err)
 	}
 	// The daemon's own mount table (unshare exec'd sh, which exec'd ctlbd:
 	// same PID) shows the bpffs on fs/bpf, not on the pin directory.
-	mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", cmd.Process.Pid))
+	mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", d.PID()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -346,10 +305,10 @@ func TestRunOnPlainSysfs(t *testing.T) {
 		}
 	}
 	if want := []string{filepath.Join(sys, "fs", "bpf")}; !slices.Equal(bpfAt, want) {
-		t.Errorf("bpffs mounted at %v, want %v\n%s", bpfAt, want, logs.String())
+		t.Errorf("bpffs mounted at %v, want %v\n%s", bpfAt, want, d.Logs())
 	}
-	if !strings.Contains(logs.String(), "mounted bpffs") {
-		t.Errorf("no log of the mount:\n%s", logs.String())
+	if !strings.Contains(d.Logs(), "mounted bpffs") {
+		t.Errorf("no log of the mount:\n%s", d.Logs())
 	}
 	// Nothing of it is visible on the host.
 	if hostMI, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(hostMI), sys) {
@@ -365,55 +324,30 @@ func TestRunOnPlainSysfs(t *testing.T) {
 func TestReadOnlyRootFilesystem(t *testing.T) {
 	n := newNode(t)
 	dir := t.TempDir() // becomes ctlbd's /run/ctlb: a mount of its own, rw
-	sock := filepath.Join(dir, "ctlbd.sock")
-	bounding := "-all"
-	for _, c := range Needed {
-		bounding += ",+" + c
-	}
 	script := `set -e
 mount --bind "$1" "$1"
 mount -o remount,bind,ro /
 if touch /ctlb-rofs-probe 2>/dev/null; then rm -f /ctlb-rofs-probe; echo "/ is writable" >&2; exit 3; fi
 shift
 exec "$@"`
-	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", dir,
-		"setpriv", "--bounding-set="+bounding, "--inh-caps=-all", "--no-new-privs", "--",
-		ctlbd, "run", "--bpffs", n.bpffs, "--socket", sock, "--state-dir", filepath.Join(dir, "state"))
-	logs := &testutil.SyncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
+	d := ctlbdtest.New(t, ctlbdtest.Options{
+		Bin: ctlbd, BPFFS: n.bpffs, Socket: filepath.Join(dir, "ctlbd.sock"), StateDir: filepath.Join(dir, "state"),
+		Wrap: func(argv []string) *exec.Cmd {
+			args := append([]string{"--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", dir}, setpriv(Needed)...)
+			return exec.Command("unshare", append(args, argv...)...)
+		},
 	})
-	c := unixClient(sock)
-	deadline := time.Now().Add(10 * time.Second)
-	for call(c, "GET", "/v1/status", "", nil) != nil {
-		select {
-		case <-exited:
-			t.Fatalf("ctlbd on a read-only root exited:\n%s", logs.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("socket not up after 10s:\n%s", logs.String())
-		}
-	}
-	if err := call(c, "PUT", "/v1/services", `{"vip":"198.18.255.1:80","servers":["198.18.0.2:80"]}`, nil); err != nil {
+	d.Start()
+	c := d.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.SetService(ctx, api.ServiceRequest{VIP: "198.18.255.1:80", Servers: []string{"198.18.0.2:80"}}); err != nil {
 		t.Error(err)
 	}
-	if err := call(c, "POST", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil); err != nil {
+	if _, err := c.Attach(ctx, api.AttachRequest{Cgroup: n.podA}); err != nil {
 		t.Error(err)
 	}
-	_ = call(c, "DELETE", "/v1/attachments", fmt.Sprintf(`{"cgroup":%q}`, n.podA), nil)
+	_, _ = c.Detach(ctx, api.AttachRequest{Cgroup: n.podA})
 }
 
 // TestPrivateCgroupNamespace: an unprivileged container on a cgroup v2 host

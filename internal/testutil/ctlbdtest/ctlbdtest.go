@@ -205,16 +205,39 @@ func (d *Daemon) WaitExit(limit time.Duration) (exited, killed bool) {
 // WaitReady waits until the daemon answers a status call.
 func (d *Daemon) WaitReady() {
 	d.t.Helper()
+	if err := d.ready(); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// TryStart is Start for tests in which the daemon may fail to start (too
+// few capabilities): it returns why instead of failing the test.
+func (d *Daemon) TryStart() error {
+	d.t.Helper()
+	d.Launch()
+	return d.ready()
+}
+
+// ready waits until the daemon answers a status call, or says why not: it
+// exited (with the end of its log) or did not answer within 10 s.
+func (d *Daemon) ready() error {
 	c := d.Client()
-	testutil.Eventually(d.t, "ctlbd answering on "+d.Socket, 10*time.Second, func() (bool, string) {
+	_, seen, ok := testutil.Poll(10*time.Second, func() (bool, string) {
 		if !d.Running() {
-			d.t.Fatalf("ctlbd exited at start:\n%s", d.LogTail(4000))
+			return true, "exited"
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_, err := c.Status(ctx)
 		return err == nil, fmt.Sprint(err)
 	})
+	switch {
+	case seen == "exited":
+		return fmt.Errorf("ctlbd exited at start:\n%s", d.LogTail(4000))
+	case !ok:
+		return fmt.Errorf("ctlbd not answering on %s within 10s: %s", d.Socket, seen)
+	}
+	return nil
 }
 
 func (d *Daemon) startProcess() {
