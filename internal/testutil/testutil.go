@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -174,4 +175,26 @@ func OpenDir(t testing.TB, dir string) *os.File {
 func LockThread(t testing.TB) {
 	runtime.LockOSThread()
 	t.Cleanup(runtime.UnlockOSThread)
+}
+
+// Veth joins two of the test's namespaces with a veth pair, both ends up,
+// with addrA (e.g. "198.18.61.1/30") on nameA in a and addrB on nameB in b
+// (topo.Veth and topo.AddAddr, which the benchmark uses too).
+func Veth(t testing.TB, a ns.NetNS, nameA, addrA string, b ns.NetNS, nameB, addrB string) {
+	t.Helper()
+	if err := topo.Veth(a, nameA, b, nameB); err != nil {
+		t.Fatal(err)
+	}
+	for _, end := range []struct {
+		n          ns.NetNS
+		link, addr string
+	}{{a, nameA, addrA}, {b, nameB, addrB}} {
+		p, err := netip.ParsePrefix(end.addr)
+		if err != nil {
+			t.Fatalf("veth %s: %v", end.link, err)
+		}
+		if err := topo.AddAddr(end.n, end.link, p); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

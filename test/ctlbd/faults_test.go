@@ -10,7 +10,6 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
 
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -196,40 +195,7 @@ func TestServerHostRemoved(t *testing.T) {
 func newHost(t *testing.T, node ns.NetNS, nodeIP, hostIP, name string) ns.NetNS {
 	t.Helper()
 	host := testutil.NewNetNS(t)
-	err := node.Do(func(ns.NetNS) error {
-		la := netlink.NewLinkAttrs()
-		la.Name = name
-		veth := &netlink.Veth{LinkAttrs: la, PeerName: name + "p", PeerNamespace: netlink.NsFd(int(host.Fd()))}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return err
-		}
-		l, err := netlink.LinkByName(name)
-		if err != nil {
-			return err
-		}
-		a, _ := netlink.ParseAddr(nodeIP + "/30")
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(l)
-	})
-	if err != nil {
-		t.Fatalf("veth to host %s: %v", hostIP, err)
-	}
-	err = host.Do(func(ns.NetNS) error {
-		l, err := netlink.LinkByName(name + "p")
-		if err != nil {
-			return err
-		}
-		a, _ := netlink.ParseAddr(hostIP + "/30")
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(l)
-	})
-	if err != nil {
-		t.Fatalf("host %s: %v", hostIP, err)
-	}
+	testutil.Veth(t, node, name, nodeIP+"/30", host, name+"p", hostIP+"/30")
 	return host
 }
 

@@ -54,42 +54,17 @@ func newFleet(t *testing.T, srvs []string, balance string) *fleet {
 // routes the servers' 198.18.62.0/24 through it.
 func joinFleetHost(t *testing.T, node, host ns.NetNS, name, nodeIP, hostIP string) {
 	t.Helper()
+	testutil.Veth(t, node, name, nodeIP+"/30", host, name+"p", hostIP+"/30")
 	err := node.Do(func(ns.NetNS) error {
-		la := netlink.NewLinkAttrs()
-		la.Name = name
-		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: name + "p", PeerNamespace: netlink.NsFd(int(host.Fd()))}); err != nil {
-			return err
-		}
 		l, err := netlink.LinkByName(name)
 		if err != nil {
-			return err
-		}
-		a, _ := netlink.ParseAddr(nodeIP + "/30")
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
-		if err := netlink.LinkSetUp(l); err != nil {
 			return err
 		}
 		_, dst, _ := net.ParseCIDR("198.18.62.0/24")
 		return netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Gw: net.ParseIP(hostIP)})
 	})
 	if err != nil {
-		t.Fatalf("node link %s: %v", name, err)
-	}
-	err = host.Do(func(ns.NetNS) error {
-		l, err := netlink.LinkByName(name + "p")
-		if err != nil {
-			return err
-		}
-		a, _ := netlink.ParseAddr(hostIP + "/30")
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(l)
-	})
-	if err != nil {
-		t.Fatalf("server host link %s: %v", name, err)
+		t.Fatalf("node route via %s: %v", name, err)
 	}
 }
 
