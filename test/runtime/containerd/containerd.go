@@ -230,29 +230,59 @@ disabled_plugins = [
 `
 }
 
-// configTOMLv3 is containerd 2.x's config (version 3; 2.4 migrates it to
-// its native 4), after shared/runtimes/containerd2-config.toml: the same
-// workarounds as 1.6 under the plugins' new names, and NRI on a socket of
+// configTOMLv3 is this containerd's 2.x config, with NRI on a socket of
 // its own (NRISocket).
 func (c *Containerd) configTOMLv3(o Options) string {
+	return ConfigV3(V3Paths{
+		Root: c.Root, State: c.State, Socket: c.Socket, SandboxImage: o.SandboxImage,
+		CNIBinDir: o.Network.BinDir, CNIConfDir: o.Network.ConfDir,
+		NRISocket: c.NRISocket, NRIDir: filepath.Join(c.Dir, "nri"),
+	})
+}
+
+// V3Paths are what a containerd 2.x config of a test names: its own
+// directories and socket, the sandbox image, the CNI dirs, and NRI (off
+// when NRISocket is empty).
+type V3Paths struct {
+	Root, State, Socket, SandboxImage string
+	CNIBinDir, CNIConfDir             string
+	NRISocket, NRIDir                 string
+}
+
+// ConfigV3 is containerd 2.x's config (version 3; 2.4 migrates it to its
+// native 4), after shared/runtimes/containerd2-config.toml: the same
+// workarounds as 1.6 under the plugins' new names. The containerd suite
+// and the kubelet test both run with it.
+func ConfigV3(p V3Paths) string {
 	q := strconv.Quote
+	nri := `[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+`
+	if p.NRISocket != "" {
+		nri = `[plugins."io.containerd.nri.v1.nri"]
+  disable = false
+  socket_path = ` + q(p.NRISocket) + `
+  plugin_path = ` + q(filepath.Join(p.NRIDir, "plugins")) + `
+  plugin_config_path = ` + q(filepath.Join(p.NRIDir, "conf.d")) + `
+`
+	}
 	return `version = 3
-root = ` + q(c.Root) + `
-state = ` + q(c.State) + `
+root = ` + q(p.Root) + `
+state = ` + q(p.State) + `
 
 [grpc]
-  address = ` + q(c.Socket) + `
+  address = ` + q(p.Socket) + `
 
 [ttrpc]
-  address = ` + q(c.Socket+".ttrpc") + `
+  address = ` + q(p.Socket+".ttrpc") + `
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = ` + q(filepath.Join(c.Root, "opt")) + `
+  path = ` + q(filepath.Join(p.Root, "opt")) + `
 
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "overlayfs"
   [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = ` + q(o.SandboxImage) + `
+    sandbox = ` + q(p.SandboxImage) + `
 
 [plugins."io.containerd.cri.v1.runtime"]
   enable_selinux = false
@@ -264,22 +294,17 @@ state = ` + q(c.State) + `
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         SystemdCgroup = false
-        Root = ` + q(filepath.Join(c.State, "runc")) + `
+        Root = ` + q(filepath.Join(p.State, "runc")) + `
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = [` + q(o.Network.BinDir) + `]
-    conf_dir = ` + q(o.Network.ConfDir) + `
+    bin_dirs = [` + q(p.CNIBinDir) + `]
+    conf_dir = ` + q(p.CNIConfDir) + `
     max_conf_num = 1
 
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 
-[plugins."io.containerd.nri.v1.nri"]
-  disable = false
-  socket_path = ` + q(c.NRISocket) + `
-  plugin_path = ` + q(filepath.Join(c.Dir, "nri", "plugins")) + `
-  plugin_config_path = ` + q(filepath.Join(c.Dir, "nri", "conf.d")) + `
-`
+` + nri
 }
 
 // waitReady waits until CRI reports the runtime and the network ready

@@ -188,52 +188,14 @@ func (k *Kubelet) makeCgroupRoot() error {
 	return nil
 }
 
-// containerdConfig is shared/runtimes/containerd2-config.toml with the
-// test's paths.
+// containerdConfig is the suite's containerd 2.x config with the test's
+// paths, NRI off.
 func (k *Kubelet) containerdConfig() string {
-	q := strconv.Quote
 	d := k.Dir
-	return `version = 3
-root = ` + q(filepath.Join(d, "ctrd-root")) + `
-state = ` + q(filepath.Join(d, "ctrd-state")) + `
-
-[grpc]
-  address = ` + q(k.socket()) + `
-
-[ttrpc]
-  address = ` + q(k.socket()+".ttrpc") + `
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = ` + q(filepath.Join(d, "ctrd-root", "opt")) + `
-
-[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "overlayfs"
-  [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = ` + q(k.opts.SandboxImage) + `
-
-[plugins."io.containerd.cri.v1.runtime"]
-  enable_selinux = false
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  [plugins."io.containerd.cri.v1.runtime".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        Root = ` + q(filepath.Join(d, "ctrd-state", "runc")) + `
-  [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = [` + q(k.opts.Network.BinDir) + `]
-    conf_dir = ` + q(k.opts.Network.ConfDir) + `
-    max_conf_num = 1
-
-[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-
-[plugins."io.containerd.nri.v1.nri"]
-  disable = true
-`
+	return containerd.ConfigV3(containerd.V3Paths{
+		Root: filepath.Join(d, "ctrd-root"), State: filepath.Join(d, "ctrd-state"), Socket: k.socket(),
+		SandboxImage: k.opts.SandboxImage, CNIBinDir: k.opts.Network.BinDir, CNIConfDir: k.opts.Network.ConfDir,
+	})
 }
 
 // kubeletConfig is shared/runtimes/kubelet-standalone.yaml with the
