@@ -7,7 +7,6 @@ import (
 	"runtime"
 	"sync"
 	"time"
-	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus"
@@ -103,7 +102,8 @@ func (l *loop) closeFDs() {
 // caches) and blocks in epoll_wait there. Parking on Go's poller instead
 // (the epoll descriptor is readable while it has events) measured 5-10 us
 // more of the proxy's CPU per connection: each wake-up then goes through
-// the runtime's netpoller and lands on whatever thread runs it. With a
+// the runtime's netpoller and lands on whatever thread runs it. The Ps the
+// proxy adds (procs.go) keep the blocking call cheap. With a
 // network namespace to serve in, the thread enters it for good (it is
 // discarded when the loop ends, never handed back to the runtime in the
 // wrong namespace), so that the sockets it dials are the namespace's.
@@ -120,14 +120,10 @@ func (l *loop) run(netns ns.NetNS) {
 	events := make([]unix.EpollEvent, 128)
 	var lastSweep time.Time
 	for {
-		// Under load the next events are often there already: look
-		// without blocking first, a plain system call the Go scheduler
-		// does not see; only an empty look pays for a blocking one (which
-		// hands the P back while it waits).
-		n, err := pollNow(l.epfd, events)
-		if n == 0 && err == nil {
-			n, err = unix.EpollWait(l.epfd, events, int(sweepEvery/time.Millisecond))
-		}
+		// One call whether or not events are waiting: the loop's thread
+		// keeps its P across it (procs.go), so blocking costs the
+		// runtime next to nothing.
+		n, err := unix.EpollWait(l.epfd, events, int(sweepEvery/time.Millisecond))
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			l.p.log.Error("proxy loop: epoll_wait failed", "error", err)
 			return
@@ -201,16 +197,6 @@ func (l *loop) runCommands() bool {
 		}
 	}
 	return stop
-}
-
-// pollNow is epoll_wait with a zero timeout, as a raw system call: it never
-// blocks, so the scheduler need not know.
-func pollNow(epfd int, events []unix.EpollEvent) (int, error) {
-	n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
-	if e != 0 {
-		return 0, e
-	}
-	return int(n), nil
 }
 
 // stop ends the loop; every descriptor it holds must be closed already.

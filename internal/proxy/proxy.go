@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -77,6 +76,7 @@ type Proxy struct {
 	rejects *rateLog
 
 	loops []*loop
+	procs int // Ps added for the loops (procs.go)
 
 	mu        sync.Mutex // guards what follows and serialises changes
 	closed    bool
@@ -148,7 +148,10 @@ func (p *Proxy) start(netnsPath string) error {
 		}
 		p.device = d
 	}
-	for range max(1, min(runtime.GOMAXPROCS(0), maxLoops)) {
+	n := max(1, min(baseProcs(), maxLoops))
+	reserveProcs(n)
+	p.procs = n
+	for range n {
 		l, err := newLoop(p)
 		if err != nil {
 			return fmt.Errorf("proxy: %w", err)
@@ -502,5 +505,7 @@ func (p *Proxy) teardown() {
 	if p.netns != nil {
 		p.netns.Close()
 	}
+	releaseProcs(p.procs)
+	p.procs = 0
 	p.m.unregister(p.reg)
 }
