@@ -239,7 +239,7 @@ type lsock struct {
 // queued is reported again at the next wake-up.
 func (s *lsock) event(l *loop, fd int, _ uint32) {
 	for range acceptBatch {
-		c, _, err := unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		c, err := accept4(fd)
 		if err != nil {
 			switch {
 			case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
@@ -256,6 +256,17 @@ func (s *lsock) event(l *loop, fd int, _ uint32) {
 		}
 		l.accepted(c, s.dst)
 	}
+}
+
+// accept4 without the peer's address, which no one reads: x/sys/unix's
+// Accept4 decodes it, and for AF_INET that costs a getsockopt(SO_PROTOCOL)
+// per connection.
+func accept4(fd int) (int, error) {
+	c, _, e := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(fd), 0, 0, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(c), nil
 }
 
 // ---- connections ----
@@ -281,6 +292,7 @@ type pair struct {
 	next           int // of plan
 	target         netip.AddrPort
 	connected      bool
+	early          uint32    // the client's events while dialing
 	clientOut      bool      // the client's socket is registered for writability
 	deadline       time.Time // of the dial
 	dialStart      time.Time // for the dial duration histogram
@@ -399,7 +411,12 @@ const (
 func (pr *pair) event(l *loop, fd int, ev uint32) {
 	if !pr.connected {
 		if fd != pr.server || ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
-			return // the client's data waits for the server
+			// The client's data waits for the server; what its
+			// events said is acted on once connected.
+			if fd == pr.client {
+				pr.early |= ev
+			}
+			return
 		}
 		// Writable without an error is connected (no event of a closed
 		// descriptor can reach a new one, see closing); the error is
@@ -419,9 +436,15 @@ func (pr *pair) event(l *loop, fd int, ev uint32) {
 			return
 		}
 		l.connected(pr)
-		// The client's events while dialing were not acted on: read it
-		// to the end of what is there, its end of stream included.
-		l.pump(pr, pumpBoth|pumpDrain)
+		// Both ways now: the client's data has waited for this. An end
+		// of stream (or error) reported meanwhile, by either socket, is
+		// not reported again: then read to EAGAIN; otherwise a short
+		// read has emptied the socket, as for any event.
+		which := pumpBoth
+		if (pr.early|ev)&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			which |= pumpDrain
+		}
+		l.pump(pr, which)
 		return
 	}
 	// Only the directions this event can move: readable feeds the
