@@ -97,21 +97,25 @@ func (l *loop) closeFDs() {
 	unix.Close(l.wakefd)
 }
 
-// run is the loop's goroutine, on a thread of its own: the loop stays on
-// one thread (and mostly one CPU, with its sockets' state in that CPU's
-// caches) and blocks in epoll_wait there. Parking on Go's poller instead
-// (the epoll descriptor is readable while it has events) measured 5-10 us
-// more of the proxy's CPU per connection: each wake-up then goes through
-// the runtime's netpoller and lands on whatever thread runs it. The Ps the
-// proxy adds (procs.go) keep the blocking call cheap. With a
-// network namespace to serve in, the thread enters it for good (it is
-// discarded when the loop ends, never handed back to the runtime in the
-// wrong namespace), so that the sockets it dials are the namespace's.
+// run is the loop's goroutine. It blocks in epoll_wait, a system call, so
+// the thread it runs on stays with it while it waits (and, with the Ps the
+// proxy adds, keeps its P: procs.go). Parking on Go's poller instead (the
+// epoll descriptor is readable while it has events) measured 5-10 us more
+// of the proxy's CPU per connection: each wake-up then goes through the
+// runtime's netpoller and lands on whatever thread runs it. The goroutine
+// is not locked to its thread, except to serve in another network
+// namespace: a loop that never parks is preempted every 10 ms, and a
+// preempted goroutine locked to a thread can run only on that thread, so
+// the runtime hands the P away and back between two threads (futex
+// wake-ups and sleeps) where an unlocked one is picked up again by the
+// thread at hand. With a network namespace the thread enters it for good
+// (it is discarded when the loop ends, never handed back to the runtime in
+// the wrong namespace), so that the sockets it dials are the namespace's.
 func (l *loop) run(netns ns.NetNS) {
 	defer close(l.done)
 	defer l.closeFDs()
-	runtime.LockOSThread()
 	if netns != nil {
+		runtime.LockOSThread()
 		if err := netns.Set(); err != nil {
 			l.p.log.Error("proxy loop cannot enter its network namespace", "error", err)
 			return

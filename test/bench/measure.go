@@ -68,8 +68,9 @@ type sample struct {
 	// cpu is the CPU time of the client's, the servers' and the proxy's
 	// cgroups during the measurement; sys is every CPU's busy time.
 	cpu, sys time.Duration
-	// proxy is the CPU time of the proxy's cgroup alone (0 without one).
-	proxy time.Duration
+	// proxy is the CPU time of the proxy's cgroup alone (0 without one);
+	// proxyUser the user-space part of it.
+	proxy, proxyUser time.Duration
 	// foreign is the share of the machine's CPU capacity that processes
 	// other than the benchmark's used meanwhile.
 	foreign float64
@@ -176,12 +177,11 @@ func (e *env) measureOnce(ctx context.Context, p path, m metric, cfg Config) (sa
 		lean = nil
 	}
 	pc := e.proxyCgroups[p.name]
-	proxyCPU := func() (time.Duration, error) {
+	proxyCPU := func() (topo.CPU, error) {
 		if pc == "" {
-			return 0, nil
+			return topo.CPU{}, nil
 		}
-		c, err := topo.CgroupCPU(pc)
-		return c.Total, err
+		return topo.CgroupCPU(pc)
 	}
 	p0, err := proxyCPU()
 	if err != nil {
@@ -216,7 +216,7 @@ func (e *env) measureOnce(ctx context.Context, p path, m metric, cfg Config) (sa
 	if err != nil {
 		return sample{}, err
 	}
-	s.proxy = p1 - p0
+	s.proxy, s.proxyUser = p1.Total-p0.Total, p1.User-p0.User
 	d := c1.sub(c0)
 	s.cpu, s.sys = d.path.Total, d.sys.Total-d.warm.Total
 	s.foreign = d.foreign(c1.wall.Sub(c0.wall))
@@ -290,6 +290,10 @@ type PathResult struct {
 	// figure on which proxies compare least blurred by the rest.
 	ProxyCPUPerConn  Stat `json:"proxyCpuUsPerConn"`
 	ProxyCPUPerConnN Stat `json:"proxyCpuUsPerConnN"`
+	// Of which in user space: the rest is the kernel's work on the
+	// proxy's system calls and the traffic they handle.
+	ProxyUserPerConn  Stat `json:"proxyUserUsPerConn"`
+	ProxyUserPerConnN Stat `json:"proxyUserUsPerConnN"`
 	// Retries counts measurements made again because other processes
 	// used the CPUs; Foreign is the largest share they took in a kept one.
 	Retries     int     `json:"retries"`
@@ -321,6 +325,7 @@ func (r *PathResult) record(m metric, s sample, retries int) {
 		r.SysCPUPerConn.add(perConn(s.sys))
 		if s.proxy > 0 {
 			r.ProxyCPUPerConn.add(perConn(s.proxy))
+			r.ProxyUserPerConn.add(perConn(s.proxyUser))
 		}
 	case "rateN":
 		r.RateN.add(s.res.PerSecond())
@@ -328,6 +333,7 @@ func (r *PathResult) record(m metric, s sample, retries int) {
 		r.SysCPUPerConnN.add(perConn(s.sys))
 		if s.proxy > 0 {
 			r.ProxyCPUPerConnN.add(perConn(s.proxy))
+			r.ProxyUserPerConnN.add(perConn(s.proxyUser))
 		}
 	case "latency":
 		r.P50.add(float64(s.res.P50.Nanoseconds()) / 1e3)

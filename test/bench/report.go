@@ -197,7 +197,8 @@ func printReport(w io.Writer, r *Results) {
 	var proxies []string
 	for _, p := range r.Paths {
 		if p.ProxyCPUPerConn.Median > 0 {
-			proxies = append(proxies, fmt.Sprintf("%s %.1f / %.1f", p.Name, p.ProxyCPUPerConn.Median, p.ProxyCPUPerConnN.Median))
+			proxies = append(proxies, fmt.Sprintf("%s %.1f / %.1f (user %.1f / %.1f)", p.Name, p.ProxyCPUPerConn.Median, p.ProxyCPUPerConnN.Median,
+				p.ProxyUserPerConn.Median, p.ProxyUserPerConnN.Median))
 		}
 	}
 	if len(proxies) > 0 {
