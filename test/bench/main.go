@@ -161,7 +161,7 @@ var allPhases = []string{phaseMemory, phaseScale, phaseCNI, phasePaths, phaseBPF
 
 const (
 	defaultCostBlock = 200
-	defaultCostPairs = 300
+	defaultCostPairs = 1000
 )
 
 func pathNames() string {
