@@ -225,7 +225,12 @@ func printReport(w io.Writer, r *Results) {
 		fmt.Fprintln(w)
 	}
 	if m.Attached+m.VIPsAdded > 0 {
-		fmt.Fprintf(w, "setup: %d attachments in %.2fs, %d VIPs in %.2fs\n", m.Attached, m.AttachSeconds, m.VIPsAdded, m.VIPSeconds)
+		fmt.Fprintf(w, "setup: %d attachments in %.2fs, %d VIPs in %.2fs", m.Attached, m.AttachSeconds, m.VIPsAdded, m.VIPSeconds)
+		if m.VIPsAdded > 0 && m.VIPSeconds > 0 {
+			// One SetServices call: BPF_MAP_UPDATE_BATCH where the kernel has it.
+			fmt.Fprintf(w, " (%.0f VIPs set per second, %s)", float64(m.VIPsAdded)/m.VIPSeconds, m.VIPMode)
+		}
+		fmt.Fprintln(w)
 	}
 	for _, c := range r.CNI {
 		if c.Skipped != "" {

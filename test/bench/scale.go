@@ -67,6 +67,7 @@ type Memory struct {
 	VIPSeconds    float64 `json:"vipSeconds"`
 	Attached      int     `json:"attached"`
 	VIPsAdded     int     `json:"vipsAdded"`
+	VIPMode       string  `json:"vipMode"` // datapath.BatchMode: batch or parallel
 }
 
 // parallel runs fn(0..n-1) on workers goroutines and returns the first error.
@@ -276,6 +277,7 @@ func (e *env) measureMemory(ctx context.Context, cfg Config, baseVIPs int) (Memo
 	}
 	mem.VIPSeconds = time.Since(t0).Seconds()
 	mem.VIPsAdded = maxVIPs
+	mem.VIPMode = e.dp.BatchMode()
 	ml2, slab2, err := read()
 	if err != nil {
 		return mem, err
