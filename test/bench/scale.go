@@ -321,7 +321,11 @@ func (e *env) scalePoint(ctx context.Context, cfg Config, attachments, vips int)
 				if m.name == "rateN" && s.res.Ops > 0 {
 					perConn := float64(s.cpu.Nanoseconds()) / float64(s.res.Ops)
 					if p.name == pathConnect4.name {
-						pt.BPFNsPerConn.add(float64(total(before, after)) / float64(s.res.Ops))
+						// Per connect4 run, not per kept try's
+						// connection: a repeated try ran the programs too.
+						if ns, ok := nsPerConnect(before, after); ok {
+							pt.BPFNsPerConn.add(ns)
+						}
 					} else {
 						pt.DirectCPUNsPerConn.add(perConn)
 					}
