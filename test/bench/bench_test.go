@@ -182,6 +182,12 @@ func TestBenchSmoke(t *testing.T) {
 			t.Errorf("connect cost: no row %q in %+v", want, res.ConnectCost.Rows)
 		}
 	}
+	// The per-feature rows of the connect4 variants.
+	for _, f := range costFeatures {
+		if _, ok := rows[f.row]; !ok {
+			t.Errorf("connect cost: no feature row %q in %+v", f.row, res.ConnectCost.Rows)
+		}
+	}
 	if rows["+sock_release"].Name == "" && rows["+sock_ops"].Name == "" {
 		t.Errorf("connect cost: no row for the accounting program (sock_release or sock_ops) in %+v", res.ConnectCost.Rows)
 	}

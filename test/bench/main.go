@@ -170,7 +170,7 @@ var allPhases = []string{phaseMemory, phaseScale, phaseCNI, phasePaths, phaseCli
 
 const (
 	defaultCostBlock = 200
-	defaultCostPairs = 300
+	defaultCostPairs = 1000
 )
 
 func pathNames() string {

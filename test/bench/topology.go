@@ -79,6 +79,8 @@ type env struct {
 	bpffs   string
 	dp      *datapath.Datapath
 	progs   *progStats
+	// variants: the connect4 variants of the cost phase, once loaded.
+	variants costVariantProgs
 
 	server  *topo.Proc
 	clients map[string]*topo.Proc // by cgroup
