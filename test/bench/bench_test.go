@@ -204,7 +204,7 @@ func TestBenchSmoke(t *testing.T) {
 	}
 	var out bytes.Buffer
 	printReport(&out, res)
-	for _, want := range []string{"connect4", "haproxy", "targets:", "connect6", "dual-stack", "udp-sendmsg4", "within 10% of layout v1"} {
+	for _, want := range []string{"connect4", "haproxy", "targets:", "connect6", "dual-stack", "udp-sendmsg4", "within 10% of layout v1", "vs layout v1"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}

@@ -159,7 +159,7 @@ func targets(r *Results) []TargetResult {
 		}
 	}
 	if r.BPFLayouts != nil {
-		out = append(out, bpfLayoutTarget(r))
+		out = append(out, bpfLayoutTargets(r)...)
 	}
 	out = append(out, everyClientTargets(r)...)
 	for _, c := range r.CNI {
