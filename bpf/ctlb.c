@@ -228,6 +228,20 @@ static __always_inline struct backend_v2 *choose(void *backends, struct svc_hdr_
 	return s.found; /* 0: every server is failing */
 }
 
+/* ----- features -------------------------------------------------------- */
+
+/*
+ * What connect does besides the rewrite. The programs ctlb ships do all of
+ * it (CTLB_FEAT_ALL); the benchmark builds this file with
+ * CTLB_BENCH_VARIANTS for connect4 programs that do less, to show what each
+ * feature costs per connect (test/bench/cost.go). Constants: the compiler
+ * drops what a program does not do.
+ */
+#define CTLB_FEAT_COUNT 0x1 /* attempts counter per slot */
+#define CTLB_FEAT_STATE 0x2 /* socket state: getpeername, release, sock_ops, termination */
+#define CTLB_FEAT_OPEN 0x4  /* open count per slot (least-open), given back at release */
+#define CTLB_FEAT_ALL (CTLB_FEAT_COUNT | CTLB_FEAT_STATE | CTLB_FEAT_OPEN)
+
 /* ----- socket state ------------------------------------------------- */
 
 /*
@@ -261,11 +275,11 @@ static __always_inline void forget(struct sock_state_v2 *st)
 }
 
 static __always_inline void record(struct sock_state_v2 *st, const struct svc_key_v2 *key, __u32 svc,
-				   const struct backend_v2 *be, int mptcp, int unconnected)
+				   const struct backend_v2 *be, int mptcp, int unconnected, int feat)
 {
 	forget(st);
 	__u32 slot = be->slot;
-	__s64 *open = bpf_map_lookup_elem(&ctlb_open_v2, &slot);
+	__s64 *open = (feat & CTLB_FEAT_OPEN) ? bpf_map_lookup_elem(&ctlb_open_v2, &slot) : 0;
 	__u8 flags = 0;
 	if (open) {
 		__sync_fetch_and_add(open, 1);
@@ -313,7 +327,7 @@ enum { HOOK_CONNECT, HOOK_SENDMSG };
  * to rewrite, 0 to leave the call alone, -1 to refuse it with ECONNREFUSED.
  */
 static __always_inline int translate(struct bpf_sock_addr *ctx, const struct addr16 *dst, __u16 port, int hook,
-				     struct addr16 *out, __u16 *out_port)
+				     struct addr16 *out, __u16 *out_port, int feat)
 {
 	/* An earlier program on this hook denied the call: neither rewrite
 	 * nor count. */
@@ -369,12 +383,13 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const struct add
 
 	addr_copy(out->w, (const __u32 *)be->addr);
 	*out_port = be->port;
-	count_attempt(be->slot);
-	if (!sk)
+	if (feat & CTLB_FEAT_COUNT)
+		count_attempt(be->slot);
+	if (!sk || !(feat & CTLB_FEAT_STATE))
 		return 1;
 	struct sock_state_v2 *st = state_get(sk, 1, &mptcp);
 	if (st)
-		record(st, &key, hdr->svc, be, mptcp, hook == HOOK_SENDMSG);
+		record(st, &key, hdr->svc, be, mptcp, hook == HOOK_SENDMSG, feat);
 	return 1;
 }
 
@@ -386,12 +401,12 @@ static __always_inline int refuse(void)
 	return 0;
 }
 
-static __always_inline int hook4(struct bpf_sock_addr *ctx, int hook)
+static __always_inline int hook4(struct bpf_sock_addr *ctx, int hook, int feat)
 {
 	struct addr16 dst, out;
 	__u16 port;
 	v4mapped(&dst, ctx->user_ip4);
-	int r = translate(ctx, &dst, (__u16)ctx->user_port, hook, &out, &port);
+	int r = translate(ctx, &dst, (__u16)ctx->user_port, hook, &out, &port, feat);
 	if (r < 0)
 		return refuse();
 	if (r > 0) {
@@ -401,7 +416,7 @@ static __always_inline int hook4(struct bpf_sock_addr *ctx, int hook)
 	return 1;
 }
 
-static __always_inline int hook6(struct bpf_sock_addr *ctx, int hook)
+static __always_inline int hook6(struct bpf_sock_addr *ctx, int hook, int feat)
 {
 	struct addr16 dst, out;
 	__u16 port;
@@ -409,7 +424,7 @@ static __always_inline int hook6(struct bpf_sock_addr *ctx, int hook)
 	dst.w[1] = ctx->user_ip6[1];
 	dst.w[2] = ctx->user_ip6[2];
 	dst.w[3] = ctx->user_ip6[3];
-	int r = translate(ctx, &dst, (__u16)ctx->user_port, hook, &out, &port);
+	int r = translate(ctx, &dst, (__u16)ctx->user_port, hook, &out, &port, feat);
 	if (r < 0)
 		return refuse();
 	if (r > 0) {
@@ -423,16 +438,32 @@ static __always_inline int hook6(struct bpf_sock_addr *ctx, int hook)
 }
 
 SEC("cgroup/connect4")
-int ctlb_connect4(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_CONNECT); }
+int ctlb_connect4(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_CONNECT, CTLB_FEAT_ALL); }
 
 SEC("cgroup/connect6")
-int ctlb_connect6(struct bpf_sock_addr *ctx) { return hook6(ctx, HOOK_CONNECT); }
+int ctlb_connect6(struct bpf_sock_addr *ctx) { return hook6(ctx, HOOK_CONNECT, CTLB_FEAT_ALL); }
 
 SEC("cgroup/sendmsg4")
-int ctlb_sendmsg4(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_SENDMSG); }
+int ctlb_sendmsg4(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_SENDMSG, CTLB_FEAT_ALL); }
 
 SEC("cgroup/sendmsg6")
-int ctlb_sendmsg6(struct bpf_sock_addr *ctx) { return hook6(ctx, HOOK_SENDMSG); }
+int ctlb_sendmsg6(struct bpf_sock_addr *ctx) { return hook6(ctx, HOOK_SENDMSG, CTLB_FEAT_ALL); }
+
+#ifdef CTLB_BENCH_VARIANTS
+/* The benchmark's connect4 variants, one feature more each (cost.go);
+ * the next step, the open count, is ctlb_connect4 itself. */
+SEC("cgroup/connect4")
+int ctlb_connect4_rewrite(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_CONNECT, 0); }
+
+SEC("cgroup/connect4")
+int ctlb_connect4_count(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_CONNECT, CTLB_FEAT_COUNT); }
+
+SEC("cgroup/connect4")
+int ctlb_connect4_state(struct bpf_sock_addr *ctx)
+{
+	return hook4(ctx, HOOK_CONNECT, CTLB_FEAT_COUNT | CTLB_FEAT_STATE);
+}
+#endif
 
 /* ----- getpeername and recvmsg: server -> VIP ------------------------ */
 

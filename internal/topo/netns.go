@@ -145,15 +145,29 @@ func Veth(a ns.NetNS, nameA string, b ns.NetNS, nameB string) error {
 	return LinkUp(b, nameB)
 }
 
-// checkAddr keeps the benchmark inside the ranges a test may use.
-func checkAddr(a netip.Addr) error {
-	if netip.MustParsePrefix("198.18.0.0/15").Contains(a) || netip.MustParsePrefix("127.0.0.0/8").Contains(a) {
-		return nil
-	}
-	return fmt.Errorf("address %s is outside 198.18.0.0/15 and 127.0.0.0/8", a)
+// The ranges a test may use: the benchmarking ranges (RFC 2544, RFC 5180)
+// and loopback.
+var allowed = []netip.Prefix{
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("2001:2::/48"),
+	netip.MustParsePrefix("::1/128"),
 }
 
-// AddAddr puts prefix (e.g. 198.18.1.1/24, or a VIP as /32) on a link.
+// checkAddr keeps the benchmark inside the ranges a test may use.
+func checkAddr(a netip.Addr) error {
+	for _, p := range allowed {
+		if p.Contains(a) {
+			return nil
+		}
+	}
+	return fmt.Errorf("address %s is outside 198.18.0.0/15, 127.0.0.0/8, 2001:2::/48 and ::1", a)
+}
+
+// AddAddr puts prefix (e.g. 198.18.1.1/24, or a VIP as /32) on a link. An
+// IPv6 address skips duplicate address detection (IFA_F_NODAD): it is
+// usable at once, not a second later, and the namespaces here hold no
+// other host that could have it.
 func AddAddr(n ns.NetNS, link string, prefix netip.Prefix) error {
 	if err := checkAddr(prefix.Addr()); err != nil {
 		return err
@@ -170,6 +184,9 @@ func AddAddr(n ns.NetNS, link string, prefix netip.Prefix) error {
 	addr, err := netlink.ParseAddr(prefix.String())
 	if err != nil {
 		return err
+	}
+	if prefix.Addr().Is6() {
+		addr.Flags |= unix.IFA_F_NODAD
 	}
 	if err := h.AddrAdd(l, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
 		return fmt.Errorf("add %s to %s in %s: %w", prefix, link, n.Path(), err)

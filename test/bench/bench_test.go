@@ -144,6 +144,27 @@ func TestBenchSmoke(t *testing.T) {
 			t.Errorf("connect4 never ran during the cost measurement: %+v", res.BPFCost)
 		}
 	}
+	// Layout v1 (pkg/datapath/testdata) measured beside this layout.
+	if b := res.BPFLayouts; b == nil || !b.V1Measured || b.NsPerConn.Median <= 0 || b.V1NsPerConn.Median <= 0 || b.Errors > 0 {
+		t.Errorf("BPF time per connection, v1 beside this layout: %+v", b)
+	}
+	// Every client: each IPv6, dual-stack and UDP path moved requests
+	// without an error. Their VIPs are routed nowhere, so a request can
+	// only have succeeded by being rewritten (and an unconnected UDP
+	// reply counts only if it came from the VIP).
+	if len(res.EveryClient) != len(clientPaths) {
+		t.Errorf("%d every-client paths measured, want %d", len(res.EveryClient), len(clientPaths))
+	}
+	for _, p := range res.EveryClient {
+		switch {
+		case p.Unavailable != "":
+			t.Errorf("%s: unavailable: %s", p.Name, p.Unavailable)
+		case p.Errors > 0:
+			t.Errorf("%s: %d errors, first: %s", p.Name, p.Errors, p.FirstError)
+		case p.Rate1.Median <= 0 || p.RateN.Median <= 0:
+			t.Errorf("%s: rates %v and %v: nothing moved", p.Name, p.Rate1.Median, p.RateN.Median)
+		}
+	}
 	// The lean client made the rate rows and the CPU-per-connect rows;
 	// every row connected without an error.
 	if !res.Lean {
@@ -159,6 +180,12 @@ func TestBenchSmoke(t *testing.T) {
 	for _, want := range []string{"none", "connect4", "+getpeername4", "ctlb", "ctlb non-VIP", "dnat"} {
 		if _, ok := rows[want]; !ok {
 			t.Errorf("connect cost: no row %q in %+v", want, res.ConnectCost.Rows)
+		}
+	}
+	// The per-feature rows of the connect4 variants.
+	for _, f := range costFeatures {
+		if _, ok := rows[f.row]; !ok {
+			t.Errorf("connect cost: no feature row %q in %+v", f.row, res.ConnectCost.Rows)
 		}
 	}
 	if rows["+sock_release"].Name == "" && rows["+sock_ops"].Name == "" {
@@ -177,7 +204,7 @@ func TestBenchSmoke(t *testing.T) {
 	}
 	var out bytes.Buffer
 	printReport(&out, res)
-	for _, want := range []string{"connect4", "haproxy", "targets:"} {
+	for _, want := range []string{"connect4", "haproxy", "targets:", "connect6", "dual-stack", "udp-sendmsg4", "within 10% of layout v1", "vs layout v1"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}
@@ -189,8 +216,13 @@ func TestBenchSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := strings.Count(string(dat), "\n"); n != len(allPaths)+1 {
-		t.Errorf("gnuplot data has %d lines, want a header and %d paths:\n%s", n, len(allPaths), dat)
+	// The paths, then the every-client rows as a second data set.
+	paths, clients, _ := strings.Cut(string(dat), "\n\n\n")
+	if n := strings.Count(paths+"\n", "\n"); n != len(allPaths)+1 {
+		t.Errorf("gnuplot data has %d lines of paths, want a header and %d paths:\n%s", n, len(allPaths), dat)
+	}
+	if n := strings.Count(clients, "\n"); n != len(clientPaths)+1 {
+		t.Errorf("gnuplot data has %d every-client lines, want a header and %d paths:\n%s", n, len(clientPaths), dat)
 	}
 }
 

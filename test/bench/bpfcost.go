@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -78,15 +77,6 @@ func (ps *progStats) read() (map[string]ebpf.ProgramStats, error) {
 	return out, nil
 }
 
-// total is the run time of every program between two reads.
-func total(before, after map[string]ebpf.ProgramStats) time.Duration {
-	var d time.Duration
-	for name, a := range after {
-		d += a.Runtime - before[name].Runtime
-	}
-	return d
-}
-
 // enableBPFStats turns on the kernel's BPF run-time statistics for as long
 // as the returned descriptor is open: the kernel counts its holders and
 // turns them off after the last. Timing every run costs a little, so they
@@ -131,8 +121,10 @@ func (e *env) measureBPFCost(ctx context.Context, cfg Config) (BPFCost, error) {
 	}
 	slices.SortFunc(c.Programs, func(a, b ProgCost) int { return strings.Compare(a.Program, b.Program) })
 	c.Connections = s.res.Ops
-	if s.res.Ops > 0 {
-		c.NsPerConn = float64(total(before, after)) / float64(s.res.Ops)
+	// Per connect4 run (every try of the measurement ran the programs),
+	// not per connection of the kept try.
+	if ns, ok := nsPerConnect(before, after); ok && s.res.Ops > 0 {
+		c.NsPerConn = ns
 		if s.cpu > 0 {
 			c.ShareOfCPU = c.NsPerConn / (float64(s.cpu.Nanoseconds()) / float64(s.res.Ops))
 		}

@@ -139,9 +139,14 @@ func (e *env) measureConnectCost(ctx context.Context, cfg Config) (ConnectCost, 
 	progs := e.costPrograms()
 	rows := []row{
 		{"none", "plain cgroup, servers (the method's own bias: should be 0)", plain, direct},
-		{"connect4", "connect4 program alone, VIP", subset(1), vip},
-		{"+getpeername4", "connect4 and getpeername4, VIP", subset(2), vip},
 	}
+	for _, f := range costFeatures {
+		rows = append(rows, row{f.row, f.desc, func() (string, error) { return e.variantCgroup(f) }, vip})
+	}
+	rows = append(rows, []row{
+		{"connect4", "connect4 program alone, VIP (all of the above and the open count: an atomic add, and a sub in the root's sock_release)", subset(1), vip},
+		{"+getpeername4", "connect4 and getpeername4, VIP", subset(2), vip},
+	}...)
 	if len(progs) == 3 {
 		rows = append(rows, row{"+" + progs[2].hook, "connect4, getpeername4 and " + progs[2].hook + ", VIP", subset(3), vip})
 	}

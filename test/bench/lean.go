@@ -84,6 +84,7 @@ func (e *env) startLean() error {
 		for _, port := range []int{echoPort, dnatEchoPort} {
 			args = append(args, netip.AddrPortFrom(ip, uint16(port)).String())
 		}
+		args = append(args, everyClientListeners(i)...)
 		if _, err := e.startLeanProc(fmt.Sprintf("lean-server%d", i+1), args, e.srv[i], e.cgSrv); err != nil {
 			return err
 		}
@@ -115,13 +116,34 @@ func (e *env) startLeanProc(name string, args []string, netns ns.NetNS, cgroup s
 	return p, nil
 }
 
+// socketKind is the lean client's kind of socket in a rate measurement.
+type socketKind int
+
+const (
+	// tcpSocket: connect, 64-byte request and reply, close, per operation.
+	tcpSocket socketKind = iota
+	// udpConnected: one UDP socket per client, connected once; a 64-byte
+	// datagram and its echo per operation.
+	udpConnected
+	// udpUnconnected: the same with sendto and recvfrom on an unconnected
+	// socket.
+	udpUnconnected
+)
+
 // leanRate is a rate measurement made by the lean client.
-func leanRate(client *topo.Proc, q workload.Request) (workload.Result, error) {
+func leanRate(client *topo.Proc, q workload.Request, sock socketKind) (workload.Result, error) {
 	maxOps := q.MaxOps
 	if maxOps <= 0 {
 		maxOps = workload.MaxOps
 	}
 	line := fmt.Sprintf("rate %d %d %d %s", max(q.Conns, 1), q.Duration.Nanoseconds(), maxOps, strings.Join(q.Targets, " "))
+	if sock != tcpSocket {
+		connected := 0
+		if sock == udpConnected {
+			connected = 1
+		}
+		line = fmt.Sprintf("udp %d %d %d %d %s", max(q.Conns, 1), q.Duration.Nanoseconds(), maxOps, connected, strings.Join(q.Targets, " "))
+	}
 	if err := client.Send([]byte(line)); err != nil {
 		return workload.Result{}, err
 	}

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/ctlb/ctlb/internal/topo"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // Config is what one run measures, and how long.
@@ -59,8 +60,11 @@ type Config struct {
 	// CostBlock connects per block and CostPairs pairs of blocks in the
 	// CPU-per-connect measurement (cost.go); 0 means the default.
 	CostBlock, CostPairs int
-	// Phases to run (memory, scale, cni, paths, bpf, cost); empty means
-	// all. Paths limits the path comparison to these; empty means all.
+	// V1Object is layout v1's BPF objects, measured beside this layout's
+	// in the bpf phase; empty finds the repository's copy.
+	V1Object string
+	// Phases to run (memory, scale, cni, paths, clients, bpf, cost);
+	// empty means all. Paths limits the path comparison to these; empty means all.
 	Phases  []string
 	Paths   []string
 	Metrics []string // of the path comparison; empty means all
@@ -103,6 +107,7 @@ func main() {
 	flag.StringVar(&phases, "phases", strings.Join(allPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
 	flag.StringVar(&metricList, "metrics", "", "metrics of the path comparison, comma-separated (default all): "+metricNames())
 	flag.StringVar(&paths, "paths", "", "paths to compare, comma-separated (default all): "+pathNames())
+	flag.StringVar(&cfg.V1Object, "v1-object", "", "layout v1's BPF objects for the bpf phase's v1 comparison (default: "+v1ObjectPath+" in the working directory or a parent)")
 	flag.StringVar(&cfg.Out, "out", "bench/results.json", "where to write the results")
 	flag.Parse()
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
@@ -157,16 +162,20 @@ const (
 	phaseCost   = "cost"
 )
 
-var allPhases = []string{phaseMemory, phaseScale, phaseCNI, phasePaths, phaseBPF, phaseCost}
+// phaseClients: IPv6, dual-stack and UDP clients, each beside its direct
+// path (every_client.go).
+const phaseClients = "clients"
+
+var allPhases = []string{phaseMemory, phaseScale, phaseCNI, phasePaths, phaseClients, phaseBPF, phaseCost}
 
 const (
 	defaultCostBlock = 200
-	defaultCostPairs = 300
+	defaultCostPairs = 1000
 )
 
 func pathNames() string {
 	var n []string
-	for _, p := range allPaths {
+	for _, p := range append(slices.Clone(allPaths), clientPaths...) {
 		n = append(n, p.name)
 	}
 	return strings.Join(n, ", ")
@@ -217,7 +226,7 @@ func (c Config) validate() error {
 		}
 	}
 	for _, n := range c.Paths {
-		if !slices.ContainsFunc(allPaths, func(p path) bool { return p.name == n }) {
+		if !slices.ContainsFunc(append(slices.Clone(allPaths), clientPaths...), func(p path) bool { return p.name == n }) {
 			return fmt.Errorf("path %q: want some of %s", n, pathNames())
 		}
 	}
@@ -242,8 +251,10 @@ func (c Config) validate() error {
 	return nil
 }
 
-// baseVIPs is how many VIP:ports the benchmark's own connect4 VIP takes.
-const baseVIPs = 2
+// baseVIPs is how many VIP:ports the benchmark's own VIPs take: the
+// connect4 VIP's two ports, the IPv6 VIP and the UDP VIP
+// (everyClientServices).
+const baseVIPs = 4
 
 // Results is everything one run measured.
 type Results struct {
@@ -272,6 +283,12 @@ type Results struct {
 	// Retries is how many measurements were made again because other
 	// processes used the CPUs.
 	Retries int `json:"retries"`
+
+	// BPFLayouts is connect4's BPF time per connection under layout v1
+	// and this layout, side by side (bpfv1.go).
+	BPFLayouts *BPFLayouts `json:"bpfLayouts,omitempty"`
+	// EveryClient are the IPv6, dual-stack and UDP paths (every_client.go).
+	EveryClient []*PathResult `json:"everyClient,omitempty"`
 }
 
 // ConfigJSON is Config as recorded with the results.
@@ -435,10 +452,20 @@ func runOnce(ctx context.Context, cfg Config) (*Results, error) {
 			return nil, err
 		}
 	}
+	if cfg.runs(phaseClients) {
+		if res.EveryClient, err = e.runEveryClient(ctx, cfg); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.runs(phaseBPF) {
 		if res.BPFCost, err = e.measureBPFCost(ctx, cfg); err != nil {
 			return nil, err
 		}
+		bl, err := e.measureBPFLayouts(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		res.BPFLayouts = &bl
 	}
 	for _, p := range allPaths {
 		if why := e.unavailable[p.name]; why != "" && cfg.compares(p.name) && cfg.runs(phasePaths) {
@@ -451,7 +478,7 @@ func runOnce(ctx context.Context, cfg Config) (*Results, error) {
 	}
 	res.Connect4Servers = map[string]uint64{}
 	for _, st := range stats {
-		if st.VIP == netip.AddrPortFrom(pathConnect4.vip, vipEchoPort) {
+		if st.VIP == netip.AddrPortFrom(pathConnect4.vip, vipEchoPort) && st.Protocol != datapath.UDP {
 			res.Connect4Servers[st.Server.String()] += st.Connects
 		}
 	}

@@ -22,6 +22,14 @@ type path struct {
 	local bool
 	// pod: the client runs in the attached pod cgroup, else in a plain one.
 	pod bool
+	// The every-client paths (every_client.go) set these. dial, when set,
+	// is what the client dials instead of the VIP or the servers; sock is
+	// the lean client's kind of socket; cgroup, when set, is the client's
+	// cgroup (a lean client runs in it). They measure the rates only, with
+	// the lean client.
+	dial   []string
+	sock   socketKind
+	cgroup string
 }
 
 var (
@@ -40,6 +48,9 @@ func (p path) targets(bulk bool) []string {
 	vport, port := vipEchoPort, echoPort
 	if bulk {
 		vport, port = vipSourcePort, sourcePort
+	}
+	if p.dial != nil {
+		return p.dial
 	}
 	if !p.vip.IsValid() {
 		return servers(port)
@@ -165,6 +176,9 @@ func (e *env) measureOnce(ctx context.Context, p path, m metric, cfg Config) (sa
 	if p.pod {
 		cg = e.cgPod
 	}
+	if p.cgroup != "" {
+		cg = p.cgroup
+	}
 	client := e.clients[cg]
 	cgs := []string{cg, e.cgSrv}
 	if pc := e.proxyCgroups[p.name]; pc != "" {
@@ -192,8 +206,11 @@ func (e *env) measureOnce(ctx context.Context, p path, m metric, cfg Config) (sa
 		return sample{}, err
 	}
 	var s sample
+	if lean == nil && (p.sock != tcpSocket || client == nil) {
+		return sample{}, fmt.Errorf("%s %s: needs the lean client", p.name, m.name)
+	}
 	if lean != nil {
-		if s.res, err = leanRate(lean, q); err != nil {
+		if s.res, err = leanRate(lean, q, p.sock); err != nil {
 			return sample{}, err
 		}
 	} else {

@@ -158,6 +158,10 @@ func targets(r *Results) []TargetResult {
 			})
 		}
 	}
+	if r.BPFLayouts != nil {
+		out = append(out, bpfLayoutTargets(r)...)
+	}
+	out = append(out, everyClientTargets(r)...)
 	for _, c := range r.CNI {
 		t := TargetResult{Name: fmt.Sprintf("CNI ADD p99, %d pods, %d attached", c.Pods, c.Attached), Want: "<= 10 ms", Status: "n/a"}
 		if c.Skipped == "" && c.Pods > 0 {
@@ -209,6 +213,7 @@ func printReport(w io.Writer, r *Results) {
 			fmt.Fprintf(w, "  %s: first error: %s\n", p.Name, p.FirstError)
 		}
 	}
+	printEveryClient(w, r)
 	if len(r.AttachScale)+len(r.VIPScale) > 0 {
 		printScale(w, r)
 	}
@@ -225,8 +230,14 @@ func printReport(w io.Writer, r *Results) {
 		}
 		fmt.Fprintln(w)
 	}
+	printBPFLayouts(w, r)
 	if m.Attached+m.VIPsAdded > 0 {
-		fmt.Fprintf(w, "setup: %d attachments in %.2fs, %d VIPs in %.2fs\n", m.Attached, m.AttachSeconds, m.VIPsAdded, m.VIPSeconds)
+		fmt.Fprintf(w, "setup: %d attachments in %.2fs, %d VIPs in %.2fs", m.Attached, m.AttachSeconds, m.VIPsAdded, m.VIPSeconds)
+		if m.VIPsAdded > 0 && m.VIPSeconds > 0 {
+			// One SetServices call: BPF_MAP_UPDATE_BATCH where the kernel has it.
+			fmt.Fprintf(w, " (%.0f VIPs set per second, %s)", float64(m.VIPsAdded)/m.VIPSeconds, m.VIPMode)
+		}
+		fmt.Fprintln(w)
 	}
 	for _, c := range r.CNI {
 		if c.Skipped != "" {
@@ -285,7 +296,7 @@ func printConnectCost(w io.Writer, cc ConnectCost) {
 func printTargets(w io.Writer, targets []TargetResult) {
 	fmt.Fprintf(w, "\ntargets\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	pass, fail := 0, 0
+	pass, fail, reported := 0, 0, 0
 	for _, t := range targets {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Status, t.Name, t.Want, t.Got)
 		switch t.Status {
@@ -293,10 +304,16 @@ func printTargets(w io.Writer, targets []TargetResult) {
 			pass++
 		case "FAIL":
 			fail++
+		case statusReport:
+			reported++
 		}
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "targets: %d met, %d missed, %d not measured\n", pass, fail, len(targets)-pass-fail)
+	fmt.Fprintf(w, "targets: %d met, %d missed, %d not measured", pass, fail, len(targets)-pass-fail-reported)
+	if reported > 0 {
+		fmt.Fprintf(w, "; %d figures reported without a target", reported)
+	}
+	fmt.Fprintln(w)
 }
 
 // writeResults writes the JSON and, beside it, the report as text and the
@@ -326,6 +343,7 @@ func writeResults(out string, r *Results) error {
 		fmt.Fprintf(&d, "%q %.0f %.0f %.2f %.2f %.3f %.3f %.2f %.2f\n", p.Name, p.Rate1.Median, p.RateN.Median,
 			p.P50.Median, p.P99.Median, p.Bulk1.Median, p.BulkN.Median, p.CPUPerConn.Median, p.SysCPUPerConn.Median)
 	}
+	writeEveryClientDat(&d, r)
 	if err := os.WriteFile(datPath(out), []byte(d.String()), 0o644); err != nil {
 		return fmt.Errorf("results: %w", err)
 	}

@@ -79,6 +79,8 @@ type env struct {
 	bpffs   string
 	dp      *datapath.Datapath
 	progs   *progStats
+	// variants: the connect4 variants of the cost phase, once loaded.
+	variants costVariantProgs
 
 	server  *topo.Proc
 	clients map[string]*topo.Proc // by cgroup
@@ -204,6 +206,7 @@ func (e *env) network() error {
 		)
 	}
 	steps = append(steps, func() error { return topo.Sysctl(e.node, "net.ipv4.ip_forward", "1") })
+	steps = append(steps, e.network6()...)
 	for _, s := range steps {
 		if err := s(); err != nil {
 			return fmt.Errorf("topology: %w", err)
@@ -256,6 +259,9 @@ func (e *env) loadCtlb() error {
 		if err := e.dp.SetService(s); err != nil {
 			return fmt.Errorf("configure connect4 VIP: %w", err)
 		}
+	}
+	if err := e.dp.SetServices(everyClientServices()); err != nil {
+		return fmt.Errorf("configure the IPv6 and UDP VIPs: %w", err)
 	}
 	if _, err := e.dp.Attach("bench-pod", e.cgPod); err != nil {
 		return fmt.Errorf("attach the pod cgroup: %w", err)

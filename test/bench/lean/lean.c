@@ -5,13 +5,26 @@
  * of CPU per connection and flatten every ratio). The benchmark compiles it
  * with the machine's C compiler at run time (test/bench/lean.go).
  *
- *   lean server ADDR:PORT...   echo server, a pool of blocking threads per
- *                              listener; runs until its stdin closes
+ *   lean server LISTEN...      echo server, a pool of blocking threads per
+ *                              listener; runs until its stdin closes. LISTEN
+ *                              is ADDR:PORT or [ADDR6]:PORT (TCP), or the same
+ *                              after "udp:" (UDP: each datagram echoed back)
  *   lean client HOME_CGROUP    reads one request per line on stdin, answers
  *                              one JSON line on stdout:
  *     rate CONNS DURATION_NS MAXOPS TARGET...
  *         CONNS threads: connect, 64-byte request, 64-byte reply, close,
- *         over and over until the deadline; targets dialed in turn.
+ *         over and over until the deadline; targets dialed in turn. A
+ *         target is ADDR:PORT or [ADDR6]:PORT, the socket of its family
+ *         ([::ffff:ADDR]:PORT: an AF_INET6 socket to an IPv4 address, as
+ *         dual-stack runtimes dial).
+ *     udp CONNS DURATION_NS MAXOPS CONNECTED TARGET...
+ *         CONNS threads, one UDP socket each for their whole run: send a
+ *         64-byte datagram (a sequence number first), wait for its echo
+ *         (1 s at most: a lost datagram is an error, never a hang), over
+ *         and over until the deadline. CONNECTED 1: thread i connects its
+ *         socket to target i mod n once, then send/recv; 0: sendto the
+ *         targets in turn and recvfrom, and a reply must come from the
+ *         address the datagram was sent to.
  *     cost BLOCK PAIRS PEERNAME CGROUP_A TARGETS_A CGROUP_B TARGETS_B
  *         CPU per connect, measured so that the machine's noise cannot hide
  *         it: PAIRS times, a block of BLOCK connects from cgroup A and one
@@ -48,19 +61,72 @@
 #define MAX_LINE 8192
 #define MAX_PAIRS 5000
 #define MAX_BLOCK 100000
+#define UDP_SERVER_THREADS 4
 
-static int parse_addr(const char *s, struct sockaddr_in *sa)
+/* A socket address of either family. */
+struct target {
+	struct sockaddr_storage sa;
+	socklen_t len;
+};
+
+/* parse_target reads ADDR:PORT or [ADDR6]:PORT. */
+static int parse_target(const char *s, struct target *t)
 {
 	char host[64];
 	const char *colon = strrchr(s, ':');
-	if (!colon || colon - s >= (long)sizeof(host))
+	if (!colon)
 		return -1;
-	memcpy(host, s, colon - s);
-	host[colon - s] = 0;
-	memset(sa, 0, sizeof(*sa));
-	sa->sin_family = AF_INET;
-	sa->sin_port = htons((uint16_t)atoi(colon + 1));
-	return inet_pton(AF_INET, host, &sa->sin_addr) == 1 ? 0 : -1;
+	const char *h = s;
+	long hl = colon - s;
+	if (hl >= 2 && s[0] == '[' && colon[-1] == ']')
+		h++, hl -= 2;
+	if (hl <= 0 || hl >= (long)sizeof(host))
+		return -1;
+	memcpy(host, h, hl);
+	host[hl] = 0;
+	int port = atoi(colon + 1);
+	if (port < 1 || port > 65535)
+		return -1;
+	memset(t, 0, sizeof(*t));
+	struct sockaddr_in *v4 = (struct sockaddr_in *)&t->sa;
+	if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+		v4->sin_family = AF_INET;
+		v4->sin_port = htons((uint16_t)port);
+		t->len = sizeof(*v4);
+		return 0;
+	}
+	memset(t, 0, sizeof(*t));
+	struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&t->sa;
+	if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+		v6->sin6_family = AF_INET6;
+		v6->sin6_port = htons((uint16_t)port);
+		t->len = sizeof(*v6);
+		return 0;
+	}
+	return -1;
+}
+
+/* same_addr: a and b are the same address and port. */
+static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	if (a->ss_family != b->ss_family)
+		return 0;
+	if (a->ss_family == AF_INET) {
+		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+		return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+	}
+	const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+	return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr));
+}
+
+/* parse_addr reads an IPv4 ADDR:PORT. */
+static int parse_addr(const char *s, struct sockaddr_in *sa)
+{
+	struct target t;
+	if (parse_target(s, &t) || t.sa.ss_family != AF_INET)
+		return -1;
+	memcpy(sa, &t.sa, sizeof(*sa));
+	return 0;
 }
 
 static int64_t now_ns(clockid_t c)
@@ -109,27 +175,51 @@ static void *serve(void *arg)
 	}
 }
 
+/* serve_udp echoes each datagram to its sender. */
+static void *serve_udp(void *arg)
+{
+	int s = (int)(intptr_t)arg;
+	char buf[2048];
+	for (;;) {
+		struct sockaddr_storage from;
+		socklen_t fl = sizeof(from);
+		ssize_t n = recvfrom(s, buf, sizeof(buf), 0, (struct sockaddr *)&from, &fl);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return NULL;
+		}
+		sendto(s, buf, n, 0, (struct sockaddr *)&from, fl);
+	}
+}
+
 static int run_server(int argc, char **argv)
 {
 	pthread_attr_t attr;
 	pthread_attr_init(&attr);
 	pthread_attr_setstacksize(&attr, 128 << 10);
 	for (int i = 0; i < argc; i++) {
-		struct sockaddr_in sa;
-		if (parse_addr(argv[i], &sa)) {
+		const char *spec = argv[i];
+		int udp = !strncmp(spec, "udp:", 4);
+		if (udp)
+			spec += 4;
+		struct target t;
+		if (parse_target(spec, &t)) {
 			printf("{\"ready\":false,\"error\":\"bad address %s\"}\n", argv[i]);
 			return 1;
 		}
-		int ln = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		int ln = socket(t.sa.ss_family, (udp ? SOCK_DGRAM : SOCK_STREAM) | SOCK_CLOEXEC, 0);
 		int one = 1;
 		setsockopt(ln, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-		if (ln < 0 || bind(ln, (struct sockaddr *)&sa, sizeof(sa)) || listen(ln, 4096)) {
+		if (t.sa.ss_family == AF_INET6)
+			setsockopt(ln, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		if (ln < 0 || bind(ln, (struct sockaddr *)&t.sa, t.len) || (!udp && listen(ln, 4096))) {
 			printf("{\"ready\":false,\"error\":\"listen %s: %s\"}\n", argv[i], strerror(errno));
 			return 1;
 		}
-		for (int t = 0; t < SERVER_THREADS; t++) {
+		for (int k = 0; k < (udp ? UDP_SERVER_THREADS : SERVER_THREADS); k++) {
 			pthread_t th;
-			if (pthread_create(&th, &attr, serve, (void *)(intptr_t)ln)) {
+			if (pthread_create(&th, &attr, udp ? serve_udp : serve, (void *)(intptr_t)ln)) {
 				printf("{\"ready\":false,\"error\":\"thread: %s\"}\n", strerror(errno));
 				return 1;
 			}
@@ -146,7 +236,7 @@ static int run_server(int argc, char **argv)
 /* ---- client: rate ---- */
 
 struct rate {
-	struct sockaddr_in targets[MAX_TARGETS];
+	struct target targets[MAX_TARGETS];
 	int ntargets;
 	int64_t deadline, maxops;
 	atomic_llong next, ops, errors;
@@ -171,15 +261,15 @@ static void *rate_worker(void *arg)
 		long long n = atomic_fetch_add(&r->next, 1) + 1;
 		if (n > r->maxops)
 			break;
-		struct sockaddr_in *t = &r->targets[n % r->ntargets];
-		int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		struct target *t = &r->targets[n % r->ntargets];
+		int s = socket(t->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (s < 0) {
 			rate_error(r, "socket", errno);
 			continue;
 		}
 		set_timeout(s, SO_SNDTIMEO, 2); /* bounds connect too */
 		set_timeout(s, SO_RCVTIMEO, 2);
-		if (connect(s, (struct sockaddr *)t, sizeof(*t))) {
+		if (connect(s, (struct sockaddr *)&t->sa, t->len)) {
 			rate_error(r, "connect", errno);
 			close(s);
 			continue;
@@ -232,7 +322,7 @@ static void do_rate(char **f, int nf)
 		return;
 	}
 	for (int i = 4; i < nf && r.ntargets < MAX_TARGETS; i++)
-		if (parse_addr(f[i], &r.targets[r.ntargets++])) {
+		if (parse_target(f[i], &r.targets[r.ntargets++])) {
 			printf("{\"errors\":1,\"err\":\"rate: bad target %s\"}\n", f[i]);
 			return;
 		}
@@ -246,6 +336,114 @@ static void do_rate(char **f, int nf)
 	for (; started < conns; started++)
 		if (pthread_create(&th[started], &attr, rate_worker, &r))
 			break;
+	for (int i = 0; i < started; i++)
+		pthread_join(th[i], NULL);
+	int64_t elapsed = now_ns(CLOCK_MONOTONIC) - start;
+	printf("{\"ops\":%lld,\"errors\":%lld,\"elapsed\":%lld", (long long)r.ops, (long long)r.errors, (long long)elapsed);
+	if (r.errors)
+		printf(",\"err\":\"%s\"", r.first);
+	printf("}\n");
+}
+
+/* ---- client: udp ---- */
+
+struct udp_worker_arg {
+	struct rate *r;
+	int id, connected;
+};
+
+static void *udp_worker(void *arg)
+{
+	struct udp_worker_arg *w = arg;
+	struct rate *r = w->r;
+	struct target *home = &r->targets[w->id % r->ntargets];
+	int s = socket(home->sa.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		rate_error(r, "socket", errno);
+		return NULL;
+	}
+	struct timeval tv = {.tv_sec = 1};
+	setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	if (w->connected && connect(s, (struct sockaddr *)&home->sa, home->len)) {
+		rate_error(r, "connect", errno);
+		close(s);
+		return NULL;
+	}
+	char req[MSG] = {0}, resp[MSG];
+	for (uint64_t seq = 1; now_ns(CLOCK_MONOTONIC) < r->deadline; seq++) {
+		long long n = atomic_fetch_add(&r->next, 1) + 1;
+		if (n > r->maxops)
+			break;
+		struct target *t = &r->targets[n % r->ntargets];
+		memcpy(req, &seq, sizeof(seq));
+		ssize_t k = w->connected ? send(s, req, MSG, 0) : sendto(s, req, MSG, 0, (struct sockaddr *)&t->sa, t->len);
+		if (k != MSG) {
+			rate_error(r, "send", errno);
+			continue;
+		}
+		/* The echo of this datagram; a late echo of an earlier one (whose
+		 * wait timed out) is skipped, a few at most. */
+		int ok = 0, err = 0;
+		for (int tries = 0; tries < 4 && !ok; tries++) {
+			struct sockaddr_storage from;
+			socklen_t fl = sizeof(from);
+			k = w->connected ? recv(s, resp, MSG, 0) : recvfrom(s, resp, MSG, 0, (struct sockaddr *)&from, &fl);
+			if (k != MSG) {
+				err = k < 0 ? errno : EMSGSIZE;
+				break;
+			}
+			if (memcmp(resp, &seq, sizeof(seq)))
+				continue;
+			if (!w->connected && !same_addr(&from, &t->sa)) {
+				err = EADDRNOTAVAIL; /* the reply is not from where the datagram went */
+				break;
+			}
+			ok = 1;
+		}
+		if (!ok) {
+			rate_error(r, err == EADDRNOTAVAIL ? "recvfrom: reply from another address" : "recv", err ? err : EPROTO);
+			continue;
+		}
+		atomic_fetch_add(&r->ops, 1);
+	}
+	close(s);
+	return NULL;
+}
+
+static void do_udp(char **f, int nf)
+{
+	if (nf < 6) {
+		printf("{\"errors\":1,\"err\":\"udp: want CONNS DURATION_NS MAXOPS CONNECTED TARGET...\"}\n");
+		return;
+	}
+	static struct rate r;
+	memset(&r, 0, sizeof(r));
+	pthread_mutex_init(&r.mu, NULL);
+	int conns = atoi(f[1]), connected = atoi(f[4]);
+	int64_t dur = atoll(f[2]);
+	r.maxops = atoll(f[3]);
+	if (conns < 1 || conns > MAX_CONNS || dur <= 0 || dur > 30000000000LL || r.maxops < 1 || (connected != 0 && connected != 1)) {
+		printf("{\"errors\":1,\"err\":\"udp: bad conns, duration, maxops or connected\"}\n");
+		return;
+	}
+	for (int i = 5; i < nf && r.ntargets < MAX_TARGETS; i++)
+		if (parse_target(f[i], &r.targets[r.ntargets++])) {
+			printf("{\"errors\":1,\"err\":\"udp: bad target %s\"}\n", f[i]);
+			return;
+		}
+	static pthread_t th[MAX_CONNS];
+	static struct udp_worker_arg args[MAX_CONNS];
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 128 << 10);
+	int64_t start = now_ns(CLOCK_MONOTONIC);
+	r.deadline = start + dur;
+	int started = 0;
+	for (; started < conns; started++) {
+		args[started] = (struct udp_worker_arg){.r = &r, .id = started, .connected = connected};
+		if (pthread_create(&th[started], &attr, udp_worker, &args[started]))
+			break;
+	}
 	for (int i = 0; i < started; i++)
 		pthread_join(th[i], NULL);
 	int64_t elapsed = now_ns(CLOCK_MONOTONIC) - start;
@@ -353,6 +551,8 @@ static int run_client(const char *home)
 			continue;
 		if (!strcmp(f[0], "rate"))
 			do_rate(f, nf);
+		else if (!strcmp(f[0], "udp"))
+			do_udp(f, nf);
 		else if (!strcmp(f[0], "cost"))
 			do_cost(f, nf, home);
 		else
@@ -368,6 +568,6 @@ int main(int argc, char **argv)
 		return run_server(argc - 2, argv + 2);
 	if (argc == 3 && !strcmp(argv[1], "client"))
 		return run_client(argv[2]);
-	fprintf(stderr, "usage: lean server ADDR:PORT... | lean client HOME_CGROUP\n");
+	fprintf(stderr, "usage: lean server [udp:]ADDR:PORT... | lean client HOME_CGROUP\n");
 	return 2;
 }
