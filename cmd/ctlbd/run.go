@@ -38,7 +38,9 @@ An example config ships as conf/ctlbd.json (the systemd unit,
 conf/systemd/ctlbd.service, reads it from /etc/ctlb/ctlbd.json; under
 systemd the daemon reports readiness with sd_notify). Flags override the
 config file. Two daemons can run side by side with different --bpffs and
---socket.`,
+--socket. The fallback proxy (the config's "proxy" section) serves from one
+event loop per CPU, or "loops" of them, and raises GOMAXPROCS by as many while
+it runs.`,
 		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
   ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /tmp/ctlbd.sock`,
 		Args: cobra.NoArgs,

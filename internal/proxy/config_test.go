@@ -12,7 +12,7 @@ func TestConfigFromJSON(t *testing.T) {
 	const doc = `{"mode": "steering",
 		"services": [{"vip": "198.18.100.1", "ports": [8502, 8500]},
 		             {"vip": "198.18.100.2", "ports": [443], "listen": ["198.18.100.3"]}],
-		"idleTimeout": "5m", "connectTimeout": "2s", "drainTimeout": "10s",
+		"idleTimeout": "5m", "connectTimeout": "2s", "drainTimeout": "10s", "loops": 3,
 		"localVIP": {"enabled": true, "device": "ctlb0"}}`
 	var c Config
 	if err := json.Unmarshal([]byte(doc), &c); err != nil {
@@ -26,7 +26,7 @@ func TestConfigFromJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	if s.mode != ModeSteering || s.idleTimeout != 5*time.Minute || s.connectTimeout != 2*time.Second ||
-		s.drainTimeout != 10*time.Second || !s.localVIP || s.device != "ctlb0" {
+		s.drainTimeout != 10*time.Second || !s.localVIP || s.device != "ctlb0" || s.loops != 3 {
 		t.Errorf("settings = %+v", s)
 	}
 	want := map[string]string{
@@ -50,7 +50,7 @@ func TestConfigFromJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	if s.mode != ModeListeners || s.idleTimeout != DefaultIdleTimeout || s.connectTimeout != DefaultConnectTimeout ||
-		s.drainTimeout != DefaultDrainTimeout || s.localVIP || s.device != "ctlb0" {
+		s.drainTimeout != DefaultDrainTimeout || s.localVIP || s.device != "ctlb0" || s.loops != 0 {
 		t.Errorf("defaults = %+v", s)
 	}
 }
@@ -73,6 +73,8 @@ func TestConfigErrorsNameFieldAndValue(t *testing.T) {
 		{Config{Services: svc, IdleTimeout: "5 minutes"}, `idleTimeout: "5 minutes" is not a duration`},
 		{Config{Services: svc, ConnectTimeout: "-1s"}, `connectTimeout: "-1s" must be positive`},
 		{Config{Services: svc, DrainTimeout: "0s"}, `drainTimeout: "0s" must be positive`},
+		{Config{Services: svc, Loops: -1}, `loops: -1 is not 0 (one per CPU) to 64`},
+		{Config{Services: svc, Loops: 65}, `loops: 65 is not 0 (one per CPU) to 64`},
 		{Config{Services: svc, LocalVIP: LocalVIP{Enabled: true, Device: "a/b"}}, `localVIP.device: device name "a/b"`},
 		{Config{Services: svc, LocalVIP: LocalVIP{Enabled: true, Device: "much-too-long0"}}, `localVIP.device: device name "much-too-long0" longer than 10 bytes`},
 	} {

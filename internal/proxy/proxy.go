@@ -148,7 +148,10 @@ func (p *Proxy) start(netnsPath string) error {
 		}
 		p.device = d
 	}
-	n := max(1, min(baseProcs(), maxLoops))
+	n := p.set.loops
+	if n == 0 {
+		n = max(1, min(baseProcs(), MaxLoops))
+	}
 	reserveProcs(n)
 	p.procs = n
 	for range n {
@@ -251,8 +254,8 @@ func (p *Proxy) apply(dests map[netip.AddrPort]netip.AddrPort, local []netip.Add
 	return nil
 }
 
-// maxLoops bounds the event loops whatever GOMAXPROCS says.
-const maxLoops = 64
+// MaxLoops bounds the event loops, configured or one per CPU.
+const MaxLoops = 64
 
 // open starts serving dests; on error it undoes what it did.
 func (p *Proxy) open(dests []netip.AddrPort) error {
