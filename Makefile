@@ -64,6 +64,7 @@ test: deps build check-generate lint fuzz consul-bin runtime-bins
 	set -o pipefail; $(GO) test $(TESTFLAGS) -v ./... 2>&1 | tee .cache/test.log | grep -E '^(=== RUN|--- |ok |FAIL|PASS|panic)' ; \
 	  rc=$$?; \
 	  echo "$$(grep -c -- '--- PASS' .cache/test.log) passed, $$(grep -c -- '--- FAIL' .cache/test.log) failed, $$(grep -c -- '--- SKIP' .cache/test.log) skipped"; \
+	  if [ $$rc -ne 0 ]; then hack/test-failures.sh .cache/test.log; fi; \
 	  if [ "$${CI:-}" = true ] && grep -q -- '--- SKIP' .cache/test.log; then echo "tests were skipped in CI:"; grep -- '--- SKIP' .cache/test.log; exit 1; fi; \
 	  exit $$rc
 
