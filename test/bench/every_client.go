@@ -171,21 +171,16 @@ func (e *env) runEveryClient(ctx context.Context, cfg Config) ([]*PathResult, er
 		return results, nil
 	}
 	logf("every client: %d rounds of %d paths x 2 metrics x %s", cfg.Rounds, len(paths), cfg.Duration)
-	for round := range cfg.Rounds {
-		logf("every client: round %d/%d", round+1, cfg.Rounds)
-		for _, m := range metrics[:2] { // rate1, rateN
-			if !cfg.measures(m.name) {
-				continue
-			}
-			for k := range paths {
-				i := (k + round) % len(paths)
-				s, retries, err := e.measure(ctx, paths[i], m, cfg)
-				if err != nil {
-					return nil, fmt.Errorf("%s %s: %w", paths[i].name, m.name, err)
-				}
-				results[i].record(m, s, retries)
-			}
+	// results also holds the paths that cannot run: measure the others
+	// into results of their own, in paths' order.
+	measured := make([]*PathResult, 0, len(paths))
+	for _, r := range results {
+		if r.Unavailable == "" {
+			measured = append(measured, r)
 		}
+	}
+	if err := e.runRounds(ctx, cfg, "every client: ", paths, metrics[:2] /* rate1, rateN */, measured); err != nil {
+		return nil, err
 	}
 	return results, nil
 }

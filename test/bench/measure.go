@@ -371,9 +371,20 @@ func (e *env) runPaths(ctx context.Context, cfg Config, paths []path) ([]*PathRe
 	for i, p := range paths {
 		results[i] = &PathResult{Name: p.name, Description: p.desc}
 	}
+	if err := e.runRounds(ctx, cfg, "", paths, metrics, results); err != nil {
+		return nil, err
+	}
+	return results, nil
+}
+
+// runRounds measures the metrics ms of paths into results (results[i] is
+// paths[i]'s), round after round, each metric for all paths back to back in
+// an order that rotates from round to round. label prefixes the progress
+// lines.
+func (e *env) runRounds(ctx context.Context, cfg Config, label string, paths []path, ms []metric, results []*PathResult) error {
 	for round := range cfg.Rounds {
-		logf("round %d/%d", round+1, cfg.Rounds)
-		for _, m := range metrics {
+		logf("%sround %d/%d", label, round+1, cfg.Rounds)
+		for _, m := range ms {
 			if !cfg.measures(m.name) {
 				continue
 			}
@@ -381,11 +392,11 @@ func (e *env) runPaths(ctx context.Context, cfg Config, paths []path) ([]*PathRe
 				i := (k + round) % len(paths)
 				s, retries, err := e.measure(ctx, paths[i], m, cfg)
 				if err != nil {
-					return nil, fmt.Errorf("%s %s: %w", paths[i].name, m.name, err)
+					return fmt.Errorf("%s %s: %w", paths[i].name, m.name, err)
 				}
 				results[i].record(m, s, retries)
 			}
 		}
 	}
-	return results, nil
+	return nil
 }
