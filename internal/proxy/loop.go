@@ -76,6 +76,8 @@ type loop struct {
 	pairs  map[*pair]struct{}
 	paused []int             // listening sockets taken out of the epoll set by a failed accept
 	pools  map[poolKey]*pool // preconnect's ready connections (preconnect.go)
+	// refills are pools to top up once a poll finds no event waiting.
+	refills []*pool
 	// closing holds descriptors forgotten during a batch of events, closed
 	// after it: a number closed mid-batch could be reused at once by a
 	// socket the batch opens, and a later event of the batch, meant for
@@ -147,12 +149,18 @@ func (l *loop) run(netns ns.NetNS) {
 		if len(l.pairs) == 0 && len(l.paused) == 0 && len(l.pools) == 0 {
 			timeout = -1
 		}
+		if len(l.refills) > 0 {
+			timeout = 0 // poll: refill only when idle
+		}
 		n, err := unix.EpollWait(l.epfd, events, timeout)
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			l.p.log.Error("proxy loop: epoll_wait failed", "error", err)
 			return
 		}
 		l.now = time.Now()
+		if n == 0 && len(l.refills) > 0 {
+			l.runRefills()
+		}
 		wake := false
 		for i := range max(n, 0) {
 			fd := int(events[i].Fd)

@@ -28,8 +28,9 @@ type poolKey struct {
 
 // pool is a loop's ready connections to one server of one service.
 type pool struct {
-	key   poolKey
-	conns []*spare // dialing or established
+	key    poolKey
+	conns  []*spare // dialing or established
+	queued bool     // in loop.refills
 }
 
 // spare is one ready (or dialing) backend connection.
@@ -60,8 +61,9 @@ func (sp *spare) event(l *loop, fd int, ev uint32) {
 
 // preconnected pairs the client with an established connection to the
 // plan's first target when the loop holds one, dials as usual otherwise,
-// and then starts dialing a replacement (after the client's own dial, which
-// goes first).
+// and queues the pool for a refill once the loop has nothing else to do:
+// a dial on loopback runs the whole handshake inside connect(2), and done
+// at once it would delay the client it was meant to speed up.
 func (l *loop) preconnected(pr *pair) {
 	k := poolKey{pr.svc, pr.plan[0]}
 	pl := l.pools[k]
@@ -72,7 +74,22 @@ func (l *loop) preconnected(pr *pair) {
 	if !l.takeSpare(pr, pl) {
 		l.dial(pr)
 	}
-	l.fillPool(pl, 1)
+	if !pl.queued {
+		pl.queued = true
+		l.refills = append(l.refills, pl)
+	}
+}
+
+// runRefills tops up the pools queued by clients, when the loop is idle.
+// A pool dropped meanwhile is no longer in l.pools and is skipped.
+func (l *loop) runRefills() {
+	for _, pl := range l.refills {
+		pl.queued = false
+		if l.pools[pl.key] == pl {
+			l.fillPool(pl, l.p.set.preconnect)
+		}
+	}
+	l.refills = l.refills[:0]
 }
 
 func (l *loop) takeSpare(pr *pair, pl *pool) bool {
