@@ -25,6 +25,13 @@ const (
 	// DefaultMaxConnections caps the client connections the proxy holds
 	// at once (each takes two file descriptors).
 	DefaultMaxConnections = 16384
+	// DefaultPreconnectMaxIdle is how long a ready backend connection
+	// (preconnect) waits for a client before it is closed and replaced:
+	// short enough that a server's own idle timeout does not close it
+	// under a client.
+	DefaultPreconnectMaxIdle = 3 * time.Second
+	// MaxPreconnect bounds preconnect.
+	MaxPreconnect = 16
 )
 
 // Config is the proxy section of the ctlbd configuration, e.g.
@@ -58,8 +65,20 @@ type Config struct {
 	// runtime may use, at most MaxLoops). Fewer loops than CPUs suit a
 	// node whose CPUs the proxy shares with busy workloads: on 2 CPUs,
 	// one loop measured about 10% less CPU per connection than two.
-	Loops    int      `json:"loops,omitempty"`
-	LocalVIP LocalVIP `json:"localVIP"`
+	Loops int `json:"loops,omitempty"`
+	// Preconnect keeps this many backend connections established ahead
+	// of clients for every server of a service, in each event loop
+	// (default 0: off; at most MaxPreconnect), so that an accepted client
+	// is paired at once instead of waiting for a dial's handshake. The
+	// server is still picked by round robin; a ready connection of that
+	// server is taken when there is one, otherwise it is dialed as usual.
+	// A ready connection is not a client connection: the caps and the
+	// client metrics do not count it.
+	Preconnect int `json:"preconnect,omitempty"`
+	// PreconnectMaxIdle is how long a ready connection waits for a client
+	// before it is closed and replaced (default DefaultPreconnectMaxIdle).
+	PreconnectMaxIdle string   `json:"preconnectMaxIdle,omitempty"`
+	LocalVIP          LocalVIP `json:"localVIP"`
 }
 
 // Service is one VIP the proxy serves. A client that dials VIP:port is sent
@@ -93,6 +112,8 @@ type settings struct {
 	maxPerService  int
 	rejectLogEvery time.Duration
 	loops          int // 0: one per CPU
+	preconnect     int // ready connections per server and loop; 0: off
+	preconnectIdle time.Duration
 	localVIP       bool
 	device         string
 }
@@ -137,6 +158,13 @@ func (c Config) settings() (*settings, error) {
 		return nil, fmt.Errorf("loops: %d is not 0 (one per CPU) to %d", c.Loops, MaxLoops)
 	}
 	s.loops = c.Loops
+	if c.Preconnect < 0 || c.Preconnect > MaxPreconnect {
+		return nil, fmt.Errorf("preconnect: %d is not 0 (off) to %d", c.Preconnect, MaxPreconnect)
+	}
+	s.preconnect = c.Preconnect
+	if s.preconnectIdle, err = duration("preconnectMaxIdle", c.PreconnectMaxIdle, DefaultPreconnectMaxIdle); err != nil {
+		return nil, err
+	}
 	if s.maxConns == 0 {
 		s.maxConns = DefaultMaxConnections
 	}

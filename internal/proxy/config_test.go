@@ -75,6 +75,10 @@ func TestConfigErrorsNameFieldAndValue(t *testing.T) {
 		{Config{Services: svc, DrainTimeout: "0s"}, `drainTimeout: "0s" must be positive`},
 		{Config{Services: svc, Loops: -1}, `loops: -1 is not 0 (one per CPU) to 64`},
 		{Config{Services: svc, Loops: 65}, `loops: 65 is not 0 (one per CPU) to 64`},
+		{Config{Services: svc, Preconnect: -1}, `preconnect: -1 is not 0 (off) to 16`},
+		{Config{Services: svc, Preconnect: 17}, `preconnect: 17 is not 0 (off) to 16`},
+		{Config{Services: svc, Preconnect: 1, PreconnectMaxIdle: "soon"}, `preconnectMaxIdle: "soon" is not a duration`},
+		{Config{Services: svc, Preconnect: 1, PreconnectMaxIdle: "0s"}, `preconnectMaxIdle: "0s" must be positive`},
 		{Config{Services: svc, LocalVIP: LocalVIP{Enabled: true, Device: "a/b"}}, `localVIP.device: device name "a/b"`},
 		{Config{Services: svc, LocalVIP: LocalVIP{Enabled: true, Device: "much-too-long0"}}, `localVIP.device: device name "much-too-long0" longer than 10 bytes`},
 	} {

@@ -74,7 +74,10 @@ type loop struct {
 
 	fds    map[int]handler
 	pairs  map[*pair]struct{}
-	paused []int // listening sockets taken out of the epoll set by a failed accept
+	paused []int             // listening sockets taken out of the epoll set by a failed accept
+	pools  map[poolKey]*pool // preconnect's ready connections (preconnect.go)
+	// refills are pools to top up once a poll finds no event waiting.
+	refills []*pool
 	// closing holds descriptors forgotten during a batch of events, closed
 	// after it: a number closed mid-batch could be reused at once by a
 	// socket the batch opens, and a later event of the batch, meant for
@@ -95,7 +98,7 @@ func newLoop(p *Proxy) (*loop, error) {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
 	l := &loop{p: p, epfd: epfd, wakefd: wfd, buf: make([]byte, loopBufSize),
-		fds: map[int]handler{}, pairs: map[*pair]struct{}{}, done: make(chan struct{})}
+		fds: map[int]handler{}, pairs: map[*pair]struct{}{}, pools: map[poolKey]*pool{}, done: make(chan struct{})}
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wfd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wfd)}); err != nil {
 		l.closeFDs()
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
@@ -143,8 +146,11 @@ func (l *loop) run(netns ns.NetNS) {
 		// ticking (each wake-up after 10 ms in epoll_wait finds the P
 		// taken), on an idle proxy too.
 		timeout := int(sweepEvery / time.Millisecond)
-		if len(l.pairs) == 0 && len(l.paused) == 0 {
+		if len(l.pairs) == 0 && len(l.paused) == 0 && len(l.pools) == 0 {
 			timeout = -1
+		}
+		if len(l.refills) > 0 {
+			timeout = 0 // poll: refill only when idle
 		}
 		n, err := unix.EpollWait(l.epfd, events, timeout)
 		if err != nil && !errors.Is(err, unix.EINTR) {
@@ -152,6 +158,9 @@ func (l *loop) run(netns ns.NetNS) {
 			return
 		}
 		l.now = time.Now()
+		if n == 0 && len(l.refills) > 0 {
+			l.runRefills()
+		}
 		wake := false
 		for i := range max(n, 0) {
 			fd := int(events[i].Fd)
@@ -380,6 +389,10 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	sm.open.Inc()
 	p.held.Add(1)
 	l.pairs[pr] = struct{}{}
+	if p.set.preconnect > 0 {
+		l.preconnected(pr)
+		return
+	}
 	l.dial(pr)
 }
 
@@ -702,6 +715,7 @@ func (l *loop) sweep() {
 		}
 	}
 	l.paused = l.paused[:0]
+	l.sweepPools()
 	for pr := range l.pairs {
 		switch {
 		case !pr.connected && pr.server >= 0 && l.now.After(pr.deadline):

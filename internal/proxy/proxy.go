@@ -455,6 +455,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Unlock()
 	p.closing.Store(true)
 	p.stopAccepting()
+	for _, l := range p.loops {
+		l.do(l.closePools)
+	}
 
 	done := make(chan struct{})
 	go func() { p.held.Wait(); close(done) }()
@@ -499,7 +502,7 @@ func (p *Proxy) stopAccepting() {
 func (p *Proxy) teardown() {
 	p.stopAccepting()
 	for _, l := range p.loops {
-		l.do(func() { l.cutAll() })
+		l.do(func() { l.cutAll(); l.closePools() })
 		l.stop()
 	}
 	if p.device != nil {

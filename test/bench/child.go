@@ -63,6 +63,8 @@ type seedProxyArgs struct {
 type ctlbProxyArgs struct {
 	Mode     string    `json:"mode"`
 	Forwards []forward `json:"forwards"`
+	// Preconnect is proxy.Config.Preconnect (0: off).
+	Preconnect int `json:"preconnect,omitempty"`
 }
 
 // ready is the first line every child prints.
@@ -208,7 +210,7 @@ func childCtlbProxy() error {
 		}
 		byVIP[v] = append(byVIP[v], int(l.Port()))
 	}
-	cfg := proxy.Config{Mode: a.Mode, DrainTimeout: "1s"}
+	cfg := proxy.Config{Mode: a.Mode, DrainTimeout: "1s", Preconnect: a.Preconnect}
 	for _, v := range order {
 		cfg.Services = append(cfg.Services, proxy.Service{VIP: v, Ports: byVIP[v]})
 	}
@@ -219,7 +221,11 @@ func childCtlbProxy() error {
 	// CTLB_BENCH_PROXY_PROFILE=PREFIX writes a CPU profile of each ctlb
 	// proxy to PREFIX.MODE.pprof, for looking into where its time goes.
 	if prefix := os.Getenv("CTLB_BENCH_PROXY_PROFILE"); prefix != "" {
-		f, err := os.Create(prefix + "." + a.Mode + ".pprof")
+		name := a.Mode
+		if a.Preconnect > 0 {
+			name += fmt.Sprintf("-preconnect%d", a.Preconnect)
+		}
+		f, err := os.Create(prefix + "." + name + ".pprof")
 		if err != nil {
 			return fmt.Errorf("profile: %w", err)
 		}

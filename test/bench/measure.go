@@ -38,10 +38,11 @@ var (
 	pathDNAT      = path{name: "dnat", desc: "VIP DNATed by nftables in the node (kube-proxy style, conntrack)", vip: netip.MustParseAddr("198.19.0.2")}
 	pathListeners = path{name: "proxy-listeners", desc: "ctlb fallback proxy, a socket per VIP:port (splice)", vip: netip.MustParseAddr("198.19.0.3"), local: true}
 	pathSteering  = path{name: "proxy-steering", desc: "ctlb fallback proxy, one socket + sk_lookup (splice)", vip: netip.MustParseAddr("198.19.0.4"), local: true}
+	pathPreconn   = path{name: "proxy-preconnect", desc: "ctlb fallback proxy, listeners with preconnect 1 (a ready backend connection per server)", vip: netip.MustParseAddr("198.19.0.7"), local: true}
 	pathHAProxy   = path{name: "haproxy", desc: "HAProxy, mode tcp, roundrobin", vip: netip.MustParseAddr("198.19.0.5"), local: true}
 	pathSeed      = path{name: "seed-proxy", desc: "seed-style proxy: goroutine per direction, 64 KiB read/write", vip: netip.MustParseAddr("198.19.0.6"), local: true}
 
-	allPaths = []path{pathDirect, pathConnect4, pathDNAT, pathListeners, pathSteering, pathHAProxy, pathSeed}
+	allPaths = []path{pathDirect, pathConnect4, pathDNAT, pathListeners, pathSteering, pathPreconn, pathHAProxy, pathSeed}
 )
 
 func (p path) targets(bulk bool) []string {

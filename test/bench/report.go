@@ -141,7 +141,7 @@ func targets(r *Results) []TargetResult {
 		}
 		out = append(out, t)
 	}
-	for _, name := range []string{pathListeners.name, pathSteering.name} {
+	for _, name := range []string{pathListeners.name, pathSteering.name, pathPreconn.name} {
 		p := r.path(name)
 		out = append(out,
 			ratioTarget(name+" conn/s vs HAProxy, 1 client", get(p, rate1), get(ha, rate1), 1.2),

@@ -398,7 +398,7 @@ func (e *env) startProxies() error {
 			{Listen: netip.AddrPortFrom(p.vip, vipSourcePort).String(), Servers: servers(sourcePort)},
 		}
 	}
-	for _, p := range []path{pathSeed, pathListeners, pathSteering} {
+	for _, p := range []path{pathSeed, pathListeners, pathSteering, pathPreconn} {
 		cg, err := e.cgroup("proxy-" + p.name)
 		if err != nil {
 			return err
@@ -410,6 +410,8 @@ func (e *env) startProxies() error {
 			role, args = roleSeedProxy, seedProxyArgs{Forwards: fwd(p)}
 		case pathListeners.name:
 			args = ctlbProxyArgs{Mode: "listeners", Forwards: fwd(p)}
+		case pathPreconn.name:
+			args = ctlbProxyArgs{Mode: "listeners", Forwards: fwd(p), Preconnect: 1}
 		default:
 			args = ctlbProxyArgs{Mode: "steering", Forwards: fwd(p)}
 		}

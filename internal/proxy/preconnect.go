@@ -1,0 +1,198 @@
+package proxy
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Preconnect (Config.Preconnect): each loop keeps a few backend connections
+// established ahead of clients for every server it has sent a client to, so
+// that an accepted client is paired with one at once instead of waiting for
+// a dial's handshake (Envoy's preconnect_policy). The round robin is not
+// changed: the server is picked as always, and a ready connection of that
+// server is taken when there is one. A ready connection waits registered for
+// hang-ups and errors only, not for readability: a server may greet first,
+// and its banner must wait in the socket for the client. A hang-up, an
+// error or the idle age discards it, silently: a client that finds none
+// dials as before, failover included.
+
+// poolKey is one server of one service.
+type poolKey struct {
+	svc    *service
+	target netip.AddrPort
+}
+
+// pool is a loop's ready connections to one server of one service.
+type pool struct {
+	key    poolKey
+	conns  []*spare // dialing or established
+	queued bool     // in loop.refills
+}
+
+// spare is one ready (or dialing) backend connection.
+type spare struct {
+	pl        *pool
+	fd        int
+	connected bool
+	since     time.Time // dial start, then connected
+}
+
+// The events a spare waits for: writable once (the handshake is done),
+// then only a hang-up or an error.
+const spareEvents = unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+
+func (sp *spare) event(l *loop, fd int, ev uint32) {
+	if ev&(unix.EPOLLERR|unix.EPOLLHUP|unix.EPOLLRDHUP) != 0 {
+		// Refused, reset or closed by the server: it is replaced at
+		// the next sweep, not now, so that a server that closes every
+		// idle connection at once is not dialed in a tight loop.
+		l.dropSpare(sp)
+		return
+	}
+	if ev&unix.EPOLLOUT != 0 && !sp.connected {
+		sp.connected = true
+		sp.since = l.now
+	}
+}
+
+// preconnected pairs the client with an established connection to the
+// plan's first target when the loop holds one, dials as usual otherwise,
+// and queues the pool for a refill once the loop has nothing else to do:
+// a dial on loopback runs the whole handshake inside connect(2), and done
+// at once it would delay the client it was meant to speed up.
+func (l *loop) preconnected(pr *pair) {
+	k := poolKey{pr.svc, pr.plan[0]}
+	pl := l.pools[k]
+	if pl == nil {
+		pl = &pool{key: k}
+		l.pools[k] = pl
+	}
+	if !l.takeSpare(pr, pl) {
+		l.dial(pr)
+	}
+	if !pl.queued {
+		pl.queued = true
+		l.refills = append(l.refills, pl)
+	}
+}
+
+// runRefills tops up the pools queued by clients, when the loop is idle.
+// A pool dropped meanwhile is no longer in l.pools and is skipped.
+func (l *loop) runRefills() {
+	for _, pl := range l.refills {
+		pl.queued = false
+		if l.pools[pl.key] == pl {
+			l.fillPool(pl, l.p.set.preconnect)
+		}
+	}
+	l.refills = l.refills[:0]
+}
+
+func (l *loop) takeSpare(pr *pair, pl *pool) bool {
+	var got *spare
+	for i, sp := range pl.conns {
+		if sp.connected {
+			got = sp
+			pl.conns = slices.Delete(pl.conns, i, i+1)
+			break
+		}
+	}
+	if got == nil {
+		return false
+	}
+	// The spare's descriptor becomes the pair's: the same registration,
+	// now for everything. MOD re-reports what is pending, a banner or a
+	// hang-up that raced with this, as a fresh edge.
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, got.fd,
+		&unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(got.fd)}); err != nil {
+		l.forget(got.fd)
+		return false
+	}
+	l.fds[got.fd] = pr
+	pr.server, pr.target, pr.next = got.fd, pr.plan[0], 1
+	l.connected(pr)
+	return true
+}
+
+// fillPool starts at most max dials toward the pool's size.
+func (l *loop) fillPool(pl *pool, most int) {
+	for len(pl.conns) < l.p.set.preconnect && most > 0 && !l.p.closing.Load() {
+		most--
+		t := pl.key.target
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return
+		}
+		err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()})
+		if err != nil && !errors.Is(err, unix.EINPROGRESS) {
+			unix.Close(fd)
+			return
+		}
+		sp := &spare{pl: pl, fd: fd, since: l.now}
+		if err := l.add(fd, sp, spareEvents); err != nil {
+			unix.Close(fd)
+			return
+		}
+		pl.conns = append(pl.conns, sp)
+	}
+}
+
+func (l *loop) dropSpare(sp *spare) {
+	pl := sp.pl
+	if i := slices.Index(pl.conns, sp); i >= 0 {
+		pl.conns = slices.Delete(pl.conns, i, i+1)
+		l.forget(sp.fd)
+	}
+}
+
+// sweepPools discards ready connections past their idle age (or dials past
+// the connect timeout) and every one of a server that left its service's
+// set or a service no longer served, then tops the pools up.
+func (l *loop) sweepPools() {
+	if len(l.pools) == 0 {
+		return
+	}
+	served := map[*service]bool{}
+	for _, s := range *l.p.dests.Load() {
+		served[s] = true
+	}
+	sets := map[*service][]netip.AddrPort{}
+	for k, pl := range l.pools {
+		for _, sp := range slices.Clone(pl.conns) {
+			switch {
+			case sp.connected && l.now.Sub(sp.since) >= l.p.set.preconnectIdle,
+				!sp.connected && l.now.Sub(sp.since) >= l.p.set.connectTimeout:
+				l.dropSpare(sp)
+			}
+		}
+		set, ok := sets[k.svc]
+		if !ok && served[k.svc] {
+			set = l.p.targets(k.svc.key)
+			sets[k.svc] = set
+		}
+		if !served[k.svc] || !slices.Contains(set, k.target) || l.p.closing.Load() {
+			l.closePool(pl)
+			delete(l.pools, k)
+			continue
+		}
+		l.fillPool(pl, l.p.set.preconnect)
+	}
+}
+
+func (l *loop) closePool(pl *pool) {
+	for _, sp := range slices.Clone(pl.conns) {
+		l.dropSpare(sp)
+	}
+}
+
+// closePools closes every ready connection, for Shutdown.
+func (l *loop) closePools() {
+	for k, pl := range l.pools {
+		l.closePool(pl)
+		delete(l.pools, k)
+	}
+}

@@ -1,0 +1,223 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// seqServer greets every connection with "conn-N at UNIXNANO" (N counts its
+// accepts), echoes one line, and closes a connection on which nothing
+// arrives within idle: a server with an idle timeout of its own.
+type seqServer struct {
+	ln     net.Listener
+	idle   time.Duration
+	mu     sync.Mutex
+	n      int
+	open   int
+	closed int // connections the server closed for idleness
+	wg     sync.WaitGroup
+}
+
+func startSeqServer(t *testing.T, netns ns.NetNS, addr netip.AddrPort, idle time.Duration) *seqServer {
+	t.Helper()
+	s := &seqServer{idle: idle}
+	if err := netns.Do(func(ns.NetNS) error {
+		var err error
+		s.ln, err = net.Listen("tcp4", addr.String())
+		return err
+	}); err != nil {
+		t.Fatalf("listen %s: %v", addr, err)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := s.ln.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			s.n++
+			s.open++
+			n := s.n
+			s.mu.Unlock()
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer c.Close()
+				_, _ = fmt.Fprintf(c, "conn-%d at %d\n", n, time.Now().UnixNano())
+				_ = c.SetReadDeadline(time.Now().Add(s.idle))
+				line, err := bufio.NewReader(c).ReadString('\n')
+				s.mu.Lock()
+				s.open--
+				if ne, ok := err.(net.Error); ok && ne.Timeout() {
+					s.closed++
+				}
+				s.mu.Unlock()
+				if err == nil {
+					_, _ = c.Write([]byte(line))
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() { s.ln.Close(); s.wg.Wait() })
+	return s
+}
+
+func (s *seqServer) counts() (accepted, open, idleClosed int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.n, s.open, s.closed
+}
+
+// exchange connects through the proxy, reads the greeting and has a line
+// echoed; it returns the greeting.
+func exchange(netns ns.NetNS, addr netip.AddrPort) (string, error) {
+	c, err := dialIn(netns, addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	greet, err := r.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("greeting: %w", err)
+	}
+	if _, err := c.Write([]byte("ping\n")); err != nil {
+		return "", fmt.Errorf("write: %w", err)
+	}
+	if echo, err := r.ReadString('\n'); err != nil || echo != "ping\n" {
+		return "", fmt.Errorf("echo %q: %v (greeting %q)", echo, err, greet)
+	}
+	return greet, nil
+}
+
+func preconnectEnv(t *testing.T, mode string, n int) *env {
+	return newEnv(t, mode, func(c *Config) { c.Preconnect, c.Loops, c.PreconnectMaxIdle = n, 1, "10s" })
+}
+
+// A client is served by a backend connection established before it dialed,
+// and the server's greeting, sent while the connection waited, reaches it.
+func TestPreconnectServesFromReadyConnection(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			e := preconnectEnv(t, mode, 1)
+			srv := startSeqServer(t, e.node, ap(serverAddrs[0], 7000), time.Minute)
+			e.setTargets(ap(serverAddrs[0], 7000))
+			if _, err := exchange(e.node, vipPort(portA)); err != nil {
+				t.Fatal(err)
+			}
+			// The first client found none and had one dialed.
+			waitFor(t, "a ready connection", func() (bool, string) {
+				a, _, _ := srv.counts()
+				return a == 2, fmt.Sprintf("server accepted %d", a)
+			})
+			time.Sleep(20 * time.Millisecond)
+			before := time.Now()
+			greet, err := exchange(e.node, vipPort(portA))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var n int
+			var at int64
+			if _, err := fmt.Sscanf(greet, "conn-%d at %d\n", &n, &at); err != nil {
+				t.Fatalf("greeting %q: %v", greet, err)
+			}
+			if n != 2 || !time.Unix(0, at).Before(before) {
+				t.Fatalf("client served by %q, want conn-2 accepted before the client dialed at %d", greet, before.UnixNano())
+			}
+			if m := testutilCount(e, ap(serverAddrs[0], 7000)); m != 2 {
+				t.Errorf("connections metric = %v, want 2 (ready connections are not clients)", m)
+			}
+		})
+	}
+}
+
+func testutilCount(e *env, target netip.AddrPort) float64 {
+	return testutil.ToFloat64(e.p.m.proxied.WithLabelValues(vipPort(portA).String(), target.String()))
+}
+
+// Round robin is unchanged: sequential clients split evenly.
+func TestPreconnectKeepsRoundRobin(t *testing.T) {
+	e := preconnectEnv(t, ModeListeners, 2)
+	e.startServers(t, 7000)
+	const each = 10
+	got := map[string]int{}
+	for range each * len(serverAddrs) {
+		name, err := nameVia(e.node, vipPort(portA))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got[name]++
+	}
+	for _, a := range serverAddrs {
+		if n := got[a+":7000"]; n < each-1 || n > each+1 {
+			t.Errorf("%s got %d connections, want %d±1 (all: %v)", a, n, each, got)
+		}
+	}
+}
+
+// A server that closes idle connections costs no client a failed connect:
+// the closed ready connection is discarded, and the client is served.
+func TestPreconnectDiscardsClosedReadyConnection(t *testing.T) {
+	e := preconnectEnv(t, ModeListeners, 1)
+	srv := startSeqServer(t, e.node, ap(serverAddrs[0], 7000), 300*time.Millisecond)
+	e.setTargets(ap(serverAddrs[0], 7000))
+	if _, err := exchange(e.node, vipPort(portA)); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 4 {
+		waitFor(t, "the server to close an idle ready connection", func() (bool, string) {
+			_, _, c := srv.counts()
+			return c > round, fmt.Sprintf("server closed %d idle connections", c)
+		})
+		time.Sleep(20 * time.Millisecond)
+		if _, err := exchange(e.node, vipPort(portA)); err != nil {
+			t.Fatalf("round %d: a client after the server closed its ready connection: %v", round, err)
+		}
+	}
+}
+
+// Ready connections close when their server leaves the set and when the
+// proxy shuts down.
+func TestPreconnectClosesReadyConnections(t *testing.T) {
+	e := preconnectEnv(t, ModeListeners, 3)
+	a := startSeqServer(t, e.node, ap(serverAddrs[0], 7000), time.Minute)
+	b := startSeqServer(t, e.node, ap(serverAddrs[1], 7000), time.Minute)
+	e.setTargets(ap(serverAddrs[0], 7000), ap(serverAddrs[1], 7000))
+	for range 2 {
+		if _, err := exchange(e.node, vipPort(portA)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range []*seqServer{a, b} {
+		waitFor(t, "3 ready connections each", func() (bool, string) {
+			_, o, _ := s.counts()
+			return o == 3, fmt.Sprintf("server holds %d open", o)
+		})
+	}
+	e.setTargets(ap(serverAddrs[0], 7000))
+	waitFor(t, "the leaving server's ready connections to close", func() (bool, string) {
+		_, o, _ := b.counts()
+		return o == 0, fmt.Sprintf("server holds %d open", o)
+	})
+	if _, o, _ := a.counts(); o != 3 {
+		t.Errorf("the staying server holds %d open, want its 3 ready connections", o)
+	}
+	if err := e.p.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "every ready connection to close at shutdown", func() (bool, string) {
+		_, o, _ := a.counts()
+		return o == 0, fmt.Sprintf("server holds %d open", o)
+	})
+}
