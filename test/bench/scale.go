@@ -179,24 +179,28 @@ func slabBytes() (int64, error) {
 	return 0, errors.New("/proc/meminfo: no Slab line")
 }
 
-// memlockTotal adds up the memlock figure (/proc/PID/fdinfo) of every BPF
-// map on the machine: the inner arrays of ctlb's VIPs are held by the kernel
-// alone, so they can only be found by ID.
-func memlockTotal() (uint64, error) {
-	var total uint64
-	id := ebpf.MapID(0)
-	for {
-		next, err := ebpf.MapGetNextID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			return total, nil
-		}
+// ctlbMemlock adds up the memlock figure of ctlb's maps in this benchmark's
+// bpffs: the pinned maps and the inner arrays of its VIPs, which the kernel
+// alone holds and which are found by ID through the outer map. Other
+// processes' maps (tests running beside a smoke run) are not counted.
+func (e *env) ctlbMemlock() (uint64, error) {
+	total, err := e.pinnedMemlock()
+	if err != nil {
+		return 0, err
+	}
+	outerPath := filepath.Join(e.bpffs, "ctlb", "ctlb_services_v2")
+	outer, err := ebpf.LoadPinnedMap(outerPath, nil)
+	if err != nil {
+		return 0, fmt.Errorf("open %s: %w", outerPath, err)
+	}
+	defer outer.Close()
+	var key []byte
+	var id uint32
+	it := outer.Iterate()
+	for it.Next(&key, &id) {
+		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
 		if err != nil {
-			return 0, fmt.Errorf("list BPF maps: %w", err)
-		}
-		id = next
-		m, err := ebpf.NewMapFromID(id)
-		if err != nil {
-			continue // freed meanwhile
+			continue // replaced meanwhile
 		}
 		info, err := m.Info()
 		m.Close()
@@ -207,6 +211,10 @@ func memlockTotal() (uint64, error) {
 			total += v
 		}
 	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("iterate %s: %w", outerPath, err)
+	}
+	return total, nil
 }
 
 // pinnedMemlock adds up the memlock of ctlb's pinned maps.
@@ -250,7 +258,7 @@ func (e *env) measureMemory(ctx context.Context, cfg Config, baseVIPs int) (Memo
 		return mem, err
 	}
 	read := func() (uint64, int64, error) {
-		ml, err := memlockTotal()
+		ml, err := e.ctlbMemlock()
 		if err != nil {
 			return 0, 0, err
 		}
