@@ -40,7 +40,8 @@ systemd the daemon reports readiness with sd_notify). Flags override the
 config file. Two daemons can run side by side with different --bpffs and
 --socket. The fallback proxy (the config's "proxy" section) serves from one
 event loop per CPU, or "loops" of them, and raises GOMAXPROCS by as many while
-it runs.`,
+it runs; "preconnect": N keeps N connections per server established ahead of
+clients (off by default; docs/TROUBLESHOOTING.md).`,
 		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
   ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /tmp/ctlbd.sock`,
 		Args: cobra.NoArgs,
