@@ -403,20 +403,9 @@ func (l *loop) dial(pr *pair) {
 	for pr.next < len(pr.plan) {
 		t := pr.plan[pr.next]
 		pr.next++
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		fd, err := l.connect(t, pr, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET)
 		if err != nil {
-			l.dialFailed(pr, t, fmt.Errorf("socket: %w", err))
-			continue
-		}
-		err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()})
-		if err != nil && !errors.Is(err, unix.EINPROGRESS) {
-			l.forget(fd)
-			l.dialFailed(pr, t, fmt.Errorf("connect: %w", err))
-			continue
-		}
-		if err := l.add(fd, pr, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
-			l.forget(fd)
-			l.dialFailed(pr, t, fmt.Errorf("epoll: %w", err))
+			l.dialFailed(pr, t, err)
 			continue
 		}
 		pr.server, pr.target, pr.deadline = fd, t, l.now.Add(p.set.connectTimeout)
@@ -426,6 +415,25 @@ func (l *loop) dial(pr *pair) {
 	p.rejects.warn(rejectDialFailed+" "+pr.svc.name, "closing client: no target answered", "service", pr.svc.name,
 		"client", peerName(pr.client), "reason", rejectDialFailed)
 	l.end(pr, true)
+}
+
+// connect starts a non-blocking connect to t and registers the socket for
+// events with h; on failure the socket is closed at the end of the batch.
+func (l *loop) connect(t netip.AddrPort, h handler, events uint32) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()})
+	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		l.forget(fd)
+		return -1, fmt.Errorf("connect: %w", err)
+	}
+	if err := l.add(fd, h, events); err != nil {
+		l.forget(fd)
+		return -1, fmt.Errorf("epoll: %w", err)
+	}
+	return fd, nil
 }
 
 func (l *loop) dialFailed(pr *pair, t netip.AddrPort, err error) {

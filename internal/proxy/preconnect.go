@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"errors"
 	"net/netip"
 	"slices"
 	"time"
@@ -122,21 +121,12 @@ func (l *loop) takeSpare(pr *pair, pl *pool) bool {
 func (l *loop) fillPool(pl *pool, most int) {
 	for len(pl.conns) < l.p.set.preconnect && most > 0 && !l.p.closing.Load() {
 		most--
-		t := pl.key.target
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		sp := &spare{pl: pl, since: l.now}
+		fd, err := l.connect(pl.key.target, sp, spareEvents)
 		if err != nil {
-			return
+			return // nothing a client sees: the next sweep tries again
 		}
-		err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()})
-		if err != nil && !errors.Is(err, unix.EINPROGRESS) {
-			unix.Close(fd)
-			return
-		}
-		sp := &spare{pl: pl, fd: fd, since: l.now}
-		if err := l.add(fd, sp, spareEvents); err != nil {
-			unix.Close(fd)
-			return
-		}
+		sp.fd = fd
 		pl.conns = append(pl.conns, sp)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -77,6 +78,36 @@ func (ps *progStats) read() (map[string]ebpf.ProgramStats, error) {
 	return out, nil
 }
 
+// progRuns sums each program's runs and run time over measurements.
+type progRuns map[string]struct {
+	runs uint64
+	ns   time.Duration
+}
+
+// add adds what each program ran between two reads.
+func (pr progRuns) add(before, after map[string]ebpf.ProgramStats) {
+	for name, a := range after {
+		r := pr[name]
+		r.runs += a.RunCount - before[name].RunCount
+		r.ns += a.Runtime - before[name].Runtime
+		pr[name] = r
+	}
+}
+
+// costs is every program's runs and average run time, by name.
+func (pr progRuns) costs() []ProgCost {
+	out := make([]ProgCost, 0, len(pr))
+	for name, r := range pr {
+		pc := ProgCost{Program: name, Runs: r.runs}
+		if r.runs > 0 {
+			pc.AvgNs = float64(r.ns) / float64(r.runs)
+		}
+		out = append(out, pc)
+	}
+	slices.SortFunc(out, func(a, b ProgCost) int { return strings.Compare(a.Program, b.Program) })
+	return out
+}
+
 // enableBPFStats turns on the kernel's BPF run-time statistics for as long
 // as the returned descriptor is open: the kernel counts its holders and
 // turns them off after the last. Timing every run costs a little, so they
@@ -111,15 +142,9 @@ func (e *env) measureBPFCost(ctx context.Context, cfg Config) (BPFCost, error) {
 	if err != nil {
 		return c, err
 	}
-	for name, a := range after {
-		runs := a.RunCount - before[name].RunCount
-		pc := ProgCost{Program: name, Runs: runs}
-		if runs > 0 {
-			pc.AvgNs = float64(a.Runtime-before[name].Runtime) / float64(runs)
-		}
-		c.Programs = append(c.Programs, pc)
-	}
-	slices.SortFunc(c.Programs, func(a, b ProgCost) int { return strings.Compare(a.Program, b.Program) })
+	runs := progRuns{}
+	runs.add(before, after)
+	c.Programs = runs.costs()
 	c.Connections = s.res.Ops
 	// Per connect4 run (every try of the measurement ran the programs),
 	// not per connection of the kept try.

@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -222,7 +221,7 @@ func (e *env) measureBPFLayouts(ctx context.Context, cfg Config) (BPFLayouts, er
 		p     path
 		ps    *progStats
 		stat  *Stat
-		runs  map[string]ProgCost // runs and total ns, summed
+		runs  progRuns
 		costs *[]ProgCost
 	}
 	sides := []*side{{p: pathConnect4, ps: e.progs, stat: &bl.NsPerConn, costs: &bl.Programs}}
@@ -245,7 +244,7 @@ func (e *env) measureBPFLayouts(ctx context.Context, cfg Config) (BPFLayouts, er
 	}
 	defer stats.Close()
 	for _, s := range sides {
-		s.runs = map[string]ProgCost{}
+		s.runs = progRuns{}
 	}
 	rounds := max(cfg.Rounds, 1)
 	for round := range rounds {
@@ -270,25 +269,11 @@ func (e *env) measureBPFLayouts(ctx context.Context, cfg Config) (BPFLayouts, er
 			if ns, ok := nsPerConnect(before, after); ok {
 				s.stat.add(ns)
 			}
-			for name, a := range after {
-				c := s.runs[name]
-				c.Program = name
-				c.Runs += a.RunCount - before[name].RunCount
-				c.AvgNs += float64(a.Runtime - before[name].Runtime) // total for now
-				s.runs[name] = c
-			}
+			s.runs.add(before, after)
 		}
 	}
 	for _, s := range sides {
-		for _, c := range s.runs {
-			if c.Runs > 0 {
-				c.AvgNs /= float64(c.Runs)
-			} else {
-				c.AvgNs = 0
-			}
-			*s.costs = append(*s.costs, c)
-		}
-		slices.SortFunc(*s.costs, func(a, b ProgCost) int { return strings.Compare(a.Program, b.Program) })
+		*s.costs = s.runs.costs()
 	}
 	if bl.V1Measured {
 		bl.Ratio = pairedRatio(bl.NsPerConn, bl.V1NsPerConn)
