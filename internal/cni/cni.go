@@ -88,10 +88,10 @@ func (c *Conf) logger() (*slog.Logger, func(), error) {
 	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level})).With("plugin", "ctlb"), closeFn, openErr
 }
 
-// openDatapath adopts ctlbd's pins. Not pinned yet means ctlbd has not run
-// on this bpffs: try again later.
+// openDatapath adopts ctlbd's programs (ADD attaches; it needs no map). Not
+// pinned yet means ctlbd has not run on this bpffs: try again later.
 func (c *call) openDatapath(notPinnedCode uint) (*datapath.Datapath, error) {
-	dp, err := datapath.Open(c.conf.BPFFS)
+	dp, err := datapath.OpenForAttach(c.conf.BPFFS)
 	if err != nil {
 		return nil, c.openErr(err, notPinnedCode)
 	}
@@ -745,7 +745,7 @@ func (c *call) gc() error {
 			if !ownedBy(network, id) || validAtt[id] {
 				continue
 			}
-			if _, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
+			if _, err := datapath.RemoveInterruptedAll(c.conf.BPFFS, id); err != nil {
 				errs = append(errs, err)
 				continue
 			}

@@ -51,6 +51,17 @@ func CgroupAttachmentID(cgroupID uint64) string { return fmt.Sprintf("cgroup-%d"
 
 func (d *Datapath) linksDir() string { return filepath.Join(d.dir, "links") }
 
+// InflightDir is the directory, under DIR/links, that holds the temporary
+// directories of attaches and detaches under way (_tmp-ID-<hex>,
+// _del-ID-<hex>) and what callers killed half-way left of them. Apart from
+// the attachments, so that an ADD or DEL looks for what an interrupted one
+// left by listing the few operations in flight, not every attachment on
+// the node (issue 18: ADD at 1,000 attached pods). Its "_" keeps it out of
+// listings of attachments.
+const InflightDir = "_inflight"
+
+func inflightDir(dir string) string { return filepath.Join(dir, "links", InflightDir) }
+
 // Attach attaches connect4, getpeername4 and sock_release to the cgroup
 // directory with bpf_links (which always allow other programs beside them)
 // and pins the links under DIR/links/ID. The pins are made in a temporary
@@ -82,10 +93,10 @@ func (d *Datapath) Attach(id, cgroupDir string) (Attachment, error) {
 		return Attachment{}, err
 	}
 
-	if err := os.MkdirAll(d.linksDir(), 0o700); err != nil {
+	if err := os.MkdirAll(inflightDir(d.dir), 0o700); err != nil {
 		return Attachment{}, fmt.Errorf("attach %s: %w", id, err)
 	}
-	tmp := filepath.Join(d.linksDir(), "_tmp-"+id+"-"+randomSuffix())
+	tmp := filepath.Join(inflightDir(d.dir), "_tmp-"+id+"-"+randomSuffix())
 	if err := os.Mkdir(tmp, 0o700); err != nil {
 		return Attachment{}, fmt.Errorf("attach %s: %w", id, err)
 	}
@@ -98,8 +109,18 @@ func (d *Datapath) Attach(id, cgroupDir string) (Attachment, error) {
 		os.RemoveAll(tmp)
 		return Attachment{}, err
 	}
+	// One descriptor of the cgroup for every hook, and bpf_link_create
+	// directly: link.AttachCgroup would open the directory and probe for
+	// bpf_link support once per hook, on the pod's start-up path. Links
+	// are what ctlb pins, so the probe's fallback to a bare attach would
+	// be refused anyway.
+	cg, err := os.Open(cgroupDir)
+	if err != nil {
+		return fail(fmt.Errorf("attach %s: %w", id, err))
+	}
+	defer cg.Close()
 	for _, h := range hooks {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: h.attach, Program: d.progs[h.name]})
+		l, err := link.AttachRawLink(link.RawLinkOptions{Target: int(cg.Fd()), Program: d.progs[h.name], Attach: h.attach})
 		if err != nil {
 			return fail(fmt.Errorf("attach %s to %s: %w", h.name, cgroupDir, err))
 		}
@@ -139,7 +160,10 @@ func DetachPinned(dir, id string) error {
 	links := filepath.Join(dir, "links")
 	final := filepath.Join(links, id)
 	// Rename first, so the attachment leaves listings in one step.
-	gone := filepath.Join(links, "_del-"+id+"-"+randomSuffix())
+	gone := filepath.Join(inflightDir(dir), "_del-"+id+"-"+randomSuffix())
+	if err := os.Mkdir(inflightDir(dir), 0o700); err != nil && !errors.Is(err, fs.ErrExist) && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("detach %s: %w", id, err)
+	}
 	if err := os.Rename(final, gone); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("detach %s: %w", id, ErrNoAttachment)
@@ -163,22 +187,28 @@ func DetachPinned(dir, id string) error {
 // directories. They are no attachment (listings skip them), yet their
 // pinned links keep the programs on the cgroup. Only the caller that owns
 // id may call it (the runtime never runs two operations of one container at
-// once); RemoveStale is the age-based sweep for everything else.
+// once); RemoveStale is the age-based sweep for everything else. It lists
+// only InflightDir, so its cost does not grow with the attachments: those
+// left at the top of DIR/links by versions before it are for GC
+// (Interrupted) and RemoveStale.
 func RemoveInterrupted(dir, id string) (int, error) {
-	links := filepath.Join(dir, "links")
-	entries, err := os.ReadDir(links)
+	return removeInterruptedIn(inflightDir(dir), id)
+}
+
+func removeInterruptedIn(dir, id string) (int, error) {
+	entries, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return 0, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("list %s: %w", links, err)
+		return 0, fmt.Errorf("list %s: %w", dir, err)
 	}
 	n := 0
 	for _, e := range entries {
 		if !interruptedOf(e.Name(), id) {
 			continue
 		}
-		if err := os.RemoveAll(filepath.Join(links, e.Name())); err != nil {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 			return n, fmt.Errorf("remove interrupted %s: %w", e.Name(), err)
 		}
 		n++
@@ -186,30 +216,45 @@ func RemoveInterrupted(dir, id string) (int, error) {
 	return n, nil
 }
 
-// Interrupted lists the attachment IDs that have a temporary directory in
-// dir left by a caller killed half-way through Attach or Detach. GC uses it
-// to finish detaches it (or a DEL) started before it was killed.
-func Interrupted(dir string) ([]string, error) {
-	links := filepath.Join(dir, "links")
-	entries, err := os.ReadDir(links)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+// RemoveInterruptedAll is RemoveInterrupted that also looks where versions
+// before InflightDir left their temporaries, at the top of DIR/links: for
+// GC, which lists every attachment anyway.
+func RemoveInterruptedAll(dir, id string) (int, error) {
+	n, err := RemoveInterrupted(dir, id)
 	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", links, err)
+		return n, err
 	}
+	m, err := removeInterruptedIn(filepath.Join(dir, "links"), id)
+	return n + m, err
+}
+
+// Interrupted lists the attachment IDs that have a temporary directory in
+// dir left by a caller killed half-way through Attach or Detach (in
+// InflightDir, or at the top of DIR/links where earlier versions made
+// them). GC uses it to finish detaches it (or a DEL) started before it was
+// killed.
+func Interrupted(dir string) ([]string, error) {
 	seen := map[string]bool{}
 	var ids []string
-	for _, e := range entries {
-		for _, prefix := range []string{"_tmp-", "_del-"} {
-			rest, ok := strings.CutPrefix(e.Name(), prefix)
-			if !ok || len(rest) < 14 || rest[len(rest)-13] != '-' {
-				continue
-			}
-			id := rest[:len(rest)-13]
-			if interruptedOf(e.Name(), id) && !seen[id] {
-				seen[id] = true
-				ids = append(ids, id)
+	for _, d := range []string{inflightDir(dir), filepath.Join(dir, "links")} {
+		entries, err := os.ReadDir(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list %s: %w", d, err)
+		}
+		for _, e := range entries {
+			for _, prefix := range []string{"_tmp-", "_del-"} {
+				rest, ok := strings.CutPrefix(e.Name(), prefix)
+				if !ok || len(rest) < 14 || rest[len(rest)-13] != '-' {
+					continue
+				}
+				id := rest[:len(rest)-13]
+				if interruptedOf(e.Name(), id) && !seen[id] {
+					seen[id] = true
+					ids = append(ids, id)
+				}
 			}
 		}
 	}
@@ -322,26 +367,28 @@ func (d *Datapath) Attachments() ([]Attachment, error) {
 // left behind: temporary link directories (_tmp-*, _del-*) older than age. Their links were
 // never visible as attachments; unpinning them detaches them.
 func (d *Datapath) RemoveStale(age time.Duration) (int, error) {
-	entries, err := os.ReadDir(d.linksDir())
-	if errors.Is(err, fs.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("list attachments: %w", err)
-	}
 	n := 0
-	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "_tmp-") && !strings.HasPrefix(e.Name(), "_del-") {
+	for _, dir := range []string{inflightDir(d.dir), d.linksDir()} {
+		entries, err := os.ReadDir(dir)
+		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
-		info, err := e.Info()
-		if err != nil || time.Since(info.ModTime()) < age {
-			continue
+		if err != nil {
+			return n, fmt.Errorf("list %s: %w", dir, err)
 		}
-		if err := os.RemoveAll(filepath.Join(d.linksDir(), e.Name())); err != nil {
-			return n, fmt.Errorf("remove stale %s: %w", e.Name(), err)
+		for _, e := range entries {
+			if !strings.HasPrefix(e.Name(), "_tmp-") && !strings.HasPrefix(e.Name(), "_del-") {
+				continue
+			}
+			info, err := e.Info()
+			if err != nil || time.Since(info.ModTime()) < age {
+				continue
+			}
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				return n, fmt.Errorf("remove stale %s: %w", e.Name(), err)
+			}
+			n++
 		}
-		n++
 	}
 	return n, nil
 }

@@ -191,7 +191,7 @@ func Create(dir string) (*Datapath, error) {
 	if err := checkBPFFS(dir); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
+	if err := os.MkdirAll(inflightDir(dir), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
 	}
 	old, err := checkLayout(dir)
@@ -253,12 +253,22 @@ func (d *Datapath) Upgraded() *UpgradeReport { return d.upgraded }
 // Open adopts the objects pinned in dir without creating anything: the CNI
 // plugin and tools use it. It fails with ErrNotPinned when ctlbd has not
 // pinned them yet.
-func Open(dir string) (*Datapath, error) {
+func Open(dir string) (*Datapath, error) { return open(dir, true) }
+
+// OpenForAttach is Open for a caller that only attaches and detaches, as
+// the CNI plugin's ADD, which runs once per pod on its start-up path: it
+// opens the pinned programs and only checks that the map pins are there
+// (ErrNotPinned as Open when one is not), without opening them. Only
+// Attach, Attachment, Attachments, Detach and Close may be called on what
+// it returns.
+func OpenForAttach(dir string) (*Datapath, error) { return open(dir, false) }
+
+func open(dir string, withMaps bool) (*Datapath, error) {
 	old, err := checkLayout(dir)
 	if err != nil {
 		return nil, err
 	}
-	d, err := openPinned(dir)
+	d, err := openPinned(dir, withMaps)
 	if err != nil && old != 0 {
 		// v1 pins and no whole v2 set: the upgrade has not run (or not
 		// got this far). Once the v2 objects are pinned they serve, even
@@ -268,10 +278,21 @@ func Open(dir string) (*Datapath, error) {
 	return d, err
 }
 
-func openPinned(dir string) (*Datapath, error) {
+func openPinned(dir string, withMaps bool) (*Datapath, error) {
 	d := &Datapath{dir: dir, progs: map[string]*ebpf.Program{}}
 	for name, dst := range d.maps.byName() {
 		p := filepath.Join(dir, name)
+		if !withMaps {
+			// Present is enough: the programs hold their maps.
+			if _, err := os.Lstat(p); err != nil {
+				d.Close()
+				if errors.Is(err, fs.ErrNotExist) {
+					return nil, fmt.Errorf("open %s: %w (is ctlbd running with this bpffs directory?)", p, ErrNotPinned)
+				}
+				return nil, fmt.Errorf("open pinned map %s: %w", p, err)
+			}
+			continue
+		}
 		mp, err := ebpf.LoadPinnedMap(p, nil)
 		if err != nil {
 			d.Close()

@@ -108,10 +108,12 @@ func programsInUse(dir string) []*ebpf.Program {
 		}
 	}
 	linkPins := []string{filepath.Join(dir, rootLinkPin)}
-	entries, _ := os.ReadDir(filepath.Join(dir, "links"))
-	for _, e := range entries {
-		for _, h := range hooks {
-			linkPins = append(linkPins, filepath.Join(dir, "links", e.Name(), h.name))
+	for _, d := range []string{filepath.Join(dir, "links"), inflightDir(dir)} {
+		entries, _ := os.ReadDir(d)
+		for _, e := range entries {
+			for _, h := range hooks {
+				linkPins = append(linkPins, filepath.Join(d, e.Name(), h.name))
+			}
 		}
 	}
 	for _, lp := range linkPins {

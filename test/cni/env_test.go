@@ -412,7 +412,17 @@ func (e *env) leftovers() (links, records []string) {
 		}
 		return out
 	}
-	return list(filepath.Join(e.bpffs, "links")), list(pending.Dir(e.stateDir))
+	// The attachments, and each temporary directory in flight as
+	// "_inflight/NAME".
+	for _, l := range list(filepath.Join(e.bpffs, "links")) {
+		if l != datapath.InflightDir {
+			links = append(links, l)
+		}
+	}
+	for _, l := range list(filepath.Join(e.bpffs, "links", datapath.InflightDir)) {
+		links = append(links, datapath.InflightDir+"/"+l)
+	}
+	return links, list(pending.Dir(e.stateDir))
 }
 
 // owners lists the attachments that have owner records.

@@ -116,6 +116,7 @@ func (e *env) pinsOf(containerID string) []string {
 	var out []string
 	for _, d := range []struct{ dir, name, tmp string }{
 		{filepath.Join(e.bpffs, "links"), id, "-" + id + "-"},
+		{filepath.Join(e.bpffs, "links", datapath.InflightDir), "", "-" + id + "-"},
 		{pending.Dir(e.stateDir), id + ".json", "-" + id + "-"},
 	} {
 		ents, err := os.ReadDir(d.dir)
@@ -251,7 +252,7 @@ func diedOfSignal(err error) bool {
 // with 0 to 3 of its links pinned there.
 func (e *env) killInAttach(t *testing.T, c *exec.Cmd, id string) bool {
 	t.Helper()
-	return killOnEntry(t, c, filepath.Join(e.bpffs, "links"), "_tmp-"+id+"-", 100*time.Microsecond)
+	return killOnEntry(t, c, filepath.Join(e.bpffs, "links", datapath.InflightDir), "_tmp-"+id+"-", 100*time.Microsecond)
 }
 
 // killOnEntry starts the plugin and SIGKILLs it the moment an entry whose

@@ -11,6 +11,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // A plugin SIGKILLed inside DEL, the moment it has renamed the attachment
@@ -22,7 +23,7 @@ func TestKillPluginDuringDel(t *testing.T) {
 	e := newEnv(t)
 	stdin := e.pluginStdin("1.0.0", nil, true)
 	args := func(p *pod) string { return "IgnoreUnknown=1;K8S_POD_UID=" + p.uid }
-	links := filepath.Join(e.bpffs, "links")
+	links := filepath.Join(e.bpffs, "links", datapath.InflightDir)
 	const trials = 20
 	killed, midOp := 0, 0
 	for i := range trials {
@@ -37,7 +38,7 @@ func TestKillPluginDuringDel(t *testing.T) {
 			killed++
 		}
 		left := e.pinsOf(p.id)
-		if slices.ContainsFunc(left, func(l string) bool { return strings.HasPrefix(l, "links/_del-") }) {
+		if slices.ContainsFunc(left, func(l string) bool { return strings.HasPrefix(l, datapath.InflightDir+"/_del-") }) {
 			midOp++
 		}
 		// The runtime retries the DEL.
@@ -63,7 +64,7 @@ func TestKillPluginDuringGC(t *testing.T) {
 	e := newEnv(t)
 	stdin := e.pluginStdin("1.0.0", nil, true)
 	args := func(p *pod) string { return "IgnoreUnknown=1;K8S_POD_UID=" + p.uid }
-	links := filepath.Join(e.bpffs, "links")
+	links := filepath.Join(e.bpffs, "links", datapath.InflightDir)
 	const trials, perTrial = 6, 12
 	killed, midOp := 0, 0
 	var valid []*pod
