@@ -188,9 +188,10 @@ func DetachPinned(dir, id string) error {
 // pinned links keep the programs on the cgroup. Only the caller that owns
 // id may call it (the runtime never runs two operations of one container at
 // once); RemoveStale is the age-based sweep for everything else. It lists
-// only InflightDir, so its cost does not grow with the attachments: those
-// left at the top of DIR/links by versions before it are for GC
-// (Interrupted) and RemoveStale.
+// only InflightDir, so its cost does not grow with the attachments. What
+// earlier versions left at the top of DIR/links ctlbd moves into
+// InflightDir at start; GC (Interrupted, RemoveInterruptedAll) and
+// RemoveStale look there too.
 func RemoveInterrupted(dir, id string) (int, error) {
 	return removeInterruptedIn(inflightDir(dir), id)
 }
@@ -259,6 +260,28 @@ func Interrupted(dir string) ([]string, error) {
 		}
 	}
 	return ids, nil
+}
+
+// moveLegacyTemporaries moves the temporary directories earlier versions
+// made at the top of DIR/links into InflightDir, where a retried ADD or
+// DEL of their ID finds them. ctlbd does it at start (Create). A call of an
+// earlier plugin still running meanwhile loses its directory, fails, and is
+// retried by the runtime, which then cleans up.
+func moveLegacyTemporaries(dir string) error {
+	links := filepath.Join(dir, "links")
+	entries, err := os.ReadDir(links)
+	if err != nil {
+		return fmt.Errorf("list %s: %w", links, err)
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "_tmp-") && !strings.HasPrefix(e.Name(), "_del-") {
+			continue
+		}
+		if err := os.Rename(filepath.Join(links, e.Name()), filepath.Join(inflightDir(dir), e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("move %s into %s: %w", e.Name(), InflightDir, err)
+		}
+	}
+	return nil
 }
 
 // interruptedOf reports whether name is a temporary directory of attachment

@@ -194,6 +194,9 @@ func Create(dir string) (*Datapath, error) {
 	if err := os.MkdirAll(inflightDir(dir), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
 	}
+	if err := moveLegacyTemporaries(dir); err != nil {
+		return nil, err
+	}
 	old, err := checkLayout(dir)
 	if err != nil {
 		return nil, err

@@ -1,16 +1,10 @@
 package datapath_test
 
 import (
-	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
-	"time"
-
-	"github.com/cilium/ebpf/link"
 
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -79,6 +73,22 @@ func TestInterruptedTemporaries(t *testing.T) {
 	}
 	waitAttached(t, cgB, 0)
 
+	// ctlbd's start moves an earlier version's into _inflight, where the
+	// retried ADD or DEL of their ID finds them.
+	cgD := interrupt("pod-d", filepath.Join(links, "_tmp-pod-d-0123456789ab"))
+	again, err := datapath.Create(dp.Dir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	again.Close()
+	if _, err := os.Stat(filepath.Join(inflight, "_tmp-pod-d-0123456789ab")); err != nil {
+		t.Fatalf("Create left an earlier version's temporary where it was: %v", err)
+	}
+	if n, err := datapath.RemoveInterrupted(dp.Dir(), "pod-d"); err != nil || n != 1 {
+		t.Fatalf("RemoveInterrupted(pod-d) after Create = %d, %v; want 1", n, err)
+	}
+	waitAttached(t, cgD, 0)
+
 	// Detach passes through _inflight too, and leaves nothing there.
 	cg := testutil.NewCgroup(t, "")
 	if _, err := dp.Attach("pod-c", cg); err != nil {
@@ -101,75 +111,12 @@ func TestInterruptedTemporaries(t *testing.T) {
 	}
 }
 
-// attachedProgs counts the programs attached directly to a cgroup on
-// ctlb's hooks.
 func attachedProgs(t *testing.T, dir string) int {
 	t.Helper()
-	f, err := os.Open(dir)
-	if err != nil {
-		t.Fatalf("open cgroup: %v", err)
-	}
-	defer f.Close()
-	n := 0
-	for _, at := range datapath.AttachTypes() {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
-		if err != nil {
-			t.Fatalf("query %s programs of %s: %v", at, dir, err)
-		}
-		n += len(res.Programs)
-	}
-	return n
+	return testutil.CgroupPrograms(t, dir, datapath.AttachTypes())
 }
 
-// waitAttached waits, bounded, for want programs on the cgroup: an
-// unpinned link is released from a kernel work queue, a moment later.
 func waitAttached(t *testing.T, dir string, want int) {
 	t.Helper()
-	testutil.Eventually(t, fmt.Sprintf("%d programs attached to %s", want, dir), 10*time.Second, func() (bool, string) {
-		n := attachedProgs(t, dir)
-		return n == want, fmt.Sprintf("%d programs", n)
-	})
-}
-
-// ADD opens the programs and no map: one exec per pod on its start-up
-// path. It still refuses, as Open does, when a map pin is missing, and
-// what it opens attaches.
-func TestOpenForAttachOpensNoMap(t *testing.T) {
-	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
-	if _, err := datapath.OpenForAttach(dir); !errors.Is(err, datapath.ErrNotPinned) {
-		t.Fatalf("OpenForAttach of an empty dir: err = %v, want ErrNotPinned", err)
-	}
-	dp, err := datapath.Create(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dp.Close()
-	config := filepath.Join(dir, "ctlb_config_v2")
-	if err := os.Rename(config, config+"_away"); err != nil {
-		t.Fatal(err)
-	}
-	for name, open := range map[string]func(string) (*datapath.Datapath, error){"Open": datapath.Open, "OpenForAttach": datapath.OpenForAttach} {
-		if _, err := open(dir); !errors.Is(err, datapath.ErrNotPinned) || !strings.Contains(err.Error(), config) {
-			t.Fatalf("%s without the config map's pin: err = %v, want ErrNotPinned naming it", name, err)
-		}
-	}
-	if err := os.Rename(config+"_away", config); err != nil {
-		t.Fatal(err)
-	}
-	at, err := datapath.OpenForAttach(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer at.Close()
-	cg := testutil.NewCgroup(t, "")
-	if _, err := at.Attach("pod-a", cg); err != nil {
-		t.Fatal(err)
-	}
-	if n := attachedProgs(t, cg); n != len(datapath.AttachTypes()) {
-		t.Fatalf("%d programs attached, want %d", n, len(datapath.AttachTypes()))
-	}
-	if err := at.Detach("pod-a"); err != nil {
-		t.Fatal(err)
-	}
-	waitAttached(t, cg, 0)
+	testutil.WaitCgroupPrograms(t, dir, datapath.AttachTypes(), want)
 }

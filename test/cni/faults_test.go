@@ -18,7 +18,6 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
@@ -76,35 +75,11 @@ func pluginCmd(cmd, containerID, netns, cniArgs string, stdin []byte) *exec.Cmd 
 // perAttachment is how many programs one attachment puts on its cgroup.
 var perAttachment = len(datapath.AttachTypes())
 
-// cgroupProgs counts the programs attached directly to a cgroup on ctlb's
-// hooks: the kernel's word on what an attachment left behind.
-func cgroupProgs(t *testing.T, dir string) int {
-	t.Helper()
-	f, err := os.Open(dir)
-	if err != nil {
-		t.Fatalf("open cgroup: %v", err)
-	}
-	defer f.Close()
-	n := 0
-	for _, at := range datapath.AttachTypes() {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
-		if err != nil {
-			t.Fatalf("query %s programs of %s: %v", at, dir, err)
-		}
-		n += len(res.Programs)
-	}
-	return n
-}
-
 // waitProgs waits, bounded, until want programs are attached directly to
-// the cgroup: unpinning a link releases it from a kernel work queue, so
-// the programs leave the cgroup a moment after the unlink returns.
+// the cgroup on ctlb's hooks.
 func waitProgs(t *testing.T, dir string, want int) {
 	t.Helper()
-	testutil.Eventually(t, fmt.Sprintf("%d programs attached to %s", want, dir), 10*time.Second, func() (bool, string) {
-		n := cgroupProgs(t, dir)
-		return n == want, fmt.Sprintf("%d programs", n)
-	})
+	testutil.WaitCgroupPrograms(t, dir, datapath.AttachTypes(), want)
 }
 
 // pinsOf lists what of a container is in the links directory (its
