@@ -1,9 +1,11 @@
 package datapath_test
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/ctlb/ctlb/internal/testutil"
@@ -119,4 +121,47 @@ func attachedProgs(t *testing.T, dir string) int {
 func waitAttached(t *testing.T, dir string, want int) {
 	t.Helper()
 	testutil.WaitCgroupPrograms(t, dir, datapath.AttachTypes(), want)
+}
+
+// ADD opens the programs and no map: one exec per pod on its start-up
+// path. It still refuses, as Open does, when a map pin is missing, and
+// what it opens attaches.
+func TestOpenForAttachOpensNoMap(t *testing.T) {
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	if _, err := datapath.OpenForAttach(dir); !errors.Is(err, datapath.ErrNotPinned) {
+		t.Fatalf("OpenForAttach of an empty dir: err = %v, want ErrNotPinned", err)
+	}
+	dp, err := datapath.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	config := filepath.Join(dir, "ctlb_config_v2")
+	if err := os.Rename(config, config+"_away"); err != nil {
+		t.Fatal(err)
+	}
+	for name, open := range map[string]func(string) (*datapath.Datapath, error){"Open": datapath.Open, "OpenForAttach": datapath.OpenForAttach} {
+		if _, err := open(dir); !errors.Is(err, datapath.ErrNotPinned) || !strings.Contains(err.Error(), config) {
+			t.Fatalf("%s without the config map's pin: err = %v, want ErrNotPinned naming it", name, err)
+		}
+	}
+	if err := os.Rename(config+"_away", config); err != nil {
+		t.Fatal(err)
+	}
+	at, err := datapath.OpenForAttach(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer at.Close()
+	cg := testutil.NewCgroup(t, "")
+	if _, err := at.Attach("pod-a", cg); err != nil {
+		t.Fatal(err)
+	}
+	if n := attachedProgs(t, cg); n != len(datapath.AttachTypes()) {
+		t.Fatalf("%d programs attached, want %d", n, len(datapath.AttachTypes()))
+	}
+	if err := at.Detach("pod-a"); err != nil {
+		t.Fatal(err)
+	}
+	waitAttached(t, cg, 0)
 }

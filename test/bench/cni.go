@@ -131,8 +131,8 @@ func (e *env) runCNI(ctx context.Context, cfg Config, label string, attached int
 	}()
 	// The bench's own garbage collector stays out of the timings: collect
 	// what setting up 1,000 attachments left, then none while the plugin
-	// runs (the loops allocate a few MiB). Its mark workers took a CPU for
-	// milliseconds during the timed ADDs, and on two CPUs that is the tail.
+	// runs (the loops allocate a few MiB). On two CPUs, whatever else runs
+	// during an ADD can delay it by a scheduler tick.
 	runtime.GC()
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
 	cpu0, err := childrenCPU()
