@@ -75,9 +75,7 @@ consul-bin:
 
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
-	  echo "fuzz $${t%%:*} ($${t#*:}) for $(FUZZTIME)"; \
-	  $(GO) test -run '^$$' -fuzz "^$${t%%:*}\$$" -fuzztime $(FUZZTIME) $${t#*:} 2>&1 | grep -E 'elapsed|^ok|FAIL|panic|failing' | tail -3; \
-	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	  GO=$(GO) hack/fuzz.sh "$${t%%:*}" "$${t#*:}" $(FUZZTIME) || exit 1; \
 	done
 
 demo: deps build
