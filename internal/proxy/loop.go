@@ -424,6 +424,10 @@ func (l *loop) connect(t netip.AddrPort, h handler, events uint32) (int, error) 
 	if err != nil {
 		return -1, fmt.Errorf("socket: %w", err)
 	}
+	if err := noDelay(fd); err != nil {
+		l.forget(fd)
+		return -1, err
+	}
 	err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()})
 	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
 		l.forget(fd)

@@ -362,6 +362,12 @@ func listenFD(addr netip.AddrPort) (int, error) {
 		unix.Close(fd)
 		return -1, err
 	}
+	// Accepted sockets inherit TCP_NODELAY from the listener, so clients
+	// get it without a system call each.
+	if err := noDelay(fd); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
 	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}); err != nil {
 		unix.Close(fd)
 		return -1, err
@@ -371,6 +377,17 @@ func listenFD(addr netip.AddrPort) (int, error) {
 		return -1, err
 	}
 	return fd, nil
+}
+
+// noDelay turns Nagle's algorithm off, on both sides of the relay, as
+// HAProxy and Envoy do. The proxy writes what it reads when it reads it; with
+// Nagle a second small write (a gRPC frame after another) would wait for
+// the peer's ACK of the first, up to its delayed-ACK timer.
+func noDelay(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		return fmt.Errorf("TCP_NODELAY: %w", err)
+	}
+	return nil
 }
 
 // rawFD gives a descriptor to APIs that take a syscall.Conn.
