@@ -344,13 +344,12 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	}
 	if !dst.IsValid() {
 		sa, err := unix.Getsockname(fd)
-		a, ok := sa.(*unix.SockaddrInet4)
-		if err != nil || !ok {
+		var ok bool
+		if dst, ok = inet4AddrPort(sa); err != nil || !ok {
 			p.log.Warn("closing client: cannot read the address it dialed", "error", err)
 			resetFD(fd)
 			return
 		}
-		dst = netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
 	}
 	svc := (*p.dests.Load())[dst]
 	if svc == nil {
@@ -764,8 +763,17 @@ func resetFD(fd int) {
 // peerName is the client's address for a log line.
 func peerName(fd int) string {
 	sa, err := unix.Getpeername(fd)
-	if a, ok := sa.(*unix.SockaddrInet4); err == nil && ok {
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)).String()
+	if a, ok := inet4AddrPort(sa); err == nil && ok {
+		return a.String()
 	}
 	return "?"
+}
+
+// inet4AddrPort is an AF_INET socket address as a netip.AddrPort.
+func inet4AddrPort(sa unix.Sockaddr) (netip.AddrPort, bool) {
+	a, ok := sa.(*unix.SockaddrInet4)
+	if !ok {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)), true
 }

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -36,16 +37,18 @@ func TestNagleOffOnBothSides(t *testing.T) {
 
 			found := map[string]int{}
 			for _, fd := range socketFDs(t) {
-				local, lerr := unix.Getsockname(fd)
-				peer, perr := unix.Getpeername(fd)
-				if lerr != nil || perr != nil {
+				lsa, lerr := unix.Getsockname(fd)
+				psa, perr := unix.Getpeername(fd)
+				local, lok := inet4AddrPort(lsa)
+				peer, pok := inet4AddrPort(psa)
+				if lerr != nil || perr != nil || !lok || !pok {
 					continue
 				}
 				var side string
 				switch {
-				case addrPort(local) == vipPort(portA) && addrPort(peer) == clientSide:
+				case local == vipPort(portA) && peer == clientSide:
 					side = "client side"
-				case addrPort(peer) == serverSide && addrPort(local) != clientSide:
+				case peer == serverSide && local != clientSide:
 					side = "server side"
 				default:
 					continue
@@ -82,16 +85,9 @@ func socketFDs(t *testing.T) []int {
 		if err != nil {
 			continue
 		}
-		if l, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); err == nil && len(l) > 7 && l[:7] == "socket:" {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); err == nil && strings.HasPrefix(l, "socket:") {
 			fds = append(fds, fd)
 		}
 	}
 	return fds
-}
-
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	if a, ok := sa.(*unix.SockaddrInet4); ok {
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
-	}
-	return netip.AddrPort{}
 }

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -61,6 +62,14 @@ func (d *Datapath) linksDir() string { return filepath.Join(d.dir, "links") }
 const InflightDir = "_inflight"
 
 func inflightDir(dir string) string { return filepath.Join(dir, "links", InflightDir) }
+
+// temporaryPrefixes start the names of Attach's (_tmp-) and Detach's (_del-)
+// temporary directories.
+var temporaryPrefixes = []string{"_tmp-", "_del-"}
+
+func isTemporary(name string) bool {
+	return slices.ContainsFunc(temporaryPrefixes, func(p string) bool { return strings.HasPrefix(name, p) })
+}
 
 // Attach attaches connect4, getpeername4 and sock_release to the cgroup
 // directory with bpf_links (which always allow other programs beside them)
@@ -246,7 +255,7 @@ func Interrupted(dir string) ([]string, error) {
 			return nil, fmt.Errorf("list %s: %w", d, err)
 		}
 		for _, e := range entries {
-			for _, prefix := range []string{"_tmp-", "_del-"} {
+			for _, prefix := range temporaryPrefixes {
 				rest, ok := strings.CutPrefix(e.Name(), prefix)
 				if !ok || len(rest) < 14 || rest[len(rest)-13] != '-' {
 					continue
@@ -274,7 +283,7 @@ func moveLegacyTemporaries(dir string) error {
 		return fmt.Errorf("list %s: %w", links, err)
 	}
 	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "_tmp-") && !strings.HasPrefix(e.Name(), "_del-") {
+		if !isTemporary(e.Name()) {
 			continue
 		}
 		if err := os.Rename(filepath.Join(links, e.Name()), filepath.Join(inflightDir(dir), e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -288,7 +297,7 @@ func moveLegacyTemporaries(dir string) error {
 // id: the exact ID, then the 12-hex-digit suffix randomSuffix makes, so the
 // attachment "cni-a" never claims those of "cni-a-1".
 func interruptedOf(name, id string) bool {
-	for _, prefix := range []string{"_tmp-", "_del-"} {
+	for _, prefix := range temporaryPrefixes {
 		rest, ok := strings.CutPrefix(name, prefix+id+"-")
 		if ok && len(rest) == 12 && strings.Trim(rest, "0123456789abcdef") == "" {
 			return true
@@ -400,7 +409,7 @@ func (d *Datapath) RemoveStale(age time.Duration) (int, error) {
 			return n, fmt.Errorf("list %s: %w", dir, err)
 		}
 		for _, e := range entries {
-			if !strings.HasPrefix(e.Name(), "_tmp-") && !strings.HasPrefix(e.Name(), "_del-") {
+			if !isTemporary(e.Name()) {
 				continue
 			}
 			info, err := e.Info()

@@ -285,40 +285,36 @@ func openPinned(dir string, withMaps bool) (*Datapath, error) {
 	d := &Datapath{dir: dir, progs: map[string]*ebpf.Program{}}
 	for name, dst := range d.maps.byName() {
 		p := filepath.Join(dir, name)
-		if !withMaps {
-			// Present is enough: the programs hold their maps.
-			if _, err := os.Lstat(p); err != nil {
-				d.Close()
-				if errors.Is(err, fs.ErrNotExist) {
-					return nil, fmt.Errorf("open %s: %w (is ctlbd running with this bpffs directory?)", p, ErrNotPinned)
-				}
-				return nil, fmt.Errorf("open pinned map %s: %w", p, err)
-			}
-			continue
+		var err error
+		if withMaps {
+			*dst, err = ebpf.LoadPinnedMap(p, nil)
+		} else {
+			_, err = os.Lstat(p) // present is enough: the programs hold their maps
 		}
-		mp, err := ebpf.LoadPinnedMap(p, nil)
 		if err != nil {
 			d.Close()
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil, fmt.Errorf("open %s: %w (is ctlbd running with this bpffs directory?)", p, ErrNotPinned)
-			}
-			return nil, fmt.Errorf("open pinned map %s: %w", p, err)
+			return nil, pinErr("map", p, err)
 		}
-		*dst = mp
 	}
 	for _, h := range hooks {
 		p := filepath.Join(dir, progPin(h.name))
 		prog, err := ebpf.LoadPinnedProgram(p, nil)
 		if err != nil {
 			d.Close()
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil, fmt.Errorf("open %s: %w (is ctlbd running with this bpffs directory?)", p, ErrNotPinned)
-			}
-			return nil, fmt.Errorf("open pinned program %s: %w", p, err)
+			return nil, pinErr("program", p, err)
 		}
 		d.progs[h.name] = prog
 	}
 	return d, nil
+}
+
+// pinErr says why the pinned map or program at p could not be opened: not
+// pinned (yet) is ErrNotPinned.
+func pinErr(kind, p string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("open %s: %w (is ctlbd running with this bpffs directory?)", p, ErrNotPinned)
+	}
+	return fmt.Errorf("open pinned %s %s: %w", kind, p, err)
 }
 
 // progPin is the pin name of a program, carrying the layout version.

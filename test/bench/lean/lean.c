@@ -305,6 +305,41 @@ static int parse_targets(char *list, struct sockaddr_in *out, int max)
 	return n;
 }
 
+/* rate_targets reads the TARGET... arguments of a rate-like command into r;
+ * on a bad one it prints the error line and returns -1. */
+static int rate_targets(struct rate *r, const char *cmd, char **f, int nf)
+{
+	for (int i = 0; i < nf && r->ntargets < MAX_TARGETS; i++)
+		if (parse_target(f[i], &r->targets[r->ntargets++])) {
+			printf("{\"errors\":1,\"err\":\"%s: bad target %s\"}\n", cmd, f[i]);
+			return -1;
+		}
+	return 0;
+}
+
+/* run_rate runs conns threads of worker, thread i on args[i], until r's
+ * deadline (dur from now) or maxops, and prints the result line. */
+static void run_rate(struct rate *r, int conns, int64_t dur, void *(*worker)(void *), void **args)
+{
+	static pthread_t th[MAX_CONNS];
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 128 << 10);
+	int64_t start = now_ns(CLOCK_MONOTONIC);
+	r->deadline = start + dur;
+	int started = 0;
+	for (; started < conns; started++)
+		if (pthread_create(&th[started], &attr, worker, args[started]))
+			break;
+	for (int i = 0; i < started; i++)
+		pthread_join(th[i], NULL);
+	int64_t elapsed = now_ns(CLOCK_MONOTONIC) - start;
+	printf("{\"ops\":%lld,\"errors\":%lld,\"elapsed\":%lld", (long long)r->ops, (long long)r->errors, (long long)elapsed);
+	if (r->errors)
+		printf(",\"err\":\"%s\"", r->first);
+	printf("}\n");
+}
+
 static void do_rate(char **f, int nf)
 {
 	if (nf < 5) {
@@ -321,28 +356,12 @@ static void do_rate(char **f, int nf)
 		printf("{\"errors\":1,\"err\":\"rate: bad conns, duration or maxops\"}\n");
 		return;
 	}
-	for (int i = 4; i < nf && r.ntargets < MAX_TARGETS; i++)
-		if (parse_target(f[i], &r.targets[r.ntargets++])) {
-			printf("{\"errors\":1,\"err\":\"rate: bad target %s\"}\n", f[i]);
-			return;
-		}
-	pthread_t th[MAX_CONNS];
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setstacksize(&attr, 128 << 10);
-	int64_t start = now_ns(CLOCK_MONOTONIC);
-	r.deadline = start + dur;
-	int started = 0;
-	for (; started < conns; started++)
-		if (pthread_create(&th[started], &attr, rate_worker, &r))
-			break;
-	for (int i = 0; i < started; i++)
-		pthread_join(th[i], NULL);
-	int64_t elapsed = now_ns(CLOCK_MONOTONIC) - start;
-	printf("{\"ops\":%lld,\"errors\":%lld,\"elapsed\":%lld", (long long)r.ops, (long long)r.errors, (long long)elapsed);
-	if (r.errors)
-		printf(",\"err\":\"%s\"", r.first);
-	printf("}\n");
+	if (rate_targets(&r, "rate", f + 4, nf - 4))
+		return;
+	static void *args[MAX_CONNS];
+	for (int i = 0; i < conns; i++)
+		args[i] = &r;
+	run_rate(&r, conns, dur, rate_worker, args);
 }
 
 /* ---- client: udp ---- */
@@ -426,31 +445,15 @@ static void do_udp(char **f, int nf)
 		printf("{\"errors\":1,\"err\":\"udp: bad conns, duration, maxops or connected\"}\n");
 		return;
 	}
-	for (int i = 5; i < nf && r.ntargets < MAX_TARGETS; i++)
-		if (parse_target(f[i], &r.targets[r.ntargets++])) {
-			printf("{\"errors\":1,\"err\":\"udp: bad target %s\"}\n", f[i]);
-			return;
-		}
-	static pthread_t th[MAX_CONNS];
-	static struct udp_worker_arg args[MAX_CONNS];
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setstacksize(&attr, 128 << 10);
-	int64_t start = now_ns(CLOCK_MONOTONIC);
-	r.deadline = start + dur;
-	int started = 0;
-	for (; started < conns; started++) {
-		args[started] = (struct udp_worker_arg){.r = &r, .id = started, .connected = connected};
-		if (pthread_create(&th[started], &attr, udp_worker, &args[started]))
-			break;
+	if (rate_targets(&r, "udp", f + 5, nf - 5))
+		return;
+	static struct udp_worker_arg wargs[MAX_CONNS];
+	static void *args[MAX_CONNS];
+	for (int i = 0; i < conns; i++) {
+		wargs[i] = (struct udp_worker_arg){.r = &r, .id = i, .connected = connected};
+		args[i] = &wargs[i];
 	}
-	for (int i = 0; i < started; i++)
-		pthread_join(th[i], NULL);
-	int64_t elapsed = now_ns(CLOCK_MONOTONIC) - start;
-	printf("{\"ops\":%lld,\"errors\":%lld,\"elapsed\":%lld", (long long)r.ops, (long long)r.errors, (long long)elapsed);
-	if (r.errors)
-		printf(",\"err\":\"%s\"", r.first);
-	printf("}\n");
+	run_rate(&r, conns, dur, udp_worker, args);
 }
 
 /* ---- client: cost ---- */
