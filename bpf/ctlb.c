@@ -13,7 +13,8 @@
  *
  * Cost on the IPv4 TCP path: one hash lookup (the VIP), array lookups by
  * server slot (inlined by the verifier), one atomic add for round-robin, one
- * for the open count, and one socket-storage allocation for VIP sockets only.
+ * for the open count, and a compare-and-swap taking a socket table entry for
+ * VIP sockets only (socket storage when the entry is taken).
  */
 #include "ctlb.h"
 #include <bpf/bpf_endian.h>
@@ -240,25 +241,60 @@ static __always_inline struct backend_v2 *choose(void *backends, struct svc_hdr_
 #define CTLB_FEAT_COUNT 0x1 /* attempts counter per slot */
 #define CTLB_FEAT_STATE 0x2 /* socket state: getpeername, release, sock_ops, termination */
 #define CTLB_FEAT_OPEN 0x4  /* open count per slot (least-open), given back at release */
-#define CTLB_FEAT_ALL (CTLB_FEAT_COUNT | CTLB_FEAT_STATE | CTLB_FEAT_OPEN)
+#define CTLB_FEAT_TABLE 0x8 /* the state in the socket table first (else socket storage only) */
+#define CTLB_FEAT_ALL (CTLB_FEAT_COUNT | CTLB_FEAT_STATE | CTLB_FEAT_OPEN | CTLB_FEAT_TABLE)
 
 /* ----- socket state ------------------------------------------------- */
 
 /*
- * The socket whose state we keep: the socket itself, or for an MPTCP
- * subflow the MPTCP socket the application holds (its getpeername and close
- * act on that one).
+ * The state of a socket (ctlb.h: the socket table, then socket storage), or
+ * for an MPTCP subflow the MPTCP socket's storage: the application holds
+ * that socket, and its getpeername and close act on it. cookie is sk's.
  */
-static __always_inline struct sock_state_v2 *state_get(struct bpf_sock *sk, int create, int *mptcp)
+static __always_inline struct sock_state_v2 *state_get(struct bpf_sock *sk, __u64 cookie, int *mptcp)
 {
-	__u64 flags = create ? BPF_SK_STORAGE_GET_F_CREATE : 0;
+	/* The table first: a VIP socket's state is almost always there, and
+	 * never an MPTCP one's (connect keeps those in storage). */
+	*mptcp = 0;
+	struct sock_entry_v2 *e = socktab_entry(cookie);
+	if (e && e->cookie == cookie)
+		return &e->st;
 	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
 	if (msk) {
 		*mptcp = 1;
-		return bpf_sk_storage_get(&ctlb_socks_v2, msk, 0, flags);
+		return bpf_sk_storage_get(&ctlb_socks_v2, msk, 0, 0);
+	}
+	return bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+}
+
+/*
+ * The state of a socket being sent to a VIP, made if it has none: the state
+ * it has, else a free entry of the socket table, else socket storage (the
+ * entry belongs to another open socket, or MPTCP, or a benchmark variant
+ * without the table). A new entry starts with no slot and no flags.
+ */
+static __always_inline struct sock_state_v2 *state_make(struct bpf_sock *sk, __u64 cookie, int *mptcp, int table)
+{
+	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
+	if (msk) {
+		*mptcp = 1;
+		return bpf_sk_storage_get(&ctlb_socks_v2, msk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	}
 	*mptcp = 0;
-	return bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, flags);
+	if (!table)
+		return bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct sock_entry_v2 *e = socktab_entry(cookie);
+	if (e && e->cookie == cookie)
+		return &e->st;
+	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	if (st)
+		return st; /* state kept in storage since an earlier connect */
+	if (e && !e->cookie && __sync_val_compare_and_swap(&e->cookie, 0, cookie) == 0) {
+		e->st.flags = 0;
+		e->st.slot = 0;
+		return &e->st;
+	}
+	return bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 }
 
 /* Give back the socket's open count and forget its VIP. */
@@ -350,7 +386,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const struct add
 		 * AF_UNSPEC) connecting elsewhere forgets its VIP. Datagrams
 		 * to other addresses leave the state alone. */
 		if (hook == HOOK_CONNECT && sk) {
-			struct sock_state_v2 *st = state_get(sk, 0, &mptcp);
+			struct sock_state_v2 *st = state_get(sk, bpf_get_socket_cookie(ctx), &mptcp);
 			if (st && st->slot)
 				forget(st);
 		}
@@ -359,7 +395,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const struct add
 
 	if (hook == HOOK_SENDMSG && sk) {
 		/* An unconnected socket keeps its server for its life. */
-		struct sock_state_v2 *st = state_get(sk, 0, &mptcp);
+		struct sock_state_v2 *st = state_get(sk, bpf_get_socket_cookie(ctx), &mptcp);
 		if (st && st->slot && st->vport == key.port && st->proto == proto &&
 		    addr_eq((const __u32 *)st->vip, (const __u32 *)key.addr)) {
 			addr_copy(out->w, (const __u32 *)st->server);
@@ -387,7 +423,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const struct add
 		count_attempt(be->slot);
 	if (!sk || !(feat & CTLB_FEAT_STATE))
 		return 1;
-	struct sock_state_v2 *st = state_get(sk, 1, &mptcp);
+	struct sock_state_v2 *st = state_make(sk, bpf_get_socket_cookie(ctx), &mptcp, feat & CTLB_FEAT_TABLE);
 	if (st)
 		record(st, &key, hdr->svc, be, mptcp, hook == HOOK_SENDMSG, feat);
 	return 1;
@@ -459,9 +495,15 @@ SEC("cgroup/connect4")
 int ctlb_connect4_count(struct bpf_sock_addr *ctx) { return hook4(ctx, HOOK_CONNECT, CTLB_FEAT_COUNT); }
 
 SEC("cgroup/connect4")
-int ctlb_connect4_state(struct bpf_sock_addr *ctx)
+int ctlb_connect4_storage(struct bpf_sock_addr *ctx)
 {
 	return hook4(ctx, HOOK_CONNECT, CTLB_FEAT_COUNT | CTLB_FEAT_STATE);
+}
+
+SEC("cgroup/connect4")
+int ctlb_connect4_state(struct bpf_sock_addr *ctx)
+{
+	return hook4(ctx, HOOK_CONNECT, CTLB_FEAT_COUNT | CTLB_FEAT_STATE | CTLB_FEAT_TABLE);
 }
 #endif
 
@@ -472,7 +514,7 @@ static __always_inline int peer4(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	struct sock_state_v2 *st = state_lookup(sk, bpf_get_socket_cookie(ctx));
 	if (!st || !st->slot)
 		return 1;
 	const __u32 *srv = (const __u32 *)st->server;
@@ -489,7 +531,7 @@ static __always_inline int peer6(struct bpf_sock_addr *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	struct sock_state_v2 *st = state_lookup(sk, bpf_get_socket_cookie(ctx));
 	if (!st || !st->slot)
 		return 1;
 	const __u32 *srv = (const __u32 *)st->server;
@@ -520,10 +562,20 @@ int ctlb_recvmsg6(struct bpf_sock_addr *ctx) { return peer6(ctx); }
 /* ----- release ------------------------------------------------------ */
 
 /* Attached once at the cgroup v2 root: a socket gives back its open count
- * when it closes even if its pod was detached meanwhile. */
+ * and its socket table entry when it closes, even if its pod was detached
+ * meanwhile. (An MPTCP socket's state is on the MPTCP socket released here;
+ * its subflows are kernel sockets, which never run this hook.) */
 SEC("cgroup/sock_release")
 int ctlb_sock_release(struct bpf_sock *sk)
 {
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	struct sock_entry_v2 *e = socktab_entry(cookie);
+	if (e && e->cookie == cookie) {
+		if (e->st.slot)
+			forget(&e->st);
+		e->cookie = 0;
+		return 1;
+	}
 	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
 	if (st && st->slot)
 		forget(st);
@@ -541,11 +593,16 @@ int ctlb_sock_ops(struct bpf_sock_ops *skops)
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTO_CB)
 		return 1;
+	/* Of the state changes only a connect dying in SYN_SENT matters (the
+	 * one into ESTABLISHED, before ACTIVE_ESTABLISHED, does not): decided
+	 * before looking the socket's state up. */
+	if (op == BPF_SOCK_OPS_STATE_CB && (skops->args[0] != TCP_SYN_SENT || skops->args[1] != TCP_CLOSE))
+		return 1;
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return 1;
 	int mptcp = 0;
-	struct sock_state_v2 *st = state_get(sk, 0, &mptcp);
+	struct sock_state_v2 *st = state_get(sk, bpf_get_socket_cookie(skops), &mptcp);
 	if (!st || !st->slot || st->proto != IPPROTO_TCP)
 		return 1;
 	__u32 slot = st->slot;
@@ -577,9 +634,7 @@ int ctlb_sock_ops(struct bpf_sock_ops *skops)
 			mark_failing(slot);
 		}
 		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[0] != TCP_SYN_SENT || skops->args[1] != TCP_CLOSE)
-			break;
+	case BPF_SOCK_OPS_STATE_CB: /* SYN_SENT -> CLOSE */
 		if (st->flags & (CTLB_SK_F_FAILED | CTLB_SK_F_ESTABLISHED))
 			break;
 		st->flags |= CTLB_SK_F_FAILED;

@@ -7,10 +7,10 @@
  * CTLB_TERM_ALL (or, rebalancing, to N), creates an iterator inside each
  * network namespace that holds attached pods (an iterator walks the sockets
  * of the namespace it was created in) and reads it to the end; each socket
- * whose ctlb socket storage names such a slot is destroyed with the
+ * whose ctlb socket state (table entry or socket storage) names such a slot is destroyed with the
  * bpf_sock_destroy kfunc: the application sees ECONNABORTED at once and
  * reconnects through the VIP. Each ending counts in the slot's
- * "terminated" counter. Sockets without ctlb storage (processes outside
+ * "terminated" counter. Sockets without ctlb state (processes outside
  * attached cgroups, servers' own sockets) are never touched: matching is
  * exact, by slot, never by address.
  *
@@ -53,7 +53,7 @@ extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
  * storage helper wants one); skc the same socket as bpf_sock_destroy wants. */
 static __always_inline void terminate(struct sock *sk, struct sock_common *skc)
 {
-	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
+	struct sock_state_v2 *st = state_lookup(sk, bpf_get_socket_cookie(sk));
 	if (!st || !st->slot || (st->flags & CTLB_SK_F_UNCONNECTED))
 		return;
 	__u32 slot = st->slot;

@@ -53,6 +53,13 @@ type ctlbSlotInfoV2 struct {
 	Pad        uint32
 }
 
+type ctlbSockEntryV2 struct {
+	_      structs.HostLayout
+	Cookie uint64
+	St     ctlbSockStateV2
+	Pad    uint64
+}
+
 type ctlbSockStateV1 struct {
 	_  structs.HostLayout
 	Be ctlbBackendKeyV1
@@ -97,6 +104,7 @@ const (
 	ctlbMapCtlbSlotsV2       = "ctlb_slots_v2"
 	ctlbMapCtlbSocksV1       = "ctlb_socks_v1"
 	ctlbMapCtlbSocksV2       = "ctlb_socks_v2"
+	ctlbMapCtlbSocktabV2     = "ctlb_socktab_v2"
 	ctlbMapCtlbSvcstateV2    = "ctlb_svcstate_v2"
 	ctlbMapCtlbV1slotsV2     = "ctlb_v1slots_v2"
 	ctlbProgCtlbConnect4     = "ctlb_connect4"
@@ -181,6 +189,7 @@ type ctlbMapSpecs struct {
 	CtlbSlotsV2    *ebpf.MapSpec `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV1    *ebpf.MapSpec `ebpf:"ctlb_socks_v1"`
 	CtlbSocksV2    *ebpf.MapSpec `ebpf:"ctlb_socks_v2"`
+	CtlbSocktabV2  *ebpf.MapSpec `ebpf:"ctlb_socktab_v2"`
 	CtlbSvcstateV2 *ebpf.MapSpec `ebpf:"ctlb_svcstate_v2"`
 	CtlbV1slotsV2  *ebpf.MapSpec `ebpf:"ctlb_v1slots_v2"`
 }
@@ -219,6 +228,7 @@ type ctlbMaps struct {
 	CtlbSlotsV2    *ebpf.Map `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV1    *ebpf.Map `ebpf:"ctlb_socks_v1"`
 	CtlbSocksV2    *ebpf.Map `ebpf:"ctlb_socks_v2"`
+	CtlbSocktabV2  *ebpf.Map `ebpf:"ctlb_socktab_v2"`
 	CtlbSvcstateV2 *ebpf.Map `ebpf:"ctlb_svcstate_v2"`
 	CtlbV1slotsV2  *ebpf.Map `ebpf:"ctlb_v1slots_v2"`
 }
@@ -233,6 +243,7 @@ func (m *ctlbMaps) Close() error {
 		m.CtlbSlotsV2,
 		m.CtlbSocksV1,
 		m.CtlbSocksV2,
+		m.CtlbSocktabV2,
 		m.CtlbSvcstateV2,
 		m.CtlbV1slotsV2,
 	)

@@ -102,7 +102,14 @@ func progSpecName(hook string) string { return "ctlb_" + hook }
 var mapNames = []string{
 	"ctlb_services_v2", "ctlb_svcstate_v2", "ctlb_counters_v2", "ctlb_open_v2",
 	"ctlb_failing_v2", "ctlb_slots_v2", "ctlb_config_v2", "ctlb_socks_v2",
+	"ctlb_socktab_v2",
 }
+
+// addedMaps joined layout 2 after its first release: pins made by an
+// earlier ctlbd lack them, and that ctlbd's programs do not use them. Open
+// takes such a directory as it is (the plugin is installed before the new
+// ctlbd starts, docs/UPGRADE.md); Create adds them.
+var addedMaps = map[string]bool{"ctlb_socktab_v2": true}
 
 // dpMaps are the maps of layout v2.
 type dpMaps struct {
@@ -114,6 +121,7 @@ type dpMaps struct {
 	slots    *ebpf.Map
 	config   *ebpf.Map
 	socks    *ebpf.Map
+	socktab  *ebpf.Map
 }
 
 func (m *dpMaps) byName() map[string]**ebpf.Map {
@@ -122,6 +130,7 @@ func (m *dpMaps) byName() map[string]**ebpf.Map {
 		"ctlb_counters_v2": &m.counters, "ctlb_open_v2": &m.open,
 		"ctlb_failing_v2": &m.failing, "ctlb_slots_v2": &m.slots,
 		"ctlb_config_v2": &m.config, "ctlb_socks_v2": &m.socks,
+		"ctlb_socktab_v2": &m.socktab,
 	}
 }
 
@@ -231,10 +240,6 @@ func Create(dir string) (*Datapath, error) {
 		}
 	}
 	if err := d.adoptOrLoadPrograms(coll); err != nil {
-		d.maps.close()
-		return nil, err
-	}
-	if err := d.ensureRootRelease(); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -291,6 +296,9 @@ func openPinned(dir string, withMaps bool) (*Datapath, error) {
 		} else {
 			_, err = os.Lstat(p) // present is enough: the programs hold their maps
 		}
+		if err != nil && addedMaps[name] && errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			d.Close()
 			return nil, pinErr("map", p, err)
@@ -326,9 +334,20 @@ func progPin(hook string) string { return fmt.Sprintf("ctlb_%s_v%d", hook, Layou
 // that hook is switched to the new program in place (BPF_LINK_UPDATE, atomic
 // for the cgroup: no connect() runs without the hook), then the program pin
 // is replaced. Attachments survive an upgrade; nothing is detached.
+//
+// The root's sock_release goes first, its link updated before any pod's
+// program changes: a release program always understands the socket state
+// of every connect program in use (a new connect program may keep state
+// where an older release would not look).
 func (d *Datapath) adoptOrLoadPrograms(coll *ebpf.Collection) error {
 	d.progs = map[string]*ebpf.Program{}
-	for _, h := range allHooks() {
+	for i, h := range append([]hook{rootHook}, hooks...) {
+		if i == 1 {
+			if err := d.ensureRootRelease(); err != nil {
+				d.closeProgs()
+				return err
+			}
+		}
 		embedded := coll.Programs[progSpecName(h.name)]
 		if embedded == nil {
 			d.closeProgs()

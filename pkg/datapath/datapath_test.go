@@ -654,12 +654,12 @@ func TestProgramUpgradeKeepsAttachments(t *testing.T) {
 		t.Fatal(err)
 	}
 	dp2.Close()
-	if entries, _ := os.ReadDir(dir); len(entries) != 8+10+2 {
+	if entries, _ := os.ReadDir(dir); len(entries) != 9+10+2 {
 		var names []string
 		for _, e := range entries {
 			names = append(names, e.Name())
 		}
-		t.Errorf("pin directory holds %v, want 8 maps, 10 programs, the root link and links/", names)
+		t.Errorf("pin directory holds %v, want 9 maps, 10 programs, the root link and links/", names)
 	}
 }
 

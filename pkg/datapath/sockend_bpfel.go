@@ -45,6 +45,13 @@ type sockendSlotInfoV2 struct {
 	Pad        uint32
 }
 
+type sockendSockEntryV2 struct {
+	_      structs.HostLayout
+	Cookie uint64
+	St     sockendSockStateV2
+	Pad    uint64
+}
+
 type sockendSockStateV2 struct {
 	_      structs.HostLayout
 	Vip    [16]uint8
@@ -83,6 +90,7 @@ const (
 	sockendMapCtlbServicesV2 = "ctlb_services_v2"
 	sockendMapCtlbSlotsV2    = "ctlb_slots_v2"
 	sockendMapCtlbSocksV2    = "ctlb_socks_v2"
+	sockendMapCtlbSocktabV2  = "ctlb_socktab_v2"
 	sockendMapCtlbSvcstateV2 = "ctlb_svcstate_v2"
 	sockendProgCtlbTermTcp   = "ctlb_term_tcp"
 	sockendProgCtlbTermUdp   = "ctlb_term_udp"
@@ -145,6 +153,7 @@ type sockendMapSpecs struct {
 	CtlbServicesV2 *ebpf.MapSpec `ebpf:"ctlb_services_v2"`
 	CtlbSlotsV2    *ebpf.MapSpec `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV2    *ebpf.MapSpec `ebpf:"ctlb_socks_v2"`
+	CtlbSocktabV2  *ebpf.MapSpec `ebpf:"ctlb_socktab_v2"`
 	CtlbSvcstateV2 *ebpf.MapSpec `ebpf:"ctlb_svcstate_v2"`
 }
 
@@ -181,6 +190,7 @@ type sockendMaps struct {
 	CtlbServicesV2 *ebpf.Map `ebpf:"ctlb_services_v2"`
 	CtlbSlotsV2    *ebpf.Map `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV2    *ebpf.Map `ebpf:"ctlb_socks_v2"`
+	CtlbSocktabV2  *ebpf.Map `ebpf:"ctlb_socktab_v2"`
 	CtlbSvcstateV2 *ebpf.Map `ebpf:"ctlb_svcstate_v2"`
 }
 
@@ -193,6 +203,7 @@ func (m *sockendMaps) Close() error {
 		m.CtlbServicesV2,
 		m.CtlbSlotsV2,
 		m.CtlbSocksV2,
+		m.CtlbSocktabV2,
 		m.CtlbSvcstateV2,
 	)
 }

@@ -76,7 +76,7 @@ func (d *Datapath) NewTerminator() (*Terminator, error) {
 		return nil, fmt.Errorf("load embedded termination spec: %w", err)
 	}
 	repl := map[string]*ebpf.Map{}
-	for _, name := range []string{"ctlb_socks_v2", "ctlb_slots_v2", "ctlb_counters_v2"} {
+	for _, name := range []string{"ctlb_socks_v2", "ctlb_socktab_v2", "ctlb_slots_v2", "ctlb_counters_v2"} {
 		m, ok := d.Map(name)
 		if !ok {
 			return nil, fmt.Errorf("termination: map %s is not open", name)

@@ -12,8 +12,10 @@ import (
 // costFeature is one of the connect4 variants the benchmark builds from
 // bpf/ctlb.c with CTLB_BENCH_VARIANTS (costvariants_bpfel.o, never shipped):
 // each does one feature more than the one before it, on ctlb's own maps, so
-// the difference between rows is what that feature costs per connect. The
-// next row, connect4 as ctlb ships it, adds the open count.
+// the difference between rows is what that feature costs per connect
+// (except "+socket state", which keeps the state where "+socket storage"
+// does, in the socket table: the two rows side by side are the table's
+// gain). The next row, connect4 as ctlb ships it, adds the open count.
 type costFeature struct {
 	row, prog, desc string
 }
@@ -21,7 +23,8 @@ type costFeature struct {
 var costFeatures = []costFeature{
 	{"connect4 rewrite", "ctlb_connect4_rewrite", "connect4 variant: VIP lookup, round-robin, rewrite, nothing else"},
 	{"+attempts", "ctlb_connect4_count", "connect4 variant: and the attempts counter (per CPU)"},
-	{"+socket state", "ctlb_connect4_state", "connect4 variant: and the socket's state (socket storage, freed with the socket)"},
+	{"+socket storage", "ctlb_connect4_storage", "connect4 variant: and the socket's state in socket storage (allocated, freed with the socket: ctlb before the socket table)"},
+	{"+socket state", "ctlb_connect4_state", "connect4 variant: the state in the socket table instead (an entry taken and given back)"},
 }
 
 // costVariants loads the variant programs once, with the pinned maps in

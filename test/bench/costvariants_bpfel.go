@@ -53,6 +53,13 @@ type costvariantsSlotInfoV2 struct {
 	Pad        uint32
 }
 
+type costvariantsSockEntryV2 struct {
+	_      structs.HostLayout
+	Cookie uint64
+	St     costvariantsSockStateV2
+	Pad    uint64
+}
+
 type costvariantsSockStateV1 struct {
 	_  structs.HostLayout
 	Be costvariantsBackendKeyV1
@@ -97,12 +104,14 @@ const (
 	costvariantsMapCtlbSlotsV2          = "ctlb_slots_v2"
 	costvariantsMapCtlbSocksV1          = "ctlb_socks_v1"
 	costvariantsMapCtlbSocksV2          = "ctlb_socks_v2"
+	costvariantsMapCtlbSocktabV2        = "ctlb_socktab_v2"
 	costvariantsMapCtlbSvcstateV2       = "ctlb_svcstate_v2"
 	costvariantsMapCtlbV1slotsV2        = "ctlb_v1slots_v2"
 	costvariantsProgCtlbConnect4        = "ctlb_connect4"
 	costvariantsProgCtlbConnect4Count   = "ctlb_connect4_count"
 	costvariantsProgCtlbConnect4Rewrite = "ctlb_connect4_rewrite"
 	costvariantsProgCtlbConnect4State   = "ctlb_connect4_state"
+	costvariantsProgCtlbConnect4Storage = "ctlb_connect4_storage"
 	costvariantsProgCtlbConnect6        = "ctlb_connect6"
 	costvariantsProgCtlbGetpeername4    = "ctlb_getpeername4"
 	costvariantsProgCtlbGetpeername6    = "ctlb_getpeername6"
@@ -162,6 +171,7 @@ type costvariantsProgramSpecs struct {
 	CtlbConnect4Count   *ebpf.ProgramSpec `ebpf:"ctlb_connect4_count"`
 	CtlbConnect4Rewrite *ebpf.ProgramSpec `ebpf:"ctlb_connect4_rewrite"`
 	CtlbConnect4State   *ebpf.ProgramSpec `ebpf:"ctlb_connect4_state"`
+	CtlbConnect4Storage *ebpf.ProgramSpec `ebpf:"ctlb_connect4_storage"`
 	CtlbConnect6        *ebpf.ProgramSpec `ebpf:"ctlb_connect6"`
 	CtlbGetpeername4    *ebpf.ProgramSpec `ebpf:"ctlb_getpeername4"`
 	CtlbGetpeername6    *ebpf.ProgramSpec `ebpf:"ctlb_getpeername6"`
@@ -187,6 +197,7 @@ type costvariantsMapSpecs struct {
 	CtlbSlotsV2    *ebpf.MapSpec `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV1    *ebpf.MapSpec `ebpf:"ctlb_socks_v1"`
 	CtlbSocksV2    *ebpf.MapSpec `ebpf:"ctlb_socks_v2"`
+	CtlbSocktabV2  *ebpf.MapSpec `ebpf:"ctlb_socktab_v2"`
 	CtlbSvcstateV2 *ebpf.MapSpec `ebpf:"ctlb_svcstate_v2"`
 	CtlbV1slotsV2  *ebpf.MapSpec `ebpf:"ctlb_v1slots_v2"`
 }
@@ -225,6 +236,7 @@ type costvariantsMaps struct {
 	CtlbSlotsV2    *ebpf.Map `ebpf:"ctlb_slots_v2"`
 	CtlbSocksV1    *ebpf.Map `ebpf:"ctlb_socks_v1"`
 	CtlbSocksV2    *ebpf.Map `ebpf:"ctlb_socks_v2"`
+	CtlbSocktabV2  *ebpf.Map `ebpf:"ctlb_socktab_v2"`
 	CtlbSvcstateV2 *ebpf.Map `ebpf:"ctlb_svcstate_v2"`
 	CtlbV1slotsV2  *ebpf.Map `ebpf:"ctlb_v1slots_v2"`
 }
@@ -239,6 +251,7 @@ func (m *costvariantsMaps) Close() error {
 		m.CtlbSlotsV2,
 		m.CtlbSocksV1,
 		m.CtlbSocksV2,
+		m.CtlbSocktabV2,
 		m.CtlbSvcstateV2,
 		m.CtlbV1slotsV2,
 	)
@@ -258,6 +271,7 @@ type costvariantsPrograms struct {
 	CtlbConnect4Count   *ebpf.Program `ebpf:"ctlb_connect4_count"`
 	CtlbConnect4Rewrite *ebpf.Program `ebpf:"ctlb_connect4_rewrite"`
 	CtlbConnect4State   *ebpf.Program `ebpf:"ctlb_connect4_state"`
+	CtlbConnect4Storage *ebpf.Program `ebpf:"ctlb_connect4_storage"`
 	CtlbConnect6        *ebpf.Program `ebpf:"ctlb_connect6"`
 	CtlbGetpeername4    *ebpf.Program `ebpf:"ctlb_getpeername4"`
 	CtlbGetpeername6    *ebpf.Program `ebpf:"ctlb_getpeername6"`
@@ -277,6 +291,7 @@ func (p *costvariantsPrograms) Close() error {
 		p.CtlbConnect4Count,
 		p.CtlbConnect4Rewrite,
 		p.CtlbConnect4State,
+		p.CtlbConnect4Storage,
 		p.CtlbConnect6,
 		p.CtlbGetpeername4,
 		p.CtlbGetpeername6,
