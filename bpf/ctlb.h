@@ -18,7 +18,7 @@
  *    of another version; ctlbd upgrades v1 pins in place (docs/UPGRADE.md).
  *  - Only ctlbd writes ctlb_services_v2, ctlb_svcstate_v2 (at VIP creation),
  *    ctlb_slots_v2 and ctlb_config_v2. Programs write counters, open counts,
- *    failing marks and socket storage.
+ *    failing marks and socket state (the socket table, socket storage).
  */
 #ifndef CTLB_H
 #define CTLB_H
