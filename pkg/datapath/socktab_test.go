@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
@@ -68,17 +70,24 @@ func slotsBy(t *testing.T, dp *datapath.Datapath) map[uint32]string {
 	return out
 }
 
-// TestSocketTable: a VIP socket's state is an entry of the socket table,
-// keyed by its cookie and naming its server's slot (no socket storage is
-// allocated); getpeername reads it back as the VIP; the root's
-// sock_release gives the entry and the open count back.
-func TestSocketTable(t *testing.T) {
-	dp, netns, cg := attached(t, "socktab")
+// twoServerVIP is an attached cgroup and the VIP with two live servers.
+func twoServerVIP(t *testing.T, id string) (*datapath.Datapath, ns.NetNS, string) {
+	t.Helper()
+	dp, netns, cg := attached(t, id)
 	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
 	testutil.StartServers(t, netns, "127.0.0.11:9001", "127.0.0.12:9001")
 	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")}); err != nil {
 		t.Fatal(err)
 	}
+	return dp, netns, cg
+}
+
+// TestSocketTable: a VIP socket's state is an entry of the socket table,
+// keyed by its cookie and naming its server's slot (no socket storage is
+// allocated); getpeername reads it back as the VIP; the root's
+// sock_release gives the entry and the open count back.
+func TestSocketTable(t *testing.T) {
+	dp, netns, cg := twoServerVIP(t, "socktab")
 	if n := len(takenEntries(t, dp)); n != 0 {
 		t.Fatalf("%d entries taken before any VIP socket", n)
 	}
@@ -121,12 +130,7 @@ func TestSocketTable(t *testing.T) {
 // getpeername, sock_ops' established count, the open count given back at
 // release. The other sockets' entries are left alone.
 func TestSocketTableTakenFallsBackToStorage(t *testing.T) {
-	dp, netns, cg := attached(t, "socktab-full")
-	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
-	testutil.StartServers(t, netns, "127.0.0.11:9001", "127.0.0.12:9001")
-	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")}); err != nil {
-		t.Fatal(err)
-	}
+	dp, netns, cg := twoServerVIP(t, "socktab-full")
 	m, _ := dp.Map("ctlb_socktab_v2")
 	const fake = uint64(1) << 62 // no socket's cookie: they count up from 1
 	keys := make([]uint32, socktabEntries)
