@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ctlb/ctlb/internal/crashpoint"
@@ -137,4 +138,93 @@ func attachV1(t *testing.T, dir, cg, id string) {
 		}
 		l.Close()
 	}
+}
+
+// installOld puts prog, an "older" program, in place of the hook's pinned
+// program and in the link pinned at linkPin, as an earlier ctlbd would
+// have left them.
+func installOld(t *testing.T, dir, hook, linkPin string, prog *ebpf.Program) {
+	t.Helper()
+	l, err := link.LoadPinnedLink(linkPin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Update(prog); err != nil {
+		t.Fatalf("update %s: %v", linkPin, err)
+	}
+	pin := filepath.Join(dir, "ctlb_"+hook+"_v2")
+	if err := os.Remove(pin); err != nil {
+		t.Fatal(err)
+	}
+	if err := prog.Pin(pin); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func returnOne(t *testing.T, typ ebpf.ProgramType, at ebpf.AttachType) *ebpf.Program {
+	t.Helper()
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: typ, AttachType: at, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+// TestUpgradeRootReleaseFirst: an upgrade moves the root's sock_release to
+// the new program before any pod's program. A new connect program may keep
+// a socket's state where an older release does not look (the socket table
+// of session 5); with the release upgraded first, no socket connected by a
+// new program is ever released by an old one. Here the upgrade is killed
+// right after its first pod link moved: the root link already runs the new
+// release.
+func TestUpgradeRootReleaseFirst(t *testing.T) {
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	dp, err := datapath.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := testutil.NewCgroup(t, "")
+	if _, err := dp.Attach("pod-r", cg); err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	rootLink := filepath.Join(dir, "ctlb_release_link_v2")
+	oldRelease := returnOne(t, ebpf.CGroupSock, ebpf.AttachCgroupInetSockRelease)
+	installOld(t, dir, "sock_release", rootLink, oldRelease)
+	installOld(t, dir, "connect4", filepath.Join(dir, "links", "pod-r", "connect4"),
+		returnOne(t, ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Connect))
+
+	createKilledAt(t, dir, crashpoint.Upgrade)
+	l, err := link.LoadPinnedLink(rootLink, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := l.Info()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	oi, _ := oldRelease.Info()
+	oldID, _ := oi.ID()
+	if info.Program == oldID {
+		t.Fatal("killed after the first pod link moved to the new program, the root link still runs the old sock_release")
+	}
+	p, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	pi, _ := p.Info()
+	if pi.Name != "ctlb_sock_release" {
+		t.Errorf("root link runs %q, want ctlb's sock_release", pi.Name)
+	}
+	// The restarted daemon finishes the upgrade.
+	dp, err = datapath.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
 }
