@@ -412,6 +412,9 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 				}
 				fmt.Fprintf(w, "\nattachments: %d   pending: %d   bpffs: %s\n", st.Attachments, st.Pending, st.BPFFS)
 				fmt.Fprintf(w, "connections of servers that leave a set are ended by: %s\n", st.Termination)
+				if st.SocketTable != nil {
+					fmt.Fprintf(w, "socket table: %d of %d entries held by open VIP sockets\n", st.SocketTable.Used, st.SocketTable.Size)
+				}
 				if st.HostScope {
 					fmt.Fprintf(w, "host scope: attached at the cgroup v2 root (every process)\n")
 				}

@@ -344,6 +344,13 @@ func (d *Daemon) Status() (api.Status, error) {
 	st.Attachments = len(atts)
 	st.Pending = d.pendingCount()
 	st.Termination = d.ends.how
+	// The status stands without the table's count: a failed read is
+	// logged, not the status's error.
+	if tab, ok, err := d.dp.SocketTable(); err != nil {
+		d.log.Warn("status: socket table", "error", err)
+	} else if ok {
+		st.SocketTable = &api.SocketTable{Size: tab.Size, Used: tab.Used}
+	}
 	st.HostScope = d.hostAttached()
 	d.nriStatus(&st)
 	return st, nil

@@ -56,6 +56,8 @@ var (
 		"Entries of a source's last answer left out (not an address, wrong family, not unicast, listed twice, another host's loopback).", []string{"vip", "source"}, nil)
 	descTrimmed = prometheus.NewDesc("ctlb_service_candidates_trimmed",
 		"Candidates of a tracked VIP left out over the most servers a VIP may have.", []string{"vip"}, nil)
+	descSocketTable = prometheus.NewDesc("ctlb_socket_table_entries",
+		"Entries of the kernel's socket table by state: used (held by an open VIP socket) and free. A socket whose entry is taken keeps its state in socket storage instead.", []string{"state"}, nil)
 	descConsulRequests = prometheus.NewDesc("ctlb_consul_requests_total",
 		"HTTP requests this daemon sent to Consul's API (all its watches; one watch per distinct query).", nil, nil)
 )
@@ -66,7 +68,7 @@ type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests} {
+		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests, descSocketTable} {
 		ch <- d
 	}
 }
@@ -121,6 +123,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(descConsulRequests, prometheus.CounterValue, float64(discovery.ConsulRequests()))
+	if tab, ok, err := d.dp.SocketTable(); err != nil {
+		ch <- prometheus.NewInvalidMetric(descSocketTable, err)
+	} else if ok {
+		ch <- prometheus.MustNewConstMetric(descSocketTable, prometheus.GaugeValue, float64(tab.Used), "used")
+		ch <- prometheus.MustNewConstMetric(descSocketTable, prometheus.GaugeValue, float64(tab.Size-tab.Used), "free")
+	}
 	for vip, snap := range d.snapshots() {
 		v := vip.String()
 		for _, srv := range snap.Servers {

@@ -212,6 +212,16 @@ type Status struct {
 	// Termination is how ctlbd ends connections to servers that leave a
 	// set ("bpf_sock_destroy"), or "unavailable: " and why.
 	Termination string `json:"termination,omitempty"`
+	// SocketTable is how many entries of the socket table (docs/MAPS.md)
+	// VIP sockets hold; absent for pins made before the table.
+	SocketTable *SocketTable `json:"socketTable,omitempty"`
+}
+
+// SocketTable is the use of the kernel's socket table: Size entries, Used
+// held by open VIP sockets.
+type SocketTable struct {
+	Size int `json:"size"`
+	Used int `json:"used"`
 }
 
 // States of ctlbd's NRI plugin in Status.NRI.

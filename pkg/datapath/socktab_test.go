@@ -102,6 +102,9 @@ func TestSocketTable(t *testing.T) {
 		}
 	}
 	taken := waitTaken(t, dp, 4)
+	if st, ok, err := dp.SocketTable(); err != nil || !ok || st.Used != 4 || st.Size != socktabEntries {
+		t.Errorf("SocketTable() = %+v, %v, %v; want 4 of %d used", st, ok, err, socktabEntries)
+	}
 	slots := slotsBy(t, dp)
 	per := map[string]int{}
 	for cookie, slot := range taken {
@@ -121,6 +124,9 @@ func TestSocketTable(t *testing.T) {
 	assertOpen(t, dp, map[string]int64{"127.0.0.11:9001": 2, "127.0.0.12:9001": 2})
 	c.Stop(t)
 	waitTaken(t, dp, 0)
+	if st, _, err := dp.SocketTable(); err != nil || st.Used != 0 {
+		t.Errorf("after the client: SocketTable() = %+v, %v; want none used", st, err)
+	}
 	assertOpen(t, dp, map[string]int64{"127.0.0.11:9001": 0, "127.0.0.12:9001": 0})
 }
 
@@ -141,6 +147,9 @@ func TestSocketTableTakenFallsBackToStorage(t *testing.T) {
 	}
 	if _, err := m.BatchUpdate(keys, vals, nil); err != nil {
 		t.Fatalf("fill the socket table: %v", err)
+	}
+	if st, _, err := dp.SocketTable(); err != nil || st.Used != socktabEntries {
+		t.Fatalf("filled: SocketTable() = %+v, %v; want all %d used", st, err, socktabEntries)
 	}
 	c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "hold", Target: vip, Count: 4})
 	r := c.Result(t)
@@ -193,6 +202,11 @@ func TestOpenWithoutSocketTable(t *testing.T) {
 		}
 		if _, ok := d.Map("ctlb_socktab_v2"); ok {
 			t.Errorf("%s: the socket table is open, but not pinned", name)
+		}
+		if name == "Open" {
+			if st, ok, err := d.SocketTable(); ok || err != nil {
+				t.Errorf("SocketTable() without the table = %+v, %v, %v; want not ok, no error", st, ok, err)
+			}
 		}
 		d.Close()
 	}

@@ -126,6 +126,30 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 			if st.Attachments != 1 {
 				t.Errorf("status attachments = %d", st.Attachments)
 			}
+			if got := metric(t, page, "ctlb_socket_table_entries", `state="used"`); got != 0 {
+				t.Errorf("ctlb_socket_table_entries{state=used} = %v with no VIP socket open, want 0", got)
+			}
+			if st.SocketTable == nil || st.SocketTable.Used != 0 || st.SocketTable.Size == 0 {
+				t.Errorf("status socketTable = %+v, want a size and none used", st.SocketTable)
+			}
+
+			// Sockets held open through connect4 hold socket table
+			// entries, which status and the metrics count.
+			hold := testutil.StartClient(t, node, cg, testutil.ClientSpec{Mode: "hold", Target: vip, Count: 3})
+			if r := hold.Result(t); r.Failed != 0 {
+				t.Fatalf("held connects failed: %v", r.Errors)
+			}
+			page = scrape(t, node, "127.0.0.1:9464")
+			used := metric(t, page, "ctlb_socket_table_entries", `state="used"`)
+			free := metric(t, page, "ctlb_socket_table_entries", `state="free"`)
+			if used != 3 || int(used+free) != st.SocketTable.Size {
+				t.Errorf("with 3 VIP sockets held: ctlb_socket_table_entries used %v, free %v, want 3 and the rest of %d", used, free, st.SocketTable.Size)
+			}
+			d.JSON(&st, "status")
+			if st.SocketTable == nil || st.SocketTable.Used != 3 {
+				t.Errorf("with 3 VIP sockets held: status socketTable = %+v, want 3 used", st.SocketTable)
+			}
+			hold.Stop(t)
 		})
 	}
 }
