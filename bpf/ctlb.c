@@ -573,7 +573,10 @@ int ctlb_sock_release(struct bpf_sock *sk)
 	if (e && e->cookie == cookie) {
 		if (e->st.slot)
 			forget(&e->st);
-		e->cookie = 0;
+		/* An exchange, not a store: a fetching atomic is fully ordered
+		 * (the plain stores of forget() cannot land after the next
+		 * owner's compare-and-swap took the entry, on arm64 either). */
+		__sync_lock_test_and_set(&e->cookie, 0);
 		return 1;
 	}
 	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);

@@ -311,7 +311,7 @@ struct {
  * The socket table: where a VIP socket's state lives first. Socket storage
  * costs two allocations at connect and two frees (with locks) when the
  * socket dies, ~550 ns of a ~17 us connect; an entry of this preallocated
- * array costs a compare-and-swap to take and a store to give back.
+ * array costs a compare-and-swap to take and an exchange to give back.
  *
  * A socket's entry is index (cookie & (CTLB_SOCKTAB_ENTRIES - 1)) and is
  * its own while entry.cookie holds its socket cookie (never 0; cookies are
