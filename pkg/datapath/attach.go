@@ -71,6 +71,35 @@ func isTemporary(name string) bool {
 	return slices.ContainsFunc(temporaryPrefixes, func(p string) bool { return strings.HasPrefix(name, p) })
 }
 
+// temporary is one temporary directory, and the directory it is in.
+type temporary struct {
+	parent string
+	entry  fs.DirEntry
+}
+
+func (t temporary) path() string { return filepath.Join(t.parent, t.entry.Name()) }
+
+// temporaries lists the temporary directories in each of dirs; a missing
+// directory holds none.
+func temporaries(dirs ...string) ([]temporary, error) {
+	var out []temporary
+	for _, d := range dirs {
+		entries, err := os.ReadDir(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list %s: %w", d, err)
+		}
+		for _, e := range entries {
+			if isTemporary(e.Name()) {
+				out = append(out, temporary{d, e})
+			}
+		}
+	}
+	return out, nil
+}
+
 // Attach attaches connect4, getpeername4 and sock_release to the cgroup
 // directory with bpf_links (which always allow other programs beside them)
 // and pins the links under DIR/links/ID. The pins are made in a temporary
@@ -206,20 +235,17 @@ func RemoveInterrupted(dir, id string) (int, error) {
 }
 
 func removeInterruptedIn(dir, id string) (int, error) {
-	entries, err := os.ReadDir(dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return 0, nil
-	}
+	tmps, err := temporaries(dir)
 	if err != nil {
-		return 0, fmt.Errorf("list %s: %w", dir, err)
+		return 0, err
 	}
 	n := 0
-	for _, e := range entries {
-		if !interruptedOf(e.Name(), id) {
+	for _, t := range tmps {
+		if got, ok := temporaryID(t.entry.Name()); !ok || got != id {
 			continue
 		}
-		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
-			return n, fmt.Errorf("remove interrupted %s: %w", e.Name(), err)
+		if err := os.RemoveAll(t.path()); err != nil {
+			return n, fmt.Errorf("remove interrupted %s: %w", t.entry.Name(), err)
 		}
 		n++
 	}
@@ -244,28 +270,16 @@ func RemoveInterruptedAll(dir, id string) (int, error) {
 // them). GC uses it to finish detaches it (or a DEL) started before it was
 // killed.
 func Interrupted(dir string) ([]string, error) {
+	tmps, err := temporaries(inflightDir(dir), filepath.Join(dir, "links"))
+	if err != nil {
+		return nil, err
+	}
 	seen := map[string]bool{}
 	var ids []string
-	for _, d := range []string{inflightDir(dir), filepath.Join(dir, "links")} {
-		entries, err := os.ReadDir(d)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("list %s: %w", d, err)
-		}
-		for _, e := range entries {
-			for _, prefix := range temporaryPrefixes {
-				rest, ok := strings.CutPrefix(e.Name(), prefix)
-				if !ok || len(rest) < 14 || rest[len(rest)-13] != '-' {
-					continue
-				}
-				id := rest[:len(rest)-13]
-				if interruptedOf(e.Name(), id) && !seen[id] {
-					seen[id] = true
-					ids = append(ids, id)
-				}
-			}
+	for _, t := range tmps {
+		if id, ok := temporaryID(t.entry.Name()); ok && !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
 		}
 	}
 	return ids, nil
@@ -277,33 +291,32 @@ func Interrupted(dir string) ([]string, error) {
 // earlier plugin still running meanwhile loses its directory, fails, and is
 // retried by the runtime, which then cleans up.
 func moveLegacyTemporaries(dir string) error {
-	links := filepath.Join(dir, "links")
-	entries, err := os.ReadDir(links)
+	tmps, err := temporaries(filepath.Join(dir, "links"))
 	if err != nil {
-		return fmt.Errorf("list %s: %w", links, err)
+		return err
 	}
-	for _, e := range entries {
-		if !isTemporary(e.Name()) {
-			continue
-		}
-		if err := os.Rename(filepath.Join(links, e.Name()), filepath.Join(inflightDir(dir), e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("move %s into %s: %w", e.Name(), InflightDir, err)
+	for _, t := range tmps {
+		if err := os.Rename(t.path(), filepath.Join(inflightDir(dir), t.entry.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("move %s into %s: %w", t.entry.Name(), InflightDir, err)
 		}
 	}
 	return nil
 }
 
-// interruptedOf reports whether name is a temporary directory of attachment
-// id: the exact ID, then the 12-hex-digit suffix randomSuffix makes, so the
-// attachment "cni-a" never claims those of "cni-a-1".
-func interruptedOf(name, id string) bool {
+// temporaryID is the attachment ID of a temporary directory's name: the
+// prefix, the ID, then "-" and the 12-hex-digit suffix randomSuffix makes,
+// so that the attachment "cni-a" never claims those of "cni-a-1".
+func temporaryID(name string) (string, bool) {
 	for _, prefix := range temporaryPrefixes {
-		rest, ok := strings.CutPrefix(name, prefix+id+"-")
-		if ok && len(rest) == 12 && strings.Trim(rest, "0123456789abcdef") == "" {
-			return true
+		rest, ok := strings.CutPrefix(name, prefix)
+		if !ok || len(rest) < 14 || rest[len(rest)-13] != '-' {
+			continue
+		}
+		if suffix := rest[len(rest)-12:]; strings.Trim(suffix, "0123456789abcdef") == "" {
+			return rest[:len(rest)-13], true
 		}
 	}
-	return false
+	return "", false
 }
 
 // Attachment reads one attachment's state from its pins.
@@ -399,28 +412,20 @@ func (d *Datapath) Attachments() ([]Attachment, error) {
 // left behind: temporary link directories (_tmp-*, _del-*) older than age. Their links were
 // never visible as attachments; unpinning them detaches them.
 func (d *Datapath) RemoveStale(age time.Duration) (int, error) {
+	tmps, err := temporaries(inflightDir(d.dir), d.linksDir())
+	if err != nil {
+		return 0, err
+	}
 	n := 0
-	for _, dir := range []string{inflightDir(d.dir), d.linksDir()} {
-		entries, err := os.ReadDir(dir)
-		if errors.Is(err, fs.ErrNotExist) {
+	for _, t := range tmps {
+		info, err := t.entry.Info()
+		if err != nil || time.Since(info.ModTime()) < age {
 			continue
 		}
-		if err != nil {
-			return n, fmt.Errorf("list %s: %w", dir, err)
+		if err := os.RemoveAll(t.path()); err != nil {
+			return n, fmt.Errorf("remove stale %s: %w", t.entry.Name(), err)
 		}
-		for _, e := range entries {
-			if !isTemporary(e.Name()) {
-				continue
-			}
-			info, err := e.Info()
-			if err != nil || time.Since(info.ModTime()) < age {
-				continue
-			}
-			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
-				return n, fmt.Errorf("remove stale %s: %w", e.Name(), err)
-			}
-			n++
-		}
+		n++
 	}
 	return n, nil
 }

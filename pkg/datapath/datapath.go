@@ -341,56 +341,61 @@ func progPin(hook string) string { return fmt.Sprintf("ctlb_%s_v%d", hook, Layou
 // where an older release would not look).
 func (d *Datapath) adoptOrLoadPrograms(coll *ebpf.Collection) error {
 	d.progs = map[string]*ebpf.Program{}
-	for i, h := range append([]hook{rootHook}, hooks...) {
-		if i == 1 {
-			if err := d.ensureRootRelease(); err != nil {
-				d.closeProgs()
-				return err
-			}
+	err := d.adoptOrLoadProgram(coll, rootHook)
+	if err == nil {
+		err = d.ensureRootRelease()
+	}
+	for _, h := range hooks {
+		if err != nil {
+			break
 		}
-		embedded := coll.Programs[progSpecName(h.name)]
-		if embedded == nil {
-			d.closeProgs()
-			return fmt.Errorf("embedded BPF object lacks program %s", progSpecName(h.name))
-		}
-		p := filepath.Join(d.dir, progPin(h.name))
-		pinned, err := ebpf.LoadPinnedProgram(p, nil)
-		switch {
-		case err == nil:
-			same, err := sameTag(pinned, embedded)
-			if err != nil {
-				pinned.Close()
-				d.closeProgs()
-				return err
-			}
-			if same {
-				d.progs[h.name] = pinned
-				continue
-			}
+		err = d.adoptOrLoadProgram(coll, h)
+	}
+	if err != nil {
+		d.closeProgs()
+	}
+	return err
+}
+
+// adoptOrLoadProgram does adoptOrLoadPrograms' work for one hook, into
+// d.progs.
+func (d *Datapath) adoptOrLoadProgram(coll *ebpf.Collection, h hook) error {
+	embedded := coll.Programs[progSpecName(h.name)]
+	if embedded == nil {
+		return fmt.Errorf("embedded BPF object lacks program %s", progSpecName(h.name))
+	}
+	p := filepath.Join(d.dir, progPin(h.name))
+	pinned, err := ebpf.LoadPinnedProgram(p, nil)
+	switch {
+	case err == nil:
+		same, err := sameTag(pinned, embedded)
+		if err != nil {
 			pinned.Close()
-			prog, err := d.upgradeProgram(h.name, embedded)
-			if err != nil {
-				d.closeProgs()
-				return err
-			}
-			d.progs[h.name] = prog
-		case errors.Is(err, fs.ErrNotExist):
-			prog, err := embedded.Clone()
-			if err != nil {
-				d.closeProgs()
-				return fmt.Errorf("clone program %s: %w", h.name, err)
-			}
-			if err := prog.Pin(p); err != nil {
-				prog.Close()
-				d.closeProgs()
-				return fmt.Errorf("pin program %s: %w", p, err)
-			}
-			d.progs[h.name] = prog
-			crashpoint.Hit(crashpoint.CreatePrograms)
-		default:
-			d.closeProgs()
-			return fmt.Errorf("open pinned program %s: %w", p, err)
+			return err
 		}
+		if same {
+			d.progs[h.name] = pinned
+			return nil
+		}
+		pinned.Close()
+		prog, err := d.upgradeProgram(h.name, embedded)
+		if err != nil {
+			return err
+		}
+		d.progs[h.name] = prog
+	case errors.Is(err, fs.ErrNotExist):
+		prog, err := embedded.Clone()
+		if err != nil {
+			return fmt.Errorf("clone program %s: %w", h.name, err)
+		}
+		if err := prog.Pin(p); err != nil {
+			prog.Close()
+			return fmt.Errorf("pin program %s: %w", p, err)
+		}
+		d.progs[h.name] = prog
+		crashpoint.Hit(crashpoint.CreatePrograms)
+	default:
+		return fmt.Errorf("open pinned program %s: %w", p, err)
 	}
 	return nil
 }
