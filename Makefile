@@ -14,7 +14,7 @@ TESTFLAGS ?= -count=1 -timeout 40m
 # image.repository default matches; docs/DEPLOY.md "The image").
 IMAGE    ?= ctlb/ctlbd
 IMAGE_TAG ?= $(VERSION)
-BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o internal/*/*_bpfel.go internal/*/*_bpfel.o test/bench/*_bpfel.go test/bench/*_bpfel.o)
+BPF_GEN  := $(wildcard pkg/*/*_bpfel.go pkg/*/*_bpfel.o internal/*/*_bpfel.go internal/*/*_bpfel.o test/bench/*_bpfel.go test/bench/*_bpfel.o test/bench/*/*_bpfel.go test/bench/*/*_bpfel.o)
 
 .PHONY: all deps build generate check-generate lint test fuzz consul-bin demo release clean manifests image
 
@@ -32,14 +32,14 @@ build:
 	$(GOBUILD) -o bin/ctlb ./plugins/meta/ctlb
 
 # Rebuild the BPF objects (needs clang); they are committed so go build does not.
-# test/bench: the benchmark's own connect4 variants (never shipped).
+# test/bench: the benchmark's own connect4 variants and sockmap relay (never shipped).
 generate: deps
-	$(GO) generate ./pkg/... ./internal/... ./test/bench
+	$(GO) generate ./pkg/... ./internal/... ./test/bench ./test/bench/sockmaprelay
 
 # CI: the committed BPF objects must be what the C sources compile to.
 check-generate: generate
 	@git diff --exit-code --stat -- $(BPF_GEN) || { echo "generated BPF objects are stale: run make generate and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' 'internal/*/*_bpfel.*' 'test/bench/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
+	@test -z "$$(git status --porcelain -- 'pkg/*/*_bpfel.*' 'internal/*/*_bpfel.*' 'test/bench/*_bpfel.*' 'test/bench/*/*_bpfel.*' | grep '^??')" || { echo "generated BPF objects are not committed"; exit 1; }
 
 # The ctlbd image from the static binaries, with podman, buildah or docker;
 # no registry needed (FROM scratch). IMAGE and IMAGE_TAG name it.

@@ -18,6 +18,7 @@ import (
 
 	"github.com/ctlb/ctlb/internal/proxy"
 	"github.com/ctlb/ctlb/test/bench/seedproxy"
+	"github.com/ctlb/ctlb/test/bench/sockmaprelay"
 	"github.com/ctlb/ctlb/test/bench/workload"
 )
 
@@ -35,6 +36,7 @@ const (
 	roleServer    = "server"
 	roleClient    = "client"
 	roleSeedProxy = "seedproxy"
+	roleSockmap   = "sockmaprelay"
 	roleCtlbProxy = "ctlbproxy"
 	roleWarmer    = "warmer"
 )
@@ -89,6 +91,8 @@ func runChild() bool {
 		err = childClient()
 	case roleSeedProxy:
 		err = childSeedProxy()
+	case roleSockmap:
+		err = childSockmapRelay()
 	case roleCtlbProxy:
 		err = childCtlbProxy()
 	case roleWarmer:
@@ -181,6 +185,42 @@ func childSeedProxy() error {
 	}
 	say(ready{Ready: true})
 	untilStdinCloses()
+	return nil
+}
+
+// childSockmapRelay is the sockmap relay (test/bench/sockmaprelay); it takes
+// seedProxyArgs. At the end it reports on standard error how many pairs the
+// kernel forwarded and how many fell back to user space.
+func childSockmapRelay() error {
+	var a seedProxyArgs
+	if err := childArgs(&a); err != nil {
+		return err
+	}
+	r, err := sockmaprelay.Load()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	for _, f := range a.Forwards {
+		ln, err := workload.Listen(f.Listen)
+		if err != nil {
+			return fmt.Errorf("sockmap relay: %w", err)
+		}
+		var servers []netip.AddrPort
+		for _, s := range f.Servers {
+			ap, err := netip.ParseAddrPort(s)
+			if err != nil {
+				return fmt.Errorf("sockmap relay: %w", err)
+			}
+			servers = append(servers, ap)
+		}
+		if err := r.Serve(ln, servers); err != nil {
+			return fmt.Errorf("sockmap relay: %w", err)
+		}
+	}
+	say(ready{Ready: true})
+	untilStdinCloses()
+	slog.Info("sockmap relay done", "pairsInKernel", r.Kernel.Load(), "pairsInUserSpace", r.User.Load())
 	return nil
 }
 

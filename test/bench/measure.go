@@ -30,6 +30,8 @@ type path struct {
 	dial   []string
 	sock   socketKind
 	cgroup string
+	// bulkOnly: measured on the Gbit/s rows alone.
+	bulkOnly bool
 }
 
 var (
@@ -42,7 +44,14 @@ var (
 	pathHAProxy   = path{name: "haproxy", desc: "HAProxy, mode tcp, roundrobin", vip: netip.MustParseAddr("198.19.0.5"), local: true}
 	pathSeed      = path{name: "seed-proxy", desc: "seed-style proxy: goroutine per direction, 64 KiB read/write", vip: netip.MustParseAddr("198.19.0.6"), local: true}
 
-	allPaths = []path{pathDirect, pathConnect4, pathDNAT, pathListeners, pathSteering, pathPreconn, pathHAProxy, pathSeed}
+	// pathSockmap is no ctlb path: it measures issue 18's SOCKMAP lever,
+	// forwarding an established pair's bytes in the kernel, beside the
+	// proxies (test/bench/sockmaprelay). Bulk only: the lever is about
+	// bytes, and the relay hands a connection's first bytes over without
+	// ordering them (a request/response test sees the odd reset).
+	pathSockmap = path{name: "sockmap-relay", desc: "bench-only relay: an sk_skb verdict forwards each pair's bytes in the kernel (sockhash)", vip: netip.MustParseAddr("198.19.0.8"), local: true, bulkOnly: true}
+
+	allPaths = []path{pathDirect, pathConnect4, pathDNAT, pathListeners, pathSteering, pathPreconn, pathHAProxy, pathSeed, pathSockmap}
 )
 
 func (p path) targets(bulk bool) []string {
@@ -391,6 +400,9 @@ func (e *env) runRounds(ctx context.Context, cfg Config, label string, paths []p
 			}
 			for k := range paths {
 				i := (k + round) % len(paths)
+				if paths[i].bulkOnly && m.kind != workload.KindBulk {
+					continue
+				}
 				s, retries, err := e.measure(ctx, paths[i], m, cfg)
 				if err != nil {
 					return fmt.Errorf("%s %s: %w", paths[i].name, m.name, err)

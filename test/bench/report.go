@@ -34,6 +34,16 @@ func (r *Results) path(name string) *PathResult {
 	return nil
 }
 
+// bulkPath is the path of that name if its Gbit/s rows were measured.
+func (r *Results) bulkPath(name string) *PathResult {
+	for _, p := range r.Paths {
+		if p.Name == name && p.Unavailable == "" && p.Bulk1.Median > 0 && p.BulkN.Median > 0 {
+			return p
+		}
+	}
+	return nil
+}
+
 // ratioTarget checks that a over b, round by round, is at least want.
 func ratioTarget(name string, a, b Stat, want float64) TargetResult {
 	t := TargetResult{Name: name, Want: fmt.Sprintf(">= %.2fx", want), Status: "n/a"}
@@ -193,9 +203,9 @@ func printReport(w io.Writer, r *Results) {
 			fmt.Fprintf(tw, "%s\tunavailable: %s\t\t\t\t\t\t\t\t\t\n", p.Name, p.Unavailable)
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.1f\t%.1f\t%.2f\t%.2f\t%.1f\t%.1f\t%d\t%.0f\t\n", p.Name,
-			p.Rate1.Median, p.RateN.Median, p.P50.Median, p.P99.Median, p.Bulk1.Median, p.BulkN.Median,
-			p.CPUPerConn.Median, p.SysCPUPerConn.Median, p.Errors, p.Foreign*100)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%.0f\t\n", p.Name,
+			cell(p.Rate1, "%.0f"), cell(p.RateN, "%.0f"), cell(p.P50, "%.1f"), cell(p.P99, "%.1f"), cell(p.Bulk1, "%.2f"), cell(p.BulkN, "%.2f"),
+			cell(p.CPUPerConn, "%.1f"), cell(p.SysCPUPerConn, "%.1f"), p.Errors, p.Foreign*100)
 	}
 	tw.Flush()
 	var proxies []string
@@ -207,6 +217,14 @@ func printReport(w io.Writer, r *Results) {
 	}
 	if len(proxies) > 0 {
 		fmt.Fprintf(w, "proxy's own CPU us/conn (1 / %d clients): %s\n", r.Config.Clients, strings.Join(proxies, ", "))
+	}
+	if sm, lp := r.bulkPath(pathSockmap.name), r.bulkPath(pathListeners.name); sm != nil && lp != nil {
+		fmt.Fprintf(w, "sockmap lever (bench-only relay, bytes forwarded in the kernel) Gbit/s vs proxy-listeners (splice): %.3fx with 1 stream, %.3fx with %d",
+			pairedRatio(sm.Bulk1, lp.Bulk1), pairedRatio(sm.BulkN, lp.BulkN), r.Config.Streams)
+		if ha := r.bulkPath(pathHAProxy.name); ha != nil {
+			fmt.Fprintf(w, "; vs HAProxy %.3fx and %.3fx", pairedRatio(sm.Bulk1, ha.Bulk1), pairedRatio(sm.BulkN, ha.BulkN))
+		}
+		fmt.Fprintln(w)
 	}
 	for _, p := range r.Paths {
 		if p.FirstError != "" {
@@ -249,6 +267,14 @@ func printReport(w io.Writer, r *Results) {
 	}
 	printConnectCost(w, r.ConnectCost)
 	printTargets(w, r.Targets)
+}
+
+// cell is a figure of the paths table, "-" when it was not measured.
+func cell(s Stat, format string) string {
+	if len(s.Rounds) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf(format, s.Median)
 }
 
 // progName is a program's pin name without the prefix and layout version.

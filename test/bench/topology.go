@@ -389,8 +389,8 @@ func haproxyConfig() string {
 	return b.String()
 }
 
-// startProxies starts HAProxy, the seed-style proxy and ctlb's fallback
-// proxy in both modes, each in the node and in a cgroup of its own.
+// startProxies starts HAProxy, the seed-style proxy, the sockmap relay and
+// ctlb's fallback proxy in its modes, each in the node and in a cgroup of its own.
 func (e *env) startProxies() error {
 	fwd := func(p path) []forward {
 		return []forward{
@@ -398,7 +398,7 @@ func (e *env) startProxies() error {
 			{Listen: netip.AddrPortFrom(p.vip, vipSourcePort).String(), Servers: servers(sourcePort)},
 		}
 	}
-	for _, p := range []path{pathSeed, pathListeners, pathSteering, pathPreconn} {
+	for _, p := range []path{pathSeed, pathSockmap, pathListeners, pathSteering, pathPreconn} {
 		cg, err := e.cgroup("proxy-" + p.name)
 		if err != nil {
 			return err
@@ -408,6 +408,8 @@ func (e *env) startProxies() error {
 		switch p.name {
 		case pathSeed.name:
 			role, args = roleSeedProxy, seedProxyArgs{Forwards: fwd(p)}
+		case pathSockmap.name:
+			role, args = roleSockmap, seedProxyArgs{Forwards: fwd(p)}
 		case pathListeners.name:
 			args = ctlbProxyArgs{Mode: "listeners", Forwards: fwd(p)}
 		case pathPreconn.name:

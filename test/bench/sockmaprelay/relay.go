@@ -1,0 +1,262 @@
+// Package sockmaprelay is the benchmark's measure of kernel-side byte
+// forwarding, issue 18's SOCKMAP lever: a round-robin relay like the seed
+// proxy, except that each pair's two sockets go into a sockhash with an
+// sk_skb verdict program attached, which sends every segment one socket
+// receives out of the other (bpf_sk_redirect_hash to egress), so that the
+// bytes of an established pair never enter user space.
+//
+// It is not ctlb's proxy and not a correct one: it exists to put the lever
+// side by side with ctlb's splice relay and HAProxy in one run. Bytes a
+// socket queued before the pair entered the maps (a client's first request,
+// the server's first bytes) are moved by a goroutine per direction reading
+// through user space, which may overtake bytes the verdict forwards
+// meanwhile; ctlb's proxy would have to order that hand-over, pass
+// half-closes on and count bytes before it could forward in the kernel.
+package sockmaprelay
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+const dialTimeout = 2 * time.Second
+
+// Relay forwards connections to servers in turn, in the kernel.
+//
+// It keeps its sockets away from Go's poller: a socket the poller watches
+// for input is woken on every segment the verdict takes (the socket's
+// data-ready callback still runs), and so would the poller's thread be.
+// Accepts and dials block instead, and one epoll instance of the relay's own
+// watches each forwarded socket for its peer's end of stream (EPOLLRDHUP
+// alone, which the segments' wake-ups, flagged EPOLLIN, do not match).
+type Relay struct {
+	objs forwardObjects
+	att  link.Link // nil when attached without a link (kernels before 6.10)
+	raw  bool
+	epfd int
+
+	mu     sync.Mutex
+	lns    []*os.File
+	pairs  map[uint64][2]int // by pair ID, the ID its epoll events carry
+	nextID uint64
+
+	// Kernel counts pairs forwarded in the kernel, from when their
+	// sockets are in the maps and watched; User those the maps refused,
+	// which fall back to a copy through user space. Drained counts the
+	// bytes that sockets of forwarded pairs had queued before they
+	// entered the maps, moved through user space.
+	Kernel, User, Drained atomic.Uint64
+}
+
+// Load loads the verdict program and attaches it to the sources map.
+func Load() (*Relay, error) {
+	r := &Relay{pairs: map[uint64][2]int{}}
+	if err := loadForwardObjects(&r.objs, nil); err != nil {
+		return nil, fmt.Errorf("load sockmap relay: %w", err)
+	}
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		r.objs.Close()
+		return nil, fmt.Errorf("epoll: %w", err)
+	}
+	r.epfd = epfd
+	if l, err := link.AttachRawLink(link.RawLinkOptions{Target: r.objs.Sources.FD(), Program: r.objs.Forward, Attach: ebpf.AttachSkSKBVerdict}); err == nil {
+		r.att = l
+	} else if err := link.RawAttachProgram(link.RawAttachProgramOptions{Target: r.objs.Sources.FD(), Program: r.objs.Forward, Attach: ebpf.AttachSkSKBVerdict}); err != nil {
+		// sockmap links came with 6.10; the old way before them.
+		unix.Close(epfd)
+		r.objs.Close()
+		return nil, fmt.Errorf("attach sk_skb verdict: %w", err)
+	} else {
+		r.raw = true
+	}
+	go r.watch()
+	return r, nil
+}
+
+// Close stops accepting and detaches the program; pairs already in the maps
+// leave them as their sockets close.
+func (r *Relay) Close() error {
+	r.mu.Lock()
+	for _, ln := range r.lns {
+		ln.Close()
+	}
+	r.lns = nil
+	r.mu.Unlock()
+	var errs []error
+	if r.att != nil {
+		errs = append(errs, r.att.Close())
+	}
+	if r.raw {
+		errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{Target: r.objs.Sources.FD(), Program: r.objs.Forward, Attach: ebpf.AttachSkSKBVerdict}))
+	}
+	errs = append(errs, r.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Serve relays ln's connections to servers ("IP:PORT"), in turn.
+func (r *Relay) Serve(ln *net.TCPListener, servers []netip.AddrPort) error {
+	f, err := ln.File() // a blocking duplicate, away from Go's poller
+	if err != nil {
+		return err
+	}
+	ln.Close()
+	r.mu.Lock()
+	r.lns = append(r.lns, f)
+	r.mu.Unlock()
+	lfd := int(f.Fd())
+	go func() {
+		for next := 0; ; next++ {
+			c, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			go r.handle(c, servers[next%len(servers)])
+		}
+	}()
+	return nil
+}
+
+func (r *Relay) handle(client int, server netip.AddrPort) {
+	up, err := dial(server)
+	if err != nil {
+		unix.Close(client)
+		return
+	}
+	if err := r.pair(client, up); err != nil {
+		r.User.Add(1)
+		var once sync.Once
+		closeBoth := func() { once.Do(func() { unix.Close(client); unix.Close(up) }) }
+		go pump(up, client, closeBoth)
+		go pump(client, up, closeBoth)
+		return
+	}
+	// Bytes queued before the pair entered sources wait for the next
+	// segment's verdict, which may never come (a request waiting for its
+	// reply): move them now.
+	r.Drained.Add(drain(client, up) + drain(up, client))
+	r.mu.Lock()
+	id := r.nextID
+	r.nextID++
+	r.pairs[id] = [2]int{client, up}
+	r.mu.Unlock()
+	for _, fd := range []int{client, up} {
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP, Fd: int32(id), Pad: int32(id >> 32)}
+		if err := unix.EpollCtl(r.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			r.end(id)
+			return
+		}
+	}
+	r.Kernel.Add(1)
+}
+
+// watch ends a pair when either side's peer ends its stream or fails.
+func (r *Relay) watch() {
+	events := make([]unix.EpollEvent, 64)
+	for {
+		n, err := unix.EpollWait(r.epfd, events, -1)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		for _, ev := range events[:n] {
+			r.end(uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32)
+		}
+	}
+}
+
+func (r *Relay) end(id uint64) {
+	r.mu.Lock()
+	p, ok := r.pairs[id]
+	delete(r.pairs, id)
+	r.mu.Unlock()
+	if ok {
+		unix.Close(p[0])
+		unix.Close(p[1])
+	}
+}
+
+// pair puts both sockets into peers, each under the other's cookie, then
+// into sources, where the verdict starts forwarding what they receive.
+func (r *Relay) pair(a, b int) error {
+	ca, err := unix.GetsockoptUint64(a, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		return err
+	}
+	cb, err := unix.GetsockoptUint64(b, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		return err
+	}
+	for _, u := range []struct {
+		m       *ebpf.Map
+		key, fd uint64
+	}{{r.objs.Peers, ca, uint64(b)}, {r.objs.Peers, cb, uint64(a)}, {r.objs.Sources, ca, uint64(a)}, {r.objs.Sources, cb, uint64(b)}} {
+		if err := u.m.Update(u.key, u.fd, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("sockhash update: %w", err)
+		}
+	}
+	return nil
+}
+
+// dial connects a blocking socket to t.
+func dial(t netip.AddrPort) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	tv := unix.NsecToTimeval(dialTimeout.Nanoseconds())
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(t.Port()), Addr: t.Addr().As4()}); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	var zero unix.Timeval
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &zero)
+	return fd, nil
+}
+
+// drain moves what src holds now to dst and says how many bytes it moved.
+func drain(src, dst int) uint64 {
+	buf := make([]byte, 64<<10)
+	var moved uint64
+	for {
+		n, _, err := unix.Recvfrom(src, buf, unix.MSG_DONTWAIT)
+		if n <= 0 || err != nil {
+			return moved
+		}
+		if _, err := unix.Write(dst, buf[:n]); err != nil {
+			return moved
+		}
+		moved += uint64(n)
+	}
+}
+
+// pump copies src to dst until either fails, then closes both.
+func pump(dst, src int, closeBoth func()) {
+	defer closeBoth()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := unix.Read(src, buf)
+		if n <= 0 || err != nil {
+			return
+		}
+		if _, err := unix.Write(dst, buf[:n]); err != nil {
+			return
+		}
+	}
+}
