@@ -1,7 +1,7 @@
 # Benchmarks (issue 7), included from the Makefile.
 #   make bench       every path side by side in one run: a table on stdout,
 #                    bench/results.json, bench/results.txt, bench/results.dat
-#                    (root; about 6 minutes on 2 cores)
+#                    (root; about 8 minutes on 2 cores)
 #   make bench-fleet the Consul load of 50 daemons (bench/fleet.txt; about 3 min)
 #   make bench-serverloss  servers leaving, dying, joining (issue 13): set change
 #                    to socket end, failed connects per server death, time back
