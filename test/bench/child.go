@@ -206,15 +206,7 @@ func childSockmapRelay() error {
 		if err != nil {
 			return fmt.Errorf("sockmap relay: %w", err)
 		}
-		var servers []netip.AddrPort
-		for _, s := range f.Servers {
-			ap, err := netip.ParseAddrPort(s)
-			if err != nil {
-				return fmt.Errorf("sockmap relay: %w", err)
-			}
-			servers = append(servers, ap)
-		}
-		if err := r.Serve(ln, servers); err != nil {
+		if err := r.Serve(ln, f.Servers); err != nil {
 			return fmt.Errorf("sockmap relay: %w", err)
 		}
 	}

@@ -25,19 +25,20 @@ type TargetResult struct {
 	Status string `json:"status"`
 }
 
+// path is the path of that name if its rates were measured.
 func (r *Results) path(name string) *PathResult {
-	for _, p := range r.Paths {
-		if p.Name == name && p.Unavailable == "" && p.RateN.Median > 0 {
-			return p
-		}
-	}
-	return nil
+	return r.find(name, func(p *PathResult) bool { return p.RateN.Median > 0 })
 }
 
 // bulkPath is the path of that name if its Gbit/s rows were measured.
 func (r *Results) bulkPath(name string) *PathResult {
+	return r.find(name, func(p *PathResult) bool { return p.Bulk1.Median > 0 && p.BulkN.Median > 0 })
+}
+
+// find is the available path of that name if measured says it was.
+func (r *Results) find(name string, measured func(*PathResult) bool) *PathResult {
 	for _, p := range r.Paths {
-		if p.Name == name && p.Unavailable == "" && p.Bulk1.Median > 0 && p.BulkN.Median > 0 {
+		if p.Name == name && p.Unavailable == "" && measured(p) {
 			return p
 		}
 	}

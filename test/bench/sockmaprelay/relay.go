@@ -8,9 +8,8 @@
 // It is not ctlb's proxy and not a correct one: it exists to put the lever
 // side by side with ctlb's splice relay and HAProxy in one run. Bytes a
 // socket queued before the pair entered the maps (a client's first request,
-// the server's first bytes) are moved by a goroutine per direction reading
-// through user space, which may overtake bytes the verdict forwards
-// meanwhile; ctlb's proxy would have to order that hand-over, pass
+// the server's first bytes) are moved once through user space, which may
+// overtake bytes the verdict forwards meanwhile; ctlb's proxy would have to order that hand-over, pass
 // half-closes on and count bytes before it could forward in the kernel.
 package sockmaprelay
 
@@ -42,7 +41,6 @@ const dialTimeout = 2 * time.Second
 type Relay struct {
 	objs forwardObjects
 	att  link.Link // nil when attached without a link (kernels before 6.10)
-	raw  bool
 	epfd int
 
 	mu     sync.Mutex
@@ -77,8 +75,6 @@ func Load() (*Relay, error) {
 		unix.Close(epfd)
 		r.objs.Close()
 		return nil, fmt.Errorf("attach sk_skb verdict: %w", err)
-	} else {
-		r.raw = true
 	}
 	go r.watch()
 	return r, nil
@@ -96,8 +92,7 @@ func (r *Relay) Close() error {
 	var errs []error
 	if r.att != nil {
 		errs = append(errs, r.att.Close())
-	}
-	if r.raw {
+	} else {
 		errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{Target: r.objs.Sources.FD(), Program: r.objs.Forward, Attach: ebpf.AttachSkSKBVerdict}))
 	}
 	errs = append(errs, r.objs.Close())
@@ -105,7 +100,15 @@ func (r *Relay) Close() error {
 }
 
 // Serve relays ln's connections to servers ("IP:PORT"), in turn.
-func (r *Relay) Serve(ln *net.TCPListener, servers []netip.AddrPort) error {
+func (r *Relay) Serve(ln *net.TCPListener, servers []string) error {
+	targets := make([]netip.AddrPort, len(servers))
+	for i, s := range servers {
+		t, err := netip.ParseAddrPort(s)
+		if err != nil {
+			return fmt.Errorf("server: %w", err)
+		}
+		targets[i] = t
+	}
 	f, err := ln.File() // a blocking duplicate, away from Go's poller
 	if err != nil {
 		return err
@@ -124,7 +127,7 @@ func (r *Relay) Serve(ln *net.TCPListener, servers []netip.AddrPort) error {
 			if err != nil {
 				return
 			}
-			go r.handle(c, servers[next%len(servers)])
+			go r.handle(c, targets[next%len(targets)])
 		}
 	}()
 	return nil
@@ -140,14 +143,14 @@ func (r *Relay) handle(client int, server netip.AddrPort) {
 		r.User.Add(1)
 		var once sync.Once
 		closeBoth := func() { once.Do(func() { unix.Close(client); unix.Close(up) }) }
-		go pump(up, client, closeBoth)
-		go pump(client, up, closeBoth)
+		go func() { move(client, up, 0); closeBoth() }()
+		go func() { move(up, client, 0); closeBoth() }()
 		return
 	}
 	// Bytes queued before the pair entered sources wait for the next
 	// segment's verdict, which may never come (a request waiting for its
 	// reply): move them now.
-	r.Drained.Add(drain(client, up) + drain(up, client))
+	r.Drained.Add(move(client, up, unix.MSG_DONTWAIT) + move(up, client, unix.MSG_DONTWAIT))
 	r.mu.Lock()
 	id := r.nextID
 	r.nextID++
@@ -230,12 +233,14 @@ func dial(t netip.AddrPort) (int, error) {
 	return fd, nil
 }
 
-// drain moves what src holds now to dst and says how many bytes it moved.
-func drain(src, dst int) uint64 {
+// move copies src to dst until src has nothing more (its end of stream, an
+// error, or with MSG_DONTWAIT nothing queued now) or dst fails, and says how
+// many bytes it moved.
+func move(src, dst, flags int) uint64 {
 	buf := make([]byte, 64<<10)
 	var moved uint64
 	for {
-		n, _, err := unix.Recvfrom(src, buf, unix.MSG_DONTWAIT)
+		n, _, err := unix.Recvfrom(src, buf, flags)
 		if n <= 0 || err != nil {
 			return moved
 		}
@@ -243,20 +248,5 @@ func drain(src, dst int) uint64 {
 			return moved
 		}
 		moved += uint64(n)
-	}
-}
-
-// pump copies src to dst until either fails, then closes both.
-func pump(dst, src int, closeBoth func()) {
-	defer closeBoth()
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := unix.Read(src, buf)
-		if n <= 0 || err != nil {
-			return
-		}
-		if _, err := unix.Write(dst, buf[:n]); err != nil {
-			return
-		}
 	}
 }

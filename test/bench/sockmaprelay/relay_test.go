@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"io"
 	"net"
-	"net/netip"
 	"testing"
 	"time"
 
@@ -44,7 +43,7 @@ func TestRelayForwardsInKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	relayAddr := ln.Addr().String()
-	if err := r.Serve(ln, []netip.AddrPort{echo.Addr().(*net.TCPAddr).AddrPort()}); err != nil {
+	if err := r.Serve(ln, []string{echo.Addr().String()}); err != nil {
 		t.Fatal(err)
 	}
 
