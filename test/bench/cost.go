@@ -39,7 +39,17 @@ type CostRow struct {
 	Errors  int64   `json:"errors"`
 	Err     string  `json:"err,omitempty"`
 	Skipped string  `json:"skipped,omitempty"`
+	// Pairs of blocks this row measured (more for the rows the target
+	// and the hooks' floor are read from).
+	Pairs int `json:"pairs"`
 }
+
+// preciseFactor is how many times the pairs the precise rows measure, and
+// maxCostPairs the most the lean client takes (MAX_PAIRS in lean.c).
+const (
+	preciseFactor = 3
+	maxCostPairs  = 5000
+)
 
 // ConnectCost is every path's CPU per connect.
 type ConnectCost struct {
@@ -133,29 +143,38 @@ func (e *env) measureConnectCost(ctx context.Context, cfg Config) (ConnectCost, 
 		name, desc string
 		cg         func() (string, error)
 		target     string
+		// precise rows, those the target and the floor are read from,
+		// get preciseFactor times the pairs: a row's median moves by
+		// ~30 ns from run to run with 1,000 pairs, as much as a hook's
+		// dispatch, and the standard error falls with the square root.
+		precise bool
 	}
 	plain := func() (string, error) { return e.cgPlain, nil }
 	subset := func(n int) func() (string, error) { return func() (string, error) { return e.subsetCgroup(n) } }
 	progs := e.costPrograms()
 	rows := []row{
-		{"none", "plain cgroup, servers (the method's own bias: should be 0)", plain, direct},
+		{"none", "plain cgroup, servers (the method's own bias: should be 0)", plain, direct, true},
 	}
 	for _, f := range costFeatures {
-		rows = append(rows, row{f.row, f.desc, func() (string, error) { return e.variantCgroup(f) }, vip})
+		target := vip
+		if f.direct {
+			target = direct
+		}
+		rows = append(rows, row{f.row, f.desc, func() (string, error) { return e.variantCgroup(f) }, target, f.floor})
 	}
 	rows = append(rows, []row{
-		{"connect4", "connect4 program alone, VIP (all of the above and the open count: an atomic add, and a sub in the root's sock_release)", subset(1), vip},
-		{"+getpeername4", "connect4 and getpeername4, VIP", subset(2), vip},
+		{"connect4", "connect4 program alone, VIP (all of the above and the open count: an atomic add, and a sub in the root's sock_release)", subset(1), vip, false},
+		{"+getpeername4", "connect4 and getpeername4, VIP", subset(2), vip, false},
 	}...)
 	if len(progs) == 3 {
-		rows = append(rows, row{"+" + progs[2].hook, "connect4, getpeername4 and " + progs[2].hook + ", VIP", subset(3), vip})
+		rows = append(rows, row{"+" + progs[2].hook, "connect4, getpeername4 and " + progs[2].hook + ", VIP", subset(3), vip, false})
 	}
 	rows = append(rows, []row{
-		{"ctlb", "ctlb as attached (datapath.Attach), VIP", func() (string, error) { return e.cgPod, nil }, vip},
-		{"ctlb non-VIP", "ctlb as attached, dialing the servers (no VIP: lookup misses)", func() (string, error) { return e.cgPod, nil }, direct},
+		{"ctlb", "ctlb as attached (datapath.Attach), VIP", func() (string, error) { return e.cgPod, nil }, vip, true},
+		{"ctlb non-VIP", "ctlb as attached, dialing the servers (no VIP: lookup misses)", func() (string, error) { return e.cgPod, nil }, direct, true},
 	}...)
 	if e.unavailable[pathDNAT.name] == "" {
-		rows = append(rows, row{"dnat", "plain cgroup, VIP DNATed by nftables (conntrack)", plain, dnat})
+		rows = append(rows, row{"dnat", "plain cgroup, VIP DNATed by nftables (conntrack)", plain, dnat, false})
 	}
 	for _, r := range rows {
 		if err := ctx.Err(); err != nil {
@@ -169,13 +188,18 @@ func (e *env) measureConnectCost(ctx context.Context, cfg Config) (ConnectCost, 
 			logf("connect cost %s: skipped: %v", r.name, err)
 			continue
 		}
-		line := fmt.Sprintf("cost %d %d 1 %s %s %s %s", cfg.CostBlock, cfg.CostPairs, cg, r.target, e.cgPlain, direct)
+		pairs := cfg.CostPairs
+		if r.precise {
+			pairs = min(pairs*preciseFactor, maxCostPairs)
+		}
+		cr.Pairs = pairs
+		line := fmt.Sprintf("cost %d %d 1 %s %s %s %s", cfg.CostBlock, pairs, cg, r.target, e.cgPlain, direct)
 		if err := client.Send([]byte(line)); err != nil {
 			return cc, err
 		}
 		// A connect here takes tens of microseconds: allow 200 us each,
 		// and the cgroup moves.
-		out, err := client.Recv(time.Duration(cfg.CostBlock*cfg.CostPairs*2)*200*time.Microsecond + 60*time.Second)
+		out, err := client.Recv(time.Duration(cfg.CostBlock*pairs*2)*200*time.Microsecond + 60*time.Second)
 		if err != nil {
 			return cc, err
 		}

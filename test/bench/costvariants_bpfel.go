@@ -96,33 +96,36 @@ type costvariantsSvcStateV2 struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	costvariantsMapCtlbConfigV2         = "ctlb_config_v2"
-	costvariantsMapCtlbCountersV2       = "ctlb_counters_v2"
-	costvariantsMapCtlbFailingV2        = "ctlb_failing_v2"
-	costvariantsMapCtlbOpenV2           = "ctlb_open_v2"
-	costvariantsMapCtlbServicesV2       = "ctlb_services_v2"
-	costvariantsMapCtlbSlotsV2          = "ctlb_slots_v2"
-	costvariantsMapCtlbSocksV1          = "ctlb_socks_v1"
-	costvariantsMapCtlbSocksV2          = "ctlb_socks_v2"
-	costvariantsMapCtlbSocktabV2        = "ctlb_socktab_v2"
-	costvariantsMapCtlbSvcstateV2       = "ctlb_svcstate_v2"
-	costvariantsMapCtlbV1slotsV2        = "ctlb_v1slots_v2"
-	costvariantsProgCtlbConnect4        = "ctlb_connect4"
-	costvariantsProgCtlbConnect4Count   = "ctlb_connect4_count"
-	costvariantsProgCtlbConnect4Rewrite = "ctlb_connect4_rewrite"
-	costvariantsProgCtlbConnect4State   = "ctlb_connect4_state"
-	costvariantsProgCtlbConnect4Storage = "ctlb_connect4_storage"
-	costvariantsProgCtlbConnect6        = "ctlb_connect6"
-	costvariantsProgCtlbGetpeername4    = "ctlb_getpeername4"
-	costvariantsProgCtlbGetpeername6    = "ctlb_getpeername6"
-	costvariantsProgCtlbRecvmsg4        = "ctlb_recvmsg4"
-	costvariantsProgCtlbRecvmsg6        = "ctlb_recvmsg6"
-	costvariantsProgCtlbReleaseV1       = "ctlb_release_v1"
-	costvariantsProgCtlbSendmsg4        = "ctlb_sendmsg4"
-	costvariantsProgCtlbSendmsg6        = "ctlb_sendmsg6"
-	costvariantsProgCtlbSlotAdjust      = "ctlb_slot_adjust"
-	costvariantsProgCtlbSockOps         = "ctlb_sock_ops"
-	costvariantsProgCtlbSockRelease     = "ctlb_sock_release"
+	costvariantsMapCtlbConfigV2           = "ctlb_config_v2"
+	costvariantsMapCtlbCountersV2         = "ctlb_counters_v2"
+	costvariantsMapCtlbFailingV2          = "ctlb_failing_v2"
+	costvariantsMapCtlbOpenV2             = "ctlb_open_v2"
+	costvariantsMapCtlbServicesV2         = "ctlb_services_v2"
+	costvariantsMapCtlbSlotsV2            = "ctlb_slots_v2"
+	costvariantsMapCtlbSocksV1            = "ctlb_socks_v1"
+	costvariantsMapCtlbSocksV2            = "ctlb_socks_v2"
+	costvariantsMapCtlbSocktabV2          = "ctlb_socktab_v2"
+	costvariantsMapCtlbSvcstateV2         = "ctlb_svcstate_v2"
+	costvariantsMapCtlbV1slotsV2          = "ctlb_v1slots_v2"
+	costvariantsProgCtlbConnect4          = "ctlb_connect4"
+	costvariantsProgCtlbConnect4Count     = "ctlb_connect4_count"
+	costvariantsProgCtlbConnect4Empty     = "ctlb_connect4_empty"
+	costvariantsProgCtlbConnect4Rewrite   = "ctlb_connect4_rewrite"
+	costvariantsProgCtlbConnect4State     = "ctlb_connect4_state"
+	costvariantsProgCtlbConnect4Storage   = "ctlb_connect4_storage"
+	costvariantsProgCtlbConnect6          = "ctlb_connect6"
+	costvariantsProgCtlbGetpeername4      = "ctlb_getpeername4"
+	costvariantsProgCtlbGetpeername4Empty = "ctlb_getpeername4_empty"
+	costvariantsProgCtlbGetpeername6      = "ctlb_getpeername6"
+	costvariantsProgCtlbRecvmsg4          = "ctlb_recvmsg4"
+	costvariantsProgCtlbRecvmsg6          = "ctlb_recvmsg6"
+	costvariantsProgCtlbReleaseV1         = "ctlb_release_v1"
+	costvariantsProgCtlbSendmsg4          = "ctlb_sendmsg4"
+	costvariantsProgCtlbSendmsg6          = "ctlb_sendmsg6"
+	costvariantsProgCtlbSlotAdjust        = "ctlb_slot_adjust"
+	costvariantsProgCtlbSockOps           = "ctlb_sock_ops"
+	costvariantsProgCtlbSockOpsEmpty      = "ctlb_sock_ops_empty"
+	costvariantsProgCtlbSockRelease       = "ctlb_sock_release"
 )
 
 // loadCostvariants returns the embedded CollectionSpec for costvariants.
@@ -167,22 +170,25 @@ type costvariantsSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type costvariantsProgramSpecs struct {
-	CtlbConnect4        *ebpf.ProgramSpec `ebpf:"ctlb_connect4"`
-	CtlbConnect4Count   *ebpf.ProgramSpec `ebpf:"ctlb_connect4_count"`
-	CtlbConnect4Rewrite *ebpf.ProgramSpec `ebpf:"ctlb_connect4_rewrite"`
-	CtlbConnect4State   *ebpf.ProgramSpec `ebpf:"ctlb_connect4_state"`
-	CtlbConnect4Storage *ebpf.ProgramSpec `ebpf:"ctlb_connect4_storage"`
-	CtlbConnect6        *ebpf.ProgramSpec `ebpf:"ctlb_connect6"`
-	CtlbGetpeername4    *ebpf.ProgramSpec `ebpf:"ctlb_getpeername4"`
-	CtlbGetpeername6    *ebpf.ProgramSpec `ebpf:"ctlb_getpeername6"`
-	CtlbRecvmsg4        *ebpf.ProgramSpec `ebpf:"ctlb_recvmsg4"`
-	CtlbRecvmsg6        *ebpf.ProgramSpec `ebpf:"ctlb_recvmsg6"`
-	CtlbReleaseV1       *ebpf.ProgramSpec `ebpf:"ctlb_release_v1"`
-	CtlbSendmsg4        *ebpf.ProgramSpec `ebpf:"ctlb_sendmsg4"`
-	CtlbSendmsg6        *ebpf.ProgramSpec `ebpf:"ctlb_sendmsg6"`
-	CtlbSlotAdjust      *ebpf.ProgramSpec `ebpf:"ctlb_slot_adjust"`
-	CtlbSockOps         *ebpf.ProgramSpec `ebpf:"ctlb_sock_ops"`
-	CtlbSockRelease     *ebpf.ProgramSpec `ebpf:"ctlb_sock_release"`
+	CtlbConnect4          *ebpf.ProgramSpec `ebpf:"ctlb_connect4"`
+	CtlbConnect4Count     *ebpf.ProgramSpec `ebpf:"ctlb_connect4_count"`
+	CtlbConnect4Empty     *ebpf.ProgramSpec `ebpf:"ctlb_connect4_empty"`
+	CtlbConnect4Rewrite   *ebpf.ProgramSpec `ebpf:"ctlb_connect4_rewrite"`
+	CtlbConnect4State     *ebpf.ProgramSpec `ebpf:"ctlb_connect4_state"`
+	CtlbConnect4Storage   *ebpf.ProgramSpec `ebpf:"ctlb_connect4_storage"`
+	CtlbConnect6          *ebpf.ProgramSpec `ebpf:"ctlb_connect6"`
+	CtlbGetpeername4      *ebpf.ProgramSpec `ebpf:"ctlb_getpeername4"`
+	CtlbGetpeername4Empty *ebpf.ProgramSpec `ebpf:"ctlb_getpeername4_empty"`
+	CtlbGetpeername6      *ebpf.ProgramSpec `ebpf:"ctlb_getpeername6"`
+	CtlbRecvmsg4          *ebpf.ProgramSpec `ebpf:"ctlb_recvmsg4"`
+	CtlbRecvmsg6          *ebpf.ProgramSpec `ebpf:"ctlb_recvmsg6"`
+	CtlbReleaseV1         *ebpf.ProgramSpec `ebpf:"ctlb_release_v1"`
+	CtlbSendmsg4          *ebpf.ProgramSpec `ebpf:"ctlb_sendmsg4"`
+	CtlbSendmsg6          *ebpf.ProgramSpec `ebpf:"ctlb_sendmsg6"`
+	CtlbSlotAdjust        *ebpf.ProgramSpec `ebpf:"ctlb_slot_adjust"`
+	CtlbSockOps           *ebpf.ProgramSpec `ebpf:"ctlb_sock_ops"`
+	CtlbSockOpsEmpty      *ebpf.ProgramSpec `ebpf:"ctlb_sock_ops_empty"`
+	CtlbSockRelease       *ebpf.ProgramSpec `ebpf:"ctlb_sock_release"`
 }
 
 // costvariantsMapSpecs contains maps before they are loaded into the kernel.
@@ -267,33 +273,38 @@ type costvariantsVariables struct {
 //
 // It can be passed to loadCostvariantsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type costvariantsPrograms struct {
-	CtlbConnect4        *ebpf.Program `ebpf:"ctlb_connect4"`
-	CtlbConnect4Count   *ebpf.Program `ebpf:"ctlb_connect4_count"`
-	CtlbConnect4Rewrite *ebpf.Program `ebpf:"ctlb_connect4_rewrite"`
-	CtlbConnect4State   *ebpf.Program `ebpf:"ctlb_connect4_state"`
-	CtlbConnect4Storage *ebpf.Program `ebpf:"ctlb_connect4_storage"`
-	CtlbConnect6        *ebpf.Program `ebpf:"ctlb_connect6"`
-	CtlbGetpeername4    *ebpf.Program `ebpf:"ctlb_getpeername4"`
-	CtlbGetpeername6    *ebpf.Program `ebpf:"ctlb_getpeername6"`
-	CtlbRecvmsg4        *ebpf.Program `ebpf:"ctlb_recvmsg4"`
-	CtlbRecvmsg6        *ebpf.Program `ebpf:"ctlb_recvmsg6"`
-	CtlbReleaseV1       *ebpf.Program `ebpf:"ctlb_release_v1"`
-	CtlbSendmsg4        *ebpf.Program `ebpf:"ctlb_sendmsg4"`
-	CtlbSendmsg6        *ebpf.Program `ebpf:"ctlb_sendmsg6"`
-	CtlbSlotAdjust      *ebpf.Program `ebpf:"ctlb_slot_adjust"`
-	CtlbSockOps         *ebpf.Program `ebpf:"ctlb_sock_ops"`
-	CtlbSockRelease     *ebpf.Program `ebpf:"ctlb_sock_release"`
+	CtlbConnect4          *ebpf.Program `ebpf:"ctlb_connect4"`
+	CtlbConnect4Count     *ebpf.Program `ebpf:"ctlb_connect4_count"`
+	CtlbConnect4Empty     *ebpf.Program `ebpf:"ctlb_connect4_empty"`
+	CtlbConnect4Rewrite   *ebpf.Program `ebpf:"ctlb_connect4_rewrite"`
+	CtlbConnect4State     *ebpf.Program `ebpf:"ctlb_connect4_state"`
+	CtlbConnect4Storage   *ebpf.Program `ebpf:"ctlb_connect4_storage"`
+	CtlbConnect6          *ebpf.Program `ebpf:"ctlb_connect6"`
+	CtlbGetpeername4      *ebpf.Program `ebpf:"ctlb_getpeername4"`
+	CtlbGetpeername4Empty *ebpf.Program `ebpf:"ctlb_getpeername4_empty"`
+	CtlbGetpeername6      *ebpf.Program `ebpf:"ctlb_getpeername6"`
+	CtlbRecvmsg4          *ebpf.Program `ebpf:"ctlb_recvmsg4"`
+	CtlbRecvmsg6          *ebpf.Program `ebpf:"ctlb_recvmsg6"`
+	CtlbReleaseV1         *ebpf.Program `ebpf:"ctlb_release_v1"`
+	CtlbSendmsg4          *ebpf.Program `ebpf:"ctlb_sendmsg4"`
+	CtlbSendmsg6          *ebpf.Program `ebpf:"ctlb_sendmsg6"`
+	CtlbSlotAdjust        *ebpf.Program `ebpf:"ctlb_slot_adjust"`
+	CtlbSockOps           *ebpf.Program `ebpf:"ctlb_sock_ops"`
+	CtlbSockOpsEmpty      *ebpf.Program `ebpf:"ctlb_sock_ops_empty"`
+	CtlbSockRelease       *ebpf.Program `ebpf:"ctlb_sock_release"`
 }
 
 func (p *costvariantsPrograms) Close() error {
 	return _CostvariantsClose(
 		p.CtlbConnect4,
 		p.CtlbConnect4Count,
+		p.CtlbConnect4Empty,
 		p.CtlbConnect4Rewrite,
 		p.CtlbConnect4State,
 		p.CtlbConnect4Storage,
 		p.CtlbConnect6,
 		p.CtlbGetpeername4,
+		p.CtlbGetpeername4Empty,
 		p.CtlbGetpeername6,
 		p.CtlbRecvmsg4,
 		p.CtlbRecvmsg6,
@@ -302,6 +313,7 @@ func (p *costvariantsPrograms) Close() error {
 		p.CtlbSendmsg6,
 		p.CtlbSlotAdjust,
 		p.CtlbSockOps,
+		p.CtlbSockOpsEmpty,
 		p.CtlbSockRelease,
 	)
 }

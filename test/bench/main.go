@@ -231,7 +231,7 @@ func (c Config) validate() error {
 		}
 	}
 	switch {
-	case c.CostBlock < 0 || c.CostBlock > 100000 || c.CostPairs < 0 || c.CostPairs > 5000:
+	case c.CostBlock < 0 || c.CostBlock > 100000 || c.CostPairs < 0 || c.CostPairs > maxCostPairs:
 		return fmt.Errorf("cost block %d, cost pairs %d: want 1-100000 and 1-5000", c.CostBlock, c.CostPairs)
 	case c.Rounds < 1 || c.Rounds > 50:
 		return fmt.Errorf("rounds %d: want 1-50", c.Rounds)

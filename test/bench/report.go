@@ -308,15 +308,24 @@ func printConnectCost(w io.Writer, cc ConnectCost) {
 	if len(cc.Rows) > 0 {
 		fmt.Fprintf(w, "\nCPU per connect (lean client's own thread CPU time; socket, connect, getpeername, RST close; median of %d paired differences of %d-connect blocks, path vs plain connect to the servers)\n", cc.Pairs, cc.Block)
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintf(tw, "row\textra ns/connect\tIQR ns\tpath ns\tplain ns\terrors\t  \n")
+		fmt.Fprintf(tw, "row\textra ns/connect\tIQR ns\tpath ns\tplain ns\tpairs\terrors\t  \n")
+		byName := map[string]CostRow{}
 		for _, c := range cc.Rows {
 			if c.Skipped != "" {
-				fmt.Fprintf(tw, "%s\tskipped: %s\t\t\t\t\t  \n", c.Name, c.Skipped)
+				fmt.Fprintf(tw, "%s\tskipped: %s\t\t\t\t\t\t  \n", c.Name, c.Skipped)
 				continue
 			}
-			fmt.Fprintf(tw, "%s\t%+.0f\t%.0f..%.0f\t%.0f\t%.0f\t%d\t  %s\n", c.Name, c.ExtraNs, c.Q1Ns, c.Q3Ns, c.ANs, c.BNs, c.Errors, c.Desc)
+			byName[c.Name] = c
+			fmt.Fprintf(tw, "%s\t%+.0f\t%.0f..%.0f\t%.0f\t%.0f\t%d\t%d\t  %s\n", c.Name, c.ExtraNs, c.Q1Ns, c.Q3Ns, c.ANs, c.BNs, c.Pairs, c.Errors, c.Desc)
 		}
 		tw.Flush()
+		if floor, ok := byName["hooks alone"]; ok {
+			for _, name := range []string{"ctlb", "ctlb non-VIP"} {
+				if c, ok := byName[name]; ok {
+					fmt.Fprintf(w, "%s over the hooks' floor (what its programs do, less the dispatch any program on those hooks costs): %+.0f ns\n", name, c.ExtraNs-floor.ExtraNs)
+				}
+			}
+		}
 	}
 }
 
