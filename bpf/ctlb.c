@@ -6,9 +6,10 @@
  * into a connect() to one server of the VIP's set; sendmsg4/sendmsg6 do the
  * same per datagram for unconnected UDP, keeping the socket's server for its
  * life. getpeername4/6 and recvmsg4/6 make the socket see the VIP as its
- * peer. sock_ops counts established and failed TCP connects and marks
- * failing servers, which connect skips. sock_release, attached once at the
- * cgroup v2 root, gives back open counts. The maps are in ctlb.h; docs/MAPS.md
+ * peer. sock_ops counts established TCP connects and marks a server failing
+ * when a SYN goes unanswered; connect skips failing servers. sock_release,
+ * attached once at the cgroup v2 root, gives back open counts, and counts
+ * (and marks) a connect that never got established as failed. The maps are in ctlb.h; docs/MAPS.md
  * describes them.
  *
  * Cost on the IPv4 TCP path: one hash lookup (the VIP), array lookups by
@@ -297,6 +298,31 @@ static __always_inline struct sock_state_v2 *state_make(struct bpf_sock *sk, __u
 	return bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 }
 
+/*
+ * A TCP connect that sock_ops watched start and never saw established has
+ * failed: refused (RST), timed out, or given up by the application. It is
+ * counted, and its slot marked failing, when the socket is released or
+ * connected again: the first moment ctlb hears of it without a state
+ * callback on every VIP connect (that callback would run at each handshake,
+ * SYN_SENT -> ESTABLISHED, and cost one more sock_ops run per connect). A
+ * client learns of the failure from connect() and closes the socket or
+ * tries again, so the mark lands before its next connect.
+ */
+static __always_inline void count_failed(struct sock_state_v2 *st)
+{
+	if ((st->flags & (CTLB_SK_F_WATCHED | CTLB_SK_F_ESTABLISHED | CTLB_SK_F_FAILED)) != CTLB_SK_F_WATCHED)
+		return;
+	__u32 slot = st->slot;
+	st->flags |= CTLB_SK_F_FAILED;
+	struct slot_counters_v2 *c = bpf_map_lookup_elem(&ctlb_counters_v2, &slot);
+	if (c)
+		c->failed++;
+	if (!(st->flags & CTLB_SK_F_MARKED)) {
+		st->flags |= CTLB_SK_F_MARKED;
+		mark_failing(slot);
+	}
+}
+
 /* Give back the socket's open count and forget its VIP. */
 static __always_inline void forget(struct sock_state_v2 *st)
 {
@@ -313,6 +339,8 @@ static __always_inline void forget(struct sock_state_v2 *st)
 static __always_inline void record(struct sock_state_v2 *st, const struct svc_key_v2 *key, __u32 svc,
 				   const struct backend_v2 *be, int mptcp, int unconnected, int feat)
 {
+	if (st->slot)
+		count_failed(st); /* connected again after a failed connect */
 	forget(st);
 	__u32 slot = be->slot;
 	__s64 *open = (feat & CTLB_FEAT_OPEN) ? bpf_map_lookup_elem(&ctlb_open_v2, &slot) : 0;
@@ -387,8 +415,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const struct add
 		 * to other addresses leave the state alone. */
 		if (hook == HOOK_CONNECT && sk) {
 			struct sock_state_v2 *st = state_get(sk, bpf_get_socket_cookie(ctx), &mptcp);
-			if (st && st->slot)
+			if (st && st->slot) {
+				count_failed(st);
 				forget(st);
+			}
 		}
 		return 0;
 	}
@@ -577,6 +607,17 @@ int ctlb_recvmsg6(struct bpf_sock_addr *ctx) { return peer6(ctx); }
  * and its socket table entry when it closes, even if its pod was detached
  * meanwhile. (An MPTCP socket's state is on the MPTCP socket released here;
  * its subflows are kernel sockets, which never run this hook.) */
+/* A socket released in SYN_SENT or CLOSE may be a failed connect; in any
+ * other state it was established, whatever its flags say (sock_ops was
+ * detached before the handshake completed). */
+static __always_inline void release_state(struct bpf_sock *sk, struct sock_state_v2 *st)
+{
+	__u32 state = sk->state;
+	if (state == TCP_SYN_SENT || state == TCP_CLOSE)
+		count_failed(st);
+	forget(st);
+}
+
 SEC("cgroup/sock_release")
 int ctlb_sock_release(struct bpf_sock *sk)
 {
@@ -584,7 +625,7 @@ int ctlb_sock_release(struct bpf_sock *sk)
 	struct sock_entry_v2 *e = socktab_entry(cookie);
 	if (e && e->cookie == cookie) {
 		if (e->st.slot)
-			forget(&e->st);
+			release_state(sk, &e->st);
 		/* An exchange, not a store: a fetching atomic is fully ordered
 		 * (the plain stores of forget() cannot land after the next
 		 * owner's compare-and-swap took the entry, on arm64 either). */
@@ -593,25 +634,27 @@ int ctlb_sock_release(struct bpf_sock *sk)
 	}
 	struct sock_state_v2 *st = bpf_sk_storage_get(&ctlb_socks_v2, sk, 0, 0);
 	if (st && st->slot)
-		forget(st);
+		release_state(sk, st);
 	return 1;
 }
 
-/* ----- sock_ops: established, failed, failing marks ------------------ */
+/* ----- sock_ops: watched, established, marked on a SYN timeout ------- */
 
-#define CTLB_SK_F_MARKED 0x20 /* this socket already marked its slot failing */
-
+/*
+ * Five callbacks run for every TCP connect with or without a program's
+ * asking (TCP_CONNECT, TIMEOUT_INIT, RWND_INIT, NEEDS_ECN,
+ * ACTIVE_ESTABLISHED); ctlb asks for one more, the retransmission timeout,
+ * for VIP sockets until they are established, which costs nothing unless a
+ * SYN goes unanswered. A refused connect is counted at release
+ * (count_failed), not by a state callback.
+ */
 SEC("sockops")
 int ctlb_sock_ops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
-	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTO_CB)
-		return 1;
-	/* Of the state changes only a connect dying in SYN_SENT matters (the
-	 * one into ESTABLISHED, before ACTIVE_ESTABLISHED, does not): decided
-	 * before looking the socket's state up. */
-	if (op == BPF_SOCK_OPS_STATE_CB && (skops->args[0] != TCP_SYN_SENT || skops->args[1] != TCP_CLOSE))
+	/* A STATE_CB comes only for a socket an earlier ctlb program asked it
+	 * for, and needs nothing now. */
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTO_CB)
 		return 1;
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
@@ -625,10 +668,8 @@ int ctlb_sock_ops(struct bpf_sock_ops *skops)
 
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* Only VIP sockets get state callbacks, and only until
-		 * they are established. */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
-							 BPF_SOCK_OPS_RTO_CB_FLAG);
+		st->flags |= CTLB_SK_F_WATCHED;
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTO_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		if (st->flags & CTLB_SK_F_ESTABLISHED)
@@ -638,6 +679,8 @@ int ctlb_sock_ops(struct bpf_sock_ops *skops)
 		if (c)
 			c->established++;
 		clear_failing(slot);
+		/* The state flag too, for a socket an earlier program set it
+		 * on. */
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
 							 ~(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG));
 		break;
@@ -645,18 +688,6 @@ int ctlb_sock_ops(struct bpf_sock_ops *skops)
 		/* A SYN went unanswered: mark the server before the connect
 		 * gives up (which takes minutes with default retries). */
 		if (skops->state == TCP_SYN_SENT && !(st->flags & (CTLB_SK_F_MARKED | CTLB_SK_F_ESTABLISHED))) {
-			st->flags |= CTLB_SK_F_MARKED;
-			mark_failing(slot);
-		}
-		break;
-	case BPF_SOCK_OPS_STATE_CB: /* SYN_SENT -> CLOSE */
-		if (st->flags & (CTLB_SK_F_FAILED | CTLB_SK_F_ESTABLISHED))
-			break;
-		st->flags |= CTLB_SK_F_FAILED;
-		c = bpf_map_lookup_elem(&ctlb_counters_v2, &slot);
-		if (c)
-			c->failed++;
-		if (!(st->flags & CTLB_SK_F_MARKED)) {
 			st->flags |= CTLB_SK_F_MARKED;
 			mark_failing(slot);
 		}

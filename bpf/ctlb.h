@@ -276,13 +276,16 @@ struct {
 #define CTLB_SK_F_ESTABLISHED 0x04 /* sock_ops saw the handshake complete */
 #define CTLB_SK_F_FAILED 0x08	   /* counted as failed; slot marked */
 #define CTLB_SK_F_MPTCP 0x10	   /* state of an MPTCP socket (kept on the MPTCP socket) */
+#define CTLB_SK_F_MARKED 0x20	   /* this socket already marked its slot failing */
+#define CTLB_SK_F_WATCHED 0x40	   /* sock_ops saw the TCP connect start */
 
 /*
  * What one socket was translated from and to. Created only for sockets sent
  * to a VIP (never for other sockets), on the socket the application holds
  * (for MPTCP: the MPTCP socket, found from its first subflow). Read by
  * getpeername4/6 and recvmsg4/6 (server -> VIP), sock_release (give back the
- * open count), sock_ops (established / failed), and the termination
+ * open count; a watched connect never established is a failed one), sock_ops
+ * (watched, established, marked on a SYN timeout), and the termination
  * iterators, which match a socket exactly by slot. slot == 0 means the
  * socket is no VIP socket any more (disconnected and reconnected elsewhere).
  * A TCP socket found by iter/tcp that has no state may be an MPTCP subflow:

@@ -15,7 +15,8 @@ import (
 
 // Fail fast, the user-space half. The kernel marks a server slot failing
 // when a connect to it is refused or times out, and connect skips it during
-// the hold-down (bpf/ctlb.c, sock_ops). ctlbd then decides when it comes
+// the hold-down (bpf/ctlb.c: sock_ops at a SYN retransmission, sock_release
+// or the next connect for a refused socket). ctlbd then decides when it comes
 // back, so that no client connect has to be the probe:
 //   - a VIP with health checks: the first check that passes after the mark
 //     was seen clears it at once;

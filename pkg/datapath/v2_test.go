@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -953,6 +954,143 @@ func TestBPFCostPerConnect(t *testing.T) {
 		r := testutil.RunClient(t, netns, cg2, testutil.ClientSpec{Mode: "udp", Target: vip, Count: n})
 		return n - r.Failed
 	})
+}
+
+// TestRefusedThenConnectedAgain: a socket refused by one server and
+// connected again (the same socket, to the next server) counts the refusal
+// and marks that server at the second connect, not only when it is closed.
+func TestRefusedThenConnectedAgain(t *testing.T) {
+	dp, netns, cg := attached(t, "reconnect")
+	if err := dp.HoldDown(time.Minute, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	srvs := []string{"127.0.0.11:9001", "127.0.0.12:9001"} // the second refuses
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
+	testutil.StartServers(t, netns, srvs[0])
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, srvs...)}); err != nil {
+		t.Fatal(err)
+	}
+	p := startIn(t, netns, cg, python(t), "testdata/client.py", "retry", "198.18.100.1", "80", "3")
+	r := p.report(t)
+	if len(r.Errors) != 1 || len(r.Landed) != 1 || r.Landed[0] != srvs[0] {
+		t.Fatalf("refused, then connected again: landed %v, errors %v; want one refusal, then %s", r.Landed, r.Errors, srvs[0])
+	}
+	// The socket is still open: the refusal was counted at the reconnect.
+	if s := statsBy(t, dp)[vip+" "+srvs[1]]; s.Attempts != 1 || s.Failed != 1 || s.FailingFor == 0 {
+		t.Errorf("refusing server with the socket still open: %+v, want 1 attempt, 1 failed, marked failing", s)
+	}
+	p.stop(t)
+	if s := statsBy(t, dp)[vip+" "+srvs[1]]; s.Failed != 1 {
+		t.Errorf("refusing server after the socket closed: %+v, want the refusal counted once", s)
+	}
+	if s := statsBy(t, dp)[vip+" "+srvs[0]]; s.Failed != 0 || s.Established < 1 {
+		t.Errorf("answering server: %+v, want established, none failed", s)
+	}
+}
+
+// TestSynTimeoutMarksServer: a server whose SYNs go unanswered (its listen
+// queue is full) is marked failing at the first SYN retransmission, while
+// the connect is still waiting, and the connect that gave up is counted as
+// failed once, when its socket is released.
+func TestSynTimeoutMarksServer(t *testing.T) {
+	dp, netns, cg := attached(t, "syntimeout")
+	// A hold-down that outlasts the test: the mark seen at the end is the
+	// one the retransmission set.
+	if err := dp.HoldDown(time.Minute, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	const silent = "127.0.0.13:9001"
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.13")
+	// A listener with a backlog of 0 queues one connection (made here,
+	// outside the pod's cgroup, and never accepted) and drops every SYN
+	// after it.
+	var lfd int
+	var filler net.Conn
+	if err := netns.Do(func(ns.NetNS) error {
+		var err error
+		if lfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		if err := unix.Bind(lfd, &unix.SockaddrInet4{Port: 9001, Addr: [4]byte{127, 0, 0, 13}}); err != nil {
+			return err
+		}
+		if err := unix.Listen(lfd, 0); err != nil {
+			return err
+		}
+		filler, err = net.DialTimeout("tcp", silent, time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("silent server: %v", err)
+	}
+	defer unix.Close(lfd)
+	defer filler.Close()
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, silent)}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	c := testutil.StartClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 1})
+	// The first retransmission is 1 s after the SYN; the client gives up
+	// after 3 s.
+	took := testutil.Eventually(t, "the silent server marked failing", 2500*time.Millisecond, func() (bool, string) {
+		s := statsBy(t, dp)[vip+" "+silent]
+		return s.FailingFor > 0, fmt.Sprintf("%+v", s)
+	})
+	t.Logf("marked failing %v after the connect began", took)
+	if s := statsBy(t, dp)[vip+" "+silent]; s.Failed != 0 {
+		t.Errorf("while the connect waits: %+v, want 0 failed yet", s)
+	}
+	if r := c.Result(t); r.Failed != 1 {
+		t.Fatalf("connect to the silent server: %d failed %v, landed %v; want it to time out", r.Failed, r.Errors, r.Landed)
+	}
+	if s := statsBy(t, dp)[vip+" "+silent]; s.Attempts != 1 || s.Failed != 1 || s.Established != 0 || s.FailingFor == 0 {
+		t.Errorf("after the connect gave up (%v): %+v, want 1 attempt, 1 failed, still failing", time.Since(start), s)
+	}
+	if marks, err := dp.FailMarks(); err != nil || len(marks) != 1 || marks[0].Strikes != 1 {
+		t.Errorf("fail marks %+v, %v; want the one mark of the retransmission (1 strike)", marks, err)
+	}
+}
+
+// TestSockOpsRunsPerConnect: a VIP connect runs sock_ops only for the five
+// callbacks the kernel makes for every TCP connect. ctlb asks for no state
+// callback (it would run once more per connect, at SYN_SENT -> ESTABLISHED):
+// a refused connect is counted at release (TestFailFast), and the timeout
+// callback it asks for runs only when a SYN goes unanswered.
+func TestSockOpsRunsPerConnect(t *testing.T) {
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	testutil.Require(t, err == nil, fmt.Sprintf("BPF run-time stats: %v", err))
+	defer stats.Close()
+	dp, netns, cg := attached(t, "sockops-runs")
+	testutil.AddLoopbackAddrs(t, netns, "127.0.0.11", "127.0.0.12")
+	testutil.StartServers(t, netns, "127.0.0.11:9001", "127.0.0.12:9001")
+	if err := dp.SetService(datapath.Service{VIP: netip.MustParseAddrPort(vip), Servers: aps(t, "127.0.0.11:9001", "127.0.0.12:9001")}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := ebpf.LoadPinnedProgram(filepath.Join(dp.Dir(), "ctlb_sock_ops_v2"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	before, err := p.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 200
+	r := testutil.RunClient(t, netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: n})
+	if r.Failed != 0 || count(r.Landed)["127.0.0.11:9001"] != n/2 {
+		t.Fatalf("%d connects: %d failed %v, landed %v", n, r.Failed, r.Errors, count(r.Landed))
+	}
+	after, err := p.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs := after.RunCount - before.RunCount; runs != 5*n {
+		t.Errorf("sock_ops ran %d times for %d connects, want %d (5 each: no state callback)", runs, n, 5*n)
+	}
+	for k, s := range statsBy(t, dp) {
+		if s.Attempts != n/2 || s.Established != n/2 || s.Failed != 0 {
+			t.Errorf("%s: %+v, want %d attempts, all established, none failed", k, s, n/2)
+		}
+	}
 }
 
 // TestFailFastIPv6: the failing mark works the same for an IPv6 VIP, and

@@ -68,6 +68,34 @@ elif mode == "unspec":
     report()
     wait()
     s.close()
+elif mode == "retry":
+    # retry HOST PORT N: up to N sockets, each connecting again after a
+    # refused connect (the same socket: Linux allows it), until one socket
+    # has been refused and then connected; errors are the refusals. Report,
+    # hold that socket until stdin closes. Blocking connects: after a
+    # non-blocking one fails, the next connect() only reports the abort.
+    host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    held = None
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        refused = False
+        for _ in range(2):
+            try:
+                s.connect((host, port))
+                out["landed"].append(name(s))
+                break
+            except ConnectionRefusedError as e:
+                out["errors"].append(str(e))
+                refused = True
+        if refused and out["landed"]:
+            held = s
+            break
+        s.close()
+        out["landed"] = []
+    report()
+    wait()
+    if held:
+        held.close()
 elif mode == "udp":
     # udp FAMILY HOST PORT SOCKETS PER: SOCKETS unconnected sockets, each
     # sending PER datagrams to HOST:PORT with sendto; landed = the answer,
