@@ -42,8 +42,17 @@ type Relay struct {
 	objs forwardObjects
 	att  link.Link // nil when attached without a link (kernels before 6.10)
 	epfd int
+	// wake is an eventfd in epfd under wakeID: Close writes it to stop
+	// the watcher, which closes watched when it returns.
+	wake    int
+	watched chan struct{}
+	// accepting counts Serve's accept loops, which Close wakes by shutting
+	// their listeners down (closing a descriptor does not wake a blocked
+	// accept).
+	accepting sync.WaitGroup
 
 	mu     sync.Mutex
+	closed bool
 	lns    []*os.File
 	pairs  map[uint64][2]int // by pair ID, the ID its epoll events carry
 	nextID uint64
@@ -56,40 +65,79 @@ type Relay struct {
 	Kernel, User, Drained atomic.Uint64
 }
 
+// wakeID is the epoll event ID of the relay's eventfd; pair IDs count up
+// from 0 and never reach it.
+const wakeID = ^uint64(0)
+
 // Load loads the verdict program and attaches it to the sources map.
-func Load() (*Relay, error) {
-	r := &Relay{pairs: map[uint64][2]int{}}
+func Load() (r *Relay, err error) {
+	r = &Relay{pairs: map[uint64][2]int{}, epfd: -1, wake: -1, watched: make(chan struct{})}
 	if err := loadForwardObjects(&r.objs, nil); err != nil {
 		return nil, fmt.Errorf("load sockmap relay: %w", err)
 	}
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		r.objs.Close()
+	defer func() {
+		if err != nil {
+			unix.Close(r.wake)
+			unix.Close(r.epfd)
+			r.objs.Close()
+		}
+	}()
+	if r.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		return nil, fmt.Errorf("epoll: %w", err)
 	}
-	r.epfd = epfd
+	if r.wake, err = unix.Eventfd(0, unix.EFD_CLOEXEC); err != nil {
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: -1, Pad: -1} // wakeID: every bit set
+	if err := unix.EpollCtl(r.epfd, unix.EPOLL_CTL_ADD, r.wake, &ev); err != nil {
+		return nil, fmt.Errorf("epoll eventfd: %w", err)
+	}
 	if l, err := link.AttachRawLink(link.RawLinkOptions{Target: r.objs.Sources.FD(), Program: r.objs.Forward, Attach: ebpf.AttachSkSKBVerdict}); err == nil {
 		r.att = l
 	} else if err := link.RawAttachProgram(link.RawAttachProgramOptions{Target: r.objs.Sources.FD(), Program: r.objs.Forward, Attach: ebpf.AttachSkSKBVerdict}); err != nil {
 		// sockmap links came with 6.10; the old way before them.
-		unix.Close(epfd)
-		r.objs.Close()
 		return nil, fmt.Errorf("attach sk_skb verdict: %w", err)
 	}
 	go r.watch()
 	return r, nil
 }
 
-// Close stops accepting and detaches the program; pairs already in the maps
-// leave them as their sockets close.
+// Close stops accepting, waits for the accept loops, the connections they
+// were handing over and the watcher to return, ends every pair in the maps and detaches the program. Pairs that
+// fell back to user space end with their peers.
 func (r *Relay) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	for _, ln := range r.lns {
+		_ = unix.Shutdown(int(ln.Fd()), unix.SHUT_RD)
+	}
+	r.mu.Unlock()
+	r.accepting.Wait()
+	var errs []error
+	if _, err := unix.Write(r.wake, []byte{1, 0, 0, 0, 0, 0, 0, 0}); err != nil {
+		errs = append(errs, fmt.Errorf("wake the watcher: %w", err))
+	} else {
+		<-r.watched
+	}
 	r.mu.Lock()
 	for _, ln := range r.lns {
 		ln.Close()
 	}
 	r.lns = nil
+	ids := make([]uint64, 0, len(r.pairs))
+	for id := range r.pairs {
+		ids = append(ids, id)
+	}
 	r.mu.Unlock()
-	var errs []error
+	for _, id := range ids {
+		r.end(id)
+	}
+	unix.Close(r.wake)
+	unix.Close(r.epfd)
 	if r.att != nil {
 		errs = append(errs, r.att.Close())
 	} else {
@@ -115,10 +163,17 @@ func (r *Relay) Serve(ln *net.TCPListener, servers []string) error {
 	}
 	ln.Close()
 	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		f.Close()
+		return errors.New("relay closed")
+	}
 	r.lns = append(r.lns, f)
+	r.accepting.Add(1)
 	r.mu.Unlock()
 	lfd := int(f.Fd())
 	go func() {
+		defer r.accepting.Done()
 		for next := 0; ; next++ {
 			c, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
 			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
@@ -127,7 +182,8 @@ func (r *Relay) Serve(ln *net.TCPListener, servers []string) error {
 			if err != nil {
 				return
 			}
-			go r.handle(c, targets[next%len(targets)])
+			r.accepting.Add(1)
+			go func() { defer r.accepting.Done(); r.handle(c, targets[next%len(targets)]) }()
 		}
 	}()
 	return nil
@@ -151,23 +207,33 @@ func (r *Relay) handle(client int, server netip.AddrPort) {
 	// segment's verdict, which may never come (a request waiting for its
 	// reply): move them now.
 	r.Drained.Add(move(client, up, unix.MSG_DONTWAIT) + move(up, client, unix.MSG_DONTWAIT))
+	// Registered under the lock, so that Close sees every pair whole or
+	// none of it.
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		unix.Close(client)
+		unix.Close(up)
+		return
+	}
 	id := r.nextID
 	r.nextID++
-	r.pairs[id] = [2]int{client, up}
-	r.mu.Unlock()
 	for _, fd := range []int{client, up} {
 		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP, Fd: int32(id), Pad: int32(id >> 32)}
 		if err := unix.EpollCtl(r.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
-			r.end(id)
+			unix.Close(client)
+			unix.Close(up)
 			return
 		}
 	}
+	r.pairs[id] = [2]int{client, up}
 	r.Kernel.Add(1)
 }
 
-// watch ends a pair when either side's peer ends its stream or fails.
+// watch ends a pair when either side's peer ends its stream or fails, until
+// Close wakes it.
 func (r *Relay) watch() {
+	defer close(r.watched)
 	events := make([]unix.EpollEvent, 64)
 	for {
 		n, err := unix.EpollWait(r.epfd, events, -1)
@@ -178,7 +244,11 @@ func (r *Relay) watch() {
 			return
 		}
 		for _, ev := range events[:n] {
-			r.end(uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32)
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if id == wakeID {
+				return
+			}
+			r.end(id)
 		}
 	}
 }

@@ -2,8 +2,10 @@ package sockmaprelay
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -80,5 +82,20 @@ func TestRelayForwardsInKernel(t *testing.T) {
 	}
 	if k, u, d := r.Kernel.Load(), r.User.Load(), r.Drained.Load(); k != 1 || u != 0 || d != 0 {
 		t.Errorf("pairs in the kernel %d, in user space %d, bytes drained %d; want 1, 0, 0", k, u, d)
+	}
+
+	// Close ends the pair it forwards and stops accepting.
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetReadDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(make([]byte, 1)); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("read after Close: %d bytes, %v; want the pair ended (EOF or reset)", n, err)
+	}
+	if c2, err := net.DialTimeout("tcp4", relayAddr, time.Second); err == nil {
+		c2.Close()
+		t.Error("the relay still accepts after Close")
 	}
 }
