@@ -9,8 +9,8 @@
  * peer. sock_ops counts established TCP connects and marks a server failing
  * when a SYN goes unanswered; connect skips failing servers. sock_release,
  * attached once at the cgroup v2 root, gives back open counts, and counts
- * (and marks) a connect that never got established as failed. The maps are in ctlb.h; docs/MAPS.md
- * describes them.
+ * (and marks) a connect that never got established as failed. The maps are
+ * in ctlb.h; docs/MAPS.md describes them.
  *
  * Cost on the IPv4 TCP path: one hash lookup (the VIP), array lookups by
  * server slot (inlined by the verifier), one atomic add for round-robin, one
@@ -603,10 +603,6 @@ int ctlb_recvmsg6(struct bpf_sock_addr *ctx) { return peer6(ctx); }
 
 /* ----- release ------------------------------------------------------ */
 
-/* Attached once at the cgroup v2 root: a socket gives back its open count
- * and its socket table entry when it closes, even if its pod was detached
- * meanwhile. (An MPTCP socket's state is on the MPTCP socket released here;
- * its subflows are kernel sockets, which never run this hook.) */
 /* A socket released in SYN_SENT or CLOSE may be a failed connect; in any
  * other state it was established, whatever its flags say (sock_ops was
  * detached before the handshake completed). */
@@ -618,6 +614,10 @@ static __always_inline void release_state(struct bpf_sock *sk, struct sock_state
 	forget(st);
 }
 
+/* Attached once at the cgroup v2 root: a socket gives back its open count
+ * and its socket table entry when it closes, even if its pod was detached
+ * meanwhile. (An MPTCP socket's state is on the MPTCP socket released here;
+ * its subflows are kernel sockets, which never run this hook.) */
 SEC("cgroup/sock_release")
 int ctlb_sock_release(struct bpf_sock *sk)
 {
