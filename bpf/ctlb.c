@@ -306,7 +306,8 @@ static __always_inline struct sock_state_v2 *state_make(struct bpf_sock *sk, __u
  * callback on every VIP connect (that callback would run at each handshake,
  * SYN_SENT -> ESTABLISHED, and cost one more sock_ops run per connect). A
  * client learns of the failure from connect() and closes the socket or
- * tries again, so the mark lands before its next connect.
+ * tries again, so the mark lands before its next connect. A state without a
+ * slot has no flags (forget clears both), so it is never counted.
  */
 static __always_inline void count_failed(struct sock_state_v2 *st)
 {
@@ -339,8 +340,7 @@ static __always_inline void forget(struct sock_state_v2 *st)
 static __always_inline void record(struct sock_state_v2 *st, const struct svc_key_v2 *key, __u32 svc,
 				   const struct backend_v2 *be, int mptcp, int unconnected, int feat)
 {
-	if (st->slot)
-		count_failed(st); /* connected again after a failed connect */
+	count_failed(st); /* connected again after a failed connect */
 	forget(st);
 	__u32 slot = be->slot;
 	__s64 *open = (feat & CTLB_FEAT_OPEN) ? bpf_map_lookup_elem(&ctlb_open_v2, &slot) : 0;

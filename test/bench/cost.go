@@ -51,6 +51,10 @@ const (
 	maxCostPairs  = 5000
 )
 
+// precisePairs is how many pairs a precise row measures when the others
+// measure pairs.
+func precisePairs(pairs int) int { return min(pairs*preciseFactor, maxCostPairs) }
+
 // ConnectCost is every path's CPU per connect.
 type ConnectCost struct {
 	Block   int       `json:"connectsPerBlock"`
@@ -190,7 +194,7 @@ func (e *env) measureConnectCost(ctx context.Context, cfg Config) (ConnectCost, 
 		}
 		pairs := cfg.CostPairs
 		if r.precise {
-			pairs = min(pairs*preciseFactor, maxCostPairs)
+			pairs = precisePairs(pairs)
 		}
 		cr.Pairs = pairs
 		line := fmt.Sprintf("cost %d %d 1 %s %s %s %s", cfg.CostBlock, pairs, cg, r.target, e.cgPlain, direct)

@@ -232,7 +232,7 @@ func (c Config) validate() error {
 	}
 	switch {
 	case c.CostBlock < 0 || c.CostBlock > 100000 || c.CostPairs < 0 || c.CostPairs > maxCostPairs:
-		return fmt.Errorf("cost block %d, cost pairs %d: want 1-100000 and 1-5000", c.CostBlock, c.CostPairs)
+		return fmt.Errorf("cost block %d, cost pairs %d: want 1-100000 and 1-%d", c.CostBlock, c.CostPairs, maxCostPairs)
 	case c.Rounds < 1 || c.Rounds > 50:
 		return fmt.Errorf("rounds %d: want 1-50", c.Rounds)
 	case c.Duration <= 0 || c.Duration > 10*time.Second:

@@ -306,7 +306,7 @@ func printScale(w io.Writer, r *Results) {
 
 func printConnectCost(w io.Writer, cc ConnectCost) {
 	if len(cc.Rows) > 0 {
-		fmt.Fprintf(w, "\nCPU per connect (lean client's own thread CPU time; socket, connect, getpeername, RST close; median of the paired differences of %d-connect blocks, %d pairs a row and %d for the rows the target and the hooks' floor are read from; path vs plain connect to the servers)\n", cc.Block, cc.Pairs, min(cc.Pairs*preciseFactor, maxCostPairs))
+		fmt.Fprintf(w, "\nCPU per connect (lean client's own thread CPU time; socket, connect, getpeername, RST close; median of the paired differences of %d-connect blocks, %d pairs a row and %d for the rows the target and the hooks' floor are read from; path vs plain connect to the servers)\n", cc.Block, cc.Pairs, precisePairs(cc.Pairs))
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 		fmt.Fprintf(tw, "row\textra ns/connect\tIQR ns\tpath ns\tplain ns\tpairs\terrors\t  \n")
 		byName := map[string]CostRow{}

@@ -9,8 +9,9 @@
 // side by side with ctlb's splice relay and HAProxy in one run. Bytes a
 // socket queued before the pair entered the maps (a client's first request,
 // the server's first bytes) are moved once through user space, which may
-// overtake bytes the verdict forwards meanwhile; ctlb's proxy would have to order that hand-over, pass
-// half-closes on and count bytes before it could forward in the kernel.
+// overtake bytes the verdict forwards meanwhile; ctlb's proxy would have to
+// order that hand-over, pass half-closes on and count bytes before it could
+// forward in the kernel.
 package sockmaprelay
 
 import (
@@ -103,8 +104,9 @@ func Load() (r *Relay, err error) {
 }
 
 // Close stops accepting, waits for the accept loops, the connections they
-// were handing over and the watcher to return, ends every pair in the maps and detaches the program. Pairs that
-// fell back to user space end with their peers.
+// were handing over and the watcher to return, ends every pair in the maps
+// and detaches the program. Pairs that fell back to user space end with
+// their peers.
 func (r *Relay) Close() error {
 	r.mu.Lock()
 	if r.closed {
