@@ -2,13 +2,14 @@ package main
 
 import (
 	"fmt"
+	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ctlb/ctlb/internal/bpffs"
 )
 
-func newMountBPFFSCommand() *cobra.Command {
+func newMountBPFFSCommand(g *globals) *cobra.Command {
 	var dir string
 	cmd := &cobra.Command{
 		Use:   "mount-bpffs",
@@ -29,12 +30,17 @@ unprivileged (docs/DEPLOY.md).`,
 			if err != nil {
 				return err
 			}
-			if mounted != "" {
-				fmt.Fprintf(cmd.OutOrStdout(), "mounted bpffs on %s\n", mounted)
-			} else {
-				fmt.Fprintf(cmd.OutOrStdout(), "%s is on bpffs already\n", dir)
-			}
-			return nil
+			out := struct {
+				Dir     string `json:"dir"`
+				Mounted string `json:"mounted,omitempty"` // where a bpffs was mounted; empty: none was needed
+			}{dir, mounted}
+			return g.print(cmd.OutOrStdout(), out, func(w *tabwriter.Writer) {
+				if mounted != "" {
+					fmt.Fprintf(w, "mounted bpffs on %s\n", mounted)
+				} else {
+					fmt.Fprintf(w, "%s is on bpffs already\n", dir)
+				}
+			})
 		},
 	}
 	cmd.Flags().StringVar(&dir, "bpffs", "/sys/fs/bpf/ctlb", "bpffs directory for ctlb's pins")

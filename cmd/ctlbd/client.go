@@ -34,6 +34,10 @@ func newServiceCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "service",
 		Short: "Set, delete and list VIPs and their servers",
+		// A mistyped subcommand is an error (exit 1), not a page of
+		// help and exit 0: a script would take it for success.
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 	var empty, protocol, balance, onRemoved string
 	set := &cobra.Command{
@@ -53,8 +57,9 @@ family. An IPv4 VIP also serves dual-stack sockets dialing ::ffff:VIP (Java,
 .NET). MPTCP sockets use the TCP VIP.
 
 --balance chooses how connects pick a server: "roundrobin" (default; each
-node starts at a random point), "random", or "least-open" (the less loaded of
-two random servers by open connections).
+node starts at a random point), "random", or "least-open" (the server with
+the fewest open connections: every server compared in sets of up to 8, the
+less loaded of two random ones in larger sets).
 
 A server that leaves the set has its open connections ended at once
 (--on-server-removed terminate, the default): the clients see the connection
@@ -78,6 +83,9 @@ aborted and reconnect through the VIP to a server still in the set. With
 			if err != nil {
 				return err
 			}
+			if inConfig(ctx, c, svc.VIP.String(), svc.Protocol) {
+				warnConfigured(cmd.ErrOrStderr(), svc.Key(), "set")
+			}
 			return g.print(cmd.OutOrStdout(), svc, func(w *tabwriter.Writer) {
 				fmt.Fprintf(w, "set %s: %d servers, empty %s, balance %s, on server removed %s\n", svc.Key(), len(svc.Servers), svc.Empty, svc.Balance, svc.OnServerRemoved)
 			})
@@ -94,7 +102,8 @@ aborted and reconnect through the VIP to a server still in the set. With
 		Example: "  ctlbd service delete 198.18.255.1:8502\n  ctlbd service delete 198.18.255.53:8600 --protocol udp",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if _, err := datapath.ParseVIP(args[0]); err != nil {
+			vip, err := datapath.ParseVIP(args[0])
+			if err != nil {
 				return err
 			}
 			proto, err := datapath.ParseProtocol(delProtocol)
@@ -103,8 +112,12 @@ aborted and reconnect through the VIP to a server still in the set. With
 			}
 			c, ctx, cancel := g.client()
 			defer cancel()
+			configured := inConfig(ctx, c, vip.String(), string(proto))
 			if err := c.DeleteServiceProtocol(ctx, args[0], string(proto)); err != nil {
 				return err
+			}
+			if configured {
+				warnConfigured(cmd.ErrOrStderr(), args[0], "delete")
 			}
 			out := struct {
 				Deleted  string `json:"deleted"`
@@ -119,7 +132,13 @@ aborted and reconnect through the VIP to a server still in the set. With
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List VIPs and their servers as the maps hold them",
-		Args:  cobra.NoArgs,
+		Long: `List every VIP the kernel's maps hold, whoever set it (the config file, the
+CLI, a DNS or Consul source), with its protocol, empty policy, balance mode
+and servers. -o wide adds what happens to a leaving server's connections.`,
+		Example: `  ctlbd service list
+  ctlbd service list -o wide
+  ctlbd service list -o json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, ctx, cancel := g.client()
 			defer cancel()
@@ -128,19 +147,50 @@ aborted and reconnect through the VIP to a server still in the set. With
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svcs, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tPROTOCOL\tEMPTY\tBALANCE\tSERVERS")
+				if g.wide() {
+					fmt.Fprintln(w, "VIP\tPROTOCOL\tEMPTY\tBALANCE\tON SERVER REMOVED\tSERVERS")
+				} else {
+					fmt.Fprintln(w, "VIP\tPROTOCOL\tEMPTY\tBALANCE\tSERVERS")
+				}
 				for _, s := range svcs {
 					var ss []string
 					for _, srv := range s.Servers {
 						ss = append(ss, srv.String())
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.VIP, s.Protocol, s.Empty, s.Balance, strings.Join(ss, ","))
+					servers := dash(strings.Join(ss, ","))
+					if g.wide() {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", s.VIP, s.Protocol, s.Empty, s.Balance, dash(s.OnServerRemoved), servers)
+					} else {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.VIP, s.Protocol, s.Empty, s.Balance, servers)
+					}
 				}
 			})
 		},
 	}
 	cmd.AddCommand(set, del, list)
 	return cmd
+}
+
+// inConfig reports whether the daemon's config file defines the VIP. Best
+// effort: a status that cannot be read says no.
+func inConfig(ctx context.Context, c *api.Client, vip, proto string) bool {
+	st, err := c.Status(ctx)
+	if err != nil {
+		return false
+	}
+	for _, s := range st.Services {
+		if s.Config && s.VIP == vip && s.Protocol == proto {
+			return true
+		}
+	}
+	return false
+}
+
+// warnConfigured tells, on stderr, that a CLI change of a VIP the config
+// file defines holds only until the next reload or edit of the file, which
+// puts the file's version back.
+func warnConfigured(w io.Writer, vip, verb string) {
+	fmt.Fprintf(w, "warning: %s is defined in the config file: this %s lasts until the next reload or edit of the file, which puts the file's version back\n", vip, verb)
 }
 
 func newAttachCommand(g *globals) *cobra.Command {
@@ -209,6 +259,11 @@ func newDetachCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "detach (--cgroup PATH | --host)",
 		Short: "Detach ctlb from a cgroup (every attachment on it), or the host-wide attachment",
+		Long: `Remove every ctlb attachment on a cgroup v2 directory (its pinned bpf_links):
+connects of its processes are no longer rewritten from then on, while
+connections already made stay where they are. PATH is written as for
+"ctlbd attach". Pods are detached by the CNI plugin at DEL; this command is for
+what "ctlbd attach" made. --host removes the host-wide attachment.`,
 		Example: `  ctlbd detach --cgroup /system.slice/myapp.service
   ctlbd detach --host`,
 		Args: cobra.NoArgs,
@@ -238,7 +293,15 @@ func newAttachmentsCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "attachments",
 		Short: "List attachments; a dead one's cgroup is gone and GC removes it",
-		Args:  cobra.NoArgs,
+		Long: `List ctlb's attachments: one per attached cgroup (a pod's, or one made by
+"ctlbd attach"), with the pod it was made for. STATE is "attached", "dead"
+(the cgroup is gone; the CNI plugin's GC or the daemon's reconcile removes
+it) or "broken" (some of its hooks are missing; -o wide names them, and the
+daemon's reconcile puts them back).`,
+		Example: `  ctlbd attachments
+  ctlbd attachments -o wide
+  ctlbd attachments -o json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, ctx, cancel := g.client()
 			defer cancel()
@@ -363,7 +426,16 @@ func newStatusCommand(g *globals) *cobra.Command {
 		Long: `Show, per VIP and server, how many connects the kernel sent there, how many
 of those sockets are open now, and how many ctlbd ended (ENDED) because the
 server left the set, with each server's source and health. Exits
-non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
+non-zero when the daemon is unreachable, so it serves as a readiness probe.
+
+Columns: ATTEMPTS are connects sent to the server; ESTABLISHED and FAILED
+split the TCP ones by outcome (handshake done; refused or timed out); OPEN
+are its sockets open now; ENDED are connections ctlbd ended. HEALTH says
+",failing" while the kernel skips the server after a failed connect. -o wide
+adds the failing marks seen and the last health check error.`,
+		Example: `  ctlbd status
+  ctlbd status -o wide
+  ctlbd status -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, ctx, cancel := g.client()
@@ -373,18 +445,34 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.`,
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
-				fmt.Fprintln(w, "VIP\tPROTO\tSERVER\tSOURCE\tHEALTH\tIN SET\tATTEMPTS\tESTABLISHED\tFAILED\tOPEN\tENDED")
+				cols := []string{"VIP", "PROTO", "SERVER", "SOURCE", "HEALTH", "IN SET", "ATTEMPTS", "ESTABLISHED", "FAILED", "OPEN", "ENDED"}
+				if g.wide() {
+					cols = append(cols, "FAIL MARKS", "LAST ERROR")
+				}
+				row := func(cells ...string) {
+					// Every row as wide as the header, so that the
+					// columns after a short row stay in line.
+					for len(cells) < len(cols) {
+						cells = append(cells, "")
+					}
+					fmt.Fprintln(w, strings.Join(cells, "\t"))
+				}
+				row(cols...)
 				for _, s := range st.Services {
 					if len(s.Servers) == 0 {
-						fmt.Fprintf(w, "%s\t%s\t(none: %s)\t\t\t\t\t\t\t\n", s.VIP, s.Protocol, s.Empty)
+						row(s.VIP, s.Protocol, "(none: "+s.Empty+")")
 					}
 					for _, srv := range s.Servers {
 						health := srv.Health
 						if srv.Failing {
 							health += ",failing"
 						}
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%v\t%d\t%d\t%d\t%d\t%d\n", s.VIP, s.Protocol, srv.Server, srv.Source, health, srv.InSet,
-							srv.Attempts, srv.Established, srv.Failed, srv.Open, srv.Terminated)
+						cells := []string{s.VIP, s.Protocol, srv.Server, srv.Source, health, fmt.Sprint(srv.InSet),
+							fmt.Sprint(srv.Attempts), fmt.Sprint(srv.Established), fmt.Sprint(srv.Failed), fmt.Sprint(srv.Open), fmt.Sprint(srv.Terminated)}
+						if g.wide() {
+							cells = append(cells, fmt.Sprint(srv.FailMarks), dash(srv.LastError))
+						}
+						row(cells...)
 					}
 				}
 				for _, s := range st.Services {
@@ -435,6 +523,8 @@ applies the file by itself whenever it changes (unless run with
 --no-config-watch), so this is for forcing it, or for seeing a rejection's
 reason at once. A config that does not parse or validate is rejected with the
 reason, and the running one stays.`,
+		Example: `  ctlbd reload
+  systemctl reload ctlbd    # the same, as SIGHUP (conf/systemd/ctlbd.service)`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, ctx, cancel := g.client()
@@ -461,7 +551,12 @@ func newVersionCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print the version of this binary (and of the daemon, when it runs)",
-		Args:  cobra.NoArgs,
+		Long: `Print this binary's version, commit, BPF map layout and Go version, and the
+running daemon's when its socket answers. A client and daemon of different
+layouts should not be mixed; an unreachable daemon is no error here.`,
+		Example: `  ctlbd version
+  ctlbd version -o json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			local := localVersion()
 			out := struct {

@@ -46,6 +46,10 @@ for the primary CNI to write one. --uninstall takes out exactly what it put in;
 
 CNI versions: the conflist's cniVersion must be 0.3.0 or later; an older one is
 refused and left untouched.`,
+		Example: `  ctlbd install-cni
+  ctlbd install-cni --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin -o json
+  ctlbd install-cni --watch --uninstall-on-exit
+  ctlbd install-cni --uninstall --keep-binary`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if uninstall && watch {
@@ -57,8 +61,8 @@ refused and left untouched.`,
 			if waitForConfig < 0 {
 				return fmt.Errorf("--wait-for-config %s: want a duration of 0 or more", waitForConfig)
 			}
-			if output != "table" && output != "json" && output != "yaml" {
-				return fmt.Errorf("--output %q: want table, json or yaml", output)
+			if err := checkOutput(output); err != nil {
+				return err
 			}
 			cmd.SilenceUsage = true // flags are fine: an error from here on is not a usage error
 			opts.PluginConf = cniinstall.NewPluginConf(bpffs, socket)

@@ -58,6 +58,10 @@ socket (--socket, or $CTLB_SOCKET).`,
   ctlbd status -o json`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		// Before any command acts (install-cni checks its own -o).
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			return checkOutput(g.output)
+		},
 	}
 	socket := os.Getenv("CTLB_SOCKET")
 	if socket == "" {
@@ -76,7 +80,7 @@ socket (--socket, or $CTLB_SOCKET).`,
 		newReloadCommand(g),
 		newVersionCommand(g),
 		newInstallCNICommand(),
-		newMountBPFFSCommand(),
+		newMountBPFFSCommand(g),
 	)
 	return root
 }
@@ -94,6 +98,10 @@ func oneLine(err error, socket string) string {
 		why = "no answer in time (ctlbd is busy or stuck)"
 	case errors.As(err, &errno) && errno == syscall.ENOENT:
 		why = "no socket there: is ctlbd running? (--socket or $CTLB_SOCKET names another)"
+	case errors.As(err, &errno) && errno == syscall.ECONNREFUSED && !isSocket(socket):
+		// The kernel answers a connect to a file or directory with
+		// ECONNREFUSED too.
+		why = "not a socket: a file or directory is there (--socket or $CTLB_SOCKET names another?)"
 	case errors.As(err, &errno) && errno == syscall.ECONNREFUSED:
 		why = "connection refused: the socket is left over, no ctlbd listens on it"
 	case errors.As(err, &errno) && (errno == syscall.EACCES || errno == syscall.EPERM):
@@ -102,4 +110,11 @@ func oneLine(err error, socket string) string {
 		why = errno.Error()
 	}
 	return fmt.Sprintf("ctlbd is not reachable at %s: %s", socket, why)
+}
+
+// isSocket reports whether path is a unix socket (or cannot be looked at:
+// then the connect's own error stands).
+func isSocket(path string) bool {
+	fi, err := os.Stat(path)
+	return err != nil || fi.Mode()&os.ModeSocket != 0
 }

@@ -13,6 +13,17 @@ import (
 // calls printResult, and -o picks the format.
 const outputHelp = "output format: table, wide (a table with more columns), json or yaml"
 
+// checkOutput refuses an unknown -o before a command does anything: a
+// command that changes state and then cannot print its result would exit
+// non-zero with the change made.
+func checkOutput(format string) error {
+	switch format {
+	case "table", "wide", "json", "yaml", "":
+		return nil
+	}
+	return fmt.Errorf("--output %q: want table, wide, json or yaml", format)
+}
+
 // printResult writes v as JSON or YAML, or calls table for the default,
 // human format.
 func printResult(w io.Writer, format string, v any, table func(*tabwriter.Writer)) error {
@@ -34,5 +45,5 @@ func printResult(w io.Writer, format string, v any, table func(*tabwriter.Writer
 		table(tw)
 		return tw.Flush()
 	}
-	return fmt.Errorf("--output %q: want table, wide, json or yaml", format)
+	return checkOutput(format)
 }

@@ -114,7 +114,7 @@ func (h Hierarchy) Resolve(path string, allowRoot bool) (string, error) {
 		return "", fmt.Errorf("cgroup path %q resolves through a symlink to %s", path, real)
 	}
 	if abs == h.Mount && !allowRoot {
-		return "", fmt.Errorf("cgroup path %q is the cgroup v2 root: refusing host-wide scope (ask for scope \"host\" explicitly)", path)
+		return "", fmt.Errorf("cgroup path %q is the cgroup v2 root: refusing host-wide scope (ask for it explicitly: \"ctlbd attach --host\", or \"scope\": \"host\" in the CNI config)", path)
 	}
 	return abs, nil
 }

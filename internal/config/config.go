@@ -305,6 +305,11 @@ func (s Service) Datapath() (datapath.Service, error) {
 		if err != nil {
 			return datapath.Service{}, fmt.Errorf("VIP %s: %w", vip, err)
 		}
+		if srv == vip {
+			// A connect would be "rewritten" to the address it dialed:
+			// a typo, or a job for --empty passthrough.
+			return datapath.Service{}, fmt.Errorf("VIP %s: server %s is the VIP itself (for connects to go through unchanged, give no servers and empty \"passthrough\")", vip, raw)
+		}
 		out.Servers = append(out.Servers, srv)
 	}
 	return out, out.Validate()

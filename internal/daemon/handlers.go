@@ -134,6 +134,19 @@ func trackedConflict(vip datapath.ServiceKey) error {
 	return httpError{http.StatusConflict, fmt.Errorf("VIP %s is kept by its config sources and health checks: change the config and reload", vip)}
 }
 
+// configured are the keys of the VIPs the config file defines.
+func (d *Daemon) configured() map[datapath.ServiceKey]bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[datapath.ServiceKey]bool{}
+	for _, s := range d.cfg.Services {
+		if svc, err := s.Datapath(); err == nil {
+			out[svc.Key()] = true
+		}
+	}
+	return out
+}
+
 func (d *Daemon) listAttachments(w http.ResponseWriter, r *http.Request) {
 	list, err := d.dp.Attachments()
 	out := apiAttachments(list)
@@ -278,8 +291,10 @@ func (d *Daemon) Status() (api.Status, error) {
 		byVIP[s.Key()] = append(byVIP[s.Key()], s)
 	}
 	tracked := d.snapshots()
+	configured := d.configured()
 	for _, svc := range svcs {
 		ss := api.ServiceStatus{VIP: svc.VIP.String(), Protocol: string(svc.Protocol), Balance: string(svc.Balance), Empty: string(svc.Empty), OnServerRemoved: string(svc.OnServerRemoved), Servers: []api.ServerStatus{}}
+		ss.Config = configured[svc.Key()]
 		ended := d.ends.terminated(svc.Key())
 		ss.Rebalancing = d.reb.rebalancing(svc.Key())
 		counted := map[netip.AddrPort]datapath.ServerStats{}

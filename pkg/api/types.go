@@ -184,6 +184,10 @@ type ServiceStatus struct {
 	// Rebalancing is true while ctlbd moves connections onto a server
 	// that joined the set (config "rebalance").
 	Rebalancing bool `json:"rebalancing,omitempty"`
+	// Config is set for a VIP that ctlbd's config file defines: the next
+	// reload (or edit of the file) puts it back as the file says, whatever
+	// the CLI changed meanwhile.
+	Config bool `json:"config,omitempty"`
 	// Tracked VIPs get their set from sources and health checks.
 	Tracked bool           `json:"tracked"`
 	Panic   bool           `json:"panic,omitempty"`

@@ -94,6 +94,33 @@ func TestCLIServicesAndStatus(t *testing.T) {
 	if !strings.Contains(d.MustCLI("status"), "127.0.0.31:8502") {
 		t.Error("status table does not name the servers")
 	}
+	// A VIP without servers sorts first: the rows after its short row keep
+	// their columns under the header's, in both table forms.
+	d.MustCLI("service", "set", "198.19.0.0:1")
+	for _, args := range [][]string{{"status"}, {"status", "-o", "wide"}} {
+		table := strings.Split(d.MustCLI(args...), "\n")
+		col := strings.Index(table[0], "ENDED")
+		rows := 0
+		for _, row := range table[1:] {
+			if !strings.Contains(row, "127.0.0.3") {
+				continue
+			}
+			rows++
+			if col < 0 || len(row) <= col || row[col-1] != ' ' || !strings.ContainsAny(row[col:col+1], "0123456789") {
+				t.Errorf("%v: row %q out of line with header %q", args, row, table[0])
+			}
+		}
+		if rows != 3 {
+			t.Errorf("%v: %d server rows, want 3:\n%s", args, rows, strings.Join(table, "\n"))
+		}
+	}
+	if !strings.Contains(d.MustCLI("status", "-o", "wide"), "FAIL MARKS") {
+		t.Error("status -o wide has no more columns than the table")
+	}
+	if !strings.Contains(d.MustCLI("service", "list", "-o", "wide"), "ON SERVER REMOVED") {
+		t.Error("service list -o wide has no more columns than the table")
+	}
+	d.MustCLI("service", "delete", "198.19.0.0:1")
 	c.Stop(t)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -258,6 +285,12 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{[]string{"attach", "--cgroup", cg + "/missing"}, "does not exist"},
 		{[]string{"detach", "--cgroup", cg + "/missing"}, "no attachment"},
 		{[]string{"status", "-o", "xml"}, `"xml"`},
+		// A bad -o is refused before the change, not after it.
+		{[]string{"service", "set", "198.19.0.1:8502", "127.0.0.1:80", "-o", "jsn"}, `"jsn"`},
+		{[]string{"service", "delete", vip, "-o", "jsn"}, `"jsn"`},
+		{[]string{"attach", "--cgroup", testutil.NewCgroup(t, ""), "-o", "jsn"}, `"jsn"`},
+		{[]string{"service", "bogus"}, `unknown command "bogus"`},
+		{[]string{"service", "set", "198.19.0.1:8502", "198.19.0.1:8502"}, "is the VIP itself"},
 	}
 	for _, c := range cases {
 		_, errOut, code := d.CLI(c.args...)
@@ -321,6 +354,28 @@ func TestConfigAndReload(t *testing.T) {
 	d.Start()
 	want := map[string][]string{"198.19.0.1:8502": {"127.0.0.31:8502", "127.0.0.32:8502"}, "198.19.0.2:80": {}}
 	assertServices(t, d, want)
+
+	// A CLI change of a VIP the file defines holds until the next reload,
+	// which puts the file's version back: the CLI says so when it makes it.
+	var st api.Status
+	d.JSON(&st, "status")
+	for _, s := range st.Services {
+		if !s.Config {
+			t.Errorf("status: %s not marked as defined in the config file", s.VIP)
+		}
+	}
+	for _, args := range [][]string{{"service", "set", "198.19.0.1:8502", "127.0.0.33:8502"}, {"service", "delete", "198.19.0.2:80"}} {
+		if _, errOut, code := d.CLI(args...); code != 0 || !strings.Contains(errOut, "defined in the config file") {
+			t.Errorf("ctlbd %v on a config VIP: exit %d, %q; want it done, with a warning", args, code, errOut)
+		}
+	}
+	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:8502"}})
+	d.MustCLI("reload")
+	assertServices(t, d, want)
+	if _, errOut, code := d.CLI("service", "set", "198.19.0.9:80", "127.0.0.33:8502"); code != 0 || errOut != "" {
+		t.Errorf("a VIP of the CLI's own: exit %d, stderr %q; want no warning", code, errOut)
+	}
+	d.MustCLI("service", "delete", "198.19.0.9:80")
 
 	// A reload that drops one VIP and changes the other.
 	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.33:9000"]}]}`)
