@@ -256,12 +256,17 @@ func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.
 	// An earlier ADD of this container may have left a record or, if it
 	// was killed half-way, temporary link pins. Clear both: the record
 	// first and under its lock, so that ctlbd is not attaching meanwhile.
+	// A shared attachment's (static cgroupPath) temporaries may be another
+	// pod's ADD in flight: those are left to the last DEL and to ctlbd's
+	// age-based sweep (datapath.RemoveStale).
 	if _, err := pending.Remove(c.conf.StateDir, id); err != nil {
 		c.log.Warn("remove stale pending record", "error", err)
-	} else if n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
-		c.log.Warn("remove what an interrupted ADD left", "attachment", id, "error", err)
-	} else if n > 0 {
-		c.log.Info("removed what an interrupted ADD left", "attachment", id, "dirs", n)
+	} else if c.conf.CgroupPath == "" {
+		if n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
+			c.log.Warn("remove what an interrupted ADD left", "attachment", id, "error", err)
+		} else if n > 0 {
+			c.log.Info("removed what an interrupted ADD left", "attachment", id, "dirs", n)
+		}
 	}
 	a, err := dp.Attach(id, found.Dir)
 	if err != nil {
@@ -641,20 +646,6 @@ func (c *call) gc() error {
 	}
 	defer unlock()
 	if byList {
-		recs, err := pending.List(c.conf.StateDir)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		for _, r := range recs {
-			if !ownedBy(network, r.AttachmentID) || validAtt[r.AttachmentID] {
-				continue
-			}
-			if _, err := pending.Remove(c.conf.StateDir, r.Key()); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			c.log.Info("GC: pending record removed", "attachment", r.AttachmentID, "containerID", r.ContainerID)
-		}
 		ids, err := ownedAttachments(c.conf.StateDir, network)
 		if err != nil {
 			errs = append(errs, err)
@@ -676,16 +667,29 @@ func (c *call) gc() error {
 				c.log.Info("GC: owner removed", "attachment", id, "containerID", o.ContainerID, "ifName", o.IfName)
 			}
 		}
-	}
-
-	// An attachment still owned by a valid interface stays, whatever its
-	// ID (a static cgroupPath's is shared by many containers).
-	if byList {
-		ids, _ := ownedAttachments(c.conf.StateDir, network)
+		// An attachment still owned by a valid interface stays, whatever
+		// its ID (a static cgroupPath's is shared by many containers),
+		// and so does its pending record: the owners go first so that a
+		// shared attachment still waiting for its cgroup is not lost.
+		ids, _ = ownedAttachments(c.conf.StateDir, network)
 		for _, id := range ids {
 			if owners, err := listOwners(c.conf.StateDir, id); err == nil && len(owners) > 0 {
 				validAtt[id] = true
 			}
+		}
+		recs, err := pending.List(c.conf.StateDir)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, r := range recs {
+			if !ownedBy(network, r.AttachmentID) || validAtt[r.AttachmentID] {
+				continue
+			}
+			if _, err := pending.Remove(c.conf.StateDir, r.Key()); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			c.log.Info("GC: pending record removed", "attachment", r.AttachmentID, "containerID", r.ContainerID)
 		}
 	}
 

@@ -124,6 +124,9 @@ var toleratedKeys = map[string]bool{
 	"capabilities": true, "args": true, "ipam": true, "dns": true, "ipMasq": true,
 	// install-cni's mark on the entry it wrote (internal/cniinstall).
 	"installedBy": true,
+	// Multus writes the device of an SR-IOV (resourceName) network into
+	// every plugin of the delegate's chain.
+	"deviceID": true, "pciBusID": true,
 }
 
 func knownKey(k string) bool {
@@ -163,7 +166,7 @@ func ParseConf(stdin []byte, needPrev bool) (*Conf, error) {
 		return nil, types.NewError(types.ErrUnsupportedField,
 			fmt.Sprintf("ctlb: unsupported field %s", strings.Join(kv, ", ")),
 			"ctlb's keys: bpffs, socket, stateDir, scope, cgroupPath, logFile, logLevel, pendingGrace; "+
-				"also accepted: the spec's well-known keys (ipam, dns, ipMasq, capabilities, runtimeConfig, args) and any cni.dev/ key")
+				"also accepted: the spec's well-known keys (ipam, dns, ipMasq, capabilities, runtimeConfig, args), Multus's deviceID and pciBusID, and any cni.dev/ key")
 	}
 	c := &Conf{}
 	if bad := c.decode(raw); len(bad) > 0 {

@@ -65,7 +65,8 @@ func TestParseConfTolerates(t *testing.T) {
 	in := `{"cniVersion": "1.0.0", "name": "n", "type": "ctlb", ` + prev + `,
 		"ipam": "not even an object", "dns": {"nameservers": ["198.18.0.53"]}, "ipMasq": true,
 		"capabilities": {"cgroupPath": true, "portMappings": true}, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"a": "b"}},
-		"args": {"cni": {"labels": []}}, "cni.dev/attachments": [], "cni.dev/some-future-key": 7}`
+		"args": {"cni": {"labels": []}}, "cni.dev/attachments": [], "cni.dev/some-future-key": 7,
+		"deviceID": "0000:03:00.1", "pciBusID": "0000:03:00.1"}`
 	if _, err := ParseConf([]byte(in), true); err != nil {
 		t.Fatalf("ParseConf: %v", err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/pending"
 	"github.com/ctlb/ctlb/internal/testutil"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // runAs runs the ctlb binary for one (network, container, interface), as a
@@ -185,6 +186,87 @@ func TestStaticCgroupPathShared(t *testing.T) {
 		}
 		if links, _ := e.leftovers(); (len(links) == 1) != (i < len(pods)-1) {
 			t.Fatalf("after DEL %d of %d: attachments %v", i+1, len(pods), links)
+		}
+	}
+	waitProgs(t, shared, 0)
+	e.wantNothingLeft()
+}
+
+// A static cgroupPath that does not exist yet leaves one pending record for
+// the network's shared attachment. GC with a valid-attachments list naming
+// its pods must keep that record (the attachment's owners are valid), and
+// remove it once no pod of the list holds it.
+func TestStaticCgroupPathPendingSurvivesGC(t *testing.T) {
+	e := newEnv(t)
+	shared := filepath.Join(e.cgroups, "shared-later")
+	rel := strings.TrimPrefix(shared, testutil.V2Mount(t))
+	extra := map[string]any{"cgroupPath": rel}
+	var pods []*pod
+	for range 2 {
+		p := e.cgroupfsPod("besteffort", false)
+		if err := e.runAs("ADD", netName, "eth0", p, extra); err != nil {
+			t.Fatalf("ADD: %v", err)
+		}
+		pods = append(pods, p)
+	}
+	if _, records := e.leftovers(); len(records) != 1 {
+		t.Fatalf("pending records %v, want one for the shared attachment", records)
+	}
+	gc := func(valid []*pod) {
+		t.Helper()
+		list := []types.GCAttachment{}
+		for _, v := range valid {
+			list = append(list, types.GCAttachment{ContainerID: v.id, IfName: "eth0"})
+		}
+		if err := e.runAs("GC", netName, "", pods[0], map[string]any{"cni.dev/valid-attachments": list}); err != nil {
+			t.Fatalf("GC: %v", err)
+		}
+	}
+	gc(pods)
+	if _, records := e.leftovers(); len(records) != 1 {
+		t.Fatalf("GC with both pods valid: pending records %v, want the shared one kept", records)
+	}
+	gc(pods[1:])
+	if _, records := e.leftovers(); len(records) != 1 {
+		t.Fatalf("GC with one pod valid: pending records %v, want the shared one kept", records)
+	}
+	gc(nil)
+	e.wantNothingLeft()
+}
+
+// The temporaries of a shared attachment (static cgroupPath) may belong to
+// another pod's ADD in flight: an ADD must not take them for what an
+// interrupted ADD of its own left.
+func TestStaticCgroupPathAddLeavesOthersTemporaries(t *testing.T) {
+	e := newEnv(t)
+	shared := filepath.Join(e.cgroups, "shared-busy")
+	mkdirAll(t, shared)
+	rel := strings.TrimPrefix(shared, testutil.V2Mount(t))
+	extra := map[string]any{"cgroupPath": rel}
+	first := e.cgroupfsPod("besteffort", false)
+	if err := e.runAs("ADD", netName, "eth0", first, extra); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	links, _ := e.leftovers()
+	if len(links) != 1 {
+		t.Fatalf("attachments %v, want one", links)
+	}
+	// What a concurrent ADD of this attachment has made so far.
+	busy := filepath.Join(e.bpffs, "links", datapath.InflightDir, "_tmp-"+links[0]+"-0123456789ab")
+	mkdirAll(t, busy)
+	second := e.cgroupfsPod("besteffort", false)
+	if err := e.runAs("ADD", netName, "eth0", second, extra); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if _, err := os.Stat(busy); err != nil {
+		t.Fatalf("an ADD removed another ADD's temporary directory of the shared attachment: %v", err)
+	}
+	if err := os.Remove(busy); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*pod{first, second} {
+		if err := e.runAs("DEL", netName, "eth0", p, extra); err != nil {
+			t.Fatal(err)
 		}
 	}
 	waitProgs(t, shared, 0)
