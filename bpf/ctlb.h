@@ -193,7 +193,8 @@ struct {
 
 /*
  * Failing mark per slot. connect() skips a slot while now < until_ns. A
- * failed connect (sock_ops: SYN_SENT -> CLOSE, or an RTO in SYN_SENT) sets
+ * failed connect (an RTO in SYN_SENT, seen by sock_ops; or a watched connect
+ * never established, counted at release or reconnect: count_failed) sets
  * until_ns = now + min(hold_base << strikes, hold_max) and bumps strikes.
  * When the hold-down has passed, the first connect takes the slot as a probe
  * (it moves until_ns one hold_base ahead with a compare-and-swap, so only

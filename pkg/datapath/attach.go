@@ -100,8 +100,10 @@ func temporaries(dirs ...string) ([]temporary, error) {
 	return out, nil
 }
 
-// Attach attaches connect4, getpeername4 and sock_release to the cgroup
-// directory with bpf_links (which always allow other programs beside them)
+// Attach attaches the per-pod hooks (sock_ops, getpeername4/6, recvmsg4/6,
+// connect4/6, sendmsg4/6, in that order; sock_release sits once at the
+// cgroup v2 root) to the cgroup directory with bpf_links (which always
+// allow other programs beside them)
 // and pins the links under DIR/links/ID. The pins are made in a temporary
 // directory renamed into place, so an attachment is whole or absent, never
 // half-made, even if the caller dies half-way. Attaching the same ID to the

@@ -69,7 +69,8 @@ func v1AddrPort(ip uint32, p uint16) netip.AddrPort {
 //  3. each attachment gets the v2 hooks; its connect4 link switches to the
 //     v2 program in place (BPF_LINK_UPDATE: no connect runs without a
 //     hook); its v1 getpeername4 link stays for the v1 sockets; its v1
-//     release link goes (the root program has taken over);
+//     release link is switched in place to the v2 release of v1 sockets
+//     (a removed link detaches later, and would lose a decrement);
 //  4. the v1 counts, frozen now, are added to the v2 slots atomically;
 //  5. the v1 pins are removed.
 //
