@@ -232,7 +232,7 @@ func (c *call) add() error {
 	if len(before) > 0 {
 		c.log.Info("sharing the attachment of another interface of the container", "attachment", id, "owners", len(before))
 	}
-	if err := c.attachOrRecord(dp, id, hints, found, ok); err != nil {
+	if err := c.attachOrRecord(dp, id, hints, found, ok, len(before) > 0); err != nil {
 		// A failed ADD of the first interface leaves no owner behind: bad
 		// input changes nothing.
 		if len(before) == 0 {
@@ -246,7 +246,9 @@ func (c *call) add() error {
 	return nil
 }
 
-func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.Hints, found podcgroup.Found, ok bool) error {
+// shared says that other interfaces own the attachment too: an attach that
+// fails then gives back the pending record it took, which is theirs.
+func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.Hints, found podcgroup.Found, ok, shared bool) error {
 	if !ok {
 		if found.Refused != nil {
 			c.log.Warn("no pod cgroup from the sandbox's netns yet: refusing a shared cgroup, recording a pending attachment", "error", found.Refused)
@@ -259,7 +261,8 @@ func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.
 	// A shared attachment's (static cgroupPath) temporaries may be another
 	// pod's ADD in flight: those are left to the last DEL and to ctlbd's
 	// age-based sweep (datapath.RemoveStale).
-	if _, err := pending.Remove(c.conf.StateDir, id); err != nil {
+	took, err := pending.Remove(c.conf.StateDir, id)
+	if err != nil {
 		c.log.Warn("remove stale pending record", "error", err)
 	} else if c.conf.CgroupPath == "" {
 		if n, err := datapath.RemoveInterrupted(c.conf.BPFFS, id); err != nil {
@@ -285,6 +288,13 @@ func (c *call) attachOrRecord(dp *datapath.Datapath, id string, hints podcgroup.
 		}
 	}
 	if err != nil {
+		if took && shared {
+			// Another interface's ADD left the record and succeeded:
+			// ctlbd retries the attachment from it.
+			if perr := c.addPending(id, hints, found); perr != nil {
+				c.log.Error("give the pending record back", "attachment", id, "error", perr)
+			}
+		}
 		return cniErr(types.ErrInternal, "ctlb: attach", err)
 	}
 	c.log.Info("attached", "attachment", a.ID, "cgroup", found.Dir, "via", found.Source)

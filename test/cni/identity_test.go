@@ -9,7 +9,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ctlb/ctlb/internal/cni"
@@ -271,4 +273,55 @@ func TestStaticCgroupPathAddLeavesOthersTemporaries(t *testing.T) {
 	}
 	waitProgs(t, shared, 0)
 	e.wantNothingLeft()
+}
+
+// A container's first interface leaves a pending record (no cgroup yet);
+// its second interface finds the cgroup, takes the record, and fails to
+// attach. The record is the first interface's, whose ADD succeeded: it is
+// given back, and ctlbd completes the attachment once attaching works.
+func TestFailedAttachGivesPendingRecordBack(t *testing.T) {
+	e := newEnv(t)
+	p := e.cgroupfsPod("besteffort", false)
+	t.Cleanup(func() {
+		for _, ifn := range []string{"eth0", "eth1"} {
+			_ = e.runAs("DEL", netName, ifn, p, nil)
+		}
+	})
+	if err := e.runAs("ADD", netName, "eth0", p, nil); err != nil {
+		t.Fatalf("ADD eth0: %v", err)
+	}
+	if _, records := e.leftovers(); len(records) != 1 {
+		t.Fatalf("pending records %v, want eth0's", records)
+	}
+	// Every attach fails while the in-flight directory is no directory:
+	// a map pinned in its place (bpffs holds no plain files).
+	inflight := filepath.Join(e.bpffs, "links", datapath.InflightDir)
+	if err := os.Remove(inflight); err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Pin(inflight); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(inflight) }) // before the DELs above
+	mkdirAll(t, p.cgroup)
+	if err := e.runAs("ADD", netName, "eth1", p, nil); err == nil {
+		t.Fatal("ADD eth1 succeeded although no attach can")
+	}
+	// (leftovers would list the in-flight directory, which is none now.)
+	if records, err := os.ReadDir(pending.Dir(e.stateDir)); err != nil || len(records) != 1 {
+		t.Fatalf("after eth1's failed ADD: pending records %v (%v), want eth0's given back", records, err)
+	}
+	if err := os.Remove(inflight); err != nil {
+		t.Fatal(err)
+	}
+	took := e.waitAttached(p, 10*time.Second)
+	t.Logf("ctlbd completed the given-back record %s after attaching works again", took.Round(time.Millisecond))
+	if err := e.runAs("CHECK", netName, "eth0", p, nil); err != nil {
+		t.Fatalf("CHECK eth0: %v", err)
+	}
 }
