@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -9,12 +10,29 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/ctlb/ctlb/internal/config"
 	"github.com/ctlb/ctlb/internal/daemon"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
+
+// flagOfField is the run flag that overrides each config field.
+var flagOfField = map[string]string{"bpffs": "bpffs", "socket": "socket", "stateDir": "state-dir",
+	"metrics": "metrics", "logLevel": "log-level", "nri.socket": "nri-socket"}
+
+// fromFlag names the flag, not the config file, when the wrong value came
+// from a flag.
+func fromFlag(f *pflag.FlagSet, err error) error {
+	var fe *config.FieldError
+	if errors.As(err, &fe) {
+		if name := flagOfField[fe.Field]; name != "" && f.Changed(name) {
+			return fmt.Errorf("--%s: %w", name, fe.Err)
+		}
+	}
+	return err
+}
 
 func newRunCommand(g *globals) *cobra.Command {
 	var (
@@ -77,7 +95,7 @@ clients (off by default; docs/TROUBLESHOOTING.md).`,
 				cfg.HostScope = hostScope
 			}
 			if err := cfg.Validate(); err != nil {
-				return err
+				return fromFlag(f, err)
 			}
 			log, err := newLogger(cfg.LogLevel, logFormat)
 			if err != nil {

@@ -215,11 +215,21 @@ func (c *Config) applyDefaults() {
 	}
 }
 
+// FieldError is a wrong value of one config field, so that a caller that
+// took the value from elsewhere (ctlbd run's flags) can name its source.
+type FieldError struct {
+	Field string // as in the file: "logLevel", "nri.socket"
+	Err   error
+}
+
+func (e *FieldError) Error() string { return "config " + e.Field + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
 // Validate checks every field, naming the one that is wrong.
 func (c *Config) Validate() error {
 	for _, p := range []struct{ name, val string }{{"bpffs", c.BPFFS}, {"socket", c.Socket}, {"stateDir", c.StateDir}} {
 		if !filepath.IsAbs(p.val) {
-			return fmt.Errorf("config %s: %q is not an absolute path", p.name, p.val)
+			return &FieldError{p.name, fmt.Errorf("%q is not an absolute path", p.val)}
 		}
 	}
 	if c.ReconcileInterval < Duration(100*time.Millisecond) {
@@ -236,17 +246,17 @@ func (c *Config) Validate() error {
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
-		return fmt.Errorf("config logLevel: %q, want debug, info, warn or error", c.LogLevel)
+		return &FieldError{"logLevel", fmt.Errorf("%q, want debug, info, warn or error", c.LogLevel)}
 	}
 	if c.Metrics != "" {
 		host, port, err := net.SplitHostPort(c.Metrics)
 		p, perr := strconv.ParseUint(port, 10, 16)
 		if err != nil || perr != nil || p == 0 || (host != "" && net.ParseIP(host) == nil) {
-			return fmt.Errorf("config metrics: %q: want IP:PORT, or :PORT for every address", c.Metrics)
+			return &FieldError{"metrics", fmt.Errorf("%q: want IP:PORT, or :PORT for every address", c.Metrics)}
 		}
 	}
 	if c.NRI != nil && c.NRI.Socket != "" && !filepath.IsAbs(c.NRI.Socket) {
-		return fmt.Errorf("config nri.socket: %q is not an absolute path", c.NRI.Socket)
+		return &FieldError{"nri.socket", fmt.Errorf("%q is not an absolute path", c.NRI.Socket)}
 	}
 	if c.Proxy != nil {
 		if err := c.Proxy.Validate(); err != nil {

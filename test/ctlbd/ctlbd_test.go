@@ -333,6 +333,13 @@ func TestBadConfigRefused(t *testing.T) {
 			t.Errorf("config %s: exit %d, stderr %q; want failure naming %s", cfg, code, errOut, want)
 		}
 	}
+	// A wrong value from a flag is named as the flag, not as the file's.
+	for flag, val := range map[string]string{"--log-level": "verbose", "--metrics": "bogus", "--state-dir": "relative"} {
+		_, errOut, code := run("run", flag, val, "--bpffs", bpffs, "--socket", filepath.Join(dir, "s.sock"))
+		if code == 0 || !strings.Contains(errOut, flag+`: "`+val+`"`) {
+			t.Errorf("run %s %s: exit %d, stderr %q; want failure naming the flag", flag, val, code, errOut)
+		}
+	}
 	if _, err := os.Stat(bpffs); !os.IsNotExist(err) {
 		t.Errorf("a refused config still created %s: %v", bpffs, err)
 	}
