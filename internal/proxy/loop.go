@@ -660,6 +660,7 @@ func (l *loop) move(d, other *dir, drain bool) (moved, blocked bool, err error) 
 			if err := d.openPipe(); err != nil {
 				return moved, false, err
 			}
+			l.p.fixBulkBuffer(d.src)
 		} else if !drain && len(d.pending) == 0 {
 			return moved, false, nil // a short read emptied the socket
 		}

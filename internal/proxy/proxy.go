@@ -77,6 +77,9 @@ type Proxy struct {
 
 	loops []*loop
 	procs int // Ps added for the loops (procs.go)
+	// bulkRcvBuf is the receive buffer of a bulk direction's source
+	// (bulkbuf.go); 0 leaves it to the kernel's autotuning.
+	bulkRcvBuf int
 
 	mu        sync.Mutex // guards what follows and serialises changes
 	closed    bool
@@ -122,6 +125,8 @@ func New(cfg Config, targets Targets, opts Options) (*Proxy, error) {
 		m:         m,
 		backoff:   newBackoff(opts.FailBackoff),
 		listeners: make(map[netip.AddrPort][]loopFD),
+
+		bulkRcvBuf: bulkRcvBufFor("/proc/sys/net/core/rmem_max"),
 	}
 	p.rejects = newRateLog(p.log, set.rejectLogEvery)
 	empty := map[netip.AddrPort]*service{}
