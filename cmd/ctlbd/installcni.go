@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -47,6 +48,7 @@ for the primary CNI to write one. --uninstall takes out exactly what it put in;
 CNI versions: the conflist's cniVersion must be 0.3.0 or later; an older one is
 refused and left untouched.`,
 		Example: `  ctlbd install-cni
+  ctlbd install-cni --dry-run -o json    # what it would change, writing nothing
   ctlbd install-cni --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin -o json
   ctlbd install-cni --watch --uninstall-on-exit
   ctlbd install-cni --uninstall --keep-binary`,
@@ -54,6 +56,9 @@ refused and left untouched.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if uninstall && watch {
 				return errors.New("--uninstall and --watch cannot be combined")
+			}
+			if opts.DryRun && (uninstall || watch) {
+				return errors.New("--dry-run checks an install only: it cannot be combined with --uninstall or --watch")
 			}
 			if opts.UninstallOnExit && !watch {
 				return errors.New("--uninstall-on-exit needs --watch (it acts when the watcher is stopped)")
@@ -68,11 +73,17 @@ refused and left untouched.`,
 			opts.PluginConf = cniinstall.NewPluginConf(bpffs, socket)
 			switch {
 			case uninstall:
-				if err := cniinstall.Uninstall(opts); err != nil {
+				res, err := cniinstall.Uninstall(opts)
+				if err != nil {
 					return err
 				}
-				return report(cmd, output, map[string]any{"uninstalled": true, "confDir": opts.ConfDir},
-					fmt.Sprintf("ctlb removed from the network configs in %s", opts.ConfDir))
+				text := fmt.Sprintf("ctlb removed from the network configs in %s", opts.ConfDir)
+				if res.BinaryKept != "" {
+					text += fmt.Sprintf("; %s stays: %s still chain ctlb with an entry written by hand (not by install-cni)",
+						res.BinaryKept, strings.Join(res.StillChainedBy, ", "))
+				}
+				return report(cmd, output, map[string]any{"uninstalled": true, "confDir": opts.ConfDir,
+					"stillChainedBy": res.StillChainedBy, "binaryKept": res.BinaryKept}, text)
 			case watch:
 				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 				defer stop()
@@ -85,14 +96,17 @@ refused and left untouched.`,
 					return err
 				}
 				text := fmt.Sprintf("%s: ctlb %s; plugin binary %s", res.ConfFile, res.Action, res.Binary)
-				if res.ConvertedFrom != "" {
-					text += fmt.Sprintf(" (converted from %s, original kept in %s)", res.ConvertedFrom, res.Backup)
-				}
 				if res.BinaryUpdated {
 					text += " updated"
 				}
+				if res.ConvertedFrom != "" {
+					text += fmt.Sprintf(" (converted from %s, original kept in %s)", res.ConvertedFrom, res.Backup)
+				}
 				if res.Note != "" {
 					text += " (" + res.Note + ")"
+				}
+				if res.DryRun {
+					text = "dry run, nothing written: " + text
 				}
 				return report(cmd, output, res, text)
 			}
@@ -108,6 +122,7 @@ refused and left untouched.`,
 	f.BoolVar(&opts.KeepBinary, "keep-binary", false, "with --uninstall: leave the plugin binary for pods whose runtime replays cached configs at DEL")
 	f.BoolVar(&watch, "watch", false, "install, then re-install whenever another agent rewrites the config, until SIGTERM")
 	f.BoolVar(&opts.UninstallOnExit, "uninstall-on-exit", false, "with --watch: take ctlb out of the network configs (keeping the binary) on SIGTERM, e.g. when the DaemonSet is deleted")
+	f.BoolVar(&opts.DryRun, "dry-run", false, "report what an install would change (which file, inserted/updated/unchanged/kept, the binary) and write nothing: a safe check of a node's chain")
 	f.DurationVar(&waitForConfig, "wait-for-config", 5*time.Minute, "without --watch: wait this long for the primary CNI to write its network config before failing (0: fail at once)")
 	// --socket and -o share their names and meaning with ctlbd's persistent
 	// flags; defined here, they shadow those when this runs under ctlbd.

@@ -10,6 +10,7 @@
 package cniinstall
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -73,6 +74,9 @@ type Options struct {
 	// UninstallOnExit makes Watch take ctlb out of the network configs
 	// (keeping the binary) when its context ends.
 	UninstallOnExit bool
+	// DryRun makes Install report what it would do, writing nothing: a
+	// check of a node's chain that cannot change it.
+	DryRun bool
 }
 
 // InstallWhenReady is Install that waits, up to wait, for the primary CNI to
@@ -153,6 +157,8 @@ type Result struct {
 	Binary string `json:"binary"`
 	// BinaryUpdated is false when Binary already had SourceBinary's bytes.
 	BinaryUpdated bool `json:"binaryUpdated"`
+	// DryRun: nothing was written; the fields say what Install would do.
+	DryRun bool `json:"dryRun,omitempty"`
 }
 
 // settings are validated Options.
@@ -190,8 +196,10 @@ func Install(opts Options) (Result, error) {
 		return Result{}, fmt.Errorf("cni install: %w", err)
 	}
 	defer unlock()
-	removeStaleTemps(s.ConfDir)
-	removeStaleTemps(s.BinDir)
+	if !s.DryRun {
+		removeStaleTemps(s.ConfDir)
+		removeStaleTemps(s.BinDir)
+	}
 	for attempt := 1; ; attempt++ {
 		res, err := install(s)
 		if errors.Is(err, errChangedUnderUs) && attempt < 5 {
@@ -209,9 +217,16 @@ func install(s settings) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	before, err := os.Stat(file)
+	before, err := os.Lstat(file)
 	if err != nil {
-		return Result{}, fmt.Errorf("stat %s: %w", file, err)
+		return Result{}, err // names the file
+	}
+	if before.Mode()&os.ModeSymlink != 0 {
+		// A write replaces the file by rename, which would replace the
+		// link with a copy: the file it points to, which its owner keeps
+		// up to date, would no longer be what the runtime reads.
+		target, _ := os.Readlink(file)
+		return Result{}, fmt.Errorf("%s is a symbolic link (to %s), left untouched: chain ctlb into the file it points to by hand, or make it a plain file", file, target)
 	}
 	data, err := os.ReadFile(file)
 	if err != nil {
@@ -231,6 +246,9 @@ func install(s settings) (Result, error) {
 		res.ConvertedFrom = file
 		res.ConfFile = strings.TrimSuffix(file, filepath.Ext(file)) + ".conflist"
 		res.Backup = file + BackupSuffix
+		if err := checkConvertTarget(res, data, s.pluginType); err != nil {
+			return Result{}, err
+		}
 	}
 
 	if err := checkVersion(file, cl); err != nil {
@@ -259,6 +277,14 @@ func install(s settings) (Result, error) {
 		}
 	}
 
+	if s.DryRun {
+		same, err := sameContent(s.SourceBinary, res.Binary)
+		if err != nil {
+			return Result{}, err
+		}
+		res.BinaryUpdated, res.DryRun = !same, true
+		return res, nil
+	}
 	// The binary goes first: a conflist naming ctlb before the binary is
 	// there would fail every pod's CNI ADD in between.
 	if res.BinaryUpdated, err = installBinary(s.SourceBinary, res.Binary); err != nil {
@@ -293,6 +319,31 @@ func install(s settings) (Result, error) {
 	return res, nil
 }
 
+// checkConvertTarget refuses to convert a .conf onto a .conflist of the same
+// name that is another network config: the conversion would overwrite it,
+// and an uninstall would then delete it. The ones it may replace are its
+// own: a conversion stopped half way (the backup holds the .conf's very
+// bytes), or an earlier conversion, whose .conf the primary CNI has written
+// again since (the conflist chains ctlb with install-cni's marker).
+func checkConvertTarget(res Result, conf []byte, pluginType string) error {
+	existing, err := os.ReadFile(res.ConfFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", res.ConfFile, err)
+	}
+	if b, err := os.ReadFile(res.Backup); err == nil && bytes.Equal(b, conf) {
+		return nil
+	}
+	if cl, err := parseConflist(existing); err == nil {
+		if i := cl.indexOf(pluginType); i >= 0 && kindOf(cl.plugins[i]) != handWritten {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s would be converted to %s, which exists already (another network config): both left untouched; remove or rename one of them", res.ConvertedFrom, res.ConfFile)
+}
+
 // checkVersion refuses a network config whose cniVersion the plugin cannot
 // serve: chained into it, ctlb would fail every pod's ADD and DEL with
 // "incompatible CNI versions", which stops pods from starting and from being
@@ -321,14 +372,15 @@ func checkVersion(file string, cl *conflist) error {
 // name to another), a converted .conf back to its original bytes, the
 // backups, and (unless KeepBinary) the plugin binary. Running it again is a
 // no-op. A file that does not parse is reported after the others are done.
-func Uninstall(opts Options) error {
+func Uninstall(opts Options) (Uninstalled, error) {
+	var res Uninstalled
 	s, err := opts.validate(false)
 	if err != nil {
-		return fmt.Errorf("cni uninstall: %w", err)
+		return res, fmt.Errorf("cni uninstall: %w", err)
 	}
 	unlock, err := lockDir(s.ConfDir)
 	if err != nil {
-		return fmt.Errorf("cni uninstall: %w", err)
+		return res, fmt.Errorf("cni uninstall: %w", err)
 	}
 	defer unlock()
 	removeStaleTemps(s.ConfDir)
@@ -336,15 +388,19 @@ func Uninstall(opts Options) error {
 
 	files, err := confFiles(s.ConfDir)
 	if err != nil {
-		return fmt.Errorf("cni uninstall: %w", err)
+		return res, fmt.Errorf("cni uninstall: %w", err)
 	}
 	var errs []error
 	for _, file := range files {
 		if filepath.Ext(file) != ".conflist" {
 			continue // a single-plugin .conf cannot chain ctlb
 		}
-		if err := uninstallFrom(s, file); err != nil {
+		kept, err := uninstallFrom(s, file)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		if kept {
+			res.StillChainedBy = append(res.StillChainedBy, file)
 		}
 	}
 	// Backups that were not restored above belong to conflists someone else
@@ -355,38 +411,58 @@ func Uninstall(opts Options) error {
 			errs = append(errs, fmt.Errorf("remove backup %s: %w", b, err))
 		}
 	}
-	if !s.KeepBinary {
-		bin := filepath.Join(s.BinDir, s.pluginType)
+	bin := filepath.Join(s.BinDir, s.pluginType)
+	switch {
+	case s.KeepBinary:
+	case len(res.StillChainedBy) > 0:
+		// A ctlb entry written by hand stays, and needs the binary: without
+		// it every pod's ADD on the node would fail.
+		res.BinaryKept = bin
+	default:
 		if err := os.Remove(bin); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove plugin binary %s: %w", bin, err))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("cni uninstall: %w", err)
+		return res, fmt.Errorf("cni uninstall: %w", err)
 	}
-	return nil
+	return res, nil
 }
 
-func uninstallFrom(s settings, file string) error {
+// Uninstalled is what Uninstall left in place.
+type Uninstalled struct {
+	// StillChainedBy are the conflists whose ctlb entry was written by hand
+	// (no install-cni marker): they keep it.
+	StillChainedBy []string `json:"stillChainedBy,omitempty"`
+	// BinaryKept is the plugin binary left for them.
+	BinaryKept string `json:"binaryKept,omitempty"`
+}
+
+// uninstallFrom takes install-cni's ctlb entry out of file; kept reports a
+// ctlb entry it leaves, written by hand.
+func uninstallFrom(s settings, file string) (kept bool, err error) {
 	before, err := os.Stat(file)
 	if err != nil {
-		return fmt.Errorf("stat %s: %w", file, err)
+		return false, fmt.Errorf("stat %s: %w", file, err)
 	}
 	data, err := os.ReadFile(file)
 	if err != nil {
-		return fmt.Errorf("read %s: %w", file, err)
+		return false, fmt.Errorf("read %s: %w", file, err)
 	}
 	cl, err := parseConflist(data)
 	if err != nil {
-		return fmt.Errorf("%s is not a valid conflist, left untouched: %w", file, err)
+		return false, fmt.Errorf("%s is not a valid conflist, left untouched: %w", file, err)
 	}
 	i := cl.indexOf(s.pluginType)
-	if i < 0 || kindOf(cl.plugins[i]) == handWritten {
-		return nil // not ours: a hand-written entry stays
+	if i < 0 {
+		return false, nil
+	}
+	if kindOf(cl.plugins[i]) == handWritten {
+		return true, nil // not ours: a hand-written entry stays
 	}
 	cl.plugins = append(cl.plugins[:i], cl.plugins[i+1:]...)
 	if len(cl.plugins) == 0 {
-		return fmt.Errorf("%s chains nothing but %s; left untouched", file, s.pluginType)
+		return false, fmt.Errorf("%s chains nothing but %s; left untouched", file, s.pluginType)
 	}
 
 	stem := strings.TrimSuffix(file, ".conflist")
@@ -399,30 +475,30 @@ func uninstallFrom(s settings, file string) error {
 		// original file byte for byte.
 		bst, err := os.Stat(orig + BackupSuffix)
 		if err != nil {
-			return fmt.Errorf("stat %s: %w", orig+BackupSuffix, err)
+			return false, fmt.Errorf("stat %s: %w", orig+BackupSuffix, err)
 		}
 		mode, uid, gid := ownership(bst)
 		if err := writeAtomic(orig, backup, mode, uid, gid); err != nil {
-			return err
+			return false, err
 		}
 		if err := os.Remove(file); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove %s: %w", file, err)
+			return false, fmt.Errorf("remove %s: %w", file, err)
 		}
 		if err := os.Remove(orig + BackupSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove backup %s: %w", orig+BackupSuffix, err)
+			return false, fmt.Errorf("remove backup %s: %w", orig+BackupSuffix, err)
 		}
-		return syncDir(filepath.Dir(file))
+		return false, syncDir(filepath.Dir(file))
 	}
 
 	out, err := cl.render()
 	if err != nil {
-		return fmt.Errorf("%s: %w", file, err)
+		return false, fmt.Errorf("%s: %w", file, err)
 	}
 	if err := checkUnchanged(file, before); err != nil {
-		return fmt.Errorf("%s: %w", file, err)
+		return false, fmt.Errorf("%s: %w", file, err)
 	}
 	mode, uid, gid := ownership(before)
-	return writeAtomic(file, out, mode, uid, gid)
+	return false, writeAtomic(file, out, mode, uid, gid)
 }
 
 // confFiles lists ConfDir's network configs sorted by name, as libcni-based

@@ -146,7 +146,7 @@ func checkInstall(t *testing.T, opts Options, caseDir string, wantAction Action)
 func checkUninstall(t *testing.T, opts Options, in map[string][]byte) {
 	t.Helper()
 	for round := 1; round <= 2; round++ {
-		if err := Uninstall(opts); err != nil {
+		if _, err := Uninstall(opts); err != nil {
 			t.Fatalf("Uninstall round %d: %v", round, err)
 		}
 		got := cniinstalltest.Snapshot(t, opts.ConfDir)
@@ -215,7 +215,7 @@ func checkRejected(t *testing.T, opts Options, in map[string][]byte, wantErr str
 	// a malformed conflist is reported, a malformed .conf is not ours to read.
 	// A well-formed conflist of a version ctlb does not serve is simply
 	// not ours.
-	err = Uninstall(opts)
+	_, err = Uninstall(opts)
 	malformed := !strings.Contains(wantErr, "cniVersion")
 	if malformed && strings.HasSuffix(cniinstalltest.Keys(in)[0], ".conflist") && err == nil {
 		t.Errorf("Uninstall did not report the malformed conflist")
@@ -299,7 +299,7 @@ func TestInstallKeepsModeAndOwner(t *testing.T) {
 		if fi.Mode().Perm() != 0o640 || uid != 1234 || gid != 5678 {
 			t.Errorf("%s: %s mode %o owner %d:%d, want 640 1234:5678", c, res.ConfFile, fi.Mode().Perm(), uid, gid)
 		}
-		if err := Uninstall(opts); err != nil {
+		if _, err := Uninstall(opts); err != nil {
 			t.Fatal(err)
 		}
 		fi, err = os.Stat(src)
@@ -334,7 +334,7 @@ func TestInstallReconvertsRewrittenConf(t *testing.T) {
 	if res.ConvertedFrom != conf || res.Action != Inserted {
 		t.Errorf("Install after the rewrite = %+v, want %s converted and ctlb inserted", res, conf)
 	}
-	if err := Uninstall(opts); err != nil {
+	if _, err := Uninstall(opts); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string][]byte{"10-mynet.conf": newer}
@@ -363,7 +363,7 @@ func TestUninstallKeepsOthersLaterEdits(t *testing.T) {
 	if err := os.WriteFile(res.ConfFile, edited, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := Uninstall(opts); err != nil {
+	if _, err := Uninstall(opts); err != nil {
 		t.Fatal(err)
 	}
 	got := cniinstalltest.Snapshot(t, opts.ConfDir)
@@ -406,7 +406,7 @@ func TestUninstallEveryConflist(t *testing.T) {
 		t.Fatalf("Install with a new first file = %+v", res)
 	}
 	opts.KeepBinary = true
-	if err := Uninstall(opts); err != nil {
+	if _, err := Uninstall(opts); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string][]byte{"05-cilium.conflist": cilium, "10-flannel.conflist": in["10-flannel.conflist"]}
@@ -565,7 +565,7 @@ func TestInstallKeepsHandWrittenAndCustomised(t *testing.T) {
 			if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
 				t.Fatalf("Install changed the conf dir:\n%s", cniinstalltest.DiffSnapshots(got, in))
 			}
-			if err := Uninstall(opts); err != nil {
+			if _, err := Uninstall(opts); err != nil {
 				t.Fatal(err)
 			}
 			got := cniinstalltest.Snapshot(t, opts.ConfDir)
@@ -574,5 +574,105 @@ func TestInstallKeepsHandWrittenAndCustomised(t *testing.T) {
 				t.Fatalf("after Uninstall: %s", got[name])
 			}
 		})
+	}
+}
+
+// A ctlb entry written by hand (no install-cni marker) stays at Uninstall,
+// and so does the plugin binary it needs: without it every pod's ADD on the
+// node would fail.
+func TestUninstallKeepsBinaryForHandWrittenEntry(t *testing.T) {
+	in := map[string][]byte{"10-flannel.conflist": []byte(`{"cniVersion": "0.3.1", "name": "cbr0", "plugins": [
+		{"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}},
+		{"type": "portmap", "capabilities": {"portMappings": true}},
+		{"type": "ctlb", "bpffs": "/sys/fs/bpf/ctlb", "socket": "/run/ctlb/ctlbd.sock"}]}` + "\n")}
+	opts := newOpts(t, in)
+	res, err := Install(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Action != Kept {
+		t.Fatalf("Install = %+v, want the hand-written entry kept", res)
+	}
+	u, err := Uninstall(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(opts.ConfDir, "10-flannel.conflist")
+	if bin := filepath.Join(opts.BinDir, PluginType); u.BinaryKept != bin || !reflect.DeepEqual(u.StillChainedBy, []string{conf}) {
+		t.Errorf("Uninstall = %+v, want %s kept for %s", u, bin, conf)
+	}
+	checkBinary(t, opts)
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("Uninstall changed a config whose ctlb entry is not install-cni's:\n%s", cniinstalltest.DiffSnapshots(got, in))
+	}
+}
+
+// A network config that is a symbolic link is refused, not replaced by a
+// copy: the file it points to would stop being what the runtime reads.
+func TestInstallRefusesSymlinkedConfig(t *testing.T) {
+	in := cniinstalltest.Snapshot(t, "testdata/calico/in")
+	opts := newOpts(t, nil)
+	realDir := t.TempDir()
+	var name string
+	for n, b := range in {
+		name = n
+		if err := os.WriteFile(filepath.Join(realDir, n), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := filepath.Join(opts.ConfDir, name)
+	if err := os.Symlink(filepath.Join(realDir, name), link); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Install(opts)
+	if err == nil || !strings.Contains(err.Error(), "symbolic link") || !strings.Contains(err.Error(), "left untouched") {
+		t.Fatalf("Install on a symlinked config: %v, want it refused", err)
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("the link is no link any more: %v, %v", fi, err)
+	}
+	if got := cniinstalltest.Snapshot(t, realDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("the link's target changed:\n%s", cniinstalltest.DiffSnapshots(got, in))
+	}
+	if left := cniinstalltest.Snapshot(t, opts.BinDir); len(left) != 0 {
+		t.Errorf("a refused Install still wrote %v into the bin dir", cniinstalltest.Keys(left))
+	}
+}
+
+// A dry run reports what Install would do and writes nothing, so that an
+// operator's check cannot change a node's chain (say, to other bpffs and
+// socket paths than the DaemonSet's).
+func TestInstallDryRun(t *testing.T) {
+	in := cniinstalltest.Snapshot(t, "testdata/calico/in")
+	opts := newOpts(t, in)
+	dry := opts
+	dry.DryRun = true
+	res, err := Install(dry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.DryRun || res.Action != Inserted || !res.BinaryUpdated {
+		t.Errorf("dry run on a fresh node = %+v, want inserted and the binary to come", res)
+	}
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, in) {
+		t.Errorf("a dry run changed the conf dir:\n%s", cniinstalltest.DiffSnapshots(got, in))
+	}
+	if left := cniinstalltest.Snapshot(t, opts.BinDir); len(left) != 0 {
+		t.Errorf("a dry run wrote %v into the bin dir", cniinstalltest.Keys(left))
+	}
+	if _, err := Install(opts); err != nil {
+		t.Fatal(err)
+	}
+	installed := cniinstalltest.Snapshot(t, opts.ConfDir)
+	if res, err := Install(dry); err != nil || res.Action != Unchanged || res.BinaryUpdated {
+		t.Errorf("dry run after the install = %+v, %v; want unchanged", res, err)
+	}
+	other := dry
+	other.PluginConf = NewPluginConf("/sys/fs/bpf/elsewhere", "/run/elsewhere.sock")
+	if res, err := Install(other); err != nil || res.Action != Updated {
+		t.Errorf("dry run with other paths = %+v, %v; want it to say updated", res, err)
+	}
+	if got := cniinstalltest.Snapshot(t, opts.ConfDir); !reflect.DeepEqual(got, installed) {
+		t.Errorf("a dry run with other paths changed the chain:\n%s", cniinstalltest.DiffSnapshots(got, installed))
 	}
 }

@@ -97,7 +97,7 @@ func Watch(ctx context.Context, opts Options) error {
 				// The binary stays, for the DELs of pods set up with ctlb.
 				u := opts
 				u.KeepBinary = true
-				if err := Uninstall(u); err != nil {
+				if _, err := Uninstall(u); err != nil {
 					return fmt.Errorf("cni watch: uninstall on exit: %w", err)
 				}
 				log.Info("ctlb removed from the network configs on exit (--uninstall-on-exit); plugin binary kept", "confDir", opts.ConfDir)
