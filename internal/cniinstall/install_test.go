@@ -610,15 +610,12 @@ func TestUninstallKeepsBinaryForHandWrittenEntry(t *testing.T) {
 // A network config that is a symbolic link is refused, not replaced by a
 // copy: the file it points to would stop being what the runtime reads.
 func TestInstallRefusesSymlinkedConfig(t *testing.T) {
-	in := cniinstalltest.Snapshot(t, "testdata/calico/in")
+	const name = "10-calico.conflist"
+	in := map[string][]byte{name: cniinstalltest.Snapshot(t, "testdata/calico/in")[name]}
 	opts := newOpts(t, nil)
 	realDir := t.TempDir()
-	var name string
-	for n, b := range in {
-		name = n
-		if err := os.WriteFile(filepath.Join(realDir, n), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
+	if err := os.WriteFile(filepath.Join(realDir, name), in[name], 0o644); err != nil {
+		t.Fatal(err)
 	}
 	link := filepath.Join(opts.ConfDir, name)
 	if err := os.Symlink(filepath.Join(realDir, name), link); err != nil {
