@@ -1,6 +1,7 @@
 package ctlbd_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -311,6 +312,10 @@ func TestBadInputChangesNothing(t *testing.T) {
 	if code == 0 || !strings.Contains(errOut, "not reachable") {
 		t.Errorf("unreachable daemon: exit %d, %q", code, errOut)
 	}
+	// --socket names a directory: said so, not taken for a left-over socket.
+	if _, errOut, code := run("--socket", t.TempDir(), "service", "list"); code == 0 || !strings.Contains(errOut, "not a socket") {
+		t.Errorf("--socket naming a directory: exit %d, %q", code, errOut)
+	}
 }
 
 func TestBadConfigRefused(t *testing.T) {
@@ -537,6 +542,12 @@ func TestCLIProtocolsAndIPv6(t *testing.T) {
 // TestOutputFormats: every listing prints as table, json and yaml, the
 // yaml with the API's field names.
 func TestOutputFormats(t *testing.T) {
+	// mount-bpffs prints -o json too (it needs no daemon).
+	dir := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+	var mounted struct{ Dir string }
+	if out, errOut, code := run("mount-bpffs", "--bpffs", dir, "-o", "json"); code != 0 || json.Unmarshal([]byte(out), &mounted) != nil || mounted.Dir != dir {
+		t.Errorf("mount-bpffs -o json: exit %d, %q, %q", code, out, errOut)
+	}
 	d := newDaemon(t)
 	d.Start()
 	d.MustCLI(append([]string{"service", "set", vip}, servers...)...)
