@@ -146,14 +146,20 @@ func syntaxCheck(data []byte) error {
 // indexOf returns the position of the first plugin of type typ, or -1.
 func (c *conflist) indexOf(typ string) int {
 	for i, p := range c.plugins {
-		var t struct {
-			Type string `json:"type"`
-		}
-		if json.Unmarshal(p, &t) == nil && t.Type == typ {
+		if typeOf(p) == typ {
 			return i
 		}
 	}
 	return -1
+}
+
+// typeOf is a plugin entry's type, or "" when it has none.
+func typeOf(p json.RawMessage) string {
+	var t struct {
+		Type string `json:"type"`
+	}
+	_ = json.Unmarshal(p, &t)
+	return t.Type
 }
 
 // render writes the conflist back out, two-space indented with a final

@@ -453,12 +453,21 @@ func uninstallFrom(s settings, file string) (kept bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("%s is not a valid conflist, left untouched: %w", file, err)
 	}
-	i := cl.indexOf(s.pluginType)
-	if i < 0 {
-		return false, nil
+	// install-cni's entry, wherever it is: a hand-written one (which
+	// stays) may come before it.
+	i := -1
+	for j, p := range cl.plugins {
+		if typeOf(p) != s.pluginType {
+			continue
+		}
+		if kindOf(p) == handWritten {
+			kept = true
+		} else if i < 0 {
+			i = j
+		}
 	}
-	if kindOf(cl.plugins[i]) == handWritten {
-		return true, nil // not ours: a hand-written entry stays
+	if i < 0 {
+		return kept, nil
 	}
 	cl.plugins = append(cl.plugins[:i], cl.plugins[i+1:]...)
 	if len(cl.plugins) == 0 {
@@ -487,7 +496,7 @@ func uninstallFrom(s settings, file string) (kept bool, err error) {
 		if err := os.Remove(orig + BackupSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return false, fmt.Errorf("remove backup %s: %w", orig+BackupSuffix, err)
 		}
-		return false, syncDir(filepath.Dir(file))
+		return kept, syncDir(filepath.Dir(file))
 	}
 
 	out, err := cl.render()
@@ -498,7 +507,7 @@ func uninstallFrom(s settings, file string) (kept bool, err error) {
 		return false, fmt.Errorf("%s: %w", file, err)
 	}
 	mode, uid, gid := ownership(before)
-	return false, writeAtomic(file, out, mode, uid, gid)
+	return kept, writeAtomic(file, out, mode, uid, gid)
 }
 
 // confFiles lists ConfDir's network configs sorted by name, as libcni-based

@@ -673,3 +673,43 @@ func TestInstallDryRun(t *testing.T) {
 		t.Errorf("a dry run with other paths changed the chain:\n%s", cniinstalltest.DiffSnapshots(got, installed))
 	}
 }
+
+// install-cni's entry is taken out even when a hand-written ctlb entry
+// comes before it in the chain; the hand-written one stays, with the binary.
+func TestUninstallFindsOursAfterHandWritten(t *testing.T) {
+	ours, err := json.Marshal(json.RawMessage(testPlugin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hand := `{"type": "ctlb", "bpffs": "/sys/fs/bpf/ctlb"}`
+	in := map[string][]byte{"10-flannel.conflist": []byte(`{"cniVersion": "0.3.1", "name": "cbr0", "plugins": [
+		{"type": "flannel", "delegate": {"isDefaultGateway": true}}, ` + hand + `, ` + string(ours) + `]}` + "\n")}
+	opts := newOpts(t, in)
+	if _, err := installBinary(opts.SourceBinary, filepath.Join(opts.BinDir, PluginType)); err != nil {
+		t.Fatal(err)
+	}
+	u, err := Uninstall(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.BinaryKept == "" {
+		t.Errorf("Uninstall = %+v, want the binary kept for the hand-written entry", u)
+	}
+	data, err := os.ReadFile(filepath.Join(opts.ConfDir, "10-flannel.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := parseConflist(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []entryKind
+	for _, p := range cl.plugins {
+		if typeOf(p) == PluginType {
+			kinds = append(kinds, kindOf(p))
+		}
+	}
+	if !reflect.DeepEqual(kinds, []entryKind{handWritten}) {
+		t.Errorf("ctlb entries after Uninstall: %v, want the hand-written one alone:\n%s", kinds, data)
+	}
+}

@@ -165,7 +165,8 @@ func Load(path string) (*Config, error) {
 	}
 	c, err := Parse(data)
 	if err != nil {
-		return nil, fmt.Errorf("config %s: %w", path, err)
+		// Parse's errors say "config" already ("config logLevel: ...").
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return c, nil
 }

@@ -334,8 +334,8 @@ func TestBadConfigRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, errOut, code := run("run", "--config", path, "--bpffs", bpffs, "--socket", filepath.Join(dir, "s.sock"))
-		if code == 0 || !strings.Contains(errOut, want) {
-			t.Errorf("config %s: exit %d, stderr %q; want failure naming %s", cfg, code, errOut, want)
+		if code == 0 || !strings.Contains(errOut, want) || !strings.Contains(errOut, path) || strings.Count(errOut, "config ") > 1 {
+			t.Errorf("config %s: exit %d, stderr %q; want failure naming the file and %s, saying config once", cfg, code, errOut, want)
 		}
 	}
 	// A wrong value from a flag is named as the flag, not as the file's.
