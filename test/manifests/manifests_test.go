@@ -572,6 +572,19 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 	if len(spec.Tolerations) == 0 || spec.PriorityClassName == "" {
 		t.Errorf("%s: tolerations %v, priorityClassName %q: a node agent runs on every node, before others", where, spec.Tolerations, spec.PriorityClassName)
 	}
+	// Every node but EKS Fargate's, which run no DaemonSet pods: tolerating
+	// every taint would leave ctlbd Pending there.
+	fargate := false
+	if a := spec.Affinity; a != nil && a.NodeAffinity != nil && a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil {
+		for _, term := range a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms {
+			for _, e := range term.MatchExpressions {
+				fargate = fargate || (e.Key == "eks.amazonaws.com/compute-type" && e.Operator == corev1.NodeSelectorOpNotIn && slices.Contains(e.Values, "fargate"))
+			}
+		}
+	}
+	if !fargate {
+		t.Errorf("%s: affinity %+v, want EKS Fargate nodes excluded", where, spec.Affinity)
+	}
 }
 
 // checkLeastPrivilege: not privileged, every capability dropped but the
