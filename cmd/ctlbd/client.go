@@ -147,22 +147,21 @@ and servers. -o wide adds what happens to a leaving server's connections.`,
 				return err
 			}
 			return g.print(cmd.OutOrStdout(), svcs, func(w *tabwriter.Writer) {
-				if g.wide() {
-					fmt.Fprintln(w, "VIP\tPROTOCOL\tEMPTY\tBALANCE\tON SERVER REMOVED\tSERVERS")
-				} else {
-					fmt.Fprintln(w, "VIP\tPROTOCOL\tEMPTY\tBALANCE\tSERVERS")
+				// -o wide puts the removal policy before the servers.
+				row := func(vip, proto, empty, balance, removed, servers string) {
+					cells := []string{vip, proto, empty, balance}
+					if g.wide() {
+						cells = append(cells, removed)
+					}
+					fmt.Fprintln(w, strings.Join(append(cells, servers), "\t"))
 				}
+				row("VIP", "PROTOCOL", "EMPTY", "BALANCE", "ON SERVER REMOVED", "SERVERS")
 				for _, s := range svcs {
 					var ss []string
 					for _, srv := range s.Servers {
 						ss = append(ss, srv.String())
 					}
-					servers := dash(strings.Join(ss, ","))
-					if g.wide() {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", s.VIP, s.Protocol, s.Empty, s.Balance, dash(s.OnServerRemoved), servers)
-					} else {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.VIP, s.Protocol, s.Empty, s.Balance, servers)
-					}
+					row(s.VIP.String(), s.Protocol, s.Empty, s.Balance, dash(s.OnServerRemoved), dash(strings.Join(ss, ",")))
 				}
 			})
 		},

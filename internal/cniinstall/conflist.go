@@ -153,6 +153,24 @@ func (c *conflist) indexOf(typ string) int {
 	return -1
 }
 
+// indexOfOurs returns the position of the first plugin of type typ that
+// install-cni wrote (marked, edited since or not), or -1; byHand says
+// whether one without the mark is in the chain too, before or after it.
+func (c *conflist) indexOfOurs(typ string) (i int, byHand bool) {
+	i = -1
+	for j, p := range c.plugins {
+		if typeOf(p) != typ {
+			continue
+		}
+		if kindOf(p) == handWritten {
+			byHand = true
+		} else if i < 0 {
+			i = j
+		}
+	}
+	return i, byHand
+}
+
 // typeOf is a plugin entry's type, or "" when it has none.
 func typeOf(p json.RawMessage) string {
 	var t struct {

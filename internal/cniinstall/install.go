@@ -337,7 +337,7 @@ func checkConvertTarget(res Result, conf []byte, pluginType string) error {
 		return nil
 	}
 	if cl, err := parseConflist(existing); err == nil {
-		if i := cl.indexOf(pluginType); i >= 0 && kindOf(cl.plugins[i]) != handWritten {
+		if i, _ := cl.indexOfOurs(pluginType); i >= 0 {
 			return nil
 		}
 	}
@@ -455,17 +455,7 @@ func uninstallFrom(s settings, file string) (kept bool, err error) {
 	}
 	// install-cni's entry, wherever it is: a hand-written one (which
 	// stays) may come before it.
-	i := -1
-	for j, p := range cl.plugins {
-		if typeOf(p) != s.pluginType {
-			continue
-		}
-		if kindOf(p) == handWritten {
-			kept = true
-		} else if i < 0 {
-			i = j
-		}
-	}
+	i, kept := cl.indexOfOurs(s.pluginType)
 	if i < 0 {
 		return kept, nil
 	}
