@@ -46,9 +46,10 @@ func newRootCommand() *cobra.Command {
 		Use:   "ctlbd",
 		Short: "ctlb's node daemon and CLI: connect-time load balancing for containers",
 		Long: `ctlbd keeps ctlb's virtual IPs (VIP:port) and their servers in pinned BPF
-maps. A cgroup/connect4 program attached to a pod's cgroup rewrites each
-connect() to a VIP into a connect() to one server, round-robin: no NAT, no
-conntrack, no proxy on the data path.
+maps. Programs attached to a pod's cgroup (connect4/6, sendmsg4/6 for UDP)
+rewrite each connect() to a VIP into a connect() to one server, round-robin
+by default: no NAT, no conntrack, no proxy on the data path. The socket
+still sees the VIP as its peer (getpeername4/6, recvmsg4/6).
 
 Run the daemon with "ctlbd run"; the other commands talk to it over its unix
 socket (--socket, or $CTLB_SOCKET).`,
