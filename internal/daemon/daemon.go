@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"reflect"
+	"strings"
 	"sync"
 	"time"
 
@@ -175,7 +177,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		d.proxy = p
+		d.ends.setProxy(func(deps []datapath.Departed) []datapath.Terminated {
+			return endProxied(p, deps)
+		})
 		defer func() {
+			d.ends.setProxy(nil)
 			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			_ = p.Shutdown(sctx)
@@ -254,10 +260,18 @@ func (d *Daemon) Reload() error {
 			"bpffs", prev.BPFFS, "socket", prev.Socket, "stateDir", prev.StateDir)
 	}
 	next.BPFFS, next.Socket, next.StateDir = prev.BPFFS, prev.Socket, prev.StateDir
-	if err := d.applyServices(prev, next); err != nil {
-		return fmt.Errorf("reload: %w", err)
-	}
+	// The proxy first: it can refuse (an address taken) and undoes itself
+	// when it does, where the maps, once written, would already send
+	// connect4 clients to a config that was rejected.
 	if err := d.reloadProxy(prev, next); err != nil {
+		return fmt.Errorf("reload rejected, old config kept: %w", err)
+	}
+	if err := d.applyServices(prev, next); err != nil {
+		if d.proxy != nil && prev.Proxy != nil {
+			if perr := d.proxy.SetServices(prev.Proxy.Services); perr != nil {
+				d.log.Error("reload: put the proxy's services back", "error", perr)
+			}
+		}
 		return fmt.Errorf("reload: %w", err)
 	}
 	d.mu.Lock()
@@ -365,14 +379,34 @@ func (d *Daemon) reloadProxy(prev, next *config.Config) error {
 		next.Proxy = prev.Proxy
 		return nil
 	}
-	cur, nxt := *prev.Proxy, *next.Proxy
-	cur.Services, nxt.Services = nil, nil
-	if fmt.Sprint(cur) != fmt.Sprint(nxt) {
-		d.log.Warn("reload: proxy mode, timeouts and local VIP settings change only with a restart; services apply now")
+	if changed := restartOnlyChanges(*prev.Proxy, *next.Proxy); len(changed) > 0 {
+		d.log.Warn("reload: these proxy settings change only with a restart and keep their running values; services apply now",
+			"fields", changed)
 	}
 	if err := d.proxy.SetServices(next.Proxy.Services); err != nil {
 		return err
 	}
+	// What runs is prev's settings with next's services: a later reload
+	// compares against that, and warns again while the file differs.
+	running := *prev.Proxy
+	running.Services = next.Proxy.Services
+	next.Proxy = &running
 	d.log.Info("proxy services reloaded", "listening", d.proxy.Listening())
 	return nil
+}
+
+// restartOnlyChanges names (as the config file does) the proxy settings
+// that differ between a and b, services aside.
+func restartOnlyChanges(a, b proxy.Config) []string {
+	var out []string
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	for i := range va.NumField() {
+		f := va.Type().Field(i)
+		if f.Name == "Services" || reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		out = append(out, "proxy."+name)
+	}
+	return out
 }
