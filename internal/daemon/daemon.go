@@ -8,10 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/netip"
 	"os"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -323,6 +325,30 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			changed = append(changed, svc)
 		}
 	}
+	// What can still fail goes before the first map write: a config
+	// rejected half-way would leave VIPs and policies of its own behind.
+	for i, s := range next.Services {
+		svc, _ := s.Datapath()
+		if !s.Tracked() || d.trackers[svc.Key()] != nil && d.trackers[svc.Key()].sameConfig(s) {
+			continue
+		}
+		if _, err := s.Sources().Checker(); err != nil {
+			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
+		}
+		if _, err := s.Sources().Sources(); err != nil {
+			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
+		}
+	}
+	// The ledger first names every VIP this config may write, so that a
+	// crash or an error below leaves none the next config cannot remove.
+	owned, err := d.readLedger()
+	if err != nil {
+		return err
+	}
+	wantKeys := slices.Collect(maps.Keys(want))
+	if err := d.writeLedger(unionKeys(owned, wantKeys)); err != nil {
+		return err
+	}
 	if err := d.setServices("config", changed...); err != nil {
 		return err
 	}
@@ -339,19 +365,39 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			return err
 		}
 	}
+	// Gone from the config: what the ledger holds (VIPs of earlier
+	// configs, this run's or a run before a restart) and prev's.
+	gone := owned
 	if prev != nil {
 		for _, s := range prev.Services {
-			old, err := s.Datapath()
-			if err != nil || want[old.Key()].VIP.IsValid() {
-				continue
-			}
-			d.stopTracker(old.Key())
-			if _, err := d.deleteService("removed from config", old.Key()); err != nil {
-				return err
+			if old, err := s.Datapath(); err == nil {
+				gone = append(gone, old.Key())
 			}
 		}
 	}
-	return nil
+	for _, k := range unionKeys(gone, nil) {
+		if want[k].VIP.IsValid() {
+			continue
+		}
+		d.stopTracker(k)
+		if _, err := d.deleteService("removed from config", k); err != nil {
+			return err
+		}
+	}
+	return d.writeLedger(wantKeys)
+}
+
+// unionKeys is a and b without duplicates.
+func unionKeys(a, b []datapath.ServiceKey) []datapath.ServiceKey {
+	seen := map[datapath.ServiceKey]bool{}
+	var out []datapath.ServiceKey
+	for _, k := range slices.Concat(a, b) {
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 func sameService(a, b datapath.Service) bool {
