@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -61,7 +62,7 @@ event loop per CPU, or "loops" of them, and raises GOMAXPROCS by as many while
 it runs; "preconnect": N keeps N connections per server established ahead of
 clients (off by default; docs/TROUBLESHOOTING.md).`,
 		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
-  ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /tmp/ctlbd.sock`,
+  ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /run/ctlb-test/ctlbd.sock --state-dir /run/ctlb-test`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg := config.Default()
@@ -72,28 +73,32 @@ clients (off by default; docs/TROUBLESHOOTING.md).`,
 				}
 			}
 			f := cmd.Flags()
-			if f.Changed("bpffs") {
-				cfg.BPFFS = bpffs
+			// The flags override the file, at start and at every reload.
+			overrides := func(cfg *config.Config) {
+				if f.Changed("bpffs") {
+					cfg.BPFFS = bpffs
+				}
+				// The control socket: --socket, else the config's, else $CTLB_SOCKET.
+				if f.Changed("socket") || (cfgPath == "" && os.Getenv("CTLB_SOCKET") != "") {
+					cfg.Socket = g.socket
+				}
+				if f.Changed("state-dir") {
+					cfg.StateDir = stateDir
+				}
+				if f.Changed("metrics") {
+					cfg.Metrics = metrics
+				}
+				if f.Changed("log-level") {
+					cfg.LogLevel = logLevel
+				}
+				if f.Changed("nri-socket") {
+					cfg.NRI = &config.NRIConfig{Socket: nriSocket}
+				}
+				if f.Changed("host-scope") {
+					cfg.HostScope = hostScope
+				}
 			}
-			// The control socket: --socket, else the config's, else $CTLB_SOCKET.
-			if f.Changed("socket") || (cfgPath == "" && os.Getenv("CTLB_SOCKET") != "") {
-				cfg.Socket = g.socket
-			}
-			if f.Changed("state-dir") {
-				cfg.StateDir = stateDir
-			}
-			if f.Changed("metrics") {
-				cfg.Metrics = metrics
-			}
-			if f.Changed("log-level") {
-				cfg.LogLevel = logLevel
-			}
-			if f.Changed("nri-socket") {
-				cfg.NRI = &config.NRIConfig{Socket: nriSocket}
-			}
-			if f.Changed("host-scope") {
-				cfg.HostScope = hostScope
-			}
+			overrides(cfg)
 			if err := cfg.Validate(); err != nil {
 				return fromFlag(f, err)
 			}
@@ -105,18 +110,31 @@ clients (off by default; docs/TROUBLESHOOTING.md).`,
 			if note := joinHostCgroupNS(hostCgroupNS); note != "" {
 				log.Info("cgroup namespace", "note", note)
 			}
+			// SIGHUP is caught from here on: its default action would end
+			// a daemon still starting. One that comes before the daemon
+			// serves is acted on once it does.
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
 			d, err := daemon.New(cfg, cfgPath, log)
 			if err != nil {
 				return err
 			}
 			defer d.Close()
 			d.NoConfigWatch = noWatch
+			d.Overrides = overrides
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			hup := make(chan os.Signal, 1)
-			signal.Notify(hup, syscall.SIGHUP)
 			go func() {
-				for range hup {
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-hup:
+					}
+					for !d.Serving() && ctx.Err() == nil {
+						time.Sleep(50 * time.Millisecond)
+					}
 					if err := d.Reload(); err != nil {
 						log.Error("reload", "error", err)
 					}

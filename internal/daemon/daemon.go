@@ -66,6 +66,9 @@ type Daemon struct {
 	// NoConfigWatch turns off applying the config file when it changes
 	// (set before Run); SIGHUP and `ctlbd reload` still do.
 	NoConfigWatch bool
+	// Overrides, when set (before Run), applies to each reloaded config
+	// what overrode the file at start (ctlbd run's flags).
+	Overrides func(*config.Config)
 	// nri is the NRI plugin (container scope) when the config asks for it.
 	nri *nri.Plugin
 }
@@ -103,6 +106,10 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 	d.registry = d.newRegistry()
 	return d, nil
 }
+
+// Serving reports whether the daemon has applied its config and serves its
+// control API.
+func (d *Daemon) Serving() bool { return d.ready.serving.Load() }
 
 // Datapath is the daemon's handle on the pinned objects.
 func (d *Daemon) Datapath() *datapath.Datapath { return d.dp }
@@ -223,11 +230,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	d.ready.serving.Store(true)
+	// What the maps hold, the config's and the CLI's VIPs alike: after a
+	// restart that adopted the pins, the config may define none of them.
 	d.mu.Lock()
-	nServices := len(d.cfg.Services)
+	nConfig := len(d.cfg.Services)
 	d.mu.Unlock()
+	nServices := d.table.count()
 	d.notify(readyState(nServices))
-	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", nServices)
+	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", nServices, "fromConfig", nConfig,
+		"attachments", d.attachmentCount())
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
@@ -255,13 +266,21 @@ func (d *Daemon) Reload() error {
 	d.mu.Lock()
 	prev := d.cfg
 	d.mu.Unlock()
-	// Where the daemon lives (set by the file or by flags) changes only with a
-	// restart; the rest of the file applies now.
-	if next.BPFFS != prev.BPFFS || next.Socket != prev.Socket || next.StateDir != prev.StateDir {
-		d.log.Warn("reload: bpffs, socket and stateDir keep their running values until a restart",
-			"bpffs", prev.BPFFS, "socket", prev.Socket, "stateDir", prev.StateDir)
+	// The flags that overrode the file at start override it again, so that
+	// only what the file changed counts as changed.
+	if d.Overrides != nil {
+		d.Overrides(next)
 	}
-	next.BPFFS, next.Socket, next.StateDir = prev.BPFFS, prev.Socket, prev.StateDir
+	// The services (and the proxy's, below) apply now; the daemon's own
+	// settings, where it lives and how it serves, only with a restart:
+	// named while the file differs from what runs.
+	if changed := restartOnlyChanges(*prev, *next, "", "Services", "Proxy"); len(changed) > 0 {
+		d.log.Warn("reload: these settings change only with a restart and keep their running values; services apply now",
+			"fields", changed)
+	}
+	running := *prev
+	running.Services, running.Proxy = next.Services, next.Proxy
+	next = &running
 	// The proxy first: it can refuse (an address taken) and undoes itself
 	// when it does, where the maps, once written, would already send
 	// connect4 clients to a config that was rejected.
@@ -425,7 +444,7 @@ func (d *Daemon) reloadProxy(prev, next *config.Config) error {
 		next.Proxy = prev.Proxy
 		return nil
 	}
-	if changed := restartOnlyChanges(*prev.Proxy, *next.Proxy); len(changed) > 0 {
+	if changed := restartOnlyChanges(*prev.Proxy, *next.Proxy, "proxy.", "Services"); len(changed) > 0 {
 		d.log.Warn("reload: these proxy settings change only with a restart and keep their running values; services apply now",
 			"fields", changed)
 	}
@@ -441,18 +460,18 @@ func (d *Daemon) reloadProxy(prev, next *config.Config) error {
 	return nil
 }
 
-// restartOnlyChanges names (as the config file does) the proxy settings
-// that differ between a and b, services aside.
-func restartOnlyChanges(a, b proxy.Config) []string {
+// restartOnlyChanges names, as the config file spells them (after
+// prefix), the fields of two structs of one type that differ, skip aside.
+func restartOnlyChanges[T any](a, b T, prefix string, skip ...string) []string {
 	var out []string
 	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
 	for i := range va.NumField() {
 		f := va.Type().Field(i)
-		if f.Name == "Services" || reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
+		if slices.Contains(skip, f.Name) || reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
 			continue
 		}
 		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
-		out = append(out, "proxy."+name)
+		out = append(out, prefix+name)
 	}
 	return out
 }

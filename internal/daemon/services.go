@@ -44,6 +44,13 @@ func (t *serviceTable) remove(key datapath.ServiceKey) {
 	}
 }
 
+// count is how many VIPs the maps hold, of either protocol.
+func (t *serviceTable) count() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.byKey)
+}
+
 // setOf is the set last written for a VIP of either protocol.
 func (t *serviceTable) setOf(key datapath.ServiceKey) []netip.AddrPort {
 	t.mu.RLock()
@@ -113,4 +120,14 @@ func (d *Daemon) loadTable() error {
 	}
 	d.table.put(svcs...)
 	return nil
+}
+
+// attachmentCount is how many attachments are pinned, for the start line
+// (-1 when they cannot be listed).
+func (d *Daemon) attachmentCount() int {
+	atts, err := d.dp.Attachments()
+	if err != nil {
+		return -1
+	}
+	return len(atts)
 }

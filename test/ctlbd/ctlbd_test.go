@@ -615,3 +615,66 @@ func TestConfigIsTruthAcrossRestartsAndRejectedReloads(t *testing.T) {
 		}
 	}
 }
+
+// A SIGHUP that reaches ctlbd while it is still starting (a config
+// management tool reloading right after a restart) does not end it: the
+// reload waits until it serves. Sent here once ctlbd has mounted its
+// bpffs, before it adopts the pins.
+func TestSighupDuringStart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "bpf")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	pins := filepath.Join(dir, "ctlb") // not on a bpffs: ctlbd mounts one there
+	t.Cleanup(func() {
+		if err := syscall.Unmount(pins, syscall.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", pins, err)
+		}
+	})
+	d := ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, BPFFS: pins})
+	d.Launch()
+	testutil.Eventually(t, "ctlbd to mount its bpffs", 10*time.Second, func() (bool, string) {
+		return strings.Contains(d.Logs(), "mounted bpffs") || !d.Running(), d.LogTail(400)
+	})
+	if err := syscall.Kill(d.PID(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.TryReady(); err != nil {
+		t.Fatalf("after a SIGHUP during start: %v", err)
+	}
+	testutil.Eventually(t, "the reload asked for during start", 10*time.Second, func() (bool, string) {
+		return strings.Contains(d.Logs(), "reload"), d.LogTail(400)
+	})
+}
+
+// A reload applies the services; the daemon's own settings keep their
+// running values until a restart, and the reload names those the file
+// changed: none when only flags (the harness's --bpffs, --socket,
+// --state-dir) differ from the file, every one the file changed otherwise.
+func TestReloadNamesRestartOnlySettings(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctlbd.json")
+	write := func(s string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.31:8502"]}]}`)
+	d := newDaemon(t, "--config", path, "--no-config-watch")
+	d.Start()
+	const warning = "keep their running values"
+	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.32:8502"]}]}`)
+	d.MustCLI("reload")
+	if strings.Contains(d.Logs(), warning) {
+		t.Errorf("a reload that changed only a service warned about restart-only settings:\n%s", d.LogTail(20))
+	}
+	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.32:8502"}})
+	write(`{"logLevel": "error", "reconcileInterval": "9s",
+		"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.33:8502"]}]}`)
+	d.MustCLI("reload")
+	logs := d.Logs()
+	if !strings.Contains(logs, warning) || !strings.Contains(logs, "logLevel") || !strings.Contains(logs, "reconcileInterval") {
+		t.Errorf("a reload that changed logLevel and reconcileInterval did not name them:\n%s", d.LogTail(20))
+	}
+	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:8502"}})
+}

@@ -218,6 +218,10 @@ func (d *Daemon) TryStart() error {
 	return d.ready()
 }
 
+// TryReady is WaitReady for a daemon Launched by the test, returning why
+// it is not ready instead of failing the test.
+func (d *Daemon) TryReady() error { return d.ready() }
+
 // ready waits until the daemon answers a status call, or says why not: it
 // exited (with the end of its log) or did not answer within 10 s.
 func (d *Daemon) ready() error {
