@@ -17,7 +17,8 @@ func newMountBPFFSCommand(g *globals) *cobra.Command {
 		Long: `Make the pin directory exist on a BPF filesystem, as "ctlbd run" does at start,
 and exit. When /sys/fs/bpf is plain sysfs (the host never mounted a bpffs),
 the bpffs goes on /sys/fs/bpf itself and the pin directory is made inside it;
-a pin directory elsewhere gets a bpffs of its own.
+a pin directory elsewhere gets a bpffs of its own. A directory that holds
+files and is not a bpffs is refused: the mount would hide them.
 
 This is the one step that needs CAP_SYS_ADMIN and mount propagation to the
 host: in Kubernetes it runs in a small privileged init container with

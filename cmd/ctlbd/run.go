@@ -140,7 +140,8 @@ clients (off by default; docs/TROUBLESHOOTING.md).`,
 					}
 				}
 			}()
-			return d.Run(ctx)
+			// A wrong --socket shows only once it is listened on.
+			return fromFlag(f, d.Run(ctx))
 		},
 	}
 	f := cmd.Flags()

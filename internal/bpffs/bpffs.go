@@ -8,6 +8,7 @@ package bpffs
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -26,7 +27,8 @@ func Is(path string) bool {
 // inside one).
 //
 //   - dir is on bpffs: nothing to do.
-//   - dir exists, not on bpffs: mount on dir.
+//   - dir exists, not on bpffs: mount on dir if it is empty; a non-empty
+//     one is refused (the mount would hide its files).
 //   - dir is missing and its nearest existing ancestor is on bpffs: mkdir.
 //   - that ancestor is on sysfs (/sys/fs/bpf not mounted): mount on the
 //     ancestor, then mkdir the rest inside the new bpffs.
@@ -77,7 +79,21 @@ func Ensure(dir string) (mounted string, err error) {
 	return dir, mount(dir)
 }
 
+// mount puts a new bpffs on dir, which must be empty: a mount over files
+// hides them until it goes (a --bpffs that names the wrong directory).
 func mount(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
+	}
+	names, err := f.Readdirnames(1)
+	f.Close()
+	if len(names) > 0 {
+		return fmt.Errorf("%s is not empty and not a bpffs: mounting there would hide its files", dir)
+	}
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("mount bpffs on %s: read it: %w", dir, err)
+	}
 	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
 	}

@@ -144,3 +144,54 @@ func TestEnsureRejects(t *testing.T) {
 		}
 	}
 }
+
+// TestEnsureRefusesNonEmpty: a directory that holds files and is not a
+// bpffs is refused, naming it, and nothing is mounted: the mount would hide
+// the files (a --bpffs that names the wrong directory). The same for a
+// non-empty sysfs directory that would get the mount as the nearest
+// ancestor of a missing pin directory.
+func TestEnsureRefusesNonEmpty(t *testing.T) {
+	if !inPrivateMountNS(t) {
+		return
+	}
+	root := t.TempDir()
+	dir := filepath.Join(root, "data")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "file"), []byte("data\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sys := filepath.Join(root, "sys")
+	if err := os.Mkdir(sys, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("sysfs", sys, "sysfs", 0, ""); err != nil {
+		t.Fatalf("mount sysfs: %v", err)
+	}
+	unmountAtEnd(t, sys)
+	kernel := filepath.Join(sys, "kernel") // on sysfs, not empty
+	for _, c := range []struct{ arg, refused string }{{dir, dir}, {filepath.Join(kernel, "ctlb"), kernel}} {
+		mounted, err := Ensure(c.arg)
+		unmountAtEnd(t, mounted)
+		want := c.refused + " is not empty and not a bpffs: mounting there would hide its files"
+		if err == nil || err.Error() != want {
+			t.Errorf("Ensure(%s): mounted %q, %v; want the error %q", c.arg, mounted, err, want)
+		}
+		if Is(c.refused) {
+			t.Errorf("%s got a bpffs", c.refused)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "file")); err != nil || string(b) != "data\n" {
+		t.Errorf("the directory's file: %q, %v; want it in sight", b, err)
+	}
+	// Emptied, the same directory gets its bpffs.
+	if err := os.Remove(filepath.Join(dir, "file")); err != nil {
+		t.Fatal(err)
+	}
+	mounted, err := Ensure(dir)
+	unmountAtEnd(t, mounted)
+	if err != nil || mounted != dir || !Is(dir) {
+		t.Errorf("Ensure(%s) once empty: mounted %q, %v", dir, mounted, err)
+	}
+}

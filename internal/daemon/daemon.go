@@ -93,6 +93,9 @@ func New(cfg *config.Config, cfgPath string, log *slog.Logger) (*Daemon, error) 
 		log.Info("layout upgraded", "from", up.From, "to", datapath.Layout, "services", up.Services,
 			"attachments", up.Attachments, "openSockets", up.OpenSockets, "removedPins", up.RemovedPins)
 	}
+	if n := dp.StraySlots(); n > 0 {
+		log.Info("retired server slots that a crash during a set left given out", "slots", n)
+	}
 	h, err := cgroupv2.Default()
 	if err != nil {
 		log.Warn("no cgroup v2 hierarchy: attachments are unavailable, the fallback proxy is not", "error", err)

@@ -17,6 +17,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ctlb/ctlb/internal/config"
 )
 
 // socketRoles decides what a peer of the control socket may do, from its
@@ -57,6 +59,9 @@ func listenUnix(path, group, writeGroup string, log *slog.Logger) (net.Listener,
 	dir := filepath.Dir(path)
 	created, err := socketDir(dir)
 	if err != nil {
+		return nil, nil, err
+	}
+	if err := notSocket(path); err != nil {
 		return nil, nil, err
 	}
 	if c, err := net.Dial("unix", path); err == nil {
@@ -109,6 +114,40 @@ func listenUnix(path, group, writeGroup string, log *slog.Logger) (net.Listener,
 		}
 	}
 	return ln, roles, nil
+}
+
+// notSocket refuses a path that holds anything but a socket: the rename
+// into place would replace it, and the stop would delete it (a --socket
+// that names a config file by mistake must not destroy the file). A
+// symlink is refused too, whatever it points to. A socket is fine: one
+// that a daemon listens on is refused by the caller, a stale one replaced.
+func notSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return &config.FieldError{Field: "socket", Err: fmt.Errorf("%s: %w", path, err)}
+	}
+	var kind string
+	switch m := fi.Mode(); {
+	case m&fs.ModeSocket != 0:
+		return nil
+	case m.IsRegular():
+		kind = "a regular file"
+	case m.IsDir():
+		kind = "a directory"
+	case m&fs.ModeSymlink != 0:
+		kind = "a symlink"
+	case m&fs.ModeNamedPipe != 0:
+		kind = "a named pipe"
+	case m&fs.ModeDevice != 0:
+		kind = "a device"
+	default:
+		kind = "mode " + m.String()
+	}
+	return &config.FieldError{Field: "socket",
+		Err: fmt.Errorf("%s: exists and is not a socket (%s); remove it or choose another path", path, kind)}
 }
 
 // socketDir makes sure dir can hold the socket. created reports that

@@ -151,6 +151,10 @@ type Datapath struct {
 
 	allocOnce sync.Mutex
 	alloc     *slotAllocator
+	// writer: this handle came from Create, ctlbd's, the one process
+	// that writes the service maps (invariant 4). Its allocator retires
+	// the slots a crash left given out (retireStrays).
+	writer bool
 
 	batchMu sync.Mutex
 	noBatch bool
@@ -221,7 +225,7 @@ func Create(dir string) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Datapath{dir: dir}
+	d := &Datapath{dir: dir, writer: true}
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if err != nil {
 		return nil, fmt.Errorf("load BPF objects pinned in %s: %w", dir, mapErr(err))
@@ -251,7 +255,26 @@ func Create(dir string) (*Datapath, error) {
 		}
 		d.upgraded = rep
 	}
+	// The allocation now, not at the first set: slots a crash left given
+	// out are retired at start, and StraySlots can say so.
+	if _, err := d.allocator(); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("server slots in %s: %w", dir, err)
+	}
 	return d, nil
+}
+
+// StraySlots is how many server slots Create found given out but named by
+// no VIP's current set, and retired: what a writer killed during a set
+// leaves (its new VIP's slots, or the slots of servers that left a set).
+// Each is given out again once no socket holds it.
+func (d *Datapath) StraySlots() int {
+	d.allocOnce.Lock()
+	defer d.allocOnce.Unlock()
+	if d.alloc == nil {
+		return 0
+	}
+	return d.alloc.strays
 }
 
 // Upgraded reports what Create's in-place upgrade from layout v1 did, or

@@ -25,6 +25,7 @@ import (
 func TestMain(m *testing.M) {
 	testutil.RunClientIfChild()
 	runCreateIfChild()
+	runSetIfChild()
 	os.Exit(m.Run())
 }
 

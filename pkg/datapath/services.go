@@ -615,18 +615,6 @@ func readService(k ServiceKey, innerID uint32) (Service, []uint32, error) {
 	return s, slots, nil
 }
 
-// readHeader reads the svc index of an inner array.
-func readHeader(innerID uint32) (svcHdr, error) {
-	var hdr svcHdr
-	inner, err := ebpf.NewMapFromID(ebpf.MapID(innerID))
-	if err != nil {
-		return hdr, err
-	}
-	defer inner.Close()
-	err = inner.Lookup(uint32(0), &hdr)
-	return hdr, err
-}
-
 // ParseVIP parses and validates "IP:PORT" or "[IPv6]:PORT" for a VIP.
 func ParseVIP(s string) (netip.AddrPort, error) {
 	ap, err := parseAddrPort("VIP", s)

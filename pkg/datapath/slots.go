@@ -46,6 +46,8 @@ type slotAllocator struct {
 	svcFree []uint32
 	svcNext uint32
 	maxSvcs uint32
+
+	strays int // slots load retired: given out, in no current set
 }
 
 // allocator builds the allocation from the pins on first use.
@@ -103,14 +105,21 @@ func (a *slotAllocator) load(d *Datapath) error {
 		return err
 	}
 	usedSvc := map[uint32]bool{}
+	inSet := map[uint32]bool{}      // slots some VIP's current set names
+	unread := map[ServiceKey]bool{} // VIPs whose set could not be read
 	for _, k := range keys {
 		var innerID uint32
 		if err := d.maps.services.Lookup(svcKey(k), &innerID); err != nil {
+			unread[k] = true
 			continue
 		}
-		hdr, err := readHeader(innerID)
+		hdr, slots, err := readSet(innerID, d.writer)
 		if err != nil {
+			unread[k] = true
 			continue
+		}
+		for _, slot := range slots {
+			inSet[slot] = true
 		}
 		a.svcs[k] = hdr.Svc
 		usedSvc[hdr.Svc] = true
@@ -121,7 +130,64 @@ func (a *slotAllocator) load(d *Datapath) error {
 			a.svcFree = append(a.svcFree, s)
 		}
 	}
+	if d.writer {
+		return a.retireStrays(d, infos, inSet, unread)
+	}
 	return nil
+}
+
+// retireStrays retires the slots that are given out but that no VIP's
+// current set names: a writer killed during a set (after its slots were
+// written, before the VIP's new set was swapped in, or before the servers
+// that left it were retired) leaves them, and nothing else would ever give
+// them back (docs/MAPS.md). They go the way of any retired slot: sweep
+// frees each once no socket holds it. A slot in a current set is never
+// touched, nor any slot of a VIP whose set could not be read. Only the
+// writer does this, at start: no set of its own is half-way then, and no
+// other process writes the sets (invariant 4).
+func (a *slotAllocator) retireStrays(d *Datapath, infos []ctlbSlotInfoV2, inSet map[uint32]bool, unread map[ServiceKey]bool) error {
+	now := time.Now()
+	for i, info := range infos {
+		slot := uint32(i)
+		if info.Flags&slotUsed == 0 || info.Flags&slotRetired != 0 || inSet[slot] {
+			continue
+		}
+		sk := slotKey{keyOf(info.Vip), addrPort16(info.Addr, info.Port)}
+		if unread[sk.svc] {
+			continue
+		}
+		if err := d.writeSlotInfo(slot, sk, info.Svc, slotUsed|slotRetired, false); err != nil {
+			return err
+		}
+		a.retired[slot] = now
+		a.strays++
+	}
+	return nil
+}
+
+// readSet reads an inner array's header and, with withSlots, the slots of
+// its servers.
+func readSet(innerID uint32, withSlots bool) (svcHdr, []uint32, error) {
+	var hdr svcHdr
+	inner, err := ebpf.NewMapFromID(ebpf.MapID(innerID))
+	if err != nil {
+		return hdr, nil, err
+	}
+	defer inner.Close()
+	if err := inner.Lookup(uint32(0), &hdr); err != nil || !withSlots {
+		return hdr, nil, err
+	}
+	// Up to the count, however large: a lookup past the array's end fails,
+	// and the caller then takes the set for unreadable.
+	slots := make([]uint32, 0, min(hdr.Count, inner.MaxEntries()))
+	for i := uint32(1); i <= hdr.Count; i++ {
+		var b backendSlot
+		if err := inner.Lookup(i, &b); err != nil {
+			return hdr, nil, err
+		}
+		slots = append(slots, b.Slot)
+	}
+	return hdr, slots, nil
 }
 
 func (a *slotAllocator) bySvcMap(k ServiceKey) map[netip.AddrPort]uint32 {

@@ -131,3 +131,27 @@ func TestSocketInSharedDirectoryRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestSocketOverFileRefused: a --socket that names an existing file (a
+// config file, given to the wrong flag) is refused with exit 1 and an error
+// naming the flag and the path; the file is left as it was.
+func TestSocketOverFileRefused(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "ctlbd.json")
+	if err := os.WriteFile(file, []byte("important\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, ctlbd, "run", "--bpffs", filepath.Join(testutil.MountBPFFS(t), "ctlb"),
+		"--socket", file, "--state-dir", filepath.Join(dir, "state"), "--no-config-watch")
+	out, err := cmd.CombinedOutput()
+	want := "--socket: " + file + ": exists and is not a socket (a regular file); remove it or choose another path"
+	if cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 1 || !strings.Contains(string(out), want) {
+		t.Errorf("ctlbd run --socket FILE: %v, %q; want exit 1 saying %q", err, lastLine(string(out)), want)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "important\n" {
+		t.Errorf("the file after ctlbd run: %q, %v; want it untouched", b, err)
+	}
+}
