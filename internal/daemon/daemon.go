@@ -8,9 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/netip"
 	"os"
+	"reflect"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -175,7 +179,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		d.proxy = p
+		d.ends.setProxy(func(deps []datapath.Departed) []datapath.Terminated {
+			return endProxied(p, deps)
+		})
 		defer func() {
+			d.ends.setProxy(nil)
 			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			_ = p.Shutdown(sctx)
@@ -254,10 +262,18 @@ func (d *Daemon) Reload() error {
 			"bpffs", prev.BPFFS, "socket", prev.Socket, "stateDir", prev.StateDir)
 	}
 	next.BPFFS, next.Socket, next.StateDir = prev.BPFFS, prev.Socket, prev.StateDir
-	if err := d.applyServices(prev, next); err != nil {
-		return fmt.Errorf("reload: %w", err)
-	}
+	// The proxy first: it can refuse (an address taken) and undoes itself
+	// when it does, where the maps, once written, would already send
+	// connect4 clients to a config that was rejected.
 	if err := d.reloadProxy(prev, next); err != nil {
+		return fmt.Errorf("reload rejected, old config kept: %w", err)
+	}
+	if err := d.applyServices(prev, next); err != nil {
+		if d.proxy != nil && prev.Proxy != nil {
+			if perr := d.proxy.SetServices(prev.Proxy.Services); perr != nil {
+				d.log.Error("reload: put the proxy's services back", "error", perr)
+			}
+		}
 		return fmt.Errorf("reload: %w", err)
 	}
 	d.mu.Lock()
@@ -309,6 +325,30 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			changed = append(changed, svc)
 		}
 	}
+	// What can still fail goes before the first map write: a config
+	// rejected half-way would leave VIPs and policies of its own behind.
+	for i, s := range next.Services {
+		svc, _ := s.Datapath()
+		if !s.Tracked() || d.trackers[svc.Key()] != nil && d.trackers[svc.Key()].sameConfig(s) {
+			continue
+		}
+		if _, err := s.Sources().Checker(); err != nil {
+			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
+		}
+		if _, err := s.Sources().Sources(); err != nil {
+			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
+		}
+	}
+	// The ledger first names every VIP this config may write, so that a
+	// crash or an error below leaves none the next config cannot remove.
+	owned, err := d.readLedger()
+	if err != nil {
+		return err
+	}
+	wantKeys := slices.Collect(maps.Keys(want))
+	if err := d.writeLedger(unionKeys(owned, wantKeys)); err != nil {
+		return err
+	}
 	if err := d.setServices("config", changed...); err != nil {
 		return err
 	}
@@ -325,19 +365,39 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			return err
 		}
 	}
+	// Gone from the config: what the ledger holds (VIPs of earlier
+	// configs, this run's or a run before a restart) and prev's.
+	gone := owned
 	if prev != nil {
 		for _, s := range prev.Services {
-			old, err := s.Datapath()
-			if err != nil || want[old.Key()].VIP.IsValid() {
-				continue
-			}
-			d.stopTracker(old.Key())
-			if _, err := d.deleteService("removed from config", old.Key()); err != nil {
-				return err
+			if old, err := s.Datapath(); err == nil {
+				gone = append(gone, old.Key())
 			}
 		}
 	}
-	return nil
+	for _, k := range unionKeys(gone, nil) {
+		if want[k].VIP.IsValid() {
+			continue
+		}
+		d.stopTracker(k)
+		if _, err := d.deleteService("removed from config", k); err != nil {
+			return err
+		}
+	}
+	return d.writeLedger(wantKeys)
+}
+
+// unionKeys is a and b without duplicates.
+func unionKeys(a, b []datapath.ServiceKey) []datapath.ServiceKey {
+	seen := map[datapath.ServiceKey]bool{}
+	var out []datapath.ServiceKey
+	for _, k := range slices.Concat(a, b) {
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 func sameService(a, b datapath.Service) bool {
@@ -365,14 +425,34 @@ func (d *Daemon) reloadProxy(prev, next *config.Config) error {
 		next.Proxy = prev.Proxy
 		return nil
 	}
-	cur, nxt := *prev.Proxy, *next.Proxy
-	cur.Services, nxt.Services = nil, nil
-	if fmt.Sprint(cur) != fmt.Sprint(nxt) {
-		d.log.Warn("reload: proxy mode, timeouts and local VIP settings change only with a restart; services apply now")
+	if changed := restartOnlyChanges(*prev.Proxy, *next.Proxy); len(changed) > 0 {
+		d.log.Warn("reload: these proxy settings change only with a restart and keep their running values; services apply now",
+			"fields", changed)
 	}
 	if err := d.proxy.SetServices(next.Proxy.Services); err != nil {
 		return err
 	}
+	// What runs is prev's settings with next's services: a later reload
+	// compares against that, and warns again while the file differs.
+	running := *prev.Proxy
+	running.Services = next.Proxy.Services
+	next.Proxy = &running
 	d.log.Info("proxy services reloaded", "listening", d.proxy.Listening())
 	return nil
+}
+
+// restartOnlyChanges names (as the config file does) the proxy settings
+// that differ between a and b, services aside.
+func restartOnlyChanges(a, b proxy.Config) []string {
+	var out []string
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	for i := range va.NumField() {
+		f := va.Type().Field(i)
+		if f.Name == "Services" || reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		out = append(out, "proxy."+name)
+	}
+	return out
 }

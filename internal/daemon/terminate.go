@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctlb/ctlb/internal/proxy"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
@@ -38,6 +39,9 @@ type endings struct {
 	// stillGone tells whether a departed server is still out of its set: a
 	// server back before its pass keeps its connections.
 	stillGone func(datapath.Departed) bool
+	// proxied ends the fallback proxy's connections of deps, when the
+	// proxy runs (setProxy): its clients are no sockets of attached pods.
+	proxied func(deps []datapath.Departed) []datapath.Terminated
 
 	mu     sync.Mutex
 	queue  map[datapath.Departed]*queued
@@ -81,7 +85,23 @@ func newEndings(dp *datapath.Datapath, log *slog.Logger, stillGone func(datapath
 }
 
 // available reports whether passes can end sockets.
-func (e *endings) available() bool { return e.term != nil || e.nl != nil }
+func (e *endings) available() bool { return e.kernel() || e.proxyEnds() != nil }
+
+// kernel tells whether sockets of attached pods can be ended.
+func (e *endings) kernel() bool { return e.term != nil || e.nl != nil }
+
+func (e *endings) proxyEnds() func([]datapath.Departed) []datapath.Terminated {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.proxied
+}
+
+// setProxy has passes end the fallback proxy's connections too.
+func (e *endings) setProxy(fn func([]datapath.Departed) []datapath.Terminated) {
+	e.mu.Lock()
+	e.proxied = fn
+	e.mu.Unlock()
+}
 
 // close releases the programs.
 func (e *endings) close() {
@@ -175,21 +195,46 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 		return nil
 	}
 	start := time.Now()
-	nss, err := e.dp.AttachedNetNS()
-	if err != nil {
-		e.log.Error("end connections: list network namespaces", "error", err)
-		return nil
-	}
-	defer nss.Close()
-	listed := time.Since(start)
 	var res []datapath.Terminated
-	if e.term != nil {
-		res, err = e.term.Terminate(nss.Files(), deps)
-	} else {
-		res, err = e.nl.Terminate(nss.Files(), deps, e.inSomeSet)
+	var listed time.Duration
+	namespaces := 0
+	if e.kernel() {
+		nss, err := e.dp.AttachedNetNS()
+		if err != nil {
+			e.log.Error("end connections: list network namespaces", "error", err)
+		} else {
+			listed = time.Since(start)
+			namespaces = nss.Len()
+			if e.term != nil {
+				res, err = e.term.Terminate(nss.Files(), deps)
+			} else {
+				res, err = e.nl.Terminate(nss.Files(), deps, e.inSomeSet)
+			}
+			nss.Close()
+			if err != nil {
+				e.log.Warn("end connections", "error", err)
+			}
+		}
 	}
-	if err != nil {
-		e.log.Warn("end connections", "error", err)
+	var proxied []datapath.Terminated
+	if end := e.proxyEnds(); end != nil {
+		// A limit (rebalancing) is for both kinds of client together.
+		left := make([]datapath.Departed, 0, len(deps))
+		for _, d := range deps {
+			if d.Limit > 0 {
+				for _, r := range res {
+					if r.Departed == d {
+						d.Limit -= min(d.Limit, r.Destroyed)
+					}
+				}
+				if d.Limit == 0 {
+					continue
+				}
+			}
+			left = append(left, d)
+		}
+		proxied = end(left)
+		res = mergeTerminated(res, proxied)
 	}
 	took := time.Since(start)
 	var ended uint64
@@ -206,15 +251,39 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 		}
 		m[r.Server] += r.Destroyed
 	}
-	e.last = endingsPass{At: start, Took: took, Namespaces: nss.Len(), Ended: ended}
+	e.last = endingsPass{At: start, Took: took, Namespaces: namespaces, Ended: ended}
 	e.mu.Unlock()
+	byProxy := map[datapath.Departed]uint64{}
+	for _, r := range proxied {
+		byProxy[unlimited(r.Departed)] += r.Destroyed
+	}
 	for _, r := range res {
 		if r.Destroyed > 0 || r.Failed > 0 {
 			e.log.Info("ended connections", "vip", r.VIP, "server", r.Server, "ended", r.Destroyed, "refused", r.Failed,
-				"reason", why, "namespaces", nss.Len(), "took", took, "listing", listed)
+				"proxied", byProxy[unlimited(r.Departed)], "reason", why, "namespaces", namespaces, "took", took, "listing", listed)
 		}
 	}
 	return res
+}
+
+// unlimited is the departure without its limit: what names it.
+func unlimited(d datapath.Departed) datapath.Departed {
+	d.Limit = 0
+	return d
+}
+
+// mergeTerminated adds b's counts to a's entries of the same departure.
+func mergeTerminated(a, b []datapath.Terminated) []datapath.Terminated {
+	for _, t := range b {
+		i := slices.IndexFunc(a, func(x datapath.Terminated) bool { return unlimited(x.Departed) == unlimited(t.Departed) })
+		if i < 0 {
+			a = append(a, t)
+			continue
+		}
+		a[i].Destroyed += t.Destroyed
+		a[i].Failed += t.Failed
+	}
+	return a
 }
 
 // terminated is how many connections were ended per server of a VIP.
@@ -285,4 +354,20 @@ func (t *serviceTable) inSomeSet(server string) bool {
 		}
 	}
 	return false
+}
+
+// endProxied ends the fallback proxy's connections of TCP departures (the
+// proxy serves TCP only): invariant 8 holds for clients the connect4 path
+// cannot serve too.
+func endProxied(p *proxy.Proxy, deps []datapath.Departed) []datapath.Terminated {
+	var out []datapath.Terminated
+	for _, d := range deps {
+		if d.Key().Protocol != datapath.TCP {
+			continue
+		}
+		if n := p.End(d.VIP, d.Server, d.Limit); n > 0 {
+			out = append(out, datapath.Terminated{Departed: d, Destroyed: n})
+		}
+	}
+	return out
 }

@@ -558,6 +558,7 @@ func (l *loop) pump(pr *pair, which int) {
 		}
 		if err != nil {
 			l.p.log.Debug("connection aborted", "service", pr.svc.name, "target", pr.target, "error", err)
+			l.p.m.resets.WithLabelValues(pr.svc.name, resetError).Inc()
 			l.end(pr, true)
 			return
 		}
@@ -737,9 +738,34 @@ func (l *loop) sweep() {
 			l.dial(pr)
 		case pr.connected && l.now.Sub(pr.last) >= l.p.set.idleTimeout:
 			l.p.log.Debug("connection idle", "service", pr.svc.name, "target", pr.target, "error", errIdle)
+			l.p.m.resets.WithLabelValues(pr.svc.name, resetIdle).Inc()
 			l.end(pr, true)
 		}
 	}
+}
+
+// endTo resets the pairs of service connected to server (at most most, when
+// not 0) and sends the ones dialing it on to their next target.
+func (l *loop) endTo(service, server netip.AddrPort, most uint64) uint64 {
+	var n uint64
+	for pr := range l.pairs {
+		if pr.svc.key != service || pr.target != server || pr.server < 0 {
+			continue
+		}
+		if !pr.connected {
+			l.forget(pr.server)
+			pr.server = -1
+			l.dial(pr)
+			continue
+		}
+		l.p.m.resets.WithLabelValues(pr.svc.name, resetServerLeft).Inc()
+		l.end(pr, true)
+		n++
+		if most > 0 && n >= most {
+			break
+		}
+	}
+	return n
 }
 
 // cutAll resets every pair, for Shutdown at the drain deadline.
@@ -748,6 +774,8 @@ func (l *loop) cutAll() int {
 	for pr := range l.pairs {
 		if !pr.connected {
 			l.p.m.rejected.WithLabelValues(pr.svc.name, rejectShutdown).Inc()
+		} else {
+			l.p.m.resets.WithLabelValues(pr.svc.name, resetShutdown).Inc()
 		}
 		l.end(pr, true)
 		n++

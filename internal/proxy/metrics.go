@@ -18,6 +18,15 @@ const (
 	rejectSvcLimit    = "service_connection_limit" // maxConnectionsPerService reached
 )
 
+// Reset reasons (label "reason" of ctlb_proxy_resets_total): why the proxy
+// reset a client connection it had connected to a target.
+const (
+	resetError      = "error"       // a socket failed, or a peer reset its side
+	resetIdle       = "idle"        // nothing moved for the idle timeout
+	resetServerLeft = "server_left" // the target left the service's set (or a rebalance moved it)
+	resetShutdown   = "shutdown"    // still open at the drain deadline
+)
+
 // metrics are the proxy's Prometheus collectors. The "service" label is the
 // VIP:port the client dialed, "target" the server it was sent to.
 type metrics struct {
@@ -27,6 +36,7 @@ type metrics struct {
 	bytes        *prometheus.CounterVec
 	dialFailures *prometheus.CounterVec
 	rejected     *prometheus.CounterVec
+	resets       *prometheus.CounterVec
 	dialSeconds  *prometheus.HistogramVec
 }
 
@@ -55,6 +65,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ctlb_proxy_rejected_total",
 			Help: "Client connections the fallback proxy closed without a target, by reason.",
+		}, []string{"service", "reason"}),
+		resets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ctlb_proxy_resets_total",
+			Help: "Client connections the fallback proxy reset after connecting them to a target, by reason: error (a socket failed or a peer reset), idle, server_left, shutdown.",
 		}, []string{"service", "reason"}),
 		dialSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "ctlb_proxy_dial_duration_seconds",
@@ -92,7 +106,7 @@ func (m *metrics) unregister(reg prometheus.Registerer) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.accepted, m.proxied, m.open, m.bytes, m.dialFailures, m.rejected, m.dialSeconds}
+	return []prometheus.Collector{m.accepted, m.proxied, m.open, m.bytes, m.dialFailures, m.rejected, m.resets, m.dialSeconds}
 }
 
 // serviceMetrics are one service's children of the collectors, looked up by

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"time"
@@ -30,6 +31,24 @@ type pool struct {
 	key    poolKey
 	conns  []*spare // dialing or established
 	queued bool     // in loop.refills
+	// strikes counts spares lost in a row (a failed dial, or a server
+	// that hung up on a ready connection within spareMinLife); retryAt is
+	// when the pool is topped up again. Without them a refusing server, or
+	// one that accepts and resets, would be redialed at every sweep by
+	// every loop, with no client asking.
+	strikes int
+	retryAt time.Time
+}
+
+// spareMinLife is how long a ready connection must stay up before the
+// server's hang-up is taken for an idle close rather than a failure.
+const spareMinLife = time.Second
+
+// strike holds the pool's refills back after a lost spare: one sweep after
+// the first, doubling to the proxy's fail backoff.
+func (pl *pool) strike(now time.Time, most time.Duration) {
+	pl.strikes = min(pl.strikes+1, 16)
+	pl.retryAt = now.Add(min(sweepEvery<<pl.strikes, most))
 }
 
 // spare is one ready (or dialing) backend connection.
@@ -46,9 +65,22 @@ const spareEvents = unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 
 func (sp *spare) event(l *loop, fd int, ev uint32) {
 	if ev&(unix.EPOLLERR|unix.EPOLLHUP|unix.EPOLLRDHUP) != 0 {
-		// Refused, reset or closed by the server: it is replaced at
-		// the next sweep, not now, so that a server that closes every
-		// idle connection at once is not dialed in a tight loop.
+		// Refused, reset or closed by the server: it is replaced at a
+		// later sweep, not now, and later still when spares keep dying,
+		// so that a dead server or one that resets every connection is
+		// not dialed in a loop. A refused dial is a failed dial, for the
+		// clients' plans and the metrics alike.
+		pl := sp.pl
+		switch {
+		case !sp.connected:
+			err := unix.ECONNREFUSED
+			if soerr, gerr := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); gerr == nil && soerr != 0 {
+				err = unix.Errno(soerr)
+			}
+			l.spareDialFailed(pl, err)
+		case l.now.Sub(sp.since) < spareMinLife:
+			pl.strike(l.now, l.p.backoff.d)
+		}
 		l.dropSpare(sp)
 		return
 	}
@@ -112,23 +144,40 @@ func (l *loop) takeSpare(pr *pair, pl *pool) bool {
 		return false
 	}
 	l.fds[got.fd] = pr
+	pl.strikes = 0
 	pr.server, pr.target, pr.next = got.fd, pr.plan[0], 1
 	l.connected(pr)
 	return true
 }
 
-// fillPool starts at most max dials toward the pool's size.
+// fillPool starts at most max dials toward the pool's size, unless spares
+// were lost lately (pool.strike).
 func (l *loop) fillPool(pl *pool, most int) {
+	if l.now.Before(pl.retryAt) {
+		return
+	}
 	for len(pl.conns) < l.p.set.preconnect && most > 0 && !l.p.closing.Load() {
 		most--
 		sp := &spare{pl: pl, since: l.now}
 		fd, err := l.connect(pl.key.target, sp, spareEvents)
 		if err != nil {
-			return // nothing a client sees: the next sweep tries again
+			l.spareDialFailed(pl, err) // nothing a client sees
+			return
 		}
 		sp.fd = fd
 		pl.conns = append(pl.conns, sp)
 	}
+}
+
+// spareDialFailed counts a spare's failed dial as a client's would be
+// (ctlb_proxy_dial_failures_total, the target tried last for a while), and
+// holds the pool's refills back.
+func (l *loop) spareDialFailed(pl *pool, err error) {
+	t := pl.key.target
+	l.p.backoff.failed(t)
+	l.p.m.dialFailures.WithLabelValues(pl.key.svc.name, t.String()).Inc()
+	l.p.rejects.warn("dial "+pl.key.svc.name+" "+t.String(), "dial failed", "service", pl.key.svc.name, "target", t, "error", err, "preconnect", true)
+	pl.strike(l.now, l.p.backoff.d)
 }
 
 func (l *loop) dropSpare(sp *spare) {
@@ -154,8 +203,11 @@ func (l *loop) sweepPools() {
 	for k, pl := range l.pools {
 		for _, sp := range slices.Clone(pl.conns) {
 			switch {
-			case sp.connected && l.now.Sub(sp.since) >= l.p.set.preconnectIdle,
-				!sp.connected && l.now.Sub(sp.since) >= l.p.set.connectTimeout:
+			case sp.connected && l.now.Sub(sp.since) >= l.p.set.preconnectIdle:
+				pl.strikes = 0 // it lived its whole idle age: the server is fine
+				l.dropSpare(sp)
+			case !sp.connected && l.now.Sub(sp.since) >= l.p.set.connectTimeout:
+				l.spareDialFailed(pl, errors.New("connect timeout"))
 				l.dropSpare(sp)
 			}
 		}

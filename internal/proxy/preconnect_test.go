@@ -3,10 +3,15 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -219,5 +224,124 @@ func TestPreconnectClosesReadyConnections(t *testing.T) {
 	waitFor(t, "every ready connection to close at shutdown", func() (bool, string) {
 		_, o, _ := a.counts()
 		return o == 0, fmt.Sprintf("server holds %d open", o)
+	})
+}
+
+// activeOpens is the TCP connects the namespace has started (TcpActiveOpens
+// of /proc/net/snmp): every dial the proxy made there, refused or not.
+func activeOpens(t *testing.T, netns ns.NetNS) int {
+	t.Helper()
+	var n int
+	err := netns.Do(func(ns.NetNS) error {
+		b, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		var names []string
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) == 0 || f[0] != "Tcp:" {
+				continue
+			}
+			if names == nil {
+				names = f
+				continue
+			}
+			for i, name := range names {
+				if name == "ActiveOpens" && i < len(f) {
+					n, err = strconv.Atoi(f[i])
+					return err
+				}
+			}
+		}
+		return errors.New("no Tcp: ActiveOpens in /proc/net/snmp")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// startResetServer accepts every connection and resets it at once.
+func startResetServer(t *testing.T, netns ns.NetNS, addr netip.AddrPort) *atomic.Int64 {
+	t.Helper()
+	var ln net.Listener
+	if err := netns.Do(func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp4", addr.String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var accepted atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			_ = c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	return &accepted
+}
+
+// A server that refuses every connection, or accepts and resets each, is
+// not redialed in a loop for ready connections no client asked for: the
+// pool holds back, longer after each loss, and a refused ready connection
+// counts as a failed dial. Before, each loop redialed such a server at
+// every sweep (20 times a second per ready connection wanted).
+func TestPreconnectBacksOffFromFailingServer(t *testing.T) {
+	const window = 2 * time.Second
+	// Ready connections wanted per server; one loop. Without the back-off
+	// the window would see about window/sweepEvery*preconnect = 80 dials.
+	const preconnect, most = 2, 16
+	t.Run("refused", func(t *testing.T) {
+		e := preconnectEnv(t, ModeListeners, preconnect)
+		live := ap(serverAddrs[0], 7000)
+		dead := ap(serverAddrs[1], 7001) // nothing listens: refused
+		startSeqServer(t, e.node, live, time.Minute)
+		e.setTargets(dead, live)
+		for range 4 {
+			if _, err := exchange(e.node, vipPort(portA)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		failures := func() float64 {
+			return testutil.ToFloat64(e.p.m.dialFailures.WithLabelValues(vipPort(portA).String(), dead.String()))
+		}
+		time.Sleep(200 * time.Millisecond) // the clients' own dials are done
+		f0, o0 := failures(), activeOpens(t, e.node)
+		time.Sleep(window)
+		f1, o1 := failures(), activeOpens(t, e.node)
+		t.Logf("in %v with no client: %d connects started, %v failed dials counted", window, o1-o0, f1-f0)
+		if o1-o0 > most {
+			t.Errorf("in %v with no client the proxy started %d connects (to a refusing server), want at most %d", window, o1-o0, most)
+		}
+		if f1-f0 < 1 {
+			t.Errorf("ready connections refused in %v: %v counted in ctlb_proxy_dial_failures_total, want them counted", window, f1-f0)
+		}
+	})
+	t.Run("reset", func(t *testing.T) {
+		e := preconnectEnv(t, ModeListeners, preconnect)
+		target := ap(serverAddrs[2], 7002)
+		accepted := startResetServer(t, e.node, target)
+		e.setTargets(target)
+		for range 2 {
+			_, _ = exchange(e.node, vipPort(portA)) // reset: the client sees an error
+		}
+		time.Sleep(200 * time.Millisecond)
+		a0 := accepted.Load()
+		time.Sleep(window)
+		a1 := accepted.Load()
+		t.Logf("in %v with no client: the resetting server accepted %d connections", window, a1-a0)
+		if a1-a0 > most {
+			t.Errorf("in %v with no client the proxy made %d connections to a server that resets each, want at most %d", window, a1-a0, most)
+		}
 	})
 }

@@ -426,6 +426,29 @@ func (p *Proxy) Listening() []netip.AddrPort {
 	return out
 }
 
+// End resets the client connections of service (the VIP:port dialed)
+// that were sent to server, at most limit of them when limit is not 0: the
+// server left the service's set (onServerRemoved "terminate"), or a
+// rebalance moves one onto a newcomer. A client still dialing that server
+// goes on to the next target of its plan instead. It returns how many it
+// reset; ctlbd counts them with the connect4 path's.
+func (p *Proxy) End(service, server netip.AddrPort, limit uint64) uint64 {
+	var n uint64
+	for _, l := range p.loops {
+		if limit > 0 && n >= limit {
+			break
+		}
+		l.do(func() {
+			var most uint64
+			if limit > 0 {
+				most = limit - n
+			}
+			n += l.endTo(service, server, most)
+		})
+	}
+	return n
+}
+
 // admit counts a new client against the caps; the reason it is refused,
 // or "" (then release must follow).
 func (p *Proxy) admit(svc *service) string {

@@ -563,3 +563,55 @@ func TestOutputFormats(t *testing.T) {
 		}
 	}
 }
+
+// The config file is the truth for the VIPs it defines, across restarts
+// and rejected reloads: a VIP taken out of the file while ctlbd was down is
+// gone once ctlbd is back (the maps outlive the daemon; the state dir's
+// ledger says which VIPs were the file's), a reload that fails (a health
+// TLS file missing) writes nothing, and a VIP set through the CLI is never
+// the file's to remove.
+func TestConfigIsTruthAcrossRestartsAndRejectedReloads(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctlbd.json")
+	write := func(s string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(`{"services": [
+		{"vip": "198.19.0.1:8502", "servers": ["127.0.0.31:8502"]},
+		{"vip": "198.19.0.2:80", "servers": ["127.0.0.32:8502"]}]}`)
+	d := newDaemon(t, "--config", path, "--no-config-watch")
+	d.Start()
+	d.MustCLI("service", "set", "198.19.0.9:80", "127.0.0.33:8502") // the CLI's own
+	d.Stop()
+
+	// Taken out while ctlbd is down.
+	write(`{"services": [{"vip": "198.19.0.1:8502", "servers": ["127.0.0.31:8502"]}]}`)
+	d.Start()
+	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.31:8502"}, "198.19.0.9:80": {"127.0.0.33:8502"}})
+
+	// A reload that cannot be applied changes nothing: not the new VIP,
+	// not the changed policy of another.
+	write(`{"services": [
+		{"vip": "198.19.0.1:8502", "servers": ["127.0.0.31:8502"], "empty": "passthrough"},
+		{"vip": "198.19.0.3:80", "servers": ["127.0.0.32:8502"],
+		 "health": {"type": "grpc", "tls": {"caFile": "/nonexistent/ca.pem"}}}]}`)
+	_, errOut, code := d.CLI("reload")
+	if code == 0 || !strings.Contains(errOut, "ca.pem") {
+		t.Fatalf("reload with a missing TLS file: exit %d, %q; want it rejected, naming the file", code, errOut)
+	}
+	if !strings.Contains(errOut, "services[1]") {
+		t.Errorf("rejected reload says %q; want it to name services[1]", errOut)
+	}
+	var list []api.Service
+	d.JSON(&list, "service", "list")
+	for _, s := range list {
+		if s.VIP.String() == "198.19.0.3:80" {
+			t.Errorf("rejected reload wrote its new VIP anyway: %+v", s)
+		}
+		if s.VIP.String() == "198.19.0.1:8502" && s.Empty != "reject" {
+			t.Errorf("rejected reload changed another VIP's policy: %+v", s)
+		}
+	}
+}

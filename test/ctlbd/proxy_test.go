@@ -2,6 +2,7 @@ package ctlbd_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -151,5 +153,139 @@ func TestFallbackProxyAndMetrics(t *testing.T) {
 			}
 			hold.Stop(t)
 		})
+	}
+}
+
+// proxyConfig writes a config serving vip both ways (the maps and the
+// fallback proxy in listeners mode, the VIP local on lo), with extra
+// services and proxy services appended.
+func proxyConfig(t *testing.T, path string, set []string, extraSvc, extraProxy, proxyOpts string) {
+	t.Helper()
+	srv, _ := json.Marshal(set)
+	conf := fmt.Sprintf(`{
+		"metrics": "127.0.0.1:9464",
+		"services": [{"vip": %q, "servers": %s}%s],
+		"proxy": {"mode": "listeners", "services": [{"vip": "198.19.0.1", "ports": [8502]}%s],
+		          "localVIP": {"enabled": true, "device": "lo"}%s}}`, vip, srv, extraSvc, extraProxy, proxyOpts)
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Clients the connect4 path cannot serve hold connections through the
+// fallback proxy, and a server leaves the set: its proxied connections end
+// within 2 s (invariant 8, as for attached pods), the clients reconnect to
+// the server that stayed, status counts them as ended and the proxy's
+// resets metric says why; with onServerRemoved "keep" none ends.
+func TestProxiedConnectionsEndWhenServerLeaves(t *testing.T) {
+	node := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, node, "127.0.0.31", "127.0.0.32", "127.0.0.33")
+	testutil.StartServers(t, node, servers...)
+	two := servers[:2]
+	cfg := filepath.Join(t.TempDir(), "ctlbd.json")
+	proxyConfig(t, cfg, two, "", "", "")
+	d := newDaemonIn(t, node, "--config", cfg, "--no-config-watch")
+	d.Start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.Logs())
+		}
+	})
+
+	// No cgroup: every connection goes through the proxy.
+	c := testutil.StartClient(t, node, "", testutil.ClientSpec{Mode: "watch", Target: vip, Count: 4, Reconnect: true})
+	if r := c.Result(t); r.Failed != 0 || r.PerServer[two[0]] != 2 || r.PerServer[two[1]] != 2 {
+		t.Fatalf("held connections through the proxy: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
+	}
+	start := time.Now()
+	d.MustCLI("service", "set", vip, two[1])
+	for range 2 {
+		ev := c.Event(t, endDeadline-time.Since(start))
+		if ev == nil {
+			t.Fatalf("a proxied connection on %s still open %v after it left the set", two[0], endDeadline)
+		}
+		if ev.Server != two[0] || ev.Ended == "" || ev.Reconnected != two[1] {
+			t.Fatalf("event %+v: want a connection on %s ended and replaced by one on %s", ev, two[0], two[1])
+		}
+		t.Logf("proxied connection %d on %s ended %v after `service set` began (%s), reconnected to %s",
+			ev.Index, ev.Server, time.Unix(0, ev.At).Sub(start), ev.Ended, ev.Reconnected)
+	}
+	if ev := c.Event(t, time.Second); ev != nil {
+		t.Fatalf("a proxied connection that stayed in the set ended too: %+v", ev)
+	}
+	_, s := vipStatus(t, d, vip)
+	if gone, ok := serverStatus(s, two[0]); !ok || gone.Terminated != 2 {
+		t.Errorf("status of the departed server = %+v (found %v), want 2 ended", gone, ok)
+	}
+	page := scrape(t, node, "127.0.0.1:9464")
+	if got := metric(t, page, "ctlb_proxy_resets_total", fmt.Sprintf(`reason="server_left",service=%q`, vip)); got != 2 {
+		t.Errorf(`ctlb_proxy_resets_total{reason="server_left"} = %v, want 2`, got)
+	}
+	c.Stop(t)
+
+	// keep: the same change ends nothing.
+	d.MustCLI("service", "set", vip, two[0], two[1], "--on-server-removed", "keep")
+	k := testutil.StartClient(t, node, "", testutil.ClientSpec{Mode: "watch", Target: vip, Count: 4})
+	if r := k.Result(t); r.Failed != 0 || r.PerServer[two[0]] != 2 || r.PerServer[two[1]] != 2 {
+		t.Fatalf("keep: held connections through the proxy: %v, %d failed %v", r.PerServer, r.Failed, r.Errors)
+	}
+	d.MustCLI("service", "set", vip, two[1], "--on-server-removed", "keep")
+	if ev := k.Event(t, endDeadline); ev != nil {
+		t.Fatalf("keep: a proxied connection ended: %+v", ev)
+	}
+	k.Stop(t)
+}
+
+// A reload whose proxy section cannot be served (its address is taken) is
+// rejected whole: the new VIP does not reach the maps either, where
+// connect4 clients would already be sent to it. A restart-only proxy
+// setting changed in the file is named on every reload while it differs
+// from what runs.
+func TestProxyReloadRejectedKeepsMaps(t *testing.T) {
+	node := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, node, "127.0.0.31", "127.0.0.32", "127.0.0.33", "198.19.0.2")
+	testutil.StartServers(t, node, servers...)
+	cfg := filepath.Join(t.TempDir(), "ctlbd.json")
+	proxyConfig(t, cfg, servers, "", "", "")
+	d := newDaemonIn(t, node, "--config", cfg, "--no-config-watch")
+	d.Start()
+
+	// Someone else listens on 198.19.0.2:8502, without SO_REUSEPORT.
+	var ln net.Listener
+	if err := node.Do(func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp4", "198.19.0.2:8502")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+
+	const taken = "198.19.0.2:8502"
+	proxyConfig(t, cfg, servers, fmt.Sprintf(`, {"vip": %q, "servers": [%q]}`, taken, servers[0]),
+		`, {"vip": "198.19.0.2", "ports": [8502]}`, "")
+	_, errOut, code := d.CLI("reload")
+	if code == 0 || !strings.Contains(errOut, "address already in use") {
+		t.Fatalf("reload with a taken proxy address: exit %d, %q; want it rejected", code, errOut)
+	}
+	var list []api.Service
+	d.JSON(&list, "service", "list")
+	for _, s := range list {
+		if s.VIP.String() == taken {
+			t.Errorf("rejected reload: %s is in the maps anyway: %+v", taken, s)
+		}
+	}
+	if !strings.Contains(errOut, "old config kept") {
+		t.Errorf("rejected reload says %q; want it to say the old config is kept", errOut)
+	}
+
+	// A timeout changed in the file: named at each reload.
+	proxyConfig(t, cfg, servers, "", "", `, "idleTimeout": "7m"`)
+	for i := range 2 {
+		before := strings.Count(d.Logs(), "proxy.idleTimeout")
+		d.MustCLI("reload")
+		if after := strings.Count(d.Logs(), "proxy.idleTimeout"); after <= before {
+			t.Fatalf("reload %d with idleTimeout changed: no warning naming proxy.idleTimeout\n%s", i+1, d.LogTail(20))
+		}
 	}
 }
