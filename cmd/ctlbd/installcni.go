@@ -27,6 +27,7 @@ func newInstallCNICommand() *cobra.Command {
 		opts          cniinstall.Options
 		bpffs         string
 		socket        string
+		stateDir      string
 		uninstall     bool
 		watch         bool
 		output        string
@@ -45,11 +46,19 @@ for the primary CNI to write one. --uninstall takes out exactly what it put in;
 --watch keeps ctlb chained when another agent rewrites the config, and with
 --uninstall-on-exit takes it out when stopped.
 
+Paths: --bpffs, --socket and --state-dir go into the plugin's entry and must be
+ctlbd's own (host paths): the plugin attaches with ctlbd's pins, tells ctlbd on
+its socket, and leaves the attachments of pods whose cgroup does not exist yet
+at ADD in <state-dir>/pending for ctlbd to complete; with another state
+directory than ctlbd's they are never completed (the plugin warns). The entry
+names stateDir only when it is not the default, /run/ctlb.
+
 CNI versions: the conflist's cniVersion must be 0.3.0 or later; an older one is
 refused and left untouched.`,
 		Example: `  ctlbd install-cni
   ctlbd install-cni --dry-run -o json    # what it would change, writing nothing
   ctlbd install-cni --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin -o json
+  ctlbd install-cni --socket /run/ctlb-b/ctlbd.sock --state-dir /run/ctlb-b   # ctlbd's own --socket and --state-dir
   ctlbd install-cni --watch --uninstall-on-exit
   ctlbd install-cni --uninstall --keep-binary`,
 		Args: cobra.NoArgs,
@@ -69,8 +78,15 @@ refused and left untouched.`,
 			if err := checkOutput(output); err != nil {
 				return err
 			}
+			// The plugin refuses an entry with any other path, failing
+			// every pod's ADD on the node: refuse it here instead.
+			for _, p := range []struct{ flag, val string }{{"bpffs", bpffs}, {"socket", socket}, {"state-dir", stateDir}} {
+				if !filepath.IsAbs(p.val) || filepath.Clean(p.val) != p.val {
+					return fmt.Errorf("--%s %q: want a clean absolute path (the plugin reads it on the host)", p.flag, p.val)
+				}
+			}
 			cmd.SilenceUsage = true // flags are fine: an error from here on is not a usage error
-			opts.PluginConf = cniinstall.NewPluginConf(bpffs, socket)
+			opts.PluginConf = cniinstall.NewPluginConf(bpffs, socket, stateDir)
 			switch {
 			case uninstall:
 				res, err := cniinstall.Uninstall(opts)
@@ -118,6 +134,7 @@ refused and left untouched.`,
 	f.StringVar(&opts.SourceBinary, "plugin", defaultPluginBinary(), "ctlb CNI plugin binary to install")
 	f.StringVar(&bpffs, "bpffs", datapath.DefaultDir, "bpffs directory of ctlb's pins, written into the plugin config")
 	f.StringVar(&socket, "socket", api.DefaultSocket, "ctlbd control socket, written into the plugin config")
+	f.StringVar(&stateDir, "state-dir", api.DefaultStateDir, "ctlbd's --state-dir, where the plugin leaves pending attachments for ctlbd; written into the plugin config when not the default")
 	f.BoolVar(&uninstall, "uninstall", false, "remove ctlb from the network configs (and the binary, unless --keep-binary)")
 	f.BoolVar(&opts.KeepBinary, "keep-binary", false, "with --uninstall: leave the plugin binary for pods whose runtime replays cached configs at DEL")
 	f.BoolVar(&watch, "watch", false, "install, then re-install whenever another agent rewrites the config, until SIGTERM")

@@ -95,6 +95,68 @@ func TestCommandInstallUninstall(t *testing.T) {
 	}
 }
 
+// --state-dir goes into the entry when it is not the plugin's default, in
+// a dry run too (which writes nothing), and the entry stays install-cni's
+// own: the same install again is unchanged, another state dir updates it.
+func TestCommandStateDir(t *testing.T) {
+	o := newLayout(t, cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/flannel/in"))
+	conf := filepath.Join(o.ConfDir, "10-flannel.conflist")
+	flags := []string{"--conf-dir", o.ConfDir, "--bin-dir", o.BinDir, "--plugin", o.Plugin, "-o", "json"}
+	install := func(stateDir string, extra ...string) cniinstall.Result {
+		t.Helper()
+		out, err := runCommand(context.Background(), t, append(append(flags, "--state-dir", stateDir), extra...)...)
+		var res cniinstall.Result
+		if err != nil || json.Unmarshal([]byte(out), &res) != nil {
+			t.Fatalf("install-cni --state-dir %s %v: %v, printed %q", stateDir, extra, err, out)
+		}
+		return res
+	}
+	stateDirOf := func() (string, bool) {
+		t.Helper()
+		list, err := libcni.ConfListFromFile(conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var entry map[string]any
+		if err := json.Unmarshal(list.Plugins[len(list.Plugins)-1].Bytes, &entry); err != nil {
+			t.Fatal(err)
+		}
+		v, ok := entry["stateDir"].(string)
+		return v, ok
+	}
+
+	if res := install("/run/ctlb-b", "--dry-run"); !res.DryRun || res.Action != cniinstall.Inserted {
+		t.Errorf("--dry-run: %+v, want a dry run that would insert", res)
+	}
+	if v, ok := stateDirOf(); ok {
+		t.Fatalf("--dry-run wrote an entry with stateDir %q", v)
+	}
+	if res := install("/run/ctlb-b"); res.Action != cniinstall.Inserted {
+		t.Errorf("install: %+v, want inserted", res)
+	}
+	if v, _ := stateDirOf(); v != "/run/ctlb-b" {
+		t.Errorf("entry has stateDir %q, want /run/ctlb-b", v)
+	}
+	if res := install("/run/ctlb-b"); res.Action != cniinstall.Unchanged {
+		t.Errorf("same install again: %+v, want unchanged", res)
+	}
+	if res := install("/run/ctlb-c", "--dry-run"); res.Action != cniinstall.Updated {
+		t.Errorf("--dry-run with another state dir: %+v, want it to say updated", res)
+	}
+	if res := install("/run/ctlb-c"); res.Action != cniinstall.Updated {
+		t.Errorf("another state dir: %+v, want updated (the entry is install-cni's own)", res)
+	}
+	if v, _ := stateDirOf(); v != "/run/ctlb-c" {
+		t.Errorf("entry has stateDir %q, want /run/ctlb-c", v)
+	}
+	if res := install("/run/ctlb"); res.Action != cniinstall.Updated {
+		t.Errorf("the default state dir: %+v, want updated", res)
+	}
+	if v, ok := stateDirOf(); ok {
+		t.Errorf("entry names the default stateDir %q: a default install names none", v)
+	}
+}
+
 func TestCommandWatchUntilCancelled(t *testing.T) {
 	in := cniinstalltest.Snapshot(t, "../../internal/cniinstall/testdata/flannel/in")
 	o := newLayout(t, in)
@@ -131,6 +193,9 @@ func TestCommandRejectsBadFlags(t *testing.T) {
 		{"-o", "xml"},
 		{"extra-arg"},
 		{"--no-such-flag"},
+		{"--state-dir", "run/ctlb"},
+		{"--state-dir", "/run/ctlb/../x"},
+		{"--bpffs", ""},
 	} {
 		if out, err := runCommand(context.Background(), t, append(base, bad...)...); err == nil {
 			t.Errorf("install-cni %v accepted; printed %q", bad, out)
@@ -179,11 +244,12 @@ func TestCommandDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]string{
-		"bin-dir":  "/opt/cni/bin",
-		"conf-dir": "/etc/cni/net.d",
-		"plugin":   filepath.Join(filepath.Dir(exe), "ctlb"),
-		"bpffs":    "/sys/fs/bpf/ctlb",
-		"socket":   "/run/ctlb/ctlbd.sock",
+		"bin-dir":   "/opt/cni/bin",
+		"conf-dir":  "/etc/cni/net.d",
+		"plugin":    filepath.Join(filepath.Dir(exe), "ctlb"),
+		"bpffs":     "/sys/fs/bpf/ctlb",
+		"socket":    "/run/ctlb/ctlbd.sock",
+		"state-dir": "/run/ctlb",
 	}
 	for name, v := range want {
 		fl := f.Lookup(name)

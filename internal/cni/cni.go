@@ -330,6 +330,22 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 		c.log.Warn("pending attachment recorded, but ctlbd was not told", "error", err, "socket", c.conf.Socket)
 		return nil
 	}
+	if st.State == pending.StateAbsent {
+		// ctlbd looked for the record and found none. Completed or taken
+		// by a DEL in between, it would be gone from here too; still here,
+		// it is in a directory ctlbd does not read, and the pod would
+		// never be attached. ADD still succeeds: the record stays for a
+		// ctlbd started with this stateDir.
+		if _, err := pending.Read(c.conf.StateDir, id); err == nil {
+			attrs := []any{"attachment", id, "stateDir", c.conf.StateDir, "socket", c.conf.Socket}
+			if st.StateDir != "" { // an older ctlbd does not say
+				attrs = append(attrs, "ctlbdStateDir", st.StateDir)
+			}
+			c.log.Warn("ctlbd does not see the pending record just written: is ctlbd's --state-dir the same as the plugin's stateDir? "+
+				"Until a ctlbd reads this stateDir, the pod is not attached", attrs...)
+			return nil
+		}
+	}
 	c.log.Info("pending attachment recorded", "attachment", id, "state", st.State, "cgroup", st.Cgroup,
 		"cgroupDir", rec.CgroupDir, "podUID", rec.PodUID, "netns", rec.Netns)
 	return nil

@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/cni"
+	"github.com/ctlb/ctlb/pkg/api"
 )
 
 // Defaults of a node where the runtime uses the standard CNI locations.
@@ -114,8 +115,15 @@ func InstallWhenReady(ctx context.Context, opts Options, wait time.Duration, log
 }
 
 // NewPluginConf returns the ctlb entry for a conflist: the plugin type, the
-// bpffs directory holding ctlb's pins and ctlbd's control socket.
-func NewPluginConf(bpffs, socket string) json.RawMessage {
+// bpffs directory holding ctlb's pins, ctlbd's control socket and, when it
+// is not the plugin's default (api.DefaultStateDir), the state directory
+// where the plugin leaves pending attachments for ctlbd: it must be
+// ctlbd's --state-dir, or ctlbd never sees them. Left out at the default,
+// so entries of default installs stay as they were.
+func NewPluginConf(bpffs, socket, stateDir string) json.RawMessage {
+	if stateDir == api.DefaultStateDir {
+		stateDir = ""
+	}
 	// The cgroupPath capability asks runtimes that have it (containerd
 	// 1.7.0+, CRI-O 1.28+; podman never) to pass the pod's cgroup, the
 	// first thing the plugin tries; the pod-annotations one gives it the
@@ -124,8 +132,9 @@ func NewPluginConf(bpffs, socket string) json.RawMessage {
 		Type         string          `json:"type"`
 		BPFFS        string          `json:"bpffs"`
 		Socket       string          `json:"socket"`
+		StateDir     string          `json:"stateDir,omitempty"`
 		Capabilities map[string]bool `json:"capabilities"`
-	}{PluginType, bpffs, socket, map[string]bool{"cgroupPath": true, "io.kubernetes.cri.pod-annotations": true}})
+	}{PluginType, bpffs, socket, stateDir, map[string]bool{"cgroupPath": true, "io.kubernetes.cri.pod-annotations": true}})
 	return b
 }
 

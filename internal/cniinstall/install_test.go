@@ -14,6 +14,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/cniinstall/cniinstalltest"
 	"github.com/ctlb/ctlb/internal/testutil"
 	"github.com/ctlb/ctlb/pkg/api"
@@ -23,7 +24,7 @@ import (
 var update = flag.Bool("update", false, "rewrite testdata/*/out from what Install writes")
 
 // testPlugin is the entry Install writes: the config asked for, marked.
-var testPlugin = mark(NewPluginConf(datapath.DefaultDir, api.DefaultSocket))
+var testPlugin = mark(NewPluginConf(datapath.DefaultDir, api.DefaultSocket, api.DefaultStateDir))
 
 // goldenActions is what Install must report for each case in testdata that
 // installs; the others (malformed-*) hold an error.txt instead.
@@ -665,7 +666,7 @@ func TestInstallDryRun(t *testing.T) {
 		t.Errorf("dry run after the install = %+v, %v; want unchanged", res, err)
 	}
 	other := dry
-	other.PluginConf = NewPluginConf("/sys/fs/bpf/elsewhere", "/run/elsewhere.sock")
+	other.PluginConf = NewPluginConf("/sys/fs/bpf/elsewhere", "/run/elsewhere.sock", api.DefaultStateDir)
 	if res, err := Install(other); err != nil || res.Action != Updated {
 		t.Errorf("dry run with other paths = %+v, %v; want it to say updated", res, err)
 	}
@@ -711,5 +712,83 @@ func TestUninstallFindsOursAfterHandWritten(t *testing.T) {
 	}
 	if !reflect.DeepEqual(kinds, []entryKind{handWritten}) {
 		t.Errorf("ctlb entries after Uninstall: %v, want the hand-written one alone:\n%s", kinds, data)
+	}
+}
+
+// A state directory other than the plugin's default is written into the
+// entry (the plugin leaves pending attachments there for ctlbd, so it must
+// be ctlbd's --state-dir); the entry stays install-cni's own: installing
+// it again changes nothing, and going back to the default replaces it with
+// the entry of a default install, which names no stateDir.
+func TestInstallStateDir(t *testing.T) {
+	in := cniinstalltest.Snapshot(t, "testdata/calico/in")
+	opts := newOpts(t, in)
+	const stateDir = "/run/ctlb-other"
+	opts.PluginConf = NewPluginConf(datapath.DefaultDir, api.DefaultSocket, stateDir)
+	conf := filepath.Join(opts.ConfDir, "10-calico.conflist")
+
+	entry := func() (json.RawMessage, *cni.Conf) {
+		t.Helper()
+		data, err := os.ReadFile(conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, err := parseConflist(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := cl.indexOf(PluginType)
+		if i < 0 {
+			t.Fatalf("no ctlb entry in %s", data)
+		}
+		// What the plugin reads at ADD: the entry with the network's
+		// name and version, as libcni passes it.
+		var obj map[string]any
+		if err := json.Unmarshal(cl.plugins[i], &obj); err != nil {
+			t.Fatal(err)
+		}
+		obj["name"], obj["cniVersion"] = "k8s-pod-network", "0.3.1"
+		stdin, _ := json.Marshal(obj)
+		c, err := cni.ParseConf(stdin, false)
+		if err != nil {
+			t.Fatalf("the plugin refuses the entry %s: %v", cl.plugins[i], err)
+		}
+		return cl.plugins[i], c
+	}
+
+	if res, err := Install(opts); err != nil || res.Action != Inserted {
+		t.Fatalf("Install = %+v, %v; want inserted", res, err)
+	}
+	raw, c := entry()
+	if c.StateDir != stateDir || kindOf(raw) != ours {
+		t.Errorf("entry %s: the plugin reads stateDir %q (want %q), kind %d (want install-cni's own)", raw, c.StateDir, stateDir, kindOf(raw))
+	}
+	if res, err := Install(opts); err != nil || res.Action != Unchanged {
+		t.Errorf("Install again = %+v, %v; want unchanged", res, err)
+	}
+
+	def := opts
+	def.PluginConf = NewPluginConf(datapath.DefaultDir, api.DefaultSocket, api.DefaultStateDir)
+	if !bytes.Equal(def.PluginConf, NewPluginConf(datapath.DefaultDir, api.DefaultSocket, "")) || bytes.Contains(def.PluginConf, []byte("stateDir")) {
+		t.Errorf("default entry %s names a stateDir", def.PluginConf)
+	}
+	if res, err := Install(def); err != nil || res.Action != Updated {
+		t.Errorf("Install with the default stateDir = %+v, %v; want updated", res, err)
+	}
+	if raw, c := entry(); !sameJSON(raw, testPlugin) || c.StateDir != api.DefaultStateDir {
+		t.Errorf("entry after going back to the default: %s (stateDir %q), want %s", raw, c.StateDir, testPlugin)
+	}
+	if _, err := Install(opts); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := Uninstall(opts); err != nil || u.BinaryKept != "" {
+		t.Fatalf("Uninstall = %+v, %v", u, err)
+	}
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cl, err := parseConflist(data); err != nil || cl.indexOf(PluginType) >= 0 {
+		t.Errorf("after Uninstall (%v), the entry with a stateDir is still there:\n%s", err, data)
 	}
 }

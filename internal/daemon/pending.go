@@ -90,7 +90,9 @@ func (d *Daemon) notifyPending(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, httpError{http.StatusServiceUnavailable, err})
 		return
 	}
-	reply(w, apiPending(st), nil)
+	out := apiPending(st)
+	out.StateDir = pw.StateDir()
+	reply(w, out, nil)
 }
 
 // listPending is GET /v1/pending: the records still waiting.

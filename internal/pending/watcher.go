@@ -102,6 +102,9 @@ func NewWatcher(stateDir string, dp Datapath, resolver *podcgroup.Resolver, log 
 	}
 }
 
+// StateDir is the state directory whose records the watcher completes.
+func (w *Watcher) StateDir() string { return w.stateDir }
+
 // Count is the number of records waiting.
 func (w *Watcher) Count() int {
 	w.mu.Lock()

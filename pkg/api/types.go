@@ -111,10 +111,15 @@ type PendingAttachment struct {
 	Netns        string    `json:"netns,omitempty"`
 	NetnsID      NetnsID   `json:"netnsID"`
 	Created      time.Time `json:"created"`
-	// State is pending, attached or failed.
+	// State is pending, attached or failed (absent, in the answer to
+	// POST /v1/pending: ctlbd has no such record).
 	State  string `json:"state"`
 	Cgroup string `json:"cgroup,omitempty"`
 	Error  string `json:"error,omitempty"`
+	// StateDir is ctlbd's state directory, where it looked for the record:
+	// set in the answer to POST /v1/pending only, so that a plugin whose
+	// record ctlbd does not see can name both directories.
+	StateDir string `json:"stateDir,omitempty"`
 }
 
 // Health of a server, one vocabulary in code, API, CLI and metrics.

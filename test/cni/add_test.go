@@ -1,7 +1,9 @@
 package cnitest
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -253,6 +255,79 @@ func TestPendingWhileDaemonDown(t *testing.T) {
 	mkdirAll(t, p.cgroup)
 	e.waitAttached(p, 5*time.Second)
 	wantRedirected(t, p, container(t, p, "app"))
+}
+
+// A plugin whose stateDir is not ctlbd's leaves its pending record where
+// ctlbd never looks, and the pod would never be attached. ADD still
+// succeeds (the record waits for a ctlbd that reads that directory), but
+// the plugin warns at its default level, so that the runtime's log shows
+// it, naming both directories. With ctlbd's stateDir, the same ADD says
+// nothing.
+func TestAddPendingStateDirMismatch(t *testing.T) {
+	e := newEnv(t)
+	other := filepath.Join(t.TempDir(), "otherstate")
+	// add runs ctlb's ADD alone, as a runtime does: no logFile, no
+	// logLevel (stderr at warn), and returns what it wrote on stderr.
+	add := func(p *pod, stateDir string) string {
+		t.Helper()
+		c := e.ctlbConf(map[string]any{"stateDir": stateDir})
+		for _, k := range []string{"logFile", "logLevel", "capabilities"} {
+			delete(c, k)
+		}
+		c["cniVersion"], c["name"] = "1.0.0", netName
+		del := []byte(mustJSON(t, c))
+		c["prevResult"] = prevResult("198.18.0.9")
+		stdin := []byte(mustJSON(t, c))
+		run := func(cmd string, stdin []byte) (stdout, stderr []byte, err error) {
+			x := exec.Command(ctlbBin)
+			x.Env = append(os.Environ(), "CNI_COMMAND="+cmd, "CNI_CONTAINERID="+p.id, "CNI_NETNS="+p.netns.Path(),
+				"CNI_IFNAME=eth0", "CNI_PATH="+binDir, "CNI_ARGS=K8S_POD_UID="+p.uid)
+			x.Stdin = bytes.NewReader(stdin)
+			var errBuf bytes.Buffer
+			x.Stderr = &errBuf
+			out, err := x.Output()
+			return out, errBuf.Bytes(), err
+		}
+		t.Cleanup(func() {
+			if out, stderr, err := run("DEL", del); err != nil {
+				t.Errorf("ctlb DEL %s: %v: %s %s", p.id[:12], err, out, stderr)
+			}
+		})
+		out, stderr, err := run("ADD", stdin)
+		if err != nil {
+			t.Fatalf("ctlb ADD %s with stateDir %s: %v: %s %s", p.id[:12], stateDir, err, out, stderr)
+		}
+		return string(stderr)
+	}
+
+	p := e.cgroupfsPod("burstable", false)
+	stderr := add(p, other)
+	if _, err := pending.Read(other, cni.AttachmentID(netName, p.id)); err != nil {
+		t.Fatalf("no pending record in the plugin's stateDir %s: %v", other, err)
+	}
+	var warned map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(stderr), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && strings.HasPrefix(fmt.Sprint(m["msg"]), "ctlbd does not see the pending record") {
+			warned = m
+		}
+	}
+	if warned == nil || warned["level"] != "WARN" || warned["stateDir"] != other || warned["ctlbdStateDir"] != e.stateDir ||
+		warned["attachment"] != cni.AttachmentID(netName, p.id) || !strings.Contains(fmt.Sprint(warned["msg"]), "--state-dir") {
+		t.Errorf("ADD with stateDir %s, ctlbd's %s: stderr %q; want a WARN that ctlbd does not see the record, naming both directories",
+			other, e.stateDir, stderr)
+	}
+	if list := e.pendingList(); len(list) != 0 {
+		t.Errorf("ctlbd lists %+v: it should not see the record in %s", list, other)
+	}
+
+	q := e.cgroupfsPod("burstable", false)
+	if stderr := add(q, e.stateDir); strings.TrimSpace(stderr) != "" {
+		t.Errorf("ADD with ctlbd's stateDir wrote on stderr: %q, want nothing", stderr)
+	}
+	if list := e.pendingList(); len(list) != 1 || list[0].ContainerID != q.id || list[0].State != pending.StatePending {
+		t.Errorf("ctlbd lists %+v, want the record of %s pending", list, q.id[:12])
+	}
 }
 
 // The systemd driver's OCI form, as a runtime may pass it in cgroupPath

@@ -40,7 +40,7 @@ func TestContainerdInstallCNIWatch(t *testing.T) {
 
 		var logs bytes.Buffer
 		w := exec.Command(ctlbdBin, "install-cni", "--watch", "--bin-dir", e.net.BinDir, "--conf-dir", e.net.ConfDir,
-			"--plugin", plugin, "--bpffs", e.daemon.BPFFS, "--socket", e.daemon.Socket)
+			"--plugin", plugin, "--bpffs", e.daemon.BPFFS, "--socket", e.daemon.Socket, "--state-dir", e.daemon.StateDir)
 		w.Stdout, w.Stderr = &logs, &logs
 		w.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		if err := w.Start(); err != nil {

@@ -239,6 +239,49 @@ func TestChartConsul(t *testing.T) {
 	}
 }
 
+// TestChartRunDir: runDir moves ctlbd's socket and stateDir, and the
+// installers write the same two into the plugin's entry.
+func TestChartRunDir(t *testing.T) {
+	const runDir = "/run/ctlb-b"
+	var cfg *config.Config
+	var ds *appsv1.DaemonSet
+	for _, d := range render(t, nil, map[string]any{"runDir": runDir}) {
+		switch o := d.obj.(type) {
+		case *corev1.ConfigMap:
+			c, err := config.Parse([]byte(o.Data["ctlbd.json"]))
+			if err != nil {
+				t.Fatalf("ConfigMap %s: %v", o.Name, err)
+			}
+			cfg = c
+		case *appsv1.DaemonSet:
+			ds = o
+		}
+	}
+	if cfg == nil || ds == nil {
+		t.Fatal("want the ConfigMap with ctlbd.json and the DaemonSet")
+	}
+	if cfg.StateDir != runDir || cfg.Socket != runDir+"/ctlbd.sock" {
+		t.Errorf("ctlbd.json: stateDir %q socket %q, want them in runDir %s", cfg.StateDir, cfg.Socket, runDir)
+	}
+	spec := ds.Spec.Template.Spec
+	installers := 0
+	for _, c := range append(append([]corev1.Container{}, spec.InitContainers...), spec.Containers...) {
+		if !slices.Contains(c.Command, "install-cni") {
+			continue
+		}
+		installers++
+		if got := flagValue(c.Command, "--state-dir"); got != cfg.StateDir {
+			t.Errorf("container %s: --state-dir %q, ctlbd.json says stateDir %q", c.Name, got, cfg.StateDir)
+		}
+		if got := flagValue(c.Command, "--socket"); got != cfg.Socket {
+			t.Errorf("container %s: --socket %q, ctlbd.json says %q", c.Name, got, cfg.Socket)
+		}
+	}
+	if installers != 2 {
+		t.Errorf("%d containers run install-cni, want 2 (init and watcher)", installers)
+	}
+}
+
 // TestChartRejectsBadValues: a value the chart cannot honour fails the
 // render with its name, rather than deploying something else.
 func TestChartRejectsBadValues(t *testing.T) {
@@ -518,6 +561,11 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, accounts map[string]bool
 		}
 		if got := flagValue(c.Command, "--socket"); got != cfg.Socket {
 			t.Errorf("%s container %s: --socket %q, ctlbd.json says %q", where, c.Name, got, cfg.Socket)
+		}
+		// The plugin leaves pending attachments in its stateDir: in any
+		// other directory than ctlbd's, they are never completed.
+		if got := flagValue(c.Command, "--state-dir"); got != cfg.StateDir {
+			t.Errorf("%s container %s: --state-dir %q, ctlbd.json says stateDir %q", where, c.Name, got, cfg.StateDir)
 		}
 	}
 	if bpffsInit != nil {

@@ -35,7 +35,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - --bin-dir=/host/cni/bin
 - --conf-dir=/host/cni/net.d
 # Written into the conflist and read by the plugin on the host: host
-# paths, matching bpffs and socket in ctlbd.json.
+# paths, matching bpffs, socket and stateDir in ctlbd.json (the plugin
+# leaves pending attachments in stateDir for ctlbd to complete).
 - --bpffs={{ .Values.bpffs }}
 - --socket={{ include "ctlb.socket" . }}
+- --state-dir={{ .Values.runDir }}
 {{- end -}}
