@@ -421,7 +421,7 @@ func (c *consulClient) fetch(ctx context.Context, index uint64) (consulAnswer, u
 	}).WithContext(ctx)
 	entries, meta, err := c.api.Health().Service(c.q.Service, "", true, opts)
 	if err != nil {
-		return consulAnswer{}, 0, fmt.Errorf("consul %s service %q: %s", c.q.Address, c.q.Service, Truncate(err.Error(), MaxErrorText))
+		return consulAnswer{}, 0, fmt.Errorf("consul %s service %q: %w", c.q.Address, c.q.Service, truncated{err, MaxErrorText})
 	}
 	var ans consulAnswer
 	for _, e := range entries {

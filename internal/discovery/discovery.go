@@ -9,7 +9,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -58,6 +60,16 @@ func Truncate(s string, n int) string {
 	return s[:cut] + fmt.Sprintf("... (%d bytes cut)", len(s)-cut)
 }
 
+// truncated is an error whose text is cut to n bytes (Truncate) and whose
+// chain stays whole, for errors.Is and Unreachable.
+type truncated struct {
+	err error
+	n   int
+}
+
+func (e truncated) Error() string { return Truncate(e.err.Error(), e.n) }
+func (e truncated) Unwrap() error { return e.err }
+
 // Source produces the server list of one VIP from one place.
 type Source interface {
 	// Name says what kind of source this is ("static", "dns", "consul",
@@ -73,6 +85,34 @@ type Source interface {
 // treated as a failure, so a misconfigured name or a catalog in trouble
 // cannot wipe the set; removing every server is a config change.
 var ErrEmpty = errors.New("no servers in the answer")
+
+// Unreachable tells an error of a source that never reached its server (a
+// refused or reset connection, a timeout: the errors of the network) from
+// one the server answered with (an HTTP error status, a DNS error code) or
+// one of ctlbd's own (a token file it cannot read). Readiness tells "no
+// answer yet" from "failing" by it. Errors joined with errors.Join (one per
+// DNS server asked) are unreachable only when every one of them is.
+func Unreachable(err error) bool {
+	for err != nil {
+		if multi, ok := err.(interface{ Unwrap() []error }); ok {
+			errs := multi.Unwrap()
+			for _, e := range errs {
+				if !Unreachable(e) {
+					return false
+				}
+			}
+			return len(errs) > 0
+		}
+		if _, ok := err.(*net.OpError); ok || err == context.DeadlineExceeded || err == os.ErrDeadlineExceeded {
+			return true
+		}
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			return true // an HTTP client's own timeout
+		}
+		err = errors.Unwrap(err)
+	}
+	return false
+}
 
 // ParseServer reads "a.b.c.d" or "a.b.c.d:port"; a bare address gets
 // defPort. Only IPv4 is accepted: ctlb rewrites IPv4 connections only.
