@@ -86,6 +86,13 @@ type Source interface {
 // cannot wipe the set; removing every server is a config change.
 var ErrEmpty = errors.New("no servers in the answer")
 
+// emptyError is an empty answer told in the source's own words
+// (errors.Is ErrEmpty).
+type emptyError string
+
+func (e emptyError) Error() string      { return string(e) }
+func (emptyError) Is(target error) bool { return target == ErrEmpty }
+
 // Unreachable tells an error of a source that never reached its server (a
 // refused or reset connection, a timeout: the errors of the network) from
 // one the server answered with (an HTTP error status, a DNS error code) or
