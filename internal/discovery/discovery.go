@@ -122,7 +122,10 @@ func Unreachable(err error) bool {
 }
 
 // ParseServer reads "a.b.c.d" or "a.b.c.d:port"; a bare address gets
-// defPort. Only IPv4 is accepted: ctlb rewrites IPv4 connections only.
+// defPort. Only IPv4 is accepted: the servers it reads are candidates of
+// a tracked VIP, and tracking (sources, health checks) serves IPv4 VIPs
+// only; an IPv6 VIP takes static servers without health checks, which
+// never come here.
 func ParseServer(s string, defPort uint16) (netip.AddrPort, error) {
 	s = strings.TrimSpace(s)
 	if ap, err := netip.ParseAddrPort(s); err == nil {
