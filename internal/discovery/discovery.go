@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -58,6 +59,21 @@ func Truncate(s string, n int) string {
 		cut--
 	}
 	return s[:cut] + fmt.Sprintf("... (%d bytes cut)", len(s)-cut)
+}
+
+// localAddr matches the local end of a socket in a network error's text,
+// "read udp 127.0.0.1:44176->127.0.0.78:5353": an ephemeral port, new at
+// every retry.
+var localAddr = regexp.MustCompile(`(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.%]+\]):\d+->`)
+
+// SameError tells whether two errors of a source say the same thing, up to
+// the local ports of the sockets they name: a source that fails the same
+// way at every retry is logged once, not at every retry.
+func SameError(a, b error) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return localAddr.ReplaceAllString(a.Error(), "") == localAddr.ReplaceAllString(b.Error(), "")
 }
 
 // truncated is an error whose text is cut to n bytes (Truncate) and whose

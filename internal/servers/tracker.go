@@ -234,8 +234,9 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 		}
 		s.errCount++
 		s.lastFail = now
-		// Log a failure when it starts or its text changes, not every retry.
-		if s.lastErr == nil || s.lastErr.Error() != r.Err.Error() {
+		// Log a failure when it starts or what it says changes, not every
+		// retry (a socket's ephemeral local port is not a change).
+		if s.lastErr == nil || !discovery.SameError(s.lastErr, r.Err) {
 			t.log.Warn("server source failed; keeping its last good list",
 				"source", s.name, "error", r.Err, "kept", logList(s.servers))
 		}

@@ -1,6 +1,8 @@
 package servers
 
 import (
+	"io"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -297,5 +299,29 @@ func TestSourceReadiness(t *testing.T) {
 			t.Errorf("source %d %s: answered %v reached %v NotReady %q; want answered %v reached %v NotReady %q...",
 				i, s.Name, s.Answered, s.Reached, s.NotReady(), w.answered, w.reached, w.notReady)
 		}
+	}
+}
+
+// TestUnreachableResolverLoggedOnce: a DNS resolver nothing listens on
+// fails every retry with the same error but for the local port of the
+// socket; the failure is logged once, not at every retry.
+func TestUnreachableResolverLoggedOnce(t *testing.T) {
+	closed := freeAddr(t, "127.0.0.1")
+	var logs testutil.SyncBuffer
+	log := slog.New(slog.NewTextHandler(io.MultiWriter(&logs, tlogWriter{t}), &slog.HandlerOptions{Level: slog.LevelInfo}))
+	src := discovery.DNS{Host: "svc.test", Resolver: closed.String(), Interval: 50 * time.Millisecond, Timeout: 100 * time.Millisecond}
+	tr, _ := startTracker(t, "vip", Options{Sources: []discovery.Source{src}, Logger: log})
+	deadline := time.Now().Add(10 * time.Second)
+	for tr.Snapshot().Sources[0].Errors < 6 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	snap := tr.Snapshot().Sources[0]
+	warns := strings.Count(logs.String(), "server source failed")
+	t.Logf("%d failures, %d logged; last: %s", snap.Errors, warns, snap.LastError)
+	if snap.Errors < 6 {
+		t.Fatalf("only %d failures within 10 s", snap.Errors)
+	}
+	if warns != 1 {
+		t.Errorf("%d failures logged %d times, want once", snap.Errors, warns)
 	}
 }
