@@ -413,7 +413,14 @@ func (t *Tracker) publish(reason string) {
 		t.deferred = nil
 	}
 	if t.changes == 0 {
+		// The reasons held are mostly "X healthy after ..." (one per
+		// candidate, maybe a thousand); what the first set must say is why
+		// a candidate stayed out, which no later line says while its
+		// verdict holds.
 		reason = fmt.Sprintf("first set: %d of %d candidates healthy", len(healthy), len(cands))
+		if out := t.outLocked(cands); out != "" {
+			reason += "; " + out
+		}
 	}
 	set := healthy
 	panicNow := false
@@ -444,6 +451,28 @@ func (t *Tracker) publish(reason string) {
 	if t.o.OnChange != nil {
 		t.o.OnChange(out, reason)
 	}
+}
+
+// outLocked says why the candidates not healthy are out (their last
+// failed check), the first few of them.
+func (t *Tracker) outLocked(cands []netip.AddrPort) string {
+	const most = 5
+	var parts []string
+	n := 0
+	for _, a := range cands {
+		st := t.servers[a].health
+		if st.Verdict != health.Unhealthy {
+			continue
+		}
+		n++
+		if n <= most {
+			parts = append(parts, fmt.Sprintf("%s unhealthy after %d failed %s check(s): %v", a, st.Failures, t.o.Checker.Kind(), st.LastErr))
+		}
+	}
+	if n > most {
+		parts = append(parts, fmt.Sprintf("and %d more unhealthy", n-most))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // Healthy returns the set last published.

@@ -116,6 +116,11 @@ func TestStartupPublishesCheckedSet(t *testing.T) {
 		t.Fatalf("%d changes at start, want 1: %s", n, rec)
 	}
 	t.Logf("first set: %s", c.reason)
+	// Why the dead one is out is said in the first set's reason: no later
+	// line says it while it stays down.
+	if want := addrs[0].String() + " unhealthy after 1 failed tcp check(s): "; !strings.Contains(c.reason, want) || !strings.Contains(c.reason, "refused") {
+		t.Errorf("first set reason %q does not say why %s is out (want %q... refused)", c.reason, addrs[0], want)
+	}
 }
 
 // TestFirstSetEmpty: a tracker whose servers are all dead (panic off)
