@@ -3,6 +3,7 @@ package discovery
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"net/url"
 	"slices"
@@ -140,8 +141,30 @@ func TestConsulEmptyAnswer(t *testing.T) {
 		if strings.Contains(err.Error(), "no token") {
 			t.Errorf("error %q: a token is set", err)
 		}
+
 		if want := `the ACL default policy is deny, so ACLs may hide it: does the token have service:read on "web"?`; !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q: want the hint %q", err, want)
+		}
+		// Readiness tells these from errors: a token Consul does not know
+		// is answered (403), so not Unreachable; a port nothing listens on
+		// is.
+		c403 := run(t, Consul{Address: c.HTTPAddr(), Service: "consul", Token: "00000000-0000-4000-8000-000000000001", TLS: tlsCfg})
+		_, err = c403.waitErr(t, 0, 15*time.Second)
+		t.Logf("unknown token: %v", err)
+		if errors.Is(err, ErrEmpty) || Unreachable(err) {
+			t.Errorf("unknown token: %v: want an answered error (not empty, not unreachable)", err)
+		}
+		l, lerr := net.Listen("tcp", "127.0.0.1:0")
+		if lerr != nil {
+			t.Fatal(lerr)
+		}
+		closed := "http://" + l.Addr().String()
+		l.Close()
+		cc := run(t, Consul{Address: closed, Service: "web"})
+		_, err = cc.waitErr(t, 0, 15*time.Second)
+		t.Logf("closed port: %v", err)
+		if !Unreachable(err) {
+			t.Errorf("closed port: %v: want Unreachable", err)
 		}
 	})
 }
