@@ -64,7 +64,7 @@ func Truncate(s string, n int) string {
 // localAddr matches the local end of a socket in a network error's text,
 // "read udp 127.0.0.1:44176->127.0.0.78:5353": an ephemeral port, new at
 // every retry.
-var localAddr = regexp.MustCompile(`(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.%]+\]):\d+->`)
+var localAddr = regexp.MustCompile(`(\d{1,3}(\.\d{1,3}){3}|\[[^]]+\]):\d+->`)
 
 // SameError tells whether two errors of a source say the same thing, up to
 // the local ports of the sockets they name: a source that fails the same
