@@ -289,3 +289,50 @@ func TestProxyReloadRejectedKeepsMaps(t *testing.T) {
 		}
 	}
 }
+
+// The proxy's log lines say what it serves: the VIP:ports (in steering mode
+// its one socket shows a random port), a warning for a proxied VIP:port that
+// no TCP service backs (every client of it is reset), and, at a stop, the
+// drain of open connections before the last line.
+func TestProxyLogsWhatItServes(t *testing.T) {
+	node := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, node, "127.0.0.31", "127.0.0.32", "127.0.0.33")
+	testutil.StartServers(t, node, servers...)
+	cfg := filepath.Join(t.TempDir(), "ctlbd.json")
+	conf := fmt.Sprintf(`{
+		"services": [{"vip": %q, "servers": [%q]}],
+		"proxy": {"mode": "steering", "drainTimeout": "1s",
+		          "services": [{"vip": "198.19.0.1", "ports": [8502, 8599]}],
+		          "localVIP": {"enabled": true, "device": "lo"}}}`, vip, servers[0])
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := newDaemonIn(t, node, "--config", cfg)
+	d.Start()
+	// The ready line comes after the proxy's: once it is in, they are.
+	testutil.Eventually(t, "ctlbd's ready line", 5*time.Second, func() (bool, string) {
+		return strings.Contains(d.Logs(), "ctlbd ready"), d.LogTail(400)
+	})
+	logs := d.Logs()
+	if !regexp.MustCompile(`fallback proxy serving.*destinations="?\[198\.19\.0\.1:8502 198\.19\.0\.1:8599\]`).MatchString(logs) {
+		t.Errorf("the proxy's start line does not name the VIP:ports it serves:\n%s", d.LogTail(30))
+	}
+	if !regexp.MustCompile(`no TCP service defines.*vip=198\.19\.0\.1:8599`).MatchString(logs) {
+		t.Errorf("no warning for 198.19.0.1:8599, which no service backs:\n%s", d.LogTail(30))
+	}
+	if regexp.MustCompile(`no TCP service defines.*vip=198\.19\.0\.1:8502`).MatchString(logs) {
+		t.Errorf("a warning for 198.19.0.1:8502, which a service backs:\n%s", d.LogTail(30))
+	}
+
+	hold := testutil.StartClient(t, node, "", testutil.ClientSpec{Mode: "hold", Target: vip, Count: 1})
+	if r := hold.Result(t); r.Failed != 0 {
+		t.Fatalf("held connection through the proxy failed: %v", r.Errors)
+	}
+	d.Stop()
+	logs = d.Logs()
+	drain, stopped := strings.Index(logs, "draining proxied connections"), strings.Index(logs, "ctlbd stopped")
+	if drain < 0 || stopped < 0 || drain > stopped {
+		t.Errorf("at a stop with a proxied connection open: want the drain logged before \"ctlbd stopped\" (at %d, %d):\n%s", drain, stopped, d.LogTail(30))
+	}
+	hold.Stop(t)
+}
