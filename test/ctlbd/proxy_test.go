@@ -217,6 +217,27 @@ func TestProxiedConnectionsEndWhenServerLeaves(t *testing.T) {
 	if gone, ok := serverStatus(s, two[0]); !ok || gone.Terminated != 2 {
 		t.Errorf("status of the departed server = %+v (found %v), want 2 ended", gone, ok)
 	}
+	// What the proxy did, in status: 6 connections (4, then 2 again), 2
+	// of them reset because their server left.
+	var st api.Status
+	d.JSON(&st, "status")
+	if st.Proxy == nil || st.Proxy.Mode != "listeners" || len(st.Proxy.Services) != 1 {
+		t.Fatalf("status proxy = %+v, want the listeners proxy serving one service", st.Proxy)
+	}
+	ps := st.Proxy.Services[0]
+	conns := map[string]uint64{}
+	for _, tg := range ps.Targets {
+		conns[tg.Target.String()] = tg.Connections
+	}
+	if ps.Service.String() != vip || ps.Open != 4 || ps.Accepted != 6 || ps.Resets["server_left"] != 2 ||
+		conns[two[0]] != 2 || conns[two[1]] != 4 {
+		t.Errorf("status proxy service = %+v (connections by target %v); want %s, 4 open, 6 accepted, 2 reset server_left, 2 to %s and 4 to %s",
+			ps, conns, vip, two[0], two[1])
+	}
+	out := d.MustCLI("status")
+	if !strings.Contains(out, "fallback proxy (listeners): serving 198.19.0.1:8502") || !strings.Contains(out, "2 server_left") {
+		t.Errorf("ctlbd status does not show the proxy's service and its resets:\n%s", out)
+	}
 	page := scrape(t, node, "127.0.0.1:9464")
 	if got := metric(t, page, "ctlb_proxy_resets_total", fmt.Sprintf(`reason="server_left",service=%q`, vip)); got != 2 {
 		t.Errorf(`ctlb_proxy_resets_total{reason="server_left"} = %v, want 2`, got)
