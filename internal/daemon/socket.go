@@ -47,8 +47,13 @@ func Precheck(cfg *config.Config) error {
 			return fmt.Errorf("%s %q: %w", g.field, g.name, err)
 		}
 	}
-	if _, err := socketDir(filepath.Dir(cfg.Socket)); err != nil {
-		return err
+	// The directory is only looked at: one ctlbd creates is made hers by
+	// listenUnix (its mode and group), which a directory made here would
+	// miss.
+	if dir := filepath.Dir(cfg.Socket); exists(dir) {
+		if _, err := socketDir(dir); err != nil {
+			return err
+		}
 	}
 	if err := notSocket(cfg.Socket); err != nil {
 		return err
@@ -319,4 +324,9 @@ func (r *socketRoles) authorize(next http.Handler) http.Handler {
 
 func deny(w http.ResponseWriter, msg string) {
 	reply(w, nil, httpError{http.StatusForbidden, errors.New(msg)})
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }
