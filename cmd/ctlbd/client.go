@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"net/netip"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -505,6 +508,9 @@ adds the failing marks seen and the last health check error.`,
 				if st.HostScope {
 					fmt.Fprintf(w, "host scope: attached at the cgroup v2 root (every process)\n")
 				}
+				if px := st.Proxy; px != nil {
+					printProxy(w, px)
+				}
 				if st.NRI != "" {
 					fmt.Fprintf(w, "NRI plugin: %s (%s)\n", st.NRI, st.NRISocket)
 				}
@@ -577,5 +583,40 @@ layouts should not be mixed; an unreachable daemon is no error here.`,
 				}
 			})
 		},
+	}
+}
+
+// printProxy is the fallback proxy's part of `ctlbd status`: what it
+// serves, and per service and target what it did (its clients are no
+// attached pod's, so the table above does not count them).
+func printProxy(w io.Writer, px *api.ProxyStatus) {
+	join := func(as []netip.AddrPort) string {
+		var ss []string
+		for _, a := range as {
+			ss = append(ss, a.String())
+		}
+		if len(ss) == 0 {
+			return "nothing"
+		}
+		return strings.Join(ss, " ")
+	}
+	fmt.Fprintf(w, "\nfallback proxy (%s): serving %s; listening on %s\n", px.Mode, join(px.Destinations), join(px.Listening))
+	fmt.Fprintln(w, "PROXIED\tTARGET\tCONNECTIONS\tDIAL FAILURES\tOPEN\tACCEPTED\tREJECTED\tRESET")
+	counts := func(m map[string]uint64) string {
+		if len(m) == 0 {
+			return "0"
+		}
+		keys := slices.Sorted(maps.Keys(m))
+		var ss []string
+		for _, k := range keys {
+			ss = append(ss, fmt.Sprintf("%d %s", m[k], k))
+		}
+		return strings.Join(ss, ", ")
+	}
+	for _, s := range px.Services {
+		fmt.Fprintf(w, "%s\t%s\t\t\t%d\t%d\t%s\t%s\n", s.Service, "(all)", s.Open, s.Accepted, counts(s.Rejected), counts(s.Resets))
+		for _, t := range s.Targets {
+			fmt.Fprintf(w, "%s\t%s\t%d\t%d\t\t\t\t\n", s.Service, t.Target, t.Connections, t.DialFailures)
+		}
 	}
 }

@@ -104,7 +104,7 @@ func oneLine(err error, socket string) string {
 		// ECONNREFUSED too.
 		why = "not a socket: a file or directory is there (--socket or $CTLB_SOCKET names another?)"
 	case errors.As(err, &errno) && errno == syscall.ECONNREFUSED:
-		why = "connection refused: the socket is left over, no ctlbd listens on it"
+		why = "connection refused: no ctlbd listens on the socket (it is starting, or one that died left the socket behind)"
 	case errors.As(err, &errno) && (errno == syscall.EACCES || errno == syscall.EPERM):
 		why = "permission denied: only root and the socketGroup may use it"
 	case errors.As(err, &errno):

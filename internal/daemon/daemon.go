@@ -52,6 +52,8 @@ type Daemon struct {
 	registry *prometheus.Registry
 	m        *daemonMetrics
 	proxy    *proxy.Proxy
+	// stopProxy drains and shuts the proxy down (Run sets it).
+	stopProxy func()
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
 	// ends ends the connections of servers that leave a set.
@@ -192,13 +194,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.ends.setProxy(func(deps []datapath.Departed) []datapath.Terminated {
 			return endProxied(p, deps)
 		})
-		defer func() {
+		stopProxy := func() {
 			d.ends.setProxy(nil)
 			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			_ = p.Shutdown(sctx)
-		}()
-		d.log.Info("fallback proxy serving", "listening", p.Listening())
+			_ = p.Shutdown(sctx) // once: later calls return at once
+		}
+		defer stopProxy()
+		d.stopProxy = stopProxy
+		d.log.Info("fallback proxy serving", "listening", p.Listening(), "destinations", p.Destinations())
+		d.warnUnserved()
 	}
 	if err := d.startPending(ctx); err != nil {
 		return err
@@ -252,6 +257,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer cancel()
 	_ = srv.Shutdown(shutdownCtx)
 	os.Remove(d.cfg.Socket)
+	if d.stopProxy != nil {
+		d.stopProxy() // drains: the last line comes after it
+	}
 	d.log.Info("ctlbd stopped; the data path stays in place")
 	return nil
 }
@@ -301,6 +309,7 @@ func (d *Daemon) Reload() error {
 	d.mu.Lock()
 	d.cfg = next
 	d.mu.Unlock()
+	d.warnUnserved()
 	d.log.Info("config reloaded", "path", d.cfgPath, "services", len(next.Services))
 	return nil
 }

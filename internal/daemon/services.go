@@ -44,6 +44,14 @@ func (t *serviceTable) remove(key datapath.ServiceKey) {
 	}
 }
 
+// has tells whether the maps hold the VIP, its set empty or not.
+func (t *serviceTable) has(key datapath.ServiceKey) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	_, ok := t.byKey[key]
+	return ok
+}
+
 // count is how many VIPs the maps hold, of either protocol.
 func (t *serviceTable) count() int {
 	t.mu.RLock()
@@ -130,4 +138,19 @@ func (d *Daemon) attachmentCount() int {
 		return -1
 	}
 	return len(atts)
+}
+
+// warnUnserved names each VIP:port the proxy serves that no TCP service
+// backs: the proxy resets every client of it (no_target), and only a line
+// per rejected client said so, which reads like a failing server.
+func (d *Daemon) warnUnserved() {
+	if d.proxy == nil {
+		return
+	}
+	for _, dest := range d.proxy.Services() {
+		if !d.table.has(datapath.ServiceKey{Protocol: datapath.TCP, VIP: dest}) {
+			d.log.Warn("the proxy serves a VIP:port that no TCP service defines: its clients are reset (no_target) until one is set",
+				"vip", dest)
+		}
+	}
 }

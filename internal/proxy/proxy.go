@@ -16,7 +16,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -317,6 +319,11 @@ func (p *Proxy) listenGroup(addr netip.AddrPort) ([]loopFD, netip.AddrPort, erro
 		closeGroup(fds)
 		return nil, netip.AddrPort{}, fmt.Errorf("listen on %s: %w", addr, err)
 	}
+	if addr.Port() != 0 {
+		if err := p.inNetNS(func() error { return probeFree(addr) }); err != nil {
+			return fail(err)
+		}
+	}
 	for _, l := range p.loops {
 		var fd int
 		err := p.inNetNS(func() error {
@@ -350,6 +357,31 @@ func (p *Proxy) listenGroup(addr netip.AddrPort) ([]loopFD, netip.AddrPort, erro
 		fds = append(fds, loopFD{l, fd})
 	}
 	return fds, addr, nil
+}
+
+// probeFree binds addr once without SO_REUSEPORT: a group of reuseport
+// sockets would join any other process's reuseport listener on the same
+// address without a word (nginx, Envoy, HAProxy, another ctlbd), and the
+// kernel would share the clients between the two.
+func probeFree(addr netip.AddrPort) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	// SO_REUSEADDR as the group has: connections left in TIME_WAIT by an
+	// earlier listener (a restarted ctlbd) do not count, a listener does.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return err
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
+		return err
+	}
+	err = unix.Bind(fd, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()})
+	if errors.Is(err, unix.EADDRINUSE) {
+		return fmt.Errorf("%w (another socket is bound there, perhaps another process's SO_REUSEPORT listener, which the proxy's would share clients with)", err)
+	}
+	return err
 }
 
 func listenFD(addr netip.AddrPort) (int, error) {
@@ -449,6 +481,29 @@ func (p *Proxy) End(service, server netip.AddrPort, limit uint64) uint64 {
 	return n
 }
 
+// Destinations are the VIP:ports the proxy serves now, sorted: in steering
+// mode Listening shows one socket for all of them.
+func (p *Proxy) Destinations() []netip.AddrPort {
+	out := slices.Collect(maps.Keys(*p.dests.Load()))
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return out
+}
+
+// Services are the services (VIP:port, whose server set clients are sent
+// to) the proxy serves now, sorted.
+func (p *Proxy) Services() []netip.AddrPort {
+	seen := map[netip.AddrPort]bool{}
+	var out []netip.AddrPort
+	for _, s := range *p.dests.Load() {
+		if !seen[s.key] {
+			seen[s.key] = true
+			out = append(out, s.key)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return out
+}
+
 // admit counts a new client against the caps; the reason it is refused,
 // or "" (then release must follow).
 func (p *Proxy) admit(svc *service) string {
@@ -504,6 +559,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		l.do(l.closePools)
 	}
 
+	if n := p.active.Load(); n > 0 {
+		p.log.Info("draining proxied connections; those still open then are reset", "connections", n, "drainTimeout", p.set.drainTimeout)
+	}
 	done := make(chan struct{})
 	go func() { p.held.Wait(); close(done) }()
 	drain := time.NewTimer(p.set.drainTimeout)

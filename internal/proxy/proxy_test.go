@@ -12,6 +12,8 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -674,5 +676,44 @@ func TestTargetThatIsTheProxyIsSkipped(t *testing.T) {
 	}
 	if n := testutil.ToFloat64(e.p.m.accepted.WithLabelValues(vipPort(portB).String())); n != 0 {
 		t.Errorf("the proxy dialed itself %v times", n)
+	}
+}
+
+// Another process's SO_REUSEPORT listener on an address the proxy is asked
+// to serve makes the change fail, naming the address: the proxy's own
+// reuseport group would have joined it, and the kernel would have sent
+// part of the clients to the other process. The served set says what is
+// served, in both modes.
+func TestListenAddressSharedWithReusePortRefused(t *testing.T) {
+	e := newEnv(t, ModeListeners, nil)
+	const portC = 8601
+	var ln net.Listener
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	if err := e.node.Do(func(ns.NetNS) error {
+		var err error
+		ln, err = lc.Listen(context.Background(), "tcp4", vipPort(portC).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	err := e.p.SetServices([]Service{{VIP: testVIP, Ports: []int{portA, portB, portC}}})
+	if err == nil || !strings.Contains(err.Error(), vipPort(portC).String()) || !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("serving %s where another process's SO_REUSEPORT listener is: %v; want EADDRINUSE naming it", vipPort(portC), err)
+	}
+	want := []netip.AddrPort{vipPort(portA), vipPort(portB)}
+	if got := e.p.Destinations(); !slices.Equal(got, want) {
+		t.Errorf("after the refused change: serving %v, want %v", got, want)
+	}
+	if got := e.p.Services(); !slices.Equal(got, want) {
+		t.Errorf("after the refused change: services %v, want %v", got, want)
 	}
 }

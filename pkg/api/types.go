@@ -224,6 +224,47 @@ type Status struct {
 	// SocketTable is how many entries of the socket table (docs/MAPS.md)
 	// VIP sockets hold; absent for pins made before the table.
 	SocketTable *SocketTable `json:"socketTable,omitempty"`
+	// Proxy is the fallback proxy's state; absent when it does not run.
+	// Its clients are no attached pod's: the services' ATTEMPTS and
+	// ESTABLISHED (the kernel's counts) leave them out.
+	Proxy *ProxyStatus `json:"proxy,omitempty"`
+}
+
+// ProxyStatus is what the fallback proxy serves and has done, counted
+// since ctlbd started (the same counts as the ctlb_proxy_* metrics).
+type ProxyStatus struct {
+	// Mode is "listeners" or "steering".
+	Mode string `json:"mode"`
+	// Listening are its listening sockets: one per destination in
+	// listeners mode, the one steering socket (a random port on
+	// 127.0.0.1) in steering mode.
+	Listening []netip.AddrPort `json:"listening"`
+	// Destinations are the addresses and ports clients dial.
+	Destinations []netip.AddrPort `json:"destinations"`
+	Services     []ProxyService   `json:"services"`
+}
+
+// ProxyService is one VIP:port the proxy serves.
+type ProxyService struct {
+	Service netip.AddrPort `json:"service"`
+	// Open is the client connections held now; Accepted every one
+	// accepted.
+	Open     int64  `json:"open"`
+	Accepted uint64 `json:"accepted"`
+	// Rejected counts clients closed without a target, Resets clients
+	// reset after they were connected, by reason (docs/METRICS.md:
+	// ctlb_proxy_rejected_total, ctlb_proxy_resets_total).
+	Rejected map[string]uint64 `json:"rejected,omitempty"`
+	Resets   map[string]uint64 `json:"resets,omitempty"`
+	Targets  []ProxyTarget     `json:"targets"`
+}
+
+// ProxyTarget is one server a proxied service sent clients to, or failed
+// to reach.
+type ProxyTarget struct {
+	Target       netip.AddrPort `json:"target"`
+	Connections  uint64         `json:"connections"`
+	DialFailures uint64         `json:"dialFailures"`
 }
 
 // SocketTable is the use of the kernel's socket table: Size entries, Used

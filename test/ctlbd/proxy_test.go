@@ -217,6 +217,27 @@ func TestProxiedConnectionsEndWhenServerLeaves(t *testing.T) {
 	if gone, ok := serverStatus(s, two[0]); !ok || gone.Terminated != 2 {
 		t.Errorf("status of the departed server = %+v (found %v), want 2 ended", gone, ok)
 	}
+	// What the proxy did, in status: 6 connections (4, then 2 again), 2
+	// of them reset because their server left.
+	var st api.Status
+	d.JSON(&st, "status")
+	if st.Proxy == nil || st.Proxy.Mode != "listeners" || len(st.Proxy.Services) != 1 {
+		t.Fatalf("status proxy = %+v, want the listeners proxy serving one service", st.Proxy)
+	}
+	ps := st.Proxy.Services[0]
+	conns := map[string]uint64{}
+	for _, tg := range ps.Targets {
+		conns[tg.Target.String()] = tg.Connections
+	}
+	if ps.Service.String() != vip || ps.Open != 4 || ps.Accepted != 6 || ps.Resets["server_left"] != 2 ||
+		conns[two[0]] != 2 || conns[two[1]] != 4 {
+		t.Errorf("status proxy service = %+v (connections by target %v); want %s, 4 open, 6 accepted, 2 reset server_left, 2 to %s and 4 to %s",
+			ps, conns, vip, two[0], two[1])
+	}
+	out := d.MustCLI("status")
+	if !strings.Contains(out, "fallback proxy (listeners): serving 198.19.0.1:8502") || !strings.Contains(out, "2 server_left") {
+		t.Errorf("ctlbd status does not show the proxy's service and its resets:\n%s", out)
+	}
 	page := scrape(t, node, "127.0.0.1:9464")
 	if got := metric(t, page, "ctlb_proxy_resets_total", fmt.Sprintf(`reason="server_left",service=%q`, vip)); got != 2 {
 		t.Errorf(`ctlb_proxy_resets_total{reason="server_left"} = %v, want 2`, got)
@@ -288,4 +309,51 @@ func TestProxyReloadRejectedKeepsMaps(t *testing.T) {
 			t.Fatalf("reload %d with idleTimeout changed: no warning naming proxy.idleTimeout\n%s", i+1, d.LogTail(20))
 		}
 	}
+}
+
+// The proxy's log lines say what it serves: the VIP:ports (in steering mode
+// its one socket shows a random port), a warning for a proxied VIP:port that
+// no TCP service backs (every client of it is reset), and, at a stop, the
+// drain of open connections before the last line.
+func TestProxyLogsWhatItServes(t *testing.T) {
+	node := testutil.NewNetNS(t)
+	testutil.AddLoopbackAddrs(t, node, "127.0.0.31", "127.0.0.32", "127.0.0.33")
+	testutil.StartServers(t, node, servers...)
+	cfg := filepath.Join(t.TempDir(), "ctlbd.json")
+	conf := fmt.Sprintf(`{
+		"services": [{"vip": %q, "servers": [%q]}],
+		"proxy": {"mode": "steering", "drainTimeout": "1s",
+		          "services": [{"vip": "198.19.0.1", "ports": [8502, 8599]}],
+		          "localVIP": {"enabled": true, "device": "lo"}}}`, vip, servers[0])
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := newDaemonIn(t, node, "--config", cfg)
+	d.Start()
+	// The ready line comes after the proxy's: once it is in, they are.
+	testutil.Eventually(t, "ctlbd's ready line", 5*time.Second, func() (bool, string) {
+		return strings.Contains(d.Logs(), "ctlbd ready"), d.LogTail(400)
+	})
+	logs := d.Logs()
+	if !regexp.MustCompile(`fallback proxy serving.*destinations="?\[198\.19\.0\.1:8502 198\.19\.0\.1:8599\]`).MatchString(logs) {
+		t.Errorf("the proxy's start line does not name the VIP:ports it serves:\n%s", d.LogTail(30))
+	}
+	if !regexp.MustCompile(`no TCP service defines.*vip=198\.19\.0\.1:8599`).MatchString(logs) {
+		t.Errorf("no warning for 198.19.0.1:8599, which no service backs:\n%s", d.LogTail(30))
+	}
+	if regexp.MustCompile(`no TCP service defines.*vip=198\.19\.0\.1:8502`).MatchString(logs) {
+		t.Errorf("a warning for 198.19.0.1:8502, which a service backs:\n%s", d.LogTail(30))
+	}
+
+	hold := testutil.StartClient(t, node, "", testutil.ClientSpec{Mode: "hold", Target: vip, Count: 1})
+	if r := hold.Result(t); r.Failed != 0 {
+		t.Fatalf("held connection through the proxy failed: %v", r.Errors)
+	}
+	d.Stop()
+	logs = d.Logs()
+	drain, stopped := strings.Index(logs, "draining proxied connections"), strings.Index(logs, "ctlbd stopped")
+	if drain < 0 || stopped < 0 || drain > stopped {
+		t.Errorf("at a stop with a proxied connection open: want the drain logged before \"ctlbd stopped\" (at %d, %d):\n%s", drain, stopped, d.LogTail(30))
+	}
+	hold.Stop(t)
 }
