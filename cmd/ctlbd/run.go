@@ -116,6 +116,9 @@ clients (off by default; docs/DEPLOY.md, "Fallback proxy").`,
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			defer signal.Stop(hup)
+			if err := daemon.Precheck(cfg); err != nil {
+				return fromFlag(f, err)
+			}
 			d, err := daemon.New(cfg, cfgPath, log)
 			if err != nil {
 				return err

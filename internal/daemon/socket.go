@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctlb/ctlb/internal/config"
+	"github.com/ctlb/ctlb/internal/pending"
 )
 
 // socketRoles decides what a peer of the control socket may do, from its
@@ -28,6 +29,38 @@ import (
 type socketRoles struct {
 	readGID, writeGID int // -1: none
 	readName          string
+}
+
+// Precheck refuses, before the daemon touches the pins or the maps, what
+// would make it fail at the end of its start: a control socket it cannot
+// take (a shared directory, something that is not a socket, another daemon
+// listening, an unknown group) or a state directory it cannot make.
+// Otherwise a daemon refused there had already created every pin, attached
+// its release program, written the config's VIPs and ended the connections
+// of servers the file removed.
+func Precheck(cfg *config.Config) error {
+	for _, g := range []struct{ field, name string }{{"socketGroup", cfg.SocketGroup}, {"socketWriteGroup", cfg.SocketWriteGroup}} {
+		if g.name == "" {
+			continue
+		}
+		if _, err := lookupGroup(g.name); err != nil {
+			return fmt.Errorf("%s %q: %w", g.field, g.name, err)
+		}
+	}
+	if _, err := socketDir(filepath.Dir(cfg.Socket)); err != nil {
+		return err
+	}
+	if err := notSocket(cfg.Socket); err != nil {
+		return err
+	}
+	if c, err := net.Dial("unix", cfg.Socket); err == nil {
+		c.Close()
+		return fmt.Errorf("socket %s: another daemon is listening on it", cfg.Socket)
+	}
+	if err := pending.EnsureDir(cfg.StateDir); err != nil {
+		return &config.FieldError{Field: "stateDir", Err: fmt.Errorf("%s: %w", cfg.StateDir, err)}
+	}
+	return nil
 }
 
 // listenUnix listens on a root-only unix socket, replacing a stale one. With

@@ -678,3 +678,39 @@ func TestReloadNamesRestartOnlySettings(t *testing.T) {
 	}
 	assertServices(t, d, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:8502"}})
 }
+
+// A daemon refused at start for its socket or its state directory touches
+// nothing first: before, it had created every pin in its bpffs, attached
+// another sock_release at the cgroup v2 root and written the config's VIPs
+// by the time the socket was looked at.
+func TestRefusedStartTouchesNothing(t *testing.T) {
+	a := newDaemon(t)
+	a.Start()
+	file := filepath.Join(t.TempDir(), "not-a-dir")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"socket taken", []string{"--socket", a.Socket}, "another daemon is listening"},
+		{"state dir unusable", []string{"--socket", filepath.Join(t.TempDir(), "b.sock"), "--state-dir", filepath.Join(file, "state")}, "--state-dir"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pins := filepath.Join(testutil.MountBPFFS(t), "ctlb")
+			_, errOut, code := run(append([]string{"run", "--bpffs", pins}, c.args...)...)
+			if code == 0 || !strings.Contains(errOut, c.want) {
+				t.Fatalf("exit %d, %q; want it refused with %q", code, errOut, c.want)
+			}
+			if ents, err := os.ReadDir(pins); err == nil && len(ents) > 0 {
+				var names []string
+				for _, e := range ents {
+					names = append(names, e.Name())
+				}
+				t.Errorf("the refused daemon left pins in its bpffs: %v", names)
+			}
+		})
+	}
+}
