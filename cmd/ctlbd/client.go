@@ -432,9 +432,12 @@ non-zero when the daemon is unreachable, so it serves as a readiness probe.
 
 Columns: ATTEMPTS are connects sent to the server; ESTABLISHED and FAILED
 split the TCP ones by outcome (handshake done; refused or timed out); OPEN
-are its sockets open now; ENDED are connections ctlbd ended. HEALTH says
-",failing" while the kernel skips the server after a failed connect. -o wide
-adds the failing marks seen and the last health check error.`,
+are its sockets open now; ENDED are connections ctlbd ended. SOURCE is
+static, dns, consul or exec, or kept: a server the maps kept from before a
+restart (or a reload) that no source of its VIP has listed yet, unchecked.
+HEALTH says ",failing" while the kernel skips the server after a failed
+connect. -o wide adds the failing marks seen and the last health check
+error.`,
 		Example: `  ctlbd status
   ctlbd status -o wide
   ctlbd status -o json`,

@@ -122,6 +122,20 @@ func (s Service) Tracked() bool {
 	return s.DNS != nil || s.Consul != nil || s.Exec != nil || s.Health != nil
 }
 
+// trackedBy names the first section that makes the VIP tracked.
+func (s Service) trackedBy() string {
+	switch {
+	case s.DNS != nil:
+		return "dns"
+	case s.Consul != nil:
+		return "consul"
+	case s.Exec != nil:
+		return "exec"
+	default:
+		return "health"
+	}
+}
+
 // Sources is the tracker configuration of a tracked VIP.
 func (s Service) Sources() servers.Config {
 	c := servers.Config{Static: s.Servers, DNS: s.DNS, Consul: s.Consul, Exec: s.Exec, Panic: s.Panic}
@@ -137,7 +151,7 @@ func Parse(data []byte) (*Config, error) {
 	dec.DisallowUnknownFields()
 	var c Config
 	if err := dec.Decode(&c); err != nil {
-		return nil, fmt.Errorf("decode config: %w", err)
+		return nil, fmt.Errorf("decode config: %w", decodeError(data, err))
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, errors.New("decode config: trailing data after the JSON object")
@@ -269,6 +283,12 @@ func (c *Config) Validate() error {
 		svc, err := s.Datapath()
 		if err != nil {
 			return fmt.Errorf("config services[%d]: %w", i, err)
+		}
+		if s.Tracked() && !svc.VIP.Addr().Is4() {
+			// The tracker (sources, health checks, the candidates' rules)
+			// serves IPv4 VIPs only: an IPv6 VIP would be accepted and
+			// never get a server.
+			return fmt.Errorf("config services[%d]: VIP %s: %s: sources and health checks serve IPv4 VIPs only; give an IPv6 VIP static \"servers\" without \"health\"", i, svc.VIP, s.trackedBy())
 		}
 		if s.Tracked() {
 			if err := s.Sources().Validate(); err != nil {

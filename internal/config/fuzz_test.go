@@ -77,3 +77,29 @@ func TestRemovalPolicyAndRebalance(t *testing.T) {
 		t.Errorf("second VIP: %+v, %v; want terminate, no rebalance", def, err)
 	}
 }
+
+// TestDecodeErrorsSayWhere: the decoder's errors (an unknown key, a bad
+// duration, a wrong type, bad syntax) name the line, the column and the
+// path of what is wrong.
+func TestDecodeErrorsSayWhere(t *testing.T) {
+	pre := "{\"services\": [\n  {\"vip\": \"198.19.0.1:80\", \"servers\": [\"127.0.0.1:80\"]},\n  {\"vip\": \"198.19.0.2:80\", "
+	cases := map[string]string{
+		`"dns": {"name": "a.test", "intervall": "5s"}}]}`:  `decode config: at line 3, column 54 (services[1].dns.intervall): json: unknown field "intervall"`,
+		`"dns": {"name": "a.test", "interval": "5"}}]}`:    `decode config: at line 3, column 66 (services[1].dns.interval): duration "5": time: missing unit in duration "5"`,
+		`"dns": {"name": "a.test", "interval": 5}}]}`:      `decode config: at line 3, column 66 (services[1].dns.interval): duration 5: want a string such as "1s" or "500ms"`,
+		`"dns": {"name": "a.test", "port": "53"}}]}`:       `(services[1].dns.port)`,
+		`"dns": {"name": "a.test",, "port": 53}}]}`:        `decode config: at line 3, column 53 (services[1].dns.name): invalid character ',' looking for beginning of object key string`,
+		`"dns": {"name": "a.test"}, "health": {"rise": 2,`: "decode config: at line 3, column 76 (services[1].health.rise): unexpected EOF",
+	}
+	for in, want := range cases {
+		_, err := config.Parse([]byte(pre + in))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(%s)\n = %v\nwant %s", pre+in, err, want)
+		}
+	}
+	// Top level: the reconcile interval's own duration type.
+	_, err := config.Parse([]byte("{\n \"reconcileInterval\": \"fast\"}"))
+	if want := `decode config: at line 2, column 23 (reconcileInterval): duration "fast"`; err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("bad reconcileInterval: %v, want %s...", err, want)
+	}
+}

@@ -46,3 +46,33 @@ func TestProtocolAndBalance(t *testing.T) {
 		}
 	}
 }
+
+// TestIPv6VIPTracking: an IPv6 VIP with a source or health checks could
+// never get a server (the tracker serves IPv4 VIPs only): it is refused,
+// naming the service and the section. An IPv6 VIP with static servers and
+// no health stays accepted, its servers as given.
+func TestIPv6VIPTracking(t *testing.T) {
+	const hint = `sources and health checks serve IPv4 VIPs only; give an IPv6 VIP static "servers" without "health"`
+	pre := `{"services": [{"vip": "198.19.0.1:80", "servers": ["127.0.0.1:80"]}, {"vip": "[2001:2::20]:80", `
+	cases := map[string]string{
+		`"dns": {"name": "web.test", "resolver": "127.0.0.53"}}]}`:                    "config services[1]: VIP [2001:2::20]:80: dns: " + hint,
+		`"consul": {"address": "http://127.0.0.1:8500", "service": "web"}}]}`:         "config services[1]: VIP [2001:2::20]:80: consul: " + hint,
+		`"exec": {"command": ["/bin/true"]}}]}`:                                       "config services[1]: VIP [2001:2::20]:80: exec: " + hint,
+		`"servers": ["[2001:2::11]:80"], "health": {"type": "tcp"}}]}`:                "config services[1]: VIP [2001:2::20]:80: health: " + hint,
+		`"servers": ["[2001:2::11]:80"], "health": {"type": "tcp"}, "panic": true}]}`: "config services[1]: VIP [2001:2::20]:80: health: " + hint,
+	}
+	for in, want := range cases {
+		_, err := config.Parse([]byte(pre + in))
+		if err == nil || err.Error() != want {
+			t.Errorf("Parse(%s)\n = %v\nwant %s", pre+in, err, want)
+		}
+	}
+	c, err := config.Parse([]byte(pre + `"servers": ["[2001:2::11]:80", "[2001:2::12]:80"]}]}`))
+	if err != nil {
+		t.Fatalf("IPv6 VIP with static servers: %v", err)
+	}
+	svc, err := c.Services[1].Datapath()
+	if err != nil || c.Services[1].Tracked() || len(svc.Servers) != 2 || svc.Servers[0].String() != "[2001:2::11]:80" {
+		t.Errorf("IPv6 VIP with static servers: tracked %v, %+v, %v", c.Services[1].Tracked(), svc, err)
+	}
+}

@@ -323,11 +323,19 @@ func (d *Daemon) Status() (api.Status, error) {
 				listed[c.Addr] = true
 			}
 		}
+		// The rest of the maps' servers: a VIP without a tracker has static
+		// servers, unchecked; a tracked VIP's servers that no source listed
+		// were kept from before (a restart, a reload) and nothing has
+		// confirmed them yet.
+		source := "static"
+		if ss.Tracked {
+			source = api.SourceKept
+		}
 		for _, srv := range svc.Servers {
 			if listed[srv] {
 				continue
 			}
-			ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: srv.String(), Source: "static", Health: "unchecked", InSet: true}, counted[srv]))
+			ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: srv.String(), Source: source, Health: api.HealthUnchecked, InSet: true}, counted[srv]))
 			listed[srv] = true
 		}
 		// Servers that left the set but still have open connections, or

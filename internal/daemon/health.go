@@ -7,6 +7,9 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+
+	"github.com/ctlb/ctlb/internal/servers"
+	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
 // readiness is what /readyz reports, set as Run gets going.
@@ -42,7 +45,8 @@ func (d *Daemon) healthChecks() map[string]string {
 }
 
 // readyChecks: the config is applied, every source of every tracked VIP
-// answered at least once (ctlbd knows the servers it was told to find),
+// answered well formed at least once (an empty answer included: ctlbd
+// knows what it was told to find),
 // the pending-attachment watcher runs and the control API serves.
 func (d *Daemon) readyChecks() map[string]string {
 	c := d.healthChecks()
@@ -56,17 +60,41 @@ func (d *Daemon) readyChecks() map[string]string {
 	if d.cfgPath != "" && !d.NoConfigWatch {
 		c["configWatch"] = okIf(d.ready.configWatch.Load(), "the config file is not being watched")
 	}
-	var waiting []string
-	for vip, snap := range d.snapshots() {
+	c["sources"] = sourcesReady(d.snapshots())
+	return c
+}
+
+// sourcesReady is the "sources" check: "ok" when every source of every
+// tracked VIP answered well formed (an empty answer included), else the
+// sources never reached ("no answer yet from: ...") and those that
+// answered only with errors ("failing: VIP SOURCE: ERROR"). Why errors
+// hold readiness back: servers.SourceStatus.NotReady.
+func sourcesReady(snaps map[datapath.ServiceKey]servers.Snapshot) string {
+	var waiting, failing []string
+	for vip, snap := range snaps {
 		for _, src := range snap.Sources {
-			if !src.Answered {
+			switch why := src.NotReady(); {
+			case why == "":
+			case src.Reached:
+				failing = append(failing, vip.String()+" "+src.Name+": "+strings.TrimPrefix(why, "failing: "))
+			default:
 				waiting = append(waiting, vip.String()+" "+src.Name)
 			}
 		}
 	}
 	slices.Sort(waiting)
-	c["sources"] = okIf(len(waiting) == 0, "no answer yet from: "+strings.Join(waiting, ", "))
-	return c
+	slices.Sort(failing)
+	var parts []string
+	if len(waiting) > 0 {
+		parts = append(parts, "no answer yet from: "+strings.Join(waiting, ", "))
+	}
+	if len(failing) > 0 {
+		parts = append(parts, "failing: "+strings.Join(failing, "; "))
+	}
+	if len(parts) == 0 {
+		return "ok"
+	}
+	return strings.Join(parts, "; ")
 }
 
 func okIf(ok bool, why string) string {

@@ -195,6 +195,9 @@ type consulAnswer struct {
 	instances []instance
 	rejected  []Rejected
 	err       error
+	// empty is the error of an answer without a usable instance, naming
+	// the query and what the ACLs may have to do with it.
+	empty error
 }
 
 func (a consulAnswer) result(port uint16) Result {
@@ -207,7 +210,10 @@ func (a consulAnswer) result(port uint16) Result {
 	}
 	r := Result{Servers: out, Rejected: a.rejected}
 	if len(out) == 0 {
-		r.Err = ErrEmpty
+		r.Err = a.empty
+		if r.Err == nil {
+			r.Err = ErrEmpty
+		}
 	}
 	return r
 }
@@ -421,7 +427,7 @@ func (c *consulClient) fetch(ctx context.Context, index uint64) (consulAnswer, u
 	}).WithContext(ctx)
 	entries, meta, err := c.api.Health().Service(c.q.Service, "", true, opts)
 	if err != nil {
-		return consulAnswer{}, 0, fmt.Errorf("consul %s service %q: %s", c.q.Address, c.q.Service, Truncate(err.Error(), MaxErrorText))
+		return consulAnswer{}, 0, fmt.Errorf("consul %s service %q: %w", c.q.Address, c.q.Service, truncated{err, MaxErrorText})
 	}
 	var ans consulAnswer
 	for _, e := range entries {
@@ -448,7 +454,31 @@ func (c *consulClient) fetch(ctx context.Context, index uint64) (consulAnswer, u
 		}
 		ans.instances = append(ans.instances, instance{node: e.Node.Node, id: e.Service.ID, addr: a})
 	}
+	if len(ans.instances) == 0 {
+		ans.empty = c.emptyError(meta, len(ans.rejected), tok != "" || os.Getenv("CONSUL_HTTP_TOKEN") != "")
+	}
 	return ans, meta.LastIndex, nil
+}
+
+// emptyError says that the service has no passing instance, where, and
+// when the answer says ACLs are in play, that they may be why: Consul
+// answers 200 [] both to a token that may not read the service (its
+// instances filtered out) and to a query without a token on a cluster
+// whose default policy is deny.
+func (c *consulClient) emptyError(meta *api.QueryMeta, rejected int, token bool) error {
+	msg := fmt.Sprintf("consul %s service %q: no passing instance", c.q.Address, c.q.Service)
+	if rejected > 0 {
+		msg = fmt.Sprintf("consul %s service %q: no usable passing instance (%d left out)", c.q.Address, c.q.Service, rejected)
+	}
+	switch {
+	case meta != nil && meta.ResultsFilteredByACLs:
+		msg += fmt.Sprintf("; ACLs filtered the answer (X-Consul-Results-Filtered-By-ACLs): does the token have service:read on %q?", c.q.Service)
+	case meta != nil && strings.EqualFold(meta.DefaultACLPolicy, "deny") && !token:
+		msg += fmt.Sprintf("; the ACL default policy is deny and no token is set, so ACLs may hide it: give consul.tokenFile a token with service:read on %q", c.q.Service)
+	case meta != nil && strings.EqualFold(meta.DefaultACLPolicy, "deny"):
+		msg += fmt.Sprintf("; the ACL default policy is deny, so ACLs may hide it: does the token have service:read on %q?", c.q.Service)
+	}
+	return emptyError(msg)
 }
 
 // isLocalNode tells whether node is the agent ctlbd talks to, on this

@@ -9,7 +9,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
+	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -58,6 +61,31 @@ func Truncate(s string, n int) string {
 	return s[:cut] + fmt.Sprintf("... (%d bytes cut)", len(s)-cut)
 }
 
+// localAddr matches the local end of a socket in a network error's text,
+// "read udp 127.0.0.1:44176->127.0.0.78:5353": an ephemeral port, new at
+// every retry.
+var localAddr = regexp.MustCompile(`(\d{1,3}(\.\d{1,3}){3}|\[[^]]+\]):\d+->`)
+
+// SameError tells whether two errors of a source say the same thing, up to
+// the local ports of the sockets they name: a source that fails the same
+// way at every retry is logged once, not at every retry.
+func SameError(a, b error) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return localAddr.ReplaceAllString(a.Error(), "") == localAddr.ReplaceAllString(b.Error(), "")
+}
+
+// truncated is an error whose text is cut to n bytes (Truncate) and whose
+// chain stays whole, for errors.Is and Unreachable.
+type truncated struct {
+	err error
+	n   int
+}
+
+func (e truncated) Error() string { return Truncate(e.err.Error(), e.n) }
+func (e truncated) Unwrap() error { return e.err }
+
 // Source produces the server list of one VIP from one place.
 type Source interface {
 	// Name says what kind of source this is ("static", "dns", "consul",
@@ -74,8 +102,46 @@ type Source interface {
 // cannot wipe the set; removing every server is a config change.
 var ErrEmpty = errors.New("no servers in the answer")
 
+// emptyError is an empty answer told in the source's own words
+// (errors.Is ErrEmpty).
+type emptyError string
+
+func (e emptyError) Error() string      { return string(e) }
+func (emptyError) Is(target error) bool { return target == ErrEmpty }
+
+// Unreachable tells an error of a source that never reached its server (a
+// refused or reset connection, a timeout: the errors of the network) from
+// one the server answered with (an HTTP error status, a DNS error code) or
+// one of ctlbd's own (a token file it cannot read). Readiness tells "no
+// answer yet" from "failing" by it. Errors joined with errors.Join (one per
+// DNS server asked) are unreachable only when every one of them is.
+func Unreachable(err error) bool {
+	for err != nil {
+		if multi, ok := err.(interface{ Unwrap() []error }); ok {
+			errs := multi.Unwrap()
+			for _, e := range errs {
+				if !Unreachable(e) {
+					return false
+				}
+			}
+			return len(errs) > 0
+		}
+		if _, ok := err.(*net.OpError); ok || err == context.DeadlineExceeded || err == os.ErrDeadlineExceeded {
+			return true
+		}
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			return true // an HTTP client's own timeout
+		}
+		err = errors.Unwrap(err)
+	}
+	return false
+}
+
 // ParseServer reads "a.b.c.d" or "a.b.c.d:port"; a bare address gets
-// defPort. Only IPv4 is accepted: ctlb rewrites IPv4 connections only.
+// defPort. Only IPv4 is accepted: the servers it reads are candidates of
+// a tracked VIP, and tracking (sources, health checks) serves IPv4 VIPs
+// only; an IPv6 VIP takes static servers without health checks, which
+// never come here.
 func ParseServer(s string, defPort uint16) (netip.AddrPort, error) {
 	s = strings.TrimSpace(s)
 	if ap, err := netip.ParseAddrPort(s); err == nil {

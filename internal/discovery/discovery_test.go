@@ -153,3 +153,31 @@ func TestStatic(t *testing.T) {
 		t.Fatalf("empty static list: %v, want ErrEmpty", err)
 	}
 }
+
+// TestSameError: errors that differ only in the local end of a socket are
+// the same failure; any other difference is not.
+func TestSameError(t *testing.T) {
+	e := func(s string) error { return errors.New(s) }
+	same := [][2]string{
+		{"read udp 127.0.0.1:44176->127.0.0.78:5353: i/o timeout", "read udp 127.0.0.1:50001->127.0.0.78:5353: i/o timeout"},
+		{"read udp [::1]:44176->[::1]:53: connection refused", "read udp [::1]:1234->[::1]:53: connection refused"},
+		{"read udp [fe80::1%eth0]:44176->[fe80::2%eth0]:53: x", "read udp [fe80::1%eth0]:9->[fe80::2%eth0]:53: x"},
+	}
+	for _, p := range same {
+		if !SameError(e(p[0]), e(p[1])) {
+			t.Errorf("SameError(%q, %q) = false", p[0], p[1])
+		}
+	}
+	differ := [][2]string{
+		{"read udp 127.0.0.1:44176->127.0.0.78:5353: i/o timeout", "read udp 127.0.0.1:44176->127.0.0.79:5353: i/o timeout"},
+		{"query a at 127.0.0.1:53: rcode SERVFAIL", "query a at 127.0.0.1:53: rcode REFUSED"},
+	}
+	for _, p := range differ {
+		if SameError(e(p[0]), e(p[1])) {
+			t.Errorf("SameError(%q, %q) = true", p[0], p[1])
+		}
+	}
+	if !SameError(nil, nil) || SameError(nil, e("x")) {
+		t.Error("SameError with nil")
+	}
+}

@@ -117,7 +117,15 @@ func (d DNS) Lookup(ctx context.Context) ([]netip.AddrPort, time.Duration, error
 	return nil, 0, fmt.Errorf("dns %s: %w", d.Host, errors.Join(errs...))
 }
 
-var errNoName = errors.New("no such name")
+// errNoName is NXDOMAIN. It is an empty answer (errors.Is ErrEmpty): the
+// server answered, well formed, that the name has no records (a headless
+// service not deployed yet), as NODATA does.
+var errNoName error = noNameError{}
+
+type noNameError struct{}
+
+func (noNameError) Error() string        { return "no such name" }
+func (noNameError) Is(target error) bool { return target == ErrEmpty }
 
 // plan gives the DNS servers to ask and the names to try, in order.
 func (d DNS) plan() (servers, names []string, err error) {

@@ -27,7 +27,9 @@ import (
 //	 "health": {"type": "tcp", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 1},
 //	 "panic": true}
 type Config struct {
-	// Static lists servers as "a.b.c.d:port" (or "a.b.c.d" for port 8502).
+	// Static lists servers as "a.b.c.d:port" (or "a.b.c.d" for port 8502):
+	// a VIP's "servers" in the daemon's config, which names them so in
+	// errors.
 	Static []string      `json:"static,omitempty"`
 	DNS    *DNSConfig    `json:"dns,omitempty"`
 	Consul *ConsulConfig `json:"consul,omitempty"`
@@ -164,7 +166,7 @@ func (c Config) Validate() error {
 	}
 	for i, s := range c.Static {
 		if _, err := discovery.ParseServer(s, discovery.DefaultPort); err != nil {
-			bad(fmt.Sprintf("static[%d]", i), s, "want an IPv4 address with an optional :port")
+			bad(fmt.Sprintf("servers[%d]", i), s, "want an IPv4 address with an optional :port (sources and health checks serve IPv4 VIPs only)")
 		}
 	}
 	if d := c.DNS; d != nil {
@@ -299,7 +301,7 @@ func (c Config) Sources() ([]discovery.Source, error) {
 		for i, s := range c.Static {
 			ap, err := discovery.ParseServer(s, discovery.DefaultPort)
 			if err != nil {
-				return nil, fmt.Errorf("static[%d]: %w", i, err)
+				return nil, fmt.Errorf("servers[%d]: %w", i, err)
 			}
 			st.Servers = append(st.Servers, ap)
 		}

@@ -85,8 +85,8 @@ func TestConfigDefaults(t *testing.T) {
 func TestConfigValidate(t *testing.T) {
 	cases := map[string]string{
 		`{}`:                                 "no server source",
-		`{"static": ["198.18.0.1", "nope"]}`: `static[1] "nope"`,
-		`{"static": ["::1"]}`:                `static[0] "::1"`,
+		`{"static": ["198.18.0.1", "nope"]}`: `servers[1] "nope"`,
+		`{"static": ["::1"]}`:                `servers[0] "::1"`,
 		`{"dns": {"name": ""}}`:              `dns.name ""`,
 		`{"dns": {"name": "x", "resolver": "1.2.3"}}`:                                            `dns.resolver "1.2.3"`,
 		`{"consul": {"address": "127.0.0.1:8500"}}`:                                              `consul.address "127.0.0.1:8500"`,

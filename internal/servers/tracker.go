@@ -6,6 +6,7 @@ package servers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -93,7 +94,11 @@ type sourceState struct {
 	name     string
 	servers  []netip.AddrPort
 	rejected []discovery.Rejected // of the last answer
+	// answered: a well-formed answer came, a list or an empty one.
 	answered bool
+	// reached: the source's server answered, if only with errors (not a
+	// network failure: discovery.Unreachable).
+	reached  bool
 	lastErr  error
 	errCount uint64
 	lastOK   time.Time
@@ -221,10 +226,17 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 		}
 	}
 	if r.Err != nil {
+		switch {
+		case errors.Is(r.Err, discovery.ErrEmpty):
+			s.answered, s.reached = true, true
+		case !discovery.Unreachable(r.Err):
+			s.reached = true
+		}
 		s.errCount++
 		s.lastFail = now
-		// Log a failure when it starts or its text changes, not every retry.
-		if s.lastErr == nil || s.lastErr.Error() != r.Err.Error() {
+		// Log a failure when it starts or what it says changes, not every
+		// retry (a socket's ephemeral local port is not a change).
+		if s.lastErr == nil || !discovery.SameError(s.lastErr, r.Err) {
 			t.log.Warn("server source failed; keeping its last good list",
 				"source", s.name, "error", r.Err, "kept", logList(s.servers))
 		}
@@ -236,7 +248,7 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 	}
 	s.lastErr = nil
 	s.lastOK = now
-	s.answered = true
+	s.answered, s.reached = true, true
 	next := discovery.Normalize(r.Servers)
 	if slices.Equal(next, s.servers) {
 		return ""
@@ -401,7 +413,14 @@ func (t *Tracker) publish(reason string) {
 		t.deferred = nil
 	}
 	if t.changes == 0 {
+		// The reasons held are mostly "X healthy after ..." (one per
+		// candidate, maybe a thousand); what the first set must say is why
+		// a candidate stayed out, which no later line says while its
+		// verdict holds.
 		reason = fmt.Sprintf("first set: %d of %d candidates healthy", len(healthy), len(cands))
+		if out := t.outLocked(cands); out != "" {
+			reason += "; " + out
+		}
 	}
 	set := healthy
 	panicNow := false
@@ -432,6 +451,28 @@ func (t *Tracker) publish(reason string) {
 	if t.o.OnChange != nil {
 		t.o.OnChange(out, reason)
 	}
+}
+
+// outLocked says why the candidates not healthy are out (their last
+// failed check), the first few of them.
+func (t *Tracker) outLocked(cands []netip.AddrPort) string {
+	const most = 5
+	var parts []string
+	n := 0
+	for _, a := range cands {
+		st := t.servers[a].health
+		if st.Verdict != health.Unhealthy {
+			continue
+		}
+		n++
+		if n <= most {
+			parts = append(parts, fmt.Sprintf("%s unhealthy after %d failed %s check(s): %v", a, st.Failures, t.o.Checker.Kind(), st.LastErr))
+		}
+	}
+	if n > most {
+		parts = append(parts, fmt.Sprintf("and %d more unhealthy", n-most))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // Healthy returns the set last published.
@@ -469,9 +510,16 @@ type ServerStatus struct {
 
 // SourceStatus is one source.
 type SourceStatus struct {
-	Name      string `json:"name"`
-	Servers   int    `json:"servers"`
-	Answered  bool   `json:"answered"`
+	Name    string `json:"name"`
+	Servers int    `json:"servers"`
+	// Answered: the source gave a well-formed answer at least once, a
+	// list or an empty one (a Consul service with no passing instance, a
+	// DNS name with no A record or none at all).
+	Answered bool `json:"answered"`
+	// Reached: the source's server answered at least once, if only with
+	// an error (an HTTP error status, a DNS error code); false while every
+	// attempt failed in the network (refused, reset, timed out).
+	Reached   bool   `json:"reached"`
 	LastError string `json:"lastError,omitempty"`
 	// Rejected counts the entries of the last answer left out (not an
 	// address, another host's loopback, wrong family, not unicast, listed
@@ -481,6 +529,34 @@ type SourceStatus struct {
 	Errors        uint64               `json:"errors"`
 	LastSuccess   time.Time            `json:"lastSuccess,omitzero"`
 	LastFailure   time.Time            `json:"lastFailure,omitzero"`
+}
+
+// NotReady is what readiness says of the source: "" once it answered
+// well formed, else why not.
+//
+// An empty answer counts as an answer: ctlbd knows what the source says
+// (nothing to serve yet), and waiting cannot change it. One VIP of a
+// service not deployed yet must not keep ctlbd NotReady on every node and
+// stall a rolling update of ctlbd.
+//
+// A source that answered only with errors (403 for a token without
+// service:read, SERVFAIL, a CA file that does not verify) or was never
+// reached still holds readiness back. Such errors are usually the
+// deployment's own making (its token, its CA, its resolver, its network
+// policy), so a rolling update that brought them should stop on the first
+// node, showing why, instead of rolling them out everywhere; and a node
+// whose ctlbd cannot reach its sources does not know its servers. A source
+// that answered once and fails later does not: readiness does not flap
+// with an outage of Consul or DNS (the last good list is kept).
+func (s SourceStatus) NotReady() string {
+	switch {
+	case s.Answered:
+		return ""
+	case s.Reached:
+		return "failing: " + s.LastError
+	default:
+		return "no answer yet"
+	}
 }
 
 // Snapshot copies the current state.
@@ -493,7 +569,7 @@ func (t *Tracker) Snapshot() Snapshot {
 	}
 	for _, src := range t.sources {
 		ss := SourceStatus{
-			Name: src.name, Servers: len(src.servers), Answered: src.answered,
+			Name: src.name, Servers: len(src.servers), Answered: src.answered, Reached: src.reached,
 			Errors: src.errCount, LastSuccess: src.lastOK, LastFailure: src.lastFail,
 			Rejected: len(src.rejected), RejectedFirst: slices.Clone(src.rejected[:min(8, len(src.rejected))]),
 		}

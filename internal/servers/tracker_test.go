@@ -1,6 +1,8 @@
 package servers
 
 import (
+	"io"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -114,6 +116,11 @@ func TestStartupPublishesCheckedSet(t *testing.T) {
 		t.Fatalf("%d changes at start, want 1: %s", n, rec)
 	}
 	t.Logf("first set: %s", c.reason)
+	// Why the dead one is out is said in the first set's reason: no later
+	// line says it while it stays down.
+	if want := addrs[0].String() + " unhealthy after 1 failed tcp check(s): "; !strings.Contains(c.reason, want) || !strings.Contains(c.reason, "refused") {
+		t.Errorf("first set reason %q does not say why %s is out (want %q... refused)", c.reason, addrs[0], want)
+	}
 }
 
 // TestFirstSetEmpty: a tracker whose servers are all dead (panic off)
@@ -240,4 +247,86 @@ func TestDNSSource(t *testing.T) {
 	}
 	rec.checkOncePerChange(t)
 	t.Logf("source status: %+v", tr.Snapshot().Sources[0])
+}
+
+// TestSourceReadiness: what readiness says of a source. A well-formed
+// empty answer (NODATA, NXDOMAIN) is an answer; a server that answers only
+// with an error code is "failing: ERROR"; a resolver nothing listens on
+// was never reached: "no answer yet". Real dnsmasq; the closed port is on
+// 127.0.0.1.
+func TestSourceReadiness(t *testing.T) {
+	d := testutil.StartDNSMasq(t, map[string][]string{
+		"v6only.test": {"2001:2::5"}, // A query: NOERROR, no record (NODATA)
+		"svc.test":    {"198.18.7.1"},
+	}, 60)
+	closed := freeAddr(t, "127.0.0.1") // nothing listens there any more
+	fast := 100 * time.Millisecond
+	srcs := []discovery.Source{
+		discovery.DNS{Host: "v6only.test", Resolver: d.Addr.String(), Interval: fast},
+		discovery.DNS{Host: "missing.test", Resolver: d.Addr.String(), Interval: fast},
+		discovery.DNS{Host: "svc.test", Resolver: closed.String(), Interval: fast, Timeout: fast},
+		// Outside the zone dnsmasq serves; it forwards nothing: REFUSED.
+		discovery.DNS{Host: "svc.invalid", Resolver: d.Addr.String(), Interval: fast},
+		discovery.DNS{Host: "svc.test", Resolver: d.Addr.String(), Interval: fast},
+	}
+	tr, _ := startTracker(t, "vip", Options{Sources: srcs})
+	deadline := time.Now().Add(10 * time.Second)
+	var snap Snapshot
+	for {
+		snap = tr.Snapshot()
+		done := 0
+		for _, s := range snap.Sources {
+			if s.Errors > 0 || s.Servers > 0 {
+				done++
+			}
+		}
+		if done == len(srcs) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, s := range snap.Sources {
+		t.Logf("%s: answered %v reached %v servers %d errors %d last %q -> %q", s.Name, s.Answered, s.Reached, s.Servers, s.Errors, s.LastError, s.NotReady())
+	}
+	want := []struct {
+		answered, reached bool
+		notReady          string
+	}{
+		{true, true, ""},
+		{true, true, ""},
+		{false, false, "no answer yet"},
+		{false, true, "failing: dns svc.invalid: query svc.invalid. at " + d.Addr.String() + ": rcode REFUSED"},
+		{true, true, ""},
+	}
+	for i, w := range want {
+		s := snap.Sources[i]
+		if s.Answered != w.answered || s.Reached != w.reached || !strings.HasPrefix(s.NotReady(), w.notReady) || (w.notReady == "") != (s.NotReady() == "") {
+			t.Errorf("source %d %s: answered %v reached %v NotReady %q; want answered %v reached %v NotReady %q...",
+				i, s.Name, s.Answered, s.Reached, s.NotReady(), w.answered, w.reached, w.notReady)
+		}
+	}
+}
+
+// TestUnreachableResolverLoggedOnce: a DNS resolver nothing listens on
+// fails every retry with the same error but for the local port of the
+// socket; the failure is logged once, not at every retry.
+func TestUnreachableResolverLoggedOnce(t *testing.T) {
+	closed := freeAddr(t, "127.0.0.1")
+	var logs testutil.SyncBuffer
+	log := slog.New(slog.NewTextHandler(io.MultiWriter(&logs, tlogWriter{t}), &slog.HandlerOptions{Level: slog.LevelInfo}))
+	src := discovery.DNS{Host: "svc.test", Resolver: closed.String(), Interval: 50 * time.Millisecond, Timeout: 100 * time.Millisecond}
+	tr, _ := startTracker(t, "vip", Options{Sources: []discovery.Source{src}, Logger: log})
+	deadline := time.Now().Add(10 * time.Second)
+	for tr.Snapshot().Sources[0].Errors < 6 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	snap := tr.Snapshot().Sources[0]
+	warns := strings.Count(logs.String(), "server source failed")
+	t.Logf("%d failures, %d logged; last: %s", snap.Errors, warns, snap.LastError)
+	if snap.Errors < 6 {
+		t.Fatalf("only %d failures within 10 s", snap.Errors)
+	}
+	if warns != 1 {
+		t.Errorf("%d failures logged %d times, want once", snap.Errors, warns)
+	}
 }

@@ -21,7 +21,9 @@ import (
 
 // DNSMasq is a real DNS server (Debian's dnsmasq) answering A records from
 // a hosts file the test rewrites, on a random 127.53.x.y address and port.
-// It forwards nothing (no upstream): names it does not know get an error.
+// It forwards nothing (no upstream) and serves the zone "test" from the
+// hosts file alone: a name of that zone it does not know gets NXDOMAIN, one
+// with only AAAA records NODATA for A; a name outside it gets REFUSED.
 type DNSMasq struct {
 	t     testing.TB
 	netns ns.NetNS // nil: the test's own
@@ -63,7 +65,7 @@ func startDNSMasq(t testing.TB, netns ns.NetNS, records map[string][]string, ttl
 	_ = d.in(func() error { d.Addr = netip.AddrPortFrom(ip, freePort(t, ip)); return nil })
 	d.cmd = exec.Command(bin,
 		"--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll",
-		"--addn-hosts="+d.hosts,
+		"--addn-hosts="+d.hosts, "--local=/test/",
 		"--listen-address="+ip.String(), "--bind-interfaces", fmt.Sprintf("--port=%d", d.Addr.Port()),
 		fmt.Sprintf("--local-ttl=%d", ttl),
 		"--user=root", "--group=root", // the hosts file is in a 0700 test directory

@@ -131,10 +131,18 @@ const (
 	HealthUnchecked = "unchecked"
 )
 
+// SourceKept is the source of a server of a tracked VIP that the maps
+// hold but no source of the VIP has listed: kept from before a restart
+// (or a reload that changed the VIP's sources) while the sources have not
+// answered yet. It is unchecked, in the set, and stays until the VIP's
+// first set replaces it.
+const SourceKept = "kept"
+
 // ServerStatus is one server of a VIP in ctlbd status.
 type ServerStatus struct {
 	Server string `json:"server"`
-	// Source names where the server came from: static, dns, consul, exec.
+	// Source names where the server came from: static, dns, consul, exec
+	// (several joined with commas), or SourceKept.
 	Source string `json:"source,omitempty"`
 	// Health is HealthHealthy, HealthUnhealthy or HealthUnchecked.
 	Health string `json:"health,omitempty"`

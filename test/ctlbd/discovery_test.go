@@ -248,3 +248,35 @@ func jsonList(ss []string) string {
 	b, _ := json.Marshal(ss)
 	return string(b)
 }
+
+// TestKeptServersShownAsKept: after a restart whose DNS source cannot be
+// reached, the servers the maps kept from before are shown as source
+// "kept" (unchecked, in the set), not as static servers.
+func TestKeptServersShownAsKept(t *testing.T) {
+	n := newNode(t, []string{"127.0.0.86"}, "{}")
+	testutil.StartServers(t, n.netns, "127.0.0.86:8502")
+	dns := testutil.StartDNSMasqIn(t, n.netns, map[string][]string{"kept.test": {"127.0.0.86"}}, 1)
+	conf := `{"services": [{"vip": %q,
+		"dns": {"name": "kept.test", "resolver": %q, "port": 8502, "interval": "500ms"},
+		"health": {"interval": "200ms", "timeout": "100ms"}}]}`
+	n.writeConfig(fmt.Sprintf(conf, vip, dns.Addr))
+	n.start()
+	n.waitSet(vip, []string{"127.0.0.86:8502"}, 5*time.Second)
+	if st := n.status(vip); len(st.Servers) != 1 || st.Servers[0].Source != "dns" {
+		t.Fatalf("before the restart: %+v", st.Servers)
+	}
+
+	// Restart with a resolver nothing listens on: the maps keep the server.
+	n.d.Stop()
+	n.writeConfig(fmt.Sprintf(conf, vip, "127.0.0.86:5399"))
+	n.d.Start()
+	st := n.status(vip)
+	if len(st.Servers) != 1 || st.Servers[0].Source != api.SourceKept || st.Servers[0].Health != api.HealthUnchecked || !st.Servers[0].InSet {
+		t.Errorf("after the restart: servers %+v, want 127.0.0.86:8502 source %q, unchecked, in the set", st.Servers, api.SourceKept)
+	}
+	out := n.d.MustCLI("status")
+	t.Logf("status:\n%s", out)
+	if !strings.Contains(out, "127.0.0.86:8502  kept") {
+		t.Errorf("status text does not show the server as kept:\n%s", out)
+	}
+}
