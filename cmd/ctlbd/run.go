@@ -60,7 +60,7 @@ config file. Two daemons can run side by side with different --bpffs and
 --socket. The fallback proxy (the config's "proxy" section) serves from one
 event loop per CPU, or "loops" of them, and raises GOMAXPROCS by as many while
 it runs; "preconnect": N keeps N connections per server established ahead of
-clients (off by default; docs/TROUBLESHOOTING.md).`,
+clients (off by default; docs/DEPLOY.md, "Fallback proxy").`,
 		Example: `  ctlbd run --config /etc/ctlb/ctlbd.json
   ctlbd run --bpffs /sys/fs/bpf/ctlb-test --socket /run/ctlb-test/ctlbd.sock --state-dir /run/ctlb-test`,
 		Args: cobra.NoArgs,
