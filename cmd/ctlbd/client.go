@@ -346,7 +346,8 @@ func newPendingCommand(g *globals) *cobra.Command {
 		Short: "List pending attachments: pods whose cgroup did not exist yet at CNI ADD",
 		Long: `List the attachments the CNI plugin recorded because the pod's cgroup did not
 exist yet at ADD (containerd and podman run CNI before the container), with
-their age, what ctlbd looks for (the runtime's cgroup path, the pod UID, or a
+the pod (namespace/name, when the runtime passed them in CNI_ARGS; "-"
+otherwise), their age, what ctlbd looks for (the runtime's cgroup path, the pod UID, or a
 process in the sandbox's network namespace) and why it is still waiting.
 ctlbd completes each the moment its cgroup appears; one that stays here for
 long names a cgroup that never came (docs/TROUBLESHOOTING.md).`,
@@ -363,16 +364,20 @@ long names a cgroup that never came (docs/TROUBLESHOOTING.md).`,
 			now := time.Now()
 			return g.print(cmd.OutOrStdout(), list, func(w *tabwriter.Writer) {
 				if g.wide() {
-					fmt.Fprintln(w, "CONTAINER\tAGE\tSTATE\tWAITING FOR\tREASON\tATTACHMENT\tNETNS\tBPFFS")
+					fmt.Fprintln(w, "CONTAINER\tPOD\tAGE\tSTATE\tWAITING FOR\tREASON\tATTACHMENT\tNETNS\tBPFFS")
 				} else {
-					fmt.Fprintln(w, "CONTAINER\tAGE\tSTATE\tWAITING FOR\tREASON")
+					fmt.Fprintln(w, "CONTAINER\tPOD\tAGE\tSTATE\tWAITING FOR\tREASON")
 				}
 				for _, p := range list {
 					age := now.Sub(p.Created).Round(time.Second)
+					pod := "-"
+					if p.PodName != "" {
+						pod = p.PodNamespace + "/" + p.PodName
+					}
 					if g.wide() {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ContainerID, age, p.State, waitingFor(p), pendingReason(p), p.AttachmentID, dash(p.Netns), p.BPFFS)
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ContainerID, pod, age, p.State, waitingFor(p), pendingReason(p), p.AttachmentID, dash(p.Netns), p.BPFFS)
 					} else {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", shortID(p.ContainerID), age, p.State, waitingFor(p), pendingReason(p))
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", shortID(p.ContainerID), pod, age, p.State, waitingFor(p), pendingReason(p))
 					}
 				}
 			})

@@ -313,6 +313,8 @@ func (c *call) addPending(id string, hints podcgroup.Hints, found podcgroup.Foun
 		Netns:        hints.Netns,
 		Created:      time.Now().UTC(),
 	}
+	o := c.owner()
+	rec.PodNamespace, rec.PodName = o.PodNamespace, o.PodName
 	if hints.Netns != "" {
 		if nid, err := podcgroup.StatNetns(hints.Netns); err == nil {
 			rec.NetnsID = nid

@@ -39,7 +39,7 @@ func apiPending(st pending.Status) api.PendingAttachment {
 	r := st.Record
 	return api.PendingAttachment{
 		ContainerID: r.ContainerID, AttachmentID: r.AttachmentID, BPFFS: r.BPFFS,
-		CgroupDir: r.CgroupDir, PodUID: r.PodUID, Netns: r.Netns,
+		CgroupDir: r.CgroupDir, PodUID: r.PodUID, PodNamespace: r.PodNamespace, PodName: r.PodName, Netns: r.Netns,
 		NetnsID: api.NetnsID{Dev: r.NetnsID.Dev, Ino: r.NetnsID.Ino},
 		Created: r.Created, State: st.State, Cgroup: st.Cgroup, Error: st.Error,
 	}

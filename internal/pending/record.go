@@ -46,6 +46,11 @@ type Record struct {
 	CgroupDir string `json:"cgroupDir,omitempty"`
 	// PodUID locates the pod cgroup in the kubepods trees.
 	PodUID string `json:"podUID,omitempty"`
+	// PodNamespace and PodName are the Kubernetes pod's, from CNI_ARGS,
+	// for `ctlbd pending`: empty outside Kubernetes and in records of
+	// plugins older than these fields.
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
 	// Netns and NetnsID locate it through the sandbox's processes, and tell
 	// whether the sandbox still exists.
 	Netns   string            `json:"netns,omitempty"`

@@ -111,6 +111,10 @@ type PendingAttachment struct {
 	Netns        string    `json:"netns,omitempty"`
 	NetnsID      NetnsID   `json:"netnsID"`
 	Created      time.Time `json:"created"`
+	// PodNamespace and PodName name the Kubernetes pod, when the runtime
+	// gave them to the CNI plugin (absent in records of older plugins).
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
 	// State is pending, attached or failed (absent, in the answer to
 	// POST /v1/pending: ctlbd has no such record).
 	State  string `json:"state"`

@@ -103,3 +103,70 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("unreachable daemon: exit %d, %q; want one line without the Go error chain", code, errOut)
 	}
 }
+
+// TestPendingNamesPod: a pending record the CNI plugin writes keeps the
+// pod's namespace and name from CNI_ARGS, and `ctlbd pending` (table, wide,
+// json) shows them; a record of an older plugin, without them, shows "-".
+func TestPendingNamesPod(t *testing.T) {
+	d := startDaemon(t, nil)
+	parent := testutil.NewCgroup(t, "")
+	rel := strings.TrimPrefix(parent, testutil.V2Mount(t))
+	netns := testutil.NewNetNS(t)
+	conf, _ := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": "pods", "type": "ctlb",
+		"bpffs": d.BPFFS, "socket": d.Socket, "stateDir": d.StateDir, "cgroupPath": rel + "/not-yet",
+		"prevResult": map[string]any{"cniVersion": "1.0.0", "interfaces": []any{map[string]any{"name": "eth0", "sandbox": netns.Path()}},
+			"ips": []any{map[string]any{"address": "198.18.0.9/24", "interface": 0}}},
+	})
+	run := func(command string) {
+		t.Helper()
+		cmd := exec.Command(plugin)
+		cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID=beef0123456789abcdef", "CNI_NETNS="+netns.Path(), "CNI_IFNAME=eth0",
+			"CNI_PATH="+filepath.Dir(plugin), "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1")
+		cmd.Stdin = bytes.NewReader(conf)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("CNI %s: %v: %s", command, err, out)
+		}
+	}
+	run("ADD")
+	t.Cleanup(func() { run("DEL") })
+	// A record as a plugin older than the pod fields wrote it.
+	old := pending.Record{ContainerID: "0ld0123456789abcdef", AttachmentID: "cni-old-0ld0123456789abcdef", BPFFS: d.BPFFS,
+		CgroupDir: rel + "/never", Created: time.Now().UTC()}
+	if err := pending.Write(d.StateDir, old); err != nil {
+		t.Fatal(err)
+	}
+
+	var list []api.PendingAttachment
+	out := d.MustCLI("pending", "-o", "json")
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 2 {
+		t.Fatalf("ctlbd pending -o json: %v:\n%s\nwant 2 records", err, out)
+	}
+	for _, p := range list {
+		want := [2]string{"shop", "web-1"}
+		if p.ContainerID == old.ContainerID {
+			want = [2]string{}
+		}
+		if got := [2]string{p.PodNamespace, p.PodName}; got != want {
+			t.Errorf("pending -o json: container %s has pod %q, want %q", p.ContainerID, got, want)
+		}
+	}
+	for _, args := range [][]string{{"pending"}, {"pending", "-o", "wide"}} {
+		table := d.MustCLI(args...)
+		rows := strings.Split(strings.TrimSpace(table), "\n")
+		if len(rows) != 3 || !strings.Contains(rows[0], "\tPOD\t") && !strings.Contains(rows[0], " POD ") {
+			t.Errorf("ctlbd %s:\n%s\nwant a POD column and 2 rows", strings.Join(args, " "), table)
+			continue
+		}
+		for _, row := range rows[1:] {
+			f := strings.Fields(row)
+			want := "shop/web-1"
+			if strings.HasPrefix(old.ContainerID, f[0]) {
+				want = "-"
+			}
+			if len(f) < 2 || f[1] != want {
+				t.Errorf("ctlbd %s: row %q, want POD %s after the container", strings.Join(args, " "), row, want)
+			}
+		}
+	}
+}
