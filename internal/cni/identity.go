@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -102,6 +103,24 @@ func PodOf(stateDir, attID string) (namespace, name string) {
 		}
 	}
 	return "", ""
+}
+
+// OwnersOf names, for logs, whom an attachment was made for: the pods
+// (namespace/name) its owners recorded and, for owners without a pod name
+// (outside Kubernetes), their container IDs. Both are empty for an
+// attachment the plugin did not make.
+func OwnersOf(stateDir, attID string) (pods, containers []string) {
+	owners, _ := listOwners(stateDir, attID)
+	for _, o := range owners {
+		if o.PodName != "" {
+			if p := o.PodNamespace + "/" + o.PodName; !slices.Contains(pods, p) {
+				pods = append(pods, p)
+			}
+		} else if !slices.Contains(containers, o.ContainerID) {
+			containers = append(containers, o.ContainerID)
+		}
+	}
+	return pods, containers
 }
 
 // podName keeps a namespace or pod name only when it is one Kubernetes

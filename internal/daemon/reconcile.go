@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/pkg/datapath"
 )
 
@@ -52,14 +53,18 @@ func (d *Daemon) Reconcile() ReconcileResult {
 		d.countRepairs(r)
 		return r
 	}
+	d.mu.Lock()
+	stateDir := d.cfg.StateDir
+	d.mu.Unlock()
 	for _, a := range atts {
 		switch {
 		case !a.Alive:
+			attrs := deadAttachmentAttrs(stateDir, a)
 			if err := d.dp.Detach(a.ID); err != nil && !errors.Is(err, datapath.ErrNoAttachment) {
-				d.log.Error("reconcile: remove dead attachment", "id", a.ID, "error", err)
+				d.log.Error("reconcile: remove dead attachment", append(attrs, "error", err)...)
 				continue
 			}
-			d.log.Info("reconcile: removed attachment of a dead cgroup", "id", a.ID, "cgroupId", a.CgroupID)
+			d.log.Info("reconcile: removed attachment of a dead cgroup", attrs...)
 			r.Dead = append(r.Dead, a.ID)
 		case len(a.Missing) > 0:
 			if _, err := d.dp.Attach(a.ID, a.CgroupPath); err != nil {
@@ -75,6 +80,28 @@ func (d *Daemon) Reconcile() ReconcileResult {
 	}
 	d.countRepairs(r)
 	return r
+}
+
+// deadAttachmentAttrs say what a dead attachment was for, as far as is
+// left to tell: the cgroup's path is gone and its ID too once the kernel
+// has freed it (0), so the pods (or containers) the CNI plugin recorded as
+// its owners, and the cgroup ID the link still holds or, failing that, the
+// one in the name of an attachment made by "ctlbd attach".
+func deadAttachmentAttrs(stateDir string, a datapath.Attachment) []any {
+	attrs := []any{"id", a.ID}
+	if a.CgroupID != 0 {
+		attrs = append(attrs, "cgroupId", a.CgroupID)
+	} else if cg, ok := datapath.CgroupIDOf(a.ID); ok {
+		attrs = append(attrs, "cgroupId", cg)
+	}
+	pods, containers := cni.OwnersOf(stateDir, a.ID)
+	if len(pods) > 0 {
+		attrs = append(attrs, "pods", pods)
+	}
+	if len(containers) > 0 {
+		attrs = append(attrs, "containers", containers)
+	}
+	return attrs
 }
 
 // countRepairs adds a pass's repairs to ctlb_reconcile_repairs_total.

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -49,6 +50,17 @@ func ValidateAttachmentID(id string) error {
 // CgroupAttachmentID names the attachment made for a cgroup by path (ctlbd
 // attach --cgroup): one per cgroup, stable across calls.
 func CgroupAttachmentID(cgroupID uint64) string { return fmt.Sprintf("cgroup-%d", cgroupID) }
+
+// CgroupIDOf is the cgroup ID a CgroupAttachmentID names; ok is false for
+// IDs of other forms (the CNI plugin's).
+func CgroupIDOf(id string) (cgroupID uint64, ok bool) {
+	n, found := strings.CutPrefix(id, "cgroup-")
+	if !found {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(n, 10, 64)
+	return v, err == nil
+}
 
 func (d *Datapath) linksDir() string { return filepath.Join(d.dir, "links") }
 

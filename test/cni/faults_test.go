@@ -616,6 +616,51 @@ func (e *env) namedPod(dir string) *pod {
 	return p
 }
 
+// TestReconcileNamesDeadAttachment: the reconciler's line for a dead
+// attachment says what it was for, the kernel having forgotten the cgroup's
+// path (and, once it has freed the cgroup, its ID): the pod the CNI plugin
+// attached (namespace/name from CNI_ARGS), the cgroup ID of one made by
+// `ctlbd attach` (its name has it); never the useless cgroupId=0.
+func TestReconcileNamesDeadAttachment(t *testing.T) {
+	e := newEnv(t) // its ctlbd reconciles hourly: the test runs the pass
+	dir := filepath.Join(e.cgroups, "sandboxes", "web-0")
+	p := e.namedPod(dir)
+	e.mustAdd(e.chain(nil), p)
+	e.wantAttached(p)
+	byHand := testutil.NewCgroup(t, strings.TrimPrefix(e.cgroups, testutil.V2Mount(t)))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	att, err := e.daemon.Client().Attach(ctx, api.AttachRequest{Cgroup: byHand})
+	if err != nil {
+		t.Fatalf("ctlbd attach %s: %v", byHand, err)
+	}
+	testutil.RemoveCgroup(t, dir)
+	testutil.RemoveCgroup(t, byHand)
+
+	r := e.daemon.Daemon().Reconcile()
+	podAtt := cni.AttachmentID(p.net, p.id)
+	if !slices.Contains(r.Dead, podAtt) || !slices.Contains(r.Dead, att.ID) {
+		t.Fatalf("reconcile removed %v, want %s and %s", r.Dead, podAtt, att.ID)
+	}
+	lines := map[string]string{}
+	for _, l := range strings.Split(e.daemon.Logs(), "\n") {
+		if strings.Contains(l, "removed attachment of a dead cgroup") {
+			for _, id := range []string{podAtt, att.ID} {
+				if strings.Contains(l, "id="+id+" ") || strings.HasSuffix(l, "id="+id) {
+					lines[id] = l
+				}
+			}
+		}
+	}
+	if l := lines[podAtt]; !strings.Contains(l, "pods=[default/web-0]") || strings.Contains(l, "cgroupId=0") {
+		t.Errorf("reconcile's line for the pod's attachment: %q, want pods=[default/web-0] and no cgroupId=0", l)
+	}
+	if l, want := lines[att.ID], fmt.Sprintf("cgroupId=%d", att.CgroupID); !strings.Contains(l, want) {
+		t.Errorf("reconcile's line for ctlbd attach's attachment: %q, want %s", l, want)
+	}
+	t.Logf("logged: %s | %s", lines[podAtt], lines[att.ID])
+}
+
 // A pod torn down without DEL (its cgroup removed while attached): CHECK
 // says the cgroup is dead; GC (with a valid-attachments list that still
 // names the pod, and without a list) and ctlbd's reconciler remove the dead
