@@ -227,7 +227,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	api := d.cfg.ControlAPI
 	srv := &http.Server{
-		Handler:     roles.authorize(d.Handler()),
+		Handler:     logRequests(d.log, roles.authorize(d.Handler())),
 		ConnContext: peerContext,
 		// A stalled or idle client cannot hold a connection forever.
 		ReadHeaderTimeout: min(time.Duration(api.ReadTimeout), 10*time.Second),

@@ -41,6 +41,7 @@ func (d *Daemon) reconcileLoop(ctx context.Context, every time.Duration) {
 func (d *Daemon) Reconcile() ReconcileResult {
 	var r ReconcileResult
 	var err error
+	start := time.Now()
 	if r.Repinned, err = d.dp.Repin(); err != nil {
 		d.log.Error("reconcile: re-pin", "error", err)
 	}
@@ -78,6 +79,10 @@ func (d *Daemon) Reconcile() ReconcileResult {
 	if r.Stale, err = d.dp.RemoveStale(time.Minute); err != nil {
 		d.log.Error("reconcile: remove stale link directories", "error", err)
 	}
+	// Every pass, even one that found everything whole: an operator
+	// debugging sees that the reconciler runs and what it looked at.
+	d.log.Debug("reconcile pass", "bpffs", d.dp.Dir(), "attachments", len(atts), "repinned", len(r.Repinned),
+		"dead", len(r.Dead), "repaired", len(r.Repaired), "stale", r.Stale, "duration", time.Since(start).Round(time.Microsecond))
 	d.countRepairs(r)
 	return r
 }

@@ -243,6 +243,10 @@ func (l *loop) event(ev fsnotify.Event) {
 func (l *loop) kick(id string) Status {
 	e := l.reload(id)
 	if e == nil {
+		// The plugin's notice names a record this daemon does not have:
+		// completed or taken by a DEL already, or (the plugin warns then)
+		// written to another state directory.
+		l.w.log.Debug("pending kick: no such record", "attachment", id, "dir", l.dir)
 		return Status{Record: Record{AttachmentID: id}, State: StateAbsent}
 	}
 	rec := e.rec
@@ -255,6 +259,7 @@ func (l *loop) kick(id string) Status {
 	if cur := l.w.records[id]; cur != nil {
 		return Status{Record: cur.rec, State: l.w.stateOf(cur), Error: cur.lastErr}
 	}
+	l.w.log.Debug("pending kick: the record went while it was looked at (taken by a DEL, or expired)", "attachment", id, "dir", l.dir)
 	return Status{Record: rec, State: StateAbsent}
 }
 

@@ -37,7 +37,7 @@ func groupDaemon(t *testing.T, socket string, cfg map[string]any) *ctlbdtest.Dae
 func TestSocketGroupReadOnly(t *testing.T) {
 	testutil.RequireRoot(t)
 	sock := filepath.Join(testutil.SharedDir(t), "run", "ctlbd.sock")
-	d := groupDaemon(t, sock, map[string]any{"socketGroup": "4242", "socketWriteGroup": "4243"})
+	d := groupDaemon(t, sock, map[string]any{"socketGroup": "4242", "socketWriteGroup": "4243", "logLevel": "debug"})
 	d.SetService("198.18.255.1:80", "198.18.0.2:80")
 	before := d.MustCLI("service", "list", "-o", "json")
 
@@ -59,6 +59,11 @@ func TestSocketGroupReadOnly(t *testing.T) {
 	}
 	if after := d.MustCLI("service", "list", "-o", "json"); after != before {
 		t.Fatalf("a read-only member changed the services:\n%s\n%s", before, after)
+	}
+	// At debug, each request names its peer and the answer: a refusal too.
+	refused := `msg="control API request" method=POST path=/v1/reload uid=65534 status=403`
+	if !strings.Contains(d.Logs(), refused) {
+		t.Errorf("ctlbd's debug log has no line %s:\n%s", refused, d.LogTail(3000))
 	}
 	// In both groups (the write group as a supplementary one): may change.
 	writer := []uint32{readGroup, writeGroup}

@@ -51,7 +51,8 @@ type Options struct {
 	// BPFFS is the pin directory; empty mounts a private bpffs for it.
 	// Socket and StateDir default to a private temporary directory.
 	BPFFS, Socket, StateDir string
-	// LogLevel of an in-process daemon (default debug).
+	// LogLevel of an in-process daemon: the zero value is info, like
+	// `ctlbd run`; slog.LevelDebug adds its debug lines.
 	LogLevel slog.Level
 	// Env is added to the process's environment (e.g. a crash point,
 	// internal/crashpoint); Daemon.Env can change it between starts.
