@@ -347,8 +347,9 @@ func newPendingCommand(g *globals) *cobra.Command {
 		Long: `List the attachments the CNI plugin recorded because the pod's cgroup did not
 exist yet at ADD (containerd and podman run CNI before the container), with
 the pod (namespace/name, when the runtime passed them in CNI_ARGS; "-"
-otherwise), their age, what ctlbd looks for (the runtime's cgroup path, the pod UID, or a
-process in the sandbox's network namespace) and why it is still waiting.
+otherwise), their age, what ctlbd looks for (the runtime's cgroup path, the
+pod UID, or a process in the sandbox's network namespace) and why it is
+still waiting.
 ctlbd completes each the moment its cgroup appears; one that stays here for
 long names a cgroup that never came (docs/TROUBLESHOOTING.md).`,
 		Example: `  ctlbd pending
