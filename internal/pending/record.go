@@ -74,6 +74,16 @@ func (r Record) Key() string {
 	return r.ContainerID
 }
 
+// who are the log attributes naming the record's container and, when the
+// runtime gave it, its pod, followed by attrs.
+func (r Record) who(attrs ...any) []any {
+	out := []any{"containerID", r.ContainerID}
+	if r.PodName != "" {
+		out = append(out, "pod", r.PodNamespace+"/"+r.PodName)
+	}
+	return append(out, attrs...)
+}
+
 // hasNetns reports whether the record identifies the sandbox's netns.
 func (r Record) hasNetns() bool { return r.NetnsID != (podcgroup.NetnsID{}) }
 

@@ -406,8 +406,8 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 	switch {
 	case err == nil:
 		waited := time.Since(r.Created)
-		w.log.Info("pending attachment completed", "containerID", r.ContainerID, "attachment", att.ID,
-			"cgroup", dir, "after", waited.Round(time.Millisecond))
+		w.log.Info("pending attachment completed", r.who("attachment", att.ID,
+			"cgroup", dir, "after", waited.Round(time.Millisecond))...)
 		if w.Completed != nil {
 			w.Completed(waited)
 		}
@@ -424,7 +424,7 @@ func (l *loop) try(e *entry, byNetns map[podcgroup.NetnsID]string, full bool) (S
 	e.lastErr = msg
 	w.mu.Unlock()
 	if changed {
-		w.log.Warn("pending attachment: attach failed, will retry", "containerID", r.ContainerID, "cgroup", dir, "error", err)
+		w.log.Warn("pending attachment: attach failed, will retry", r.who("cgroup", dir, "error", err)...)
 	}
 	return Status{}, false
 }
@@ -441,8 +441,8 @@ func (l *loop) expire(e *entry) (Status, bool) {
 		if time.Since(r.Created) >= w.TTL && !e.warnedOld {
 			e.warnedOld = true
 			w.log.Warn("pending attachment still waiting: its sandbox exists but no pod cgroup was found",
-				"containerID", r.ContainerID, "age", time.Since(r.Created).Round(time.Second),
-				"cgroupDir", r.CgroupDir, "podUID", r.PodUID, "netns", r.Netns)
+				r.who("age", time.Since(r.Created).Round(time.Second),
+					"cgroupDir", r.CgroupDir, "podUID", r.PodUID, "netns", r.Netns)...)
 		}
 		return Status{}, false
 	}
@@ -462,7 +462,7 @@ func (l *loop) expire(e *entry) (Status, bool) {
 		return Status{}, false
 	}
 	w.log.Warn("pending attachment expired: the sandbox went away before its cgroup appeared",
-		"containerID", r.ContainerID, "age", time.Since(r.Created).Round(time.Second))
+		r.who("age", time.Since(r.Created).Round(time.Second))...)
 	return Status{Record: r, State: StateExpired}, true
 }
 

@@ -169,4 +169,17 @@ func TestPendingNamesPod(t *testing.T) {
 			}
 		}
 	}
+
+	// The cgroup comes: ctlbd's line for the completion names the pod too.
+	if err := os.Mkdir(filepath.Join(parent, "not-yet"), 0o755); err != nil {
+		t.Fatal(err) // removed with parent
+	}
+	testutil.Eventually(t, "the pending attachment completed, naming its pod", pendingDeadline, func() (bool, string) {
+		for _, l := range strings.Split(d.Logs(), "\n") {
+			if strings.Contains(l, `msg="pending attachment completed"`) && strings.Contains(l, "pod=shop/web-1") {
+				return true, l
+			}
+		}
+		return false, d.LogTail(2000)
+	})
 }
