@@ -225,6 +225,29 @@ func TestDNSSourceAndSourceFailure(t *testing.T) {
 	if got := n.serviceServers(vip); !slices.Equal(got, []string{"127.0.0.62:8502", "127.0.0.63:8502"}) {
 		t.Fatalf("after the DNS server died: set %v, want the last good answer", got)
 	}
+
+	// Since when: the outage, the last good answer, the last change of the
+	// set and its reason, each server's health.
+	st := n.status(vip)
+	src := st.Sources[0]
+	if src.FailingSince.IsZero() || src.LastSuccess.IsZero() || src.LastSuccess.After(src.FailingSince) || src.FailingSince.After(src.LastFailure) {
+		t.Errorf("failing DNS source: last success %v, failing since %v, last failure %v", src.LastSuccess, src.FailingSince, src.LastFailure)
+	}
+	if st.LastChange.IsZero() || !strings.Contains(st.LastReason, "127.0.0.63:8502") {
+		t.Errorf("last change %v %q: want a time and the reason naming the server the DNS change added", st.LastChange, st.LastReason)
+	}
+	for _, s := range st.Servers {
+		if s.HealthSince.IsZero() || s.LastCheck.IsZero() {
+			t.Errorf("server %s: health since %v, last check %v", s.Server, s.HealthSince, s.LastCheck)
+		}
+	}
+	out := n.d.MustCLI("status", "-o", "wide")
+	for _, want := range []string{"HEALTH SINCE", "last change ", "failing since ", "last success ", " ago ("} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status -o wide has no %q:\n%s", want, out)
+		}
+	}
+	t.Logf("status -o wide with the DNS server dead:\n%s", out)
 }
 
 func TestReloadRestartsOnlyChangedTrackers(t *testing.T) {
