@@ -420,6 +420,19 @@ func shortID(id string) string {
 	return id
 }
 
+// ago says how long ago t was, with the time of day (UTC) so that it can
+// be matched with logs: "3m12s ago (23:40:01Z)"; -o json has the full
+// RFC 3339 time.
+func ago(t time.Time) string {
+	d := max(time.Since(t), 0)
+	if d < 10*time.Second {
+		d = d.Round(100 * time.Millisecond)
+	} else {
+		d = d.Round(time.Second)
+	}
+	return fmt.Sprintf("%s ago (%s)", d, t.UTC().Format("15:04:05Z"))
+}
+
 func dash(s string) string {
 	if s == "" {
 		return "-"
@@ -442,8 +455,16 @@ are its sockets open now; ENDED are connections ctlbd ended. SOURCE is
 static, dns, consul or exec, or kept: a server the maps kept from before a
 restart (or a reload) that no source of its VIP has listed yet, unchecked.
 HEALTH says ",failing" while the kernel skips the server after a failed
-connect. -o wide adds the failing marks seen and the last health check
-error.`,
+connect. -o wide adds the failing marks seen, HEALTH SINCE (when the
+server's health last changed) and the last health check error.
+
+Below the table, each tracked VIP: its set changes, when and why the set
+last changed ("last change 5m2s ago (23:40:01Z): ..."), and each source
+with its servers, errors, "last success ... ago" and, while it fails,
+"failing since ... ago" (the first failure since its last good answer)
+and its last error. -o json gives these times in RFC 3339 (lastChange,
+lastReason, lastSuccess, lastFailure, failingSince, healthSince,
+lastCheck).`,
 		Example: `  ctlbd status
   ctlbd status -o wide
   ctlbd status -o json`,
@@ -458,7 +479,7 @@ error.`,
 			return g.print(cmd.OutOrStdout(), st, func(w *tabwriter.Writer) {
 				cols := []string{"VIP", "PROTO", "SERVER", "SOURCE", "HEALTH", "IN SET", "ATTEMPTS", "ESTABLISHED", "FAILED", "OPEN", "ENDED"}
 				if g.wide() {
-					cols = append(cols, "FAIL MARKS", "LAST ERROR")
+					cols = append(cols, "FAIL MARKS", "HEALTH SINCE", "LAST ERROR")
 				}
 				row := func(cells ...string) {
 					// Every row as wide as the header, so that the
@@ -481,7 +502,11 @@ error.`,
 						cells := []string{s.VIP, s.Protocol, srv.Server, srv.Source, health, fmt.Sprint(srv.InSet),
 							fmt.Sprint(srv.Attempts), fmt.Sprint(srv.Established), fmt.Sprint(srv.Failed), fmt.Sprint(srv.Open), fmt.Sprint(srv.Terminated)}
 						if g.wide() {
-							cells = append(cells, fmt.Sprint(srv.FailMarks), dash(srv.LastError))
+							since := "-"
+							if !srv.HealthSince.IsZero() {
+								since = ago(srv.HealthSince)
+							}
+							cells = append(cells, fmt.Sprint(srv.FailMarks), since, dash(srv.LastError))
 						}
 						row(cells...)
 					}
@@ -495,8 +520,20 @@ error.`,
 						mode = "   PANIC: no healthy server, every candidate kept"
 					}
 					fmt.Fprintf(w, "\n%s: %d set changes%s\n", s.VIP, s.Changes, mode)
+					if !s.LastChange.IsZero() {
+						fmt.Fprintf(w, "  last change %s: %s\n", ago(s.LastChange), s.LastReason)
+					}
 					for _, src := range s.Sources {
 						line := fmt.Sprintf("  source %s: %d servers, %d errors", src.Name, src.Servers, src.Errors)
+						switch {
+						case !src.FailingSince.IsZero():
+							line += ", failing since " + ago(src.FailingSince)
+							if !src.LastSuccess.IsZero() {
+								line += ", last success " + ago(src.LastSuccess)
+							}
+						case !src.LastSuccess.IsZero():
+							line += ", last success " + ago(src.LastSuccess)
+						}
 						if src.LastError != "" {
 							line += ", last: " + src.LastError
 						}

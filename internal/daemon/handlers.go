@@ -306,8 +306,10 @@ func (d *Daemon) Status() (api.Status, error) {
 		if snap, ok := tracked[svc.Key()]; ok {
 			// Every candidate, in the set or not, with its sources and health.
 			ss.Tracked, ss.Panic, ss.Changes, ss.Trimmed = true, snap.Panic, snap.Changes, snap.Trimmed
+			ss.LastChange, ss.LastReason = snap.LastChange, snap.LastReason
 			for _, src := range snap.Sources {
-				as := api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError, Rejected: src.Rejected}
+				as := api.SourceStatus{Name: src.Name, Servers: src.Servers, Errors: src.Errors, LastError: src.LastError, Rejected: src.Rejected,
+					LastSuccess: src.LastSuccess, LastFailure: src.LastFailure, FailingSince: src.FailingSince}
 				for _, r := range src.RejectedFirst {
 					as.RejectedFirst = append(as.RejectedFirst, api.RejectedEntry{Entry: r.Entry, Reason: r.Reason})
 				}
@@ -319,7 +321,8 @@ func (d *Daemon) Status() (api.Status, error) {
 			}
 			for _, c := range snap.Servers {
 				ss.Servers = append(ss.Servers, withCounts(api.ServerStatus{Server: c.Addr.String(), Source: strings.Join(c.Sources, ","),
-					Health: c.Health.String(), InSet: inMap[c.Addr], LastError: c.LastError}, counted[c.Addr]))
+					Health: c.Health.String(), InSet: inMap[c.Addr], LastError: c.LastError,
+					HealthSince: c.Since, LastCheck: c.LastCheck}, counted[c.Addr]))
 				listed[c.Addr] = true
 			}
 		}

@@ -44,6 +44,10 @@ var (
 		"1 when a candidate server of a tracked VIP is in the set written to the map.", []string{"vip", "server"}, nil)
 	descSourceErrors = prometheus.NewDesc("ctlb_source_errors_total",
 		"Failed answers of a server source (DNS, Consul, exec); the last good answer is kept.", []string{"vip", "source"}, nil)
+	descSourceUp = prometheus.NewDesc("ctlb_source_up",
+		"1 while a server source's last answer was good, 0 while it fails (from its first failure to its next good answer) or before it answered: unlike ctlb_source_errors_total it holds for the whole outage.", []string{"vip", "source"}, nil)
+	descSourceLastSuccess = prometheus.NewDesc("ctlb_source_last_success_timestamp_seconds",
+		"Unix time of a server source's last good answer; absent until it has answered.", []string{"vip", "source"}, nil)
 	descSetChanges = prometheus.NewDesc("ctlb_service_set_changes_total",
 		"Changes of a tracked VIP's healthy set written to the map.", []string{"vip"}, nil)
 	descEnded = prometheus.NewDesc("ctlb_server_terminated_connections_total",
@@ -68,7 +72,7 @@ type collector struct{ d *Daemon }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnects, descEstablished, descFailed, descTerminated, descFailing, descOpen, descServers, descAttachments,
-		descHealthy, descInSet, descSourceErrors, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests, descSocketTable} {
+		descHealthy, descInSet, descSourceErrors, descSourceUp, descSourceLastSuccess, descSetChanges, descPanic, descEnded, descTermination, descRejected, descTrimmed, descConsulRequests, descSocketTable} {
 		ch <- d
 	}
 }
@@ -145,6 +149,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		for _, src := range snap.Sources {
 			ch <- prometheus.MustNewConstMetric(descSourceErrors, prometheus.CounterValue, float64(src.Errors), v, src.Name)
 			ch <- prometheus.MustNewConstMetric(descRejected, prometheus.GaugeValue, float64(src.Rejected), v, src.Name)
+			up := !src.LastSuccess.IsZero() && src.FailingSince.IsZero()
+			ch <- prometheus.MustNewConstMetric(descSourceUp, prometheus.GaugeValue, boolFloat(up), v, src.Name)
+			if !src.LastSuccess.IsZero() {
+				ch <- prometheus.MustNewConstMetric(descSourceLastSuccess, prometheus.GaugeValue, float64(src.LastSuccess.UnixNano())/1e9, v, src.Name)
+			}
 		}
 		ch <- prometheus.MustNewConstMetric(descTrimmed, prometheus.GaugeValue, float64(snap.Trimmed), v)
 		ch <- prometheus.MustNewConstMetric(descSetChanges, prometheus.CounterValue, float64(snap.Changes), v)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,6 +25,7 @@ type trackedService struct {
 	// published is set once the tracker's first set is written.
 	published bool
 	cancel    context.CancelFunc
+	timer     *checkTimer
 }
 
 // sameConfig tells whether a running tracker was built from cfg already.
@@ -61,7 +63,8 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 	if opts.Checker == nil {
 		opts.Checker = health.TCP{}
 	}
-	opts.Checker = timedChecker{opts.Checker, d.m.checkSeconds.MustCurryWith(prometheus.Labels{"vip": ts.key.String()})}
+	ts.timer = &checkTimer{vec: d.m.checkSeconds, vip: ts.key.String()}
+	opts.Checker = timedChecker{opts.Checker, ts.timer}
 	ts.tracker = servers.New(ts.key.String(), opts)
 	tctx, cancel := context.WithCancel(ctx)
 	ts.cancel = cancel
@@ -76,7 +79,7 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 // timedChecker times each health check for ctlb_health_check_duration_seconds.
 type timedChecker struct {
 	health.Checker
-	seconds prometheus.ObserverVec // curried with the VIP
+	timer *checkTimer
 }
 
 func (c timedChecker) Check(ctx context.Context, addr netip.AddrPort) error {
@@ -86,15 +89,47 @@ func (c timedChecker) Check(ctx context.Context, addr netip.AddrPort) error {
 	if err != nil {
 		result = "fail"
 	}
-	c.seconds.WithLabelValues(c.Kind(), result).Observe(time.Since(start).Seconds())
+	c.timer.observe(c.Kind(), result, time.Since(start))
 	return err
 }
 
-// stopTracker stops a VIP's tracker, if it has one. Callers hold d.mu.
+// checkTimer is one VIP's share of ctlb_health_check_duration_seconds.
+// drop deletes its series when the VIP stops being tracked, and stops
+// later observations: a check cancelled by the stop would otherwise come
+// back and make the series again.
+type checkTimer struct {
+	vec *prometheus.HistogramVec
+	vip string
+
+	mu      sync.Mutex
+	dropped bool
+}
+
+func (t *checkTimer) observe(kind, result string, d time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.dropped {
+		t.vec.WithLabelValues(t.vip, kind, result).Observe(d.Seconds())
+	}
+}
+
+func (t *checkTimer) drop() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.dropped = true
+	t.vec.DeletePartialMatch(prometheus.Labels{"vip": t.vip})
+}
+
+// stopTracker stops a VIP's tracker, if it has one, and drops its health
+// check series (a tracker that replaces it for the same VIP, on a reload,
+// keeps them: startTracker does not come here). Callers hold d.mu.
 func (d *Daemon) stopTracker(key datapath.ServiceKey) {
 	if ts := d.trackers[key]; ts != nil {
 		ts.cancel()
 		delete(d.trackers, key)
+		if ts.timer != nil {
+			ts.timer.drop()
+		}
 	}
 }
 

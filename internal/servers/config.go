@@ -155,11 +155,32 @@ func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Durat
 
 func (d Duration) String() string { return time.Duration(d).String() }
 
+// Floors of the timings: below them a VIP costs its resolver, its servers
+// and ctlbd far more than it can gain (10ms would be a hundred DNS queries
+// and checks a second per candidate, for a set that cannot follow faster
+// than a connect takes anyway). The fastest timings the tests use to run
+// quickly (dns 500ms, health 200ms/100ms) stay valid.
+const (
+	MinDNSInterval    = 500 * time.Millisecond
+	MinExecInterval   = time.Second
+	MinHealthInterval = 100 * time.Millisecond
+	MinHealthTimeout  = 10 * time.Millisecond
+)
+
 // Validate checks every field and names the first bad one with its value.
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(field string, value any, why string) {
 		errs = append(errs, fmt.Errorf("%s %q: %s", field, fmt.Sprint(value), why))
+	}
+	// floor refuses a duration set below its floor (0 is the default).
+	floor := func(field string, d Duration, least time.Duration) {
+		switch {
+		case d < 0:
+			bad(field, d, "must not be negative")
+		case d > 0 && time.Duration(d) < least:
+			bad(field, d, fmt.Sprintf("want at least %s (or leave it out for the default)", least))
+		}
 	}
 	if len(c.Static) == 0 && c.DNS == nil && c.Consul == nil && c.Exec == nil {
 		errs = append(errs, errors.New("no server source: set at least one of static, dns, consul, exec"))
@@ -180,9 +201,7 @@ func (c Config) Validate() error {
 				}
 			}
 		}
-		if d.Interval < 0 {
-			bad("dns.interval", d.Interval, "must not be negative")
-		}
+		floor("dns.interval", d.Interval, MinDNSInterval)
 	}
 	if cc := c.Consul; cc != nil {
 		if cc.Address != "" {
@@ -206,9 +225,7 @@ func (c Config) Validate() error {
 		if len(e.Command) == 0 || e.Command[0] == "" {
 			bad("exec.command", e.Command, "must name a program")
 		}
-		if e.Interval < 0 {
-			bad("exec.interval", e.Interval, "must not be negative")
-		}
+		floor("exec.interval", e.Interval, MinExecInterval)
 		if e.Timeout < 0 {
 			bad("exec.timeout", e.Timeout, "must not be negative")
 		}
@@ -226,12 +243,8 @@ func (c Config) Validate() error {
 	if h.GRPCService != "" && h.Type != "grpc" {
 		bad("health.grpcService", h.GRPCService, `only used with health.type "grpc"`)
 	}
-	if h.Interval < 0 {
-		bad("health.interval", h.Interval, "must not be negative")
-	}
-	if h.Timeout < 0 {
-		bad("health.timeout", h.Timeout, "must not be negative")
-	}
+	floor("health.interval", h.Interval, MinHealthInterval)
+	floor("health.timeout", h.Timeout, MinHealthTimeout)
 	if h.Rise < 0 {
 		bad("health.rise", h.Rise, "must not be negative")
 	}
@@ -239,7 +252,16 @@ func (c Config) Validate() error {
 		bad("health.fall", h.Fall, "must not be negative")
 	}
 	if p := c.HealthParams(); p.Timeout > p.Interval {
-		errs = append(errs, fmt.Errorf("health.timeout %q: must not exceed health.interval %q", p.Timeout, p.Interval))
+		// Name a value the user did not write as the default, or the
+		// message sends them looking for a timeout they never set.
+		def := func(set Duration) string {
+			if set == 0 {
+				return " (the default)"
+			}
+			return ""
+		}
+		errs = append(errs, fmt.Errorf("health.timeout %q%s: must not exceed health.interval %q%s",
+			p.Timeout, def(h.Timeout), p.Interval, def(h.Interval)))
 	}
 	return errors.Join(errs...)
 }

@@ -94,6 +94,13 @@ func TestConfigValidate(t *testing.T) {
 		`{"exec": {"command": []}}`:                                                              `exec.command "[]"`,
 		`{"static": ["198.18.0.1"], "health": {"type": "http"}}`:                                 `health.type "http"`,
 		`{"static": ["198.18.0.1"], "health": {"interval": "1s", "timeout": "2s"}}`:              `health.timeout "2s": must not exceed health.interval "1s"`,
+		`{"static": ["198.18.0.1"], "health": {"interval": "200ms"}}`:                            `health.timeout "500ms" (the default): must not exceed health.interval "200ms"`,
+		`{"static": ["198.18.0.1"], "health": {"timeout": "2s"}}`:                                `health.timeout "2s": must not exceed health.interval "1s" (the default)`,
+		`{"dns": {"name": "x", "interval": "10ms"}}`:                                             `dns.interval "10ms": want at least 500ms`,
+		`{"exec": {"command": ["x"], "interval": "100ms"}}`:                                      `exec.interval "100ms": want at least 1s`,
+		`{"static": ["198.18.0.1"], "health": {"interval": "10ms", "timeout": "5ms"}}`:           `health.interval "10ms": want at least 100ms`,
+		`{"static": ["198.18.0.1"], "health": {"interval": "100ms", "timeout": "5ms"}}`:          `health.timeout "5ms": want at least 10ms`,
+		`{"dns": {"name": "x", "interval": "-1s"}}`:                                              `dns.interval "-1s": must not be negative`,
 		`{"static": ["198.18.0.1"], "health": {"rise": -1}}`:                                     `health.rise "-1"`,
 		`{"static": ["198.18.0.1"], "health": {"grpcService": "x"}}`:                             `health.grpcService "x"`,
 		`{"static": ["198.18.0.1"], "health": {"interval": "-1s"}}`:                              `health.interval "-1s"`,
@@ -128,5 +135,22 @@ func TestConfigValidate(t *testing.T) {
 	err = json.Unmarshal([]byte(`{"health": {"interval": "fast"}}`), &c)
 	if err == nil || !strings.Contains(err.Error(), `"fast"`) {
 		t.Errorf("bad duration: %v", err)
+	}
+}
+
+// TestConfigFloorsAccepted: a timing at its floor is valid, as are the
+// fastest timings the tests use.
+func TestConfigFloorsAccepted(t *testing.T) {
+	for _, in := range []string{
+		`{"dns": {"name": "x", "interval": "500ms"}, "health": {"interval": "100ms", "timeout": "10ms"}}`,
+		`{"exec": {"command": ["x"], "interval": "1s"}, "health": {"interval": "200ms", "timeout": "100ms"}}`,
+	} {
+		var c Config
+		if err := json.Unmarshal([]byte(in), &c); err != nil {
+			t.Fatalf("%s: %v", in, err)
+		}
+		if err := c.Validate(); err != nil {
+			t.Errorf("%s: %v", in, err)
+		}
 	}
 }

@@ -103,6 +103,9 @@ type sourceState struct {
 	errCount uint64
 	lastOK   time.Time
 	lastFail time.Time
+	// failingSince is the first failure since the last success (zero
+	// while the source succeeds): how long an outage has lasted.
+	failingSince time.Time
 }
 
 type serverState struct {
@@ -234,6 +237,9 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 		}
 		s.errCount++
 		s.lastFail = now
+		if s.lastErr == nil {
+			s.failingSince = now
+		}
 		// Log a failure when it starts or what it says changes, not every
 		// retry (a socket's ephemeral local port is not a change).
 		if s.lastErr == nil || !discovery.SameError(s.lastErr, r.Err) {
@@ -248,6 +254,7 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 	}
 	s.lastErr = nil
 	s.lastOK = now
+	s.failingSince = time.Time{}
 	s.answered, s.reached = true, true
 	next := discovery.Normalize(r.Servers)
 	if slices.Equal(next, s.servers) {
@@ -529,6 +536,9 @@ type SourceStatus struct {
 	Errors        uint64               `json:"errors"`
 	LastSuccess   time.Time            `json:"lastSuccess,omitzero"`
 	LastFailure   time.Time            `json:"lastFailure,omitzero"`
+	// FailingSince is the first failure since the last success; zero
+	// while the source succeeds.
+	FailingSince time.Time `json:"failingSince,omitzero"`
 }
 
 // NotReady is what readiness says of the source: "" once it answered
@@ -571,7 +581,8 @@ func (t *Tracker) Snapshot() Snapshot {
 		ss := SourceStatus{
 			Name: src.name, Servers: len(src.servers), Answered: src.answered, Reached: src.reached,
 			Errors: src.errCount, LastSuccess: src.lastOK, LastFailure: src.lastFail,
-			Rejected: len(src.rejected), RejectedFirst: slices.Clone(src.rejected[:min(8, len(src.rejected))]),
+			FailingSince: src.failingSince,
+			Rejected:     len(src.rejected), RejectedFirst: slices.Clone(src.rejected[:min(8, len(src.rejected))]),
 		}
 		if src.lastErr != nil {
 			ss.LastError = discovery.Truncate(src.lastErr.Error(), 2*discovery.MaxErrorText)

@@ -192,6 +192,14 @@ func TestSourceFailureKeepsLastGood(t *testing.T) {
 	if !strings.Contains(snap.Sources[1].LastError, "broken") || snap.Sources[1].Servers != 2 {
 		t.Errorf("exec source status %+v: want the error and its 2 last good servers", snap.Sources[1])
 	}
+	// How long the outage has lasted: since its first failure, not its last.
+	if src := snap.Sources[1]; src.FailingSince.IsZero() || !src.FailingSince.Before(src.LastFailure) || !src.LastSuccess.Before(src.FailingSince) {
+		t.Errorf("exec source failing: last success %v, failing since %v, last failure %v; want success < failing since < last failure",
+			src.LastSuccess, src.FailingSince, src.LastFailure)
+	}
+	if !snap.Sources[0].FailingSince.IsZero() {
+		t.Errorf("static source failing since %v", snap.Sources[0].FailingSince)
+	}
 	if !slices.Equal(tr.Healthy(), addrs) || rec.len() != next {
 		t.Fatalf("a failing source changed the set: %s", rec)
 	}
@@ -199,8 +207,8 @@ func TestSourceFailureKeepsLastGood(t *testing.T) {
 	// Recovery with a smaller list: only now does the exec-only server go.
 	write(addrs[1].String())
 	_, _ = rec.wait(t, next, addrs[:2], 5*time.Second)
-	if snap := tr.Snapshot(); snap.Sources[1].LastError != "" {
-		t.Errorf("recovered source still shows error %q", snap.Sources[1].LastError)
+	if snap := tr.Snapshot(); snap.Sources[1].LastError != "" || !snap.Sources[1].FailingSince.IsZero() {
+		t.Errorf("recovered source still shows error %q, failing since %v", snap.Sources[1].LastError, snap.Sources[1].FailingSince)
 	}
 	rec.checkOncePerChange(t)
 }

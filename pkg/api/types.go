@@ -168,6 +168,11 @@ type ServerStatus struct {
 	FailMarks uint64 `json:"failMarks,omitempty"`
 	// LastError is the last failed health check's error.
 	LastError string `json:"lastError,omitempty"`
+	// HealthSince is when Health last changed (unset until a check
+	// decided; RFC 3339 in JSON, as every time here), LastCheck when the
+	// last check finished: a tracked VIP's candidates only.
+	HealthSince time.Time `json:"healthSince,omitzero"`
+	LastCheck   time.Time `json:"lastCheck,omitzero"`
 }
 
 // SourceStatus is one server source of a tracked VIP.
@@ -181,6 +186,13 @@ type SourceStatus struct {
 	// another host's loopback); RejectedFirst shows the first few.
 	Rejected      int             `json:"rejected,omitempty"`
 	RejectedFirst []RejectedEntry `json:"rejectedFirst,omitempty"`
+	// LastSuccess is the last good answer, LastFailure the last failure;
+	// FailingSince, set only while the source fails, the first failure
+	// since the last good answer (how long the outage has lasted). Unset
+	// when it has not happened.
+	LastSuccess  time.Time `json:"lastSuccess,omitzero"`
+	LastFailure  time.Time `json:"lastFailure,omitzero"`
+	FailingSince time.Time `json:"failingSince,omitzero"`
 }
 
 // RejectedEntry is one entry of a source's answer left out, and why.
@@ -206,10 +218,14 @@ type ServiceStatus struct {
 	// the CLI changed meanwhile.
 	Config bool `json:"config,omitempty"`
 	// Tracked VIPs get their set from sources and health checks.
-	Tracked bool           `json:"tracked"`
-	Panic   bool           `json:"panic,omitempty"`
-	Changes uint64         `json:"changes,omitempty"`
-	Sources []SourceStatus `json:"sources,omitempty"`
+	Tracked bool   `json:"tracked"`
+	Panic   bool   `json:"panic,omitempty"`
+	Changes uint64 `json:"changes,omitempty"`
+	// LastChange is when the set last changed (its Changes-th change),
+	// LastReason why: a source's answer, a health verdict, panic.
+	LastChange time.Time      `json:"lastChange,omitzero"`
+	LastReason string         `json:"lastReason,omitempty"`
+	Sources    []SourceStatus `json:"sources,omitempty"`
 	// Trimmed counts the candidates left out over the most servers a VIP
 	// may have (the highest addresses go).
 	Trimmed int `json:"trimmed,omitempty"`

@@ -137,6 +137,9 @@ func TestHealthChecksKeepTheSetRight(t *testing.T) {
 	if v := metric(t, page, "ctlb_server_in_set", fmt.Sprintf(`server=%q,vip=%q`, srvs[0], vip)); v != 1 {
 		t.Errorf("ctlb_server_in_set = %v, want 1", v)
 	}
+	if sample := fmt.Sprintf(`ctlb_source_up{source="static",vip=%q} 1`, vip); !strings.Contains(page, sample+"\n") {
+		t.Errorf("want %s in:\n%s", sample, grepLines(page, "ctlb_source_"))
+	}
 	if v := metric(t, page, "ctlb_service_set_changes_total", fmt.Sprintf(`vip=%q`, vip)); v < 2 {
 		t.Errorf("ctlb_service_set_changes_total = %v, want at least 2", v)
 	}
@@ -189,7 +192,7 @@ func TestDNSSourceAndSourceFailure(t *testing.T) {
 	n := newNode(t, []string{"127.0.0.61", "127.0.0.62", "127.0.0.63"}, "{}")
 	testutil.StartServers(t, n.netns, "127.0.0.61:8502", "127.0.0.62:8502", "127.0.0.63:8502")
 	dns := testutil.StartDNSMasqIn(t, n.netns, map[string][]string{"consul.test": {"127.0.0.61", "127.0.0.62"}}, 1)
-	n.writeConfig(fmt.Sprintf(`{"services": [{"vip": %q,
+	n.writeConfig(fmt.Sprintf(`{"metrics": "127.0.0.1:9464", "services": [{"vip": %q,
 		"dns": {"name": "consul.test", "resolver": %q, "port": 8502, "interval": "500ms"},
 		"health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, dns.Addr))
 	n.start()
@@ -204,6 +207,12 @@ func TestDNSSourceAndSourceFailure(t *testing.T) {
 	r := testutil.RunClient(t, n.netns, cg, testutil.ClientSpec{Mode: "dial", Target: vip, Count: 4})
 	if r.Failed != 0 || r.PerServer["127.0.0.62:8502"] != 2 || r.PerServer["127.0.0.63:8502"] != 2 {
 		t.Fatalf("after the DNS change: landed %v (%v)", r.PerServer, r.Errors)
+	}
+
+	upSample := fmt.Sprintf(`ctlb_source_up{source="dns",vip=%q}`, vip)
+	lastOK := fmt.Sprintf(`ctlb_source_last_success_timestamp_seconds{source="dns",vip=%q}`, vip)
+	if page := scrape(t, n.netns, "127.0.0.1:9464"); !strings.Contains(page, upSample+" 1\n") || !strings.Contains(page, lastOK+" ") {
+		t.Errorf("DNS source answering: want %s 1 and %s in:\n%s", upSample, lastOK, grepLines(page, "ctlb_source_"))
 	}
 
 	// The DNS server dies: the last good answer stays, the failure shows.
@@ -225,23 +234,79 @@ func TestDNSSourceAndSourceFailure(t *testing.T) {
 	if got := n.serviceServers(vip); !slices.Equal(got, []string{"127.0.0.62:8502", "127.0.0.63:8502"}) {
 		t.Fatalf("after the DNS server died: set %v, want the last good answer", got)
 	}
+
+	// Since when: the outage, the last good answer, the last change of the
+	// set and its reason, each server's health.
+	st := n.status(vip)
+	src := st.Sources[0]
+	if src.FailingSince.IsZero() || src.LastSuccess.IsZero() || src.LastSuccess.After(src.FailingSince) || src.FailingSince.After(src.LastFailure) {
+		t.Errorf("failing DNS source: last success %v, failing since %v, last failure %v", src.LastSuccess, src.FailingSince, src.LastFailure)
+	}
+	if st.LastChange.IsZero() || !strings.Contains(st.LastReason, "127.0.0.63:8502") {
+		t.Errorf("last change %v %q: want a time and the reason naming the server the DNS change added", st.LastChange, st.LastReason)
+	}
+	for _, s := range st.Servers {
+		if s.HealthSince.IsZero() || s.LastCheck.IsZero() {
+			t.Errorf("server %s: health since %v, last check %v", s.Server, s.HealthSince, s.LastCheck)
+		}
+	}
+	out := n.d.MustCLI("status", "-o", "wide")
+	for _, want := range []string{"HEALTH SINCE", "last change ", "failing since ", "last success ", " ago ("} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status -o wide has no %q:\n%s", want, out)
+		}
+	}
+	t.Logf("status -o wide with the DNS server dead:\n%s", out)
+	// The gauge stays down for the whole outage (the error counter only
+	// rises at each retry).
+	if page := scrape(t, n.netns, "127.0.0.1:9464"); !strings.Contains(page, upSample+" 0\n") || !strings.Contains(page, lastOK+" ") {
+		t.Errorf("DNS source failing: want %s 0 and %s still in:\n%s", upSample, lastOK, grepLines(page, "ctlb_source_"))
+	}
+}
+
+// grepLines are the lines of page that start with prefix.
+func grepLines(page, prefix string) string {
+	var out []string
+	for l := range strings.Lines(page) {
+		if strings.HasPrefix(l, prefix) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "")
 }
 
 func TestReloadRestartsOnlyChangedTrackers(t *testing.T) {
 	srvs := []string{"127.0.0.71:8502", "127.0.0.72:8502"}
-	n := newNode(t, []string{"127.0.0.71", "127.0.0.72"}, fmt.Sprintf(`{"services": [
-		{"vip": %q, "servers": %s, "health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, jsonList(srvs[:1])))
+	const vip2 = "198.19.0.2:8502"
+	n := newNode(t, []string{"127.0.0.71", "127.0.0.72"}, fmt.Sprintf(`{"metrics": "127.0.0.1:9464", "services": [
+		{"vip": %q, "servers": %s, "health": {"interval": "200ms", "timeout": "100ms"}},
+		{"vip": %q, "servers": %s, "health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, jsonList(srvs[:1]), vip2, jsonList(srvs[:1])))
 	testutil.StartServers(t, n.netns, srvs...)
 	n.start()
 	n.waitSet(vip, srvs[:1], 5*time.Second)
+	n.waitSet(vip2, srvs[:1], 5*time.Second)
+	checks := func(v string) string {
+		return grepLines(scrape(t, n.netns, "127.0.0.1:9464"), fmt.Sprintf(`ctlb_health_check_duration_seconds_count{kind="tcp",result="pass",vip=%q}`, v))
+	}
+	if checks(vip2) == "" {
+		t.Fatalf("no health check series of %s", vip2)
+	}
 	// A bad config is refused whole.
 	n.writeConfig(fmt.Sprintf(`{"services": [{"vip": %q, "servers": %s, "health": {"type": "icmp"}}]}`, vip, jsonList(srvs)))
 	if _, errOut, code := n.d.CLI("reload"); code == 0 || !strings.Contains(errOut, "icmp") {
 		t.Fatalf("bad reload: exit %d, %q", code, errOut)
 	}
-	n.writeConfig(fmt.Sprintf(`{"services": [{"vip": %q, "servers": %s, "health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, jsonList(srvs)))
+	// The reload drops vip2: its health check series go with it.
+	n.writeConfig(fmt.Sprintf(`{"metrics": "127.0.0.1:9464", "services": [{"vip": %q, "servers": %s, "health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, jsonList(srvs)))
 	n.d.MustCLI("reload")
 	n.waitSet(vip, srvs, 5*time.Second)
+	time.Sleep(300 * time.Millisecond) // a check of vip2 cancelled by the reload has ended
+	if got := checks(vip2); got != "" {
+		t.Errorf("health check series of %s, removed from the config, stay:\n%s", vip2, got)
+	}
+	if checks(vip) == "" {
+		t.Errorf("no health check series of %s, still configured", vip)
+	}
 }
 
 func jsonList(ss []string) string {
