@@ -56,8 +56,9 @@ it as well. A bad config is rejected and logged, the old one keeps running.
 An example config ships as conf/ctlbd.json (the systemd unit,
 conf/systemd/ctlbd.service, reads it from /etc/ctlb/ctlbd.json; under
 systemd the daemon reports readiness with sd_notify). Flags override the
-config file. Two daemons can run side by side with different --bpffs and
---socket. The fallback proxy (the config's "proxy" section) serves from one
+config file. Two daemons can run side by side with different --bpffs,
+--socket and --state-dir (in one state directory each would complete the
+other's pending attachments). The fallback proxy (the config's "proxy" section) serves from one
 event loop per CPU, or "loops" of them, and raises GOMAXPROCS by as many while
 it runs; "preconnect": N keeps N connections per server established ahead of
 clients (off by default; docs/DEPLOY.md, "Fallback proxy").`,
@@ -137,6 +138,9 @@ clients (off by default; docs/DEPLOY.md, "Fallback proxy").`,
 					}
 					for !d.Serving() && ctx.Err() == nil {
 						time.Sleep(50 * time.Millisecond)
+					}
+					if ctx.Err() != nil {
+						return // stopping, or a start that failed: no reload
 					}
 					if err := d.Reload(); err != nil {
 						log.Error("reload", "error", err)

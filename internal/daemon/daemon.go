@@ -54,6 +54,10 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	// stopProxy drains and shuts the proxy down (Run sets it).
 	stopProxy func()
+	// reloadMu makes reloads (the config watch, SIGHUP, ctlbd reload) one
+	// at a time: two interleaved would apply parts of both, and one's
+	// rollback could put back the other's proxy services.
+	reloadMu sync.Mutex
 	// pending completes attachments whose cgroup appeared after ADD.
 	pending *pending.Watcher
 	// ends ends the connections of servers that leave a set.
@@ -267,6 +271,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 // Reload re-reads the config file and applies it. A config that does not
 // parse or validate is rejected with the reason; the old one stays.
 func (d *Daemon) Reload() error {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
 	if d.cfgPath == "" {
 		return errors.New("reload: ctlbd runs without a config file")
 	}
@@ -321,17 +327,32 @@ func (d *Daemon) Reload() error {
 // until the tracker publishes, so a restart leaves no gap, and a new VIP
 // starts empty with its policy. Trackers whose config did not change keep
 // running across a reload.
-func (d *Daemon) applyServices(prev, next *config.Config) error {
+func (d *Daemon) applyServices(prev, next *config.Config) (rerr error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.reb.configure(next.Services)
-	want := map[datapath.ServiceKey]datapath.Service{}
-	var changed []datapath.Service
-	for _, s := range next.Services {
+	// What can still fail goes before anything changes: a config rejected
+	// half-way would leave VIPs, policies, stopped trackers or rebalance
+	// settings of its own behind.
+	for i, s := range next.Services {
 		svc, err := s.Datapath()
 		if err != nil {
 			return err // Validate ran already; this is a programming error
 		}
+		if !s.Tracked() || d.trackers[svc.Key()] != nil && d.trackers[svc.Key()].sameConfig(s) {
+			continue
+		}
+		if _, err := s.Sources().Checker(); err != nil {
+			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
+		}
+		if _, err := s.Sources().Sources(); err != nil {
+			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
+		}
+	}
+	want := map[datapath.ServiceKey]datapath.Service{}
+	var changed []datapath.Service
+	var untracked []datapath.ServiceKey
+	for _, s := range next.Services {
+		svc, _ := s.Datapath()
 		want[svc.Key()] = svc
 		cur, ok, err := d.dp.ServiceOf(svc.Key())
 		if err != nil {
@@ -351,34 +372,40 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 			}
 			continue
 		}
-		d.stopTracker(svc.Key())
+		untracked = append(untracked, svc.Key())
 		if !ok || !sameService(cur, svc) {
 			changed = append(changed, svc)
 		}
 	}
-	// What can still fail goes before the first map write: a config
-	// rejected half-way would leave VIPs and policies of its own behind.
-	for i, s := range next.Services {
-		svc, _ := s.Datapath()
-		if !s.Tracked() || d.trackers[svc.Key()] != nil && d.trackers[svc.Key()].sameConfig(s) {
-			continue
-		}
-		if _, err := s.Sources().Checker(); err != nil {
-			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
-		}
-		if _, err := s.Sources().Sources(); err != nil {
-			return fmt.Errorf("services[%d] (VIP %s): %w", i, svc.Key(), err)
-		}
-	}
 	// The ledger first names every VIP this config may write, so that a
 	// crash or an error below leaves none the next config cannot remove.
-	owned, err := d.readLedger()
-	if err != nil {
-		return err
-	}
+	// A daemon without a config file keeps none: it is the file's ledger.
+	ledger := d.cfgPath != ""
+	var owned []datapath.ServiceKey
 	wantKeys := slices.Collect(maps.Keys(want))
-	if err := d.writeLedger(unionKeys(owned, wantKeys)); err != nil {
-		return err
+	if ledger {
+		var err error
+		if owned, err = d.readLedger(); err != nil {
+			return err
+		}
+		if err := d.writeLedger(unionKeys(owned, wantKeys)); err != nil {
+			return err
+		}
+		// On an error below, only what this config did write stays the
+		// file's: a VIP it never wrote is not its to remove later.
+		defer func() {
+			if rerr == nil {
+				return
+			}
+			written := slices.DeleteFunc(slices.Clone(wantKeys), func(k datapath.ServiceKey) bool { return !d.table.has(k) })
+			if err := d.writeLedger(unionKeys(owned, written)); err != nil {
+				d.log.Warn("config ledger after a failed apply", "error", err)
+			}
+		}()
+	}
+	d.reb.configure(next.Services)
+	for _, k := range untracked {
+		d.stopTracker(k)
 	}
 	if err := d.setServices("config", changed...); err != nil {
 		return err
@@ -414,6 +441,9 @@ func (d *Daemon) applyServices(prev, next *config.Config) error {
 		if _, err := d.deleteService("removed from config", k); err != nil {
 			return err
 		}
+	}
+	if !ledger {
+		return nil
 	}
 	return d.writeLedger(wantKeys)
 }

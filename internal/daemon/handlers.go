@@ -96,8 +96,8 @@ func (d *Daemon) handleSetService(w http.ResponseWriter, r *http.Request) {
 	d.mu.Lock()
 	if d.trackers[svc.Key()] != nil {
 		err = trackedConflict(svc.Key())
-	} else {
-		err = d.setServices("api", svc)
+	} else if err = d.setServices("api", svc); err == nil {
+		d.forgetInLedger(svc.Key())
 	}
 	d.mu.Unlock()
 	reply(w, apiService(svc), err)

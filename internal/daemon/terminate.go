@@ -129,9 +129,8 @@ func (e *endings) add(deps ...datapath.Departed) {
 
 // run does the passes until ctx ends.
 func (e *endings) run(ctx context.Context) {
-	if !e.available() {
-		return
-	}
+	// Even with no way to end sockets of pods: the proxy's part may come
+	// later (setProxy, once the proxy runs), and add queues from then on.
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {

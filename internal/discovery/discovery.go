@@ -109,6 +109,33 @@ type emptyError string
 func (e emptyError) Error() string      { return string(e) }
 func (emptyError) Is(target error) bool { return target == ErrEmpty }
 
+// Empty tells whether a source's error is an empty answer (errors.Is
+// ErrEmpty). Errors joined with errors.Join (one per DNS name and server
+// tried) are empty only when every one of them is: a search name's NXDOMAIN
+// beside the real name's SERVFAIL is a failure, not an empty answer, as
+// errors.Is would have it.
+func Empty(err error) bool {
+	for err != nil {
+		if multi, ok := err.(interface{ Unwrap() []error }); ok {
+			errs := multi.Unwrap()
+			for _, e := range errs {
+				if !Empty(e) {
+					return false
+				}
+			}
+			return len(errs) > 0
+		}
+		if err == ErrEmpty {
+			return true
+		}
+		if x, ok := err.(interface{ Is(error) bool }); ok && x.Is(ErrEmpty) {
+			return true
+		}
+		err = errors.Unwrap(err)
+	}
+	return false
+}
+
 // Unreachable tells an error of a source that never reached its server (a
 // refused or reset connection, a timeout: the errors of the network) from
 // one the server answered with (an HTTP error status, a DNS error code) or

@@ -3,6 +3,7 @@ package discovery
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -179,5 +180,28 @@ func TestSameError(t *testing.T) {
 	}
 	if !SameError(nil, nil) || SameError(nil, e("x")) {
 		t.Error("SameError with nil")
+	}
+}
+
+// Empty: an empty answer, also wrapped; joined errors only when every one
+// is empty (a search name's NXDOMAIN beside the real name's SERVFAIL is a
+// failure: errors.Is alone would call it empty, and readiness would pass).
+func TestEmpty(t *testing.T) {
+	servfail := errors.New("query consul.service.consul. at 127.0.0.53:53: SERVFAIL")
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{nil, false},
+		{ErrEmpty, true},
+		{fmt.Errorf("dns x: %w", ErrEmpty), true},
+		{errNoName, true},
+		{fmt.Errorf("dns x: %w", errors.Join(errNoName, fmt.Errorf("no A records: %w", ErrEmpty))), true},
+		{fmt.Errorf("dns x: %w", errors.Join(errNoName, servfail)), false},
+		{servfail, false},
+	} {
+		if got := Empty(c.err); got != c.want {
+			t.Errorf("Empty(%v) = %v, want %v (errors.Is says %v)", c.err, got, c.want, errors.Is(c.err, ErrEmpty))
+		}
 	}
 }

@@ -753,9 +753,13 @@ func (l *loop) endTo(service, server netip.AddrPort, most uint64) uint64 {
 			continue
 		}
 		if !pr.connected {
-			l.forget(pr.server)
-			pr.server = -1
-			l.dial(pr)
+			// Only a server that left takes its dials back; a rebalance
+			// (a limit) moves established connections, not dials.
+			if most == 0 {
+				l.forget(pr.server)
+				pr.server = -1
+				l.dial(pr)
+			}
 			continue
 		}
 		l.p.m.resets.WithLabelValues(pr.svc.name, resetServerLeft).Inc()

@@ -64,6 +64,12 @@ type spare struct {
 const spareEvents = unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 
 func (sp *spare) event(l *loop, fd int, ev uint32) {
+	if ev&unix.EPOLLOUT != 0 && ev&unix.EPOLLERR == 0 && !sp.connected {
+		// Connected, even when the server's hang-up comes in the same
+		// event (it accepted, then closed at once): a loss, not a refusal.
+		sp.connected = true
+		sp.since = l.now
+	}
 	if ev&(unix.EPOLLERR|unix.EPOLLHUP|unix.EPOLLRDHUP) != 0 {
 		// Refused, reset or closed by the server: it is replaced at a
 		// later sweep, not now, and later still when spares keep dying,
@@ -83,10 +89,6 @@ func (sp *spare) event(l *loop, fd int, ev uint32) {
 		}
 		l.dropSpare(sp)
 		return
-	}
-	if ev&unix.EPOLLOUT != 0 && !sp.connected {
-		sp.connected = true
-		sp.since = l.now
 	}
 }
 

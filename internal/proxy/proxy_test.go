@@ -717,3 +717,63 @@ func TestListenAddressSharedWithReusePortRefused(t *testing.T) {
 		t.Errorf("after the refused change: services %v, want %v", got, want)
 	}
 }
+
+// End with a limit (a rebalance moving connections off a server that stays
+// in the set) leaves the clients still dialing that server alone; without
+// a limit (the server left the set) they go on to their next target at
+// once instead of waiting out the connect timeout.
+func TestEndLeavesDialsToAServerThatStays(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		limit uint64
+		moved bool
+	}{{"rebalance", 1, false}, {"server left", 0, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t, ModeListeners, func(c *Config) { c.ConnectTimeout = "3s" })
+			hole := ap(serverAddrs[2], 7310)
+			blackhole(t, e, hole)
+			good := tu.StartServers(t, e.node, serverAddrs[0]+":7010")[0]
+			e.setTargets(hole, ap(serverAddrs[0], 7010)) // the first client's plan starts at the blackhole
+			served := make(chan error, 1)
+			go func() {
+				name, err := nameVia(e.node, vipPort(portA))
+				if err == nil && name != good.Addr {
+					err = fmt.Errorf("reached %s, want %s", name, good.Addr)
+				}
+				served <- err
+			}()
+			waitFor(t, "the client's dial to the blackhole", func() (bool, string) {
+				n := 0
+				for _, l := range e.p.loops {
+					l.do(func() {
+						for pr := range l.pairs {
+							if !pr.connected && pr.target == hole {
+								n++
+							}
+						}
+					})
+				}
+				return n == 1, fmt.Sprintf("%d pairs dialing %s", n, hole)
+			})
+			if n := e.p.End(vipPort(portA), hole, c.limit); n != 0 {
+				t.Errorf("End reset %d connected pairs, want none (the one pair is dialing)", n)
+			}
+			select {
+			case err := <-served:
+				if !c.moved {
+					t.Fatalf("a dial to a server that stays was moved by End(limit %d): the client was served at once (%v)", c.limit, err)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(time.Second):
+				if c.moved {
+					t.Fatalf("End(limit 0) left the dial to the departed server waiting: not served within 1s")
+				}
+				if err := <-served; err != nil { // after the connect timeout
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -6,7 +6,6 @@ package servers
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -230,7 +229,7 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 	}
 	if r.Err != nil {
 		switch {
-		case errors.Is(r.Err, discovery.ErrEmpty):
+		case discovery.Empty(r.Err):
 			s.answered, s.reached = true, true
 		case !discovery.Unreachable(r.Err):
 			s.reached = true

@@ -714,3 +714,55 @@ func TestRefusedStartTouchesNothing(t *testing.T) {
 		})
 	}
 }
+
+// The config ledger is the config file's, and one bpffs's: a `ctlbd run`
+// without a config file removes none of the VIPs a config put in the maps
+// (it has no file to be the truth), and two daemons side by side (their
+// own bpffs and socket) sharing a state directory keep their own ledgers:
+// a VIP one of them set through the CLI is never the other's config's to
+// remove.
+func TestConfigLedgerIsTheFilesAndTheBPFFSs(t *testing.T) {
+	svc := func(vip, server string) map[string]any {
+		return map[string]any{"services": []any{map[string]any{"vip": vip, "servers": []string{server}}}}
+	}
+	t.Run("no config file", func(t *testing.T) {
+		d1 := ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, Config: svc("198.19.0.1:8502", "127.0.0.31:8502")})
+		d1.Start()
+		d1.Stop()
+		d2 := ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, BPFFS: d1.BPFFS, StateDir: d1.StateDir})
+		d2.Start()
+		assertServices(t, d2, map[string][]string{"198.19.0.1:8502": {"127.0.0.31:8502"}})
+	})
+	t.Run("shared state dir", func(t *testing.T) {
+		a := ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, Config: svc("198.19.0.1:8502", "127.0.0.31:8502")})
+		b := ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, StateDir: a.StateDir, Config: svc("198.19.0.2:8502", "127.0.0.32:8502")})
+		a.Start()
+		b.Start()
+		b.MustCLI("service", "set", "198.19.0.1:8502", "127.0.0.33:8502") // b's own, from its CLI
+		a.Stop()
+		a.Start()
+		b.Stop()
+		b.Start()
+		assertServices(t, b, map[string][]string{"198.19.0.1:8502": {"127.0.0.33:8502"}, "198.19.0.2:8502": {"127.0.0.32:8502"}})
+	})
+}
+
+// A rejected reload changes nothing at all: the tracker of a VIP the
+// rejected file would have made static keeps running (the CLI still may
+// not change that VIP), as the rest of the old config does.
+func TestRejectedReloadKeepsTrackers(t *testing.T) {
+	d := ctlbdtest.New(t, ctlbdtest.Options{Bin: ctlbd, Args: []string{"--no-config-watch"}, Config: map[string]any{
+		"services": []any{map[string]any{"vip": "198.19.0.1:8502", "servers": []string{"127.0.0.31:8502"},
+			"health": map[string]any{"type": "tcp"}}}}})
+	d.Start()
+	d.WriteConfig(map[string]any{"services": []any{
+		map[string]any{"vip": "198.19.0.1:8502", "servers": []string{"127.0.0.31:8502"}},
+		map[string]any{"vip": "198.19.0.3:80", "servers": []string{"127.0.0.32:8502"},
+			"health": map[string]any{"type": "grpc", "tls": map[string]any{"caFile": "/nonexistent/ca.pem"}}}}})
+	if _, errOut, code := d.CLI("reload"); code == 0 {
+		t.Fatalf("reload with a missing TLS file accepted: %q", errOut)
+	}
+	if _, errOut, code := d.CLI("service", "set", "198.19.0.1:8502", "127.0.0.32:8502"); code == 0 {
+		t.Errorf("after a rejected reload, the old config's tracked VIP can be changed by the CLI (its tracker was stopped): %q", errOut)
+	}
+}
