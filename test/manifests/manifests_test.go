@@ -205,10 +205,11 @@ func TestChartDefault(t *testing.T) {
 }
 
 // TestChartConsul: the documented Consul use case, with a ServiceMonitor
-// and the metrics on localhost only.
+// (which needs the metrics on the node's address; TestChartSecretsAndScraping
+// renders them on localhost).
 func TestChartConsul(t *testing.T) {
 	docs := render(t, []string{chartDir + "/examples/consul.yaml"}, map[string]any{
-		"metrics": map[string]any{"bind": "localhost", "serviceMonitor": map[string]any{"enabled": true}},
+		"metrics": map[string]any{"serviceMonitor": map[string]any{"enabled": true}},
 		"image":   map[string]any{"digest": "sha256:" + strings.Repeat("ab", 32)},
 		"cni":     map[string]any{"uninstallOnExit": true},
 	})
@@ -280,14 +281,99 @@ func TestChartRunDir(t *testing.T) {
 	if installers != 2 {
 		t.Errorf("%d containers run install-cni, want 2 (init and watcher)", installers)
 	}
+	// The CLI in the ctlbd container (kubectl exec ... ctlbd status)
+	// finds the socket of this runDir.
+	for _, c := range spec.Containers {
+		if c.Name != "ctlbd" {
+			continue
+		}
+		found := false
+		for _, e := range c.Env {
+			if e.Name == "CTLB_SOCKET" {
+				found = true
+				if e.Value != cfg.Socket {
+					t.Errorf("ctlbd container: CTLB_SOCKET %q, ctlbd.json says socket %q", e.Value, cfg.Socket)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("ctlbd container: no CTLB_SOCKET, so the CLI dials the default socket, not %s", cfg.Socket)
+		}
+	}
+}
+
+// TestChartSecretsAndScraping: a Secret reaches ctlbd through
+// extraVolumes/extraVolumeMounts (and its path through extraEnv), for
+// consul.tokenFile and TLS files; with metrics on 127.0.0.1 the pods
+// carry no scrape annotations.
+func TestChartSecretsAndScraping(t *testing.T) {
+	set := map[string]any{
+		"ctlbd": map[string]any{
+			"extraVolumes":      []any{map[string]any{"name": "consul-secrets", "secret": map[string]any{"secretName": "ctlb-consul"}}},
+			"extraVolumeMounts": []any{map[string]any{"name": "consul-secrets", "mountPath": "/etc/ctlb-secrets", "readOnly": true}},
+			"extraEnv":          []any{map[string]any{"name": "CONSUL_HTTP_TOKEN_FILE", "value": "/etc/ctlb-secrets/consul-token"}},
+		},
+		"metrics": map[string]any{"bind": "localhost"},
+	}
+	var ds *appsv1.DaemonSet
+	for _, d := range render(t, nil, set) {
+		if o, ok := d.obj.(*appsv1.DaemonSet); ok {
+			ds = o
+		}
+	}
+	if ds == nil {
+		t.Fatal("no DaemonSet")
+	}
+	spec := ds.Spec.Template.Spec
+	if !slices.ContainsFunc(spec.Volumes, func(v corev1.Volume) bool {
+		return v.Name == "consul-secrets" && v.Secret != nil && v.Secret.SecretName == "ctlb-consul"
+	}) {
+		var names []string
+		for _, v := range spec.Volumes {
+			names = append(names, v.Name)
+		}
+		t.Errorf("volumes %v: want the Secret volume consul-secrets", names)
+	}
+	for _, c := range spec.Containers {
+		if c.Name != "ctlbd" {
+			continue
+		}
+		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == "consul-secrets" && m.MountPath == "/etc/ctlb-secrets" }) {
+			var paths []string
+			for _, m := range c.VolumeMounts {
+				paths = append(paths, m.MountPath)
+			}
+			t.Errorf("ctlbd mounts %v: want consul-secrets at /etc/ctlb-secrets", paths)
+		}
+		if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "CONSUL_HTTP_TOKEN_FILE" }) {
+			t.Errorf("ctlbd env %v: want CONSUL_HTTP_TOKEN_FILE", c.Env)
+		}
+	}
+	if v, ok := ds.Spec.Template.Annotations["prometheus.io/scrape"]; ok {
+		t.Errorf("metrics.bind localhost: pods annotated prometheus.io/scrape=%q, which Prometheus cannot reach", v)
+	}
 }
 
 // TestChartRejectsBadValues: a value the chart cannot honour fails the
 // render with its name, rather than deploying something else.
 func TestChartRejectsBadValues(t *testing.T) {
-	_, err := chart.Render(chartDir, chart.DefaultRelease, nil, map[string]any{"metrics": map[string]any{"bind": "0.0.0.0"}})
-	if err == nil || !strings.Contains(err.Error(), "metrics.bind") {
-		t.Errorf("metrics.bind 0.0.0.0: %v, want an error naming metrics.bind", err)
+	for _, c := range []struct {
+		name string
+		set  map[string]any
+		want string
+	}{
+		{"metrics.bind 0.0.0.0", map[string]any{"metrics": map[string]any{"bind": "0.0.0.0"}}, "metrics.bind"},
+		// The chart mounts the host's bpffs at /sys/fs/bpf: pins elsewhere
+		// would land in a bpffs of the init container's own.
+		{"bpffs outside /sys/fs/bpf", map[string]any{"bpffs": "/var/lib/ctlb/bpf"}, "bpffs"},
+		{"relative runDir", map[string]any{"runDir": "run/ctlb"}, "runDir"},
+		{"ServiceMonitor with metrics on localhost", map[string]any{"metrics": map[string]any{"bind": "localhost",
+			"serviceMonitor": map[string]any{"enabled": true}}}, "serviceMonitor"},
+	} {
+		_, err := chart.Render(chartDir, chart.DefaultRelease, nil, c.set)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error naming %s", c.name, err, c.want)
+		}
 	}
 }
 
