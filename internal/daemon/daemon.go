@@ -249,8 +249,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.mu.Unlock()
 	nServices := d.table.count()
 	d.notify(readyState(nServices))
+	// Serving, not necessarily ready for /readyz: sources may not have
+	// answered yet, and the line says so.
 	d.log.Info("ctlbd ready", "bpffs", d.cfg.BPFFS, "socket", d.cfg.Socket, "services", nServices, "fromConfig", nConfig,
-		"attachments", d.attachmentCount())
+		"attachments", d.attachmentCount(), "sources", sourcesReady(d.snapshots()))
 	select {
 	case <-ctx.Done():
 	case err := <-errc:

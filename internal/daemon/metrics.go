@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"strconv"
 	"time"
@@ -53,7 +55,7 @@ var (
 	descEnded = prometheus.NewDesc("ctlb_server_terminated_connections_total",
 		"Connections ctlbd ended because their server left the VIP's set (or to rebalance onto a newcomer), counted by ctlbd since it started: unlike ctlb_server_terminated_total it stays after the departed server's slot is given back.", []string{"vip", "protocol", "server"}, nil)
 	descTermination = prometheus.NewDesc("ctlb_termination_available",
-		"1 when ctlbd can end connections to servers that leave a set (bpf_sock_destroy), 0 when this kernel cannot.", nil, nil)
+		"1 when ctlbd can end connections to servers that leave a set (bpf_sock_destroy, or netlink SOCK_DESTROY as fallback), 0 when this kernel cannot.", nil, nil)
 	descPanic = prometheus.NewDesc("ctlb_service_panic",
 		"1 while a tracked VIP is in panic mode (no healthy server; every candidate kept).", []string{"vip"}, nil)
 	descRejected = prometheus.NewDesc("ctlb_source_rejected_entries",
@@ -135,6 +137,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for vip, snap := range d.snapshots() {
 		v := vip.String()
+		listed := map[netip.AddrPort]bool{}
 		for _, srv := range snap.Servers {
 			h := -1.0
 			switch srv.Health {
@@ -145,6 +148,17 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			}
 			ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, h, v, srv.Addr.String())
 			ch <- prometheus.MustNewConstMetric(descInSet, prometheus.GaugeValue, boolFloat(srv.Published), v, srv.Addr.String())
+			listed[srv.Addr] = true
+		}
+		// Servers the maps kept from before (a restart, a reload) that no
+		// source has listed yet: in the set, unchecked, as status shows
+		// them (source kept), so that a sum over ctlb_server_in_set counts
+		// the servers clients are sent to.
+		for _, srv := range d.table.setOf(vip) {
+			if !listed[srv] {
+				ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, -1, v, srv.String())
+				ch <- prometheus.MustNewConstMetric(descInSet, prometheus.GaugeValue, 1, v, srv.String())
+			}
 		}
 		for _, src := range snap.Sources {
 			ch <- prometheus.MustNewConstMetric(descSourceErrors, prometheus.CounterValue, float64(src.Errors), v, src.Name)
@@ -228,7 +242,10 @@ func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 		return fmt.Errorf("metrics: listen %s: %w", addr, err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{
+		// One failed map read must not blank the whole page (build info,
+		// sources, the Go runtime): the rest is served, the error logged.
+		ErrorHandling: promhttp.ContinueOnError, ErrorLog: slogPromLogger{d.log}}))
 	// Liveness and readiness probes (Kubernetes' httpGet) on the same
 	// listener: the metrics address is the one the kubelet can reach.
 	mux.Handle("GET /healthz", serveProbe(d.healthChecks))
@@ -250,4 +267,11 @@ func (d *Daemon) serveMetrics(ctx context.Context, addr string) error {
 		d.log.Warn("metrics, /healthz and /readyz listen on every interface; give the node's address or 127.0.0.1", "metrics", addr)
 	}
 	return nil
+}
+
+// slogPromLogger hands promhttp's errors to the daemon's log.
+type slogPromLogger struct{ log *slog.Logger }
+
+func (l slogPromLogger) Println(v ...any) {
+	l.log.Warn("metrics: part of a scrape failed", "error", fmt.Sprint(v...))
 }

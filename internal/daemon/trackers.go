@@ -69,6 +69,7 @@ func (d *Daemon) startTracker(ctx context.Context, cfg config.Service, svc datap
 	tctx, cancel := context.WithCancel(ctx)
 	ts.cancel = cancel
 	if old := d.trackers[ts.key]; old != nil {
+		ts.tracker.Inherit(old.tracker) // a reload: the sources' history goes on
 		old.cancel()
 	}
 	d.trackers[ts.key] = ts

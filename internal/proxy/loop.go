@@ -372,7 +372,7 @@ func (l *loop) accepted(fd int, dst netip.AddrPort) {
 	if len(plan) == 0 {
 		p.release(svc)
 		p.m.rejected.WithLabelValues(svc.name, reason).Inc()
-		p.rejects.warn(reason+" "+svc.name, "closing client: no target answered", "service", svc.name,
+		p.rejects.warn(reason+" "+svc.name, "closing client: the service has no server to send it to", "service", svc.name,
 			"client", peerName(fd), "reason", reason)
 		resetFD(fd)
 		return

@@ -87,6 +87,9 @@ type Tracker struct {
 	changes      uint64
 	lastChange   time.Time
 	lastReason   string
+	// baseChanges are the set changes of the trackers this one replaced
+	// (Inherit): the count status shows goes on across a reload.
+	baseChanges uint64
 }
 
 type sourceState struct {
@@ -146,6 +149,39 @@ func New(name string, o Options) *Tracker {
 		t.sources = append(t.sources, &sourceState{name: n})
 	}
 	return t
+}
+
+// Inherit carries into t, which has not run yet, what old knew: for each
+// source of the same name whether it answered, since when it fails, its
+// errors and its last success; and the set's changes. A reload that
+// replaces a VIP's tracker (a new interval, another health check) must not
+// make ctlbd NotReady because a source that answered before is down now,
+// nor restart an outage's clock. The servers themselves are not carried:
+// the new tracker checks its candidates anew (the maps keep the set
+// meanwhile).
+func (t *Tracker) Inherit(old *Tracker) {
+	if old == nil || old == t {
+		return
+	}
+	old.mu.Lock()
+	prev := map[string]sourceState{}
+	for _, s := range old.sources {
+		prev[s.name] = *s
+	}
+	changes, lastChange, lastReason := old.baseChanges+old.changes, old.lastChange, old.lastReason
+	old.mu.Unlock()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, s := range t.sources {
+		p, ok := prev[s.name]
+		if !ok {
+			continue
+		}
+		s.answered, s.reached = p.answered, p.reached
+		s.lastErr, s.errCount = p.lastErr, p.errCount
+		s.lastOK, s.lastFail, s.failingSince = p.lastOK, p.lastFail, p.failingSince
+	}
+	t.baseChanges, t.lastChange, t.lastReason = changes, lastChange, lastReason
 }
 
 // Run follows the sources and checks the servers until ctx is done, then
@@ -242,8 +278,15 @@ func (t *Tracker) onSource(i int, r discovery.Result, start func(netip.AddrPort)
 		// Log a failure when it starts or what it says changes, not every
 		// retry (a socket's ephemeral local port is not a change).
 		if s.lastErr == nil || !discovery.SameError(s.lastErr, r.Err) {
-			t.log.Warn("server source failed; keeping its last good list",
-				"source", s.name, "error", r.Err, "kept", logList(s.servers))
+			if len(s.servers) > 0 {
+				t.log.Warn("server source failed; keeping its last good list",
+					"source", s.name, "error", r.Err, "kept", logList(s.servers))
+			} else {
+				// Nothing listed since this tracker started (a start, a
+				// reload): the maps keep the set they held.
+				t.log.Warn("server source failed; the VIP keeps the set the maps hold",
+					"source", s.name, "error", r.Err)
+			}
 		}
 		s.lastErr = r.Err
 		return ""
@@ -446,6 +489,7 @@ func (t *Tracker) publish(reason string) {
 		t.mu.Unlock()
 		return
 	}
+	shrank := len(set) < len(t.published)
 	t.published = set
 	t.changes++
 	t.lastChange = time.Now()
@@ -453,7 +497,13 @@ func (t *Tracker) publish(reason string) {
 	out := slices.Clone(set)
 	t.mu.Unlock()
 
-	t.log.Info("server set changed", "servers", logList(out), "count", len(out), "panic", panicNow, "reason", reason)
+	// A set that loses servers (or goes to panic) is a warning: with
+	// logLevel warn an operator still sees a VIP lose its servers.
+	level := slog.LevelInfo
+	if shrank || panicNow {
+		level = slog.LevelWarn
+	}
+	t.log.Log(context.Background(), level, "server set changed", "servers", logList(out), "count", len(out), "panic", panicNow, "reason", reason)
 	if t.o.OnChange != nil {
 		t.o.OnChange(out, reason)
 	}
@@ -574,7 +624,7 @@ func (t *Tracker) Snapshot() Snapshot {
 	defer t.mu.Unlock()
 	s := Snapshot{
 		VIP: t.name, Published: slices.Clone(t.published), Panic: t.inPanic,
-		Changes: t.changes, LastChange: t.lastChange, LastReason: t.lastReason, Trimmed: t.trimmed,
+		Changes: t.baseChanges + t.changes, LastChange: t.lastChange, LastReason: t.lastReason, Trimmed: t.trimmed,
 	}
 	for _, src := range t.sources {
 		ss := SourceStatus{

@@ -338,3 +338,27 @@ func TestUnreachableResolverLoggedOnce(t *testing.T) {
 		t.Errorf("%d failures logged %d times, want once", snap.Errors, warns)
 	}
 }
+
+// A set that loses a server is logged as a warning (with logLevel warn an
+// operator still sees a VIP lose its servers); one that gains is info.
+func TestShrinkingSetLoggedAsWarning(t *testing.T) {
+	var logs testutil.SyncBuffer
+	log := slog.New(slog.NewTextHandler(io.MultiWriter(&logs, tlogWriter{t}), &slog.HandlerOptions{Level: slog.LevelInfo}))
+	ss, addrs := servers(t, 23, 2)
+	_, rec := startTracker(t, "vip", Options{Sources: []discovery.Source{discovery.Static{Servers: addrs}}, Logger: log})
+	_, next := rec.wait(t, 0, addrs, 5*time.Second)
+	ss[1].stop()
+	_, next = rec.wait(t, next, without(addrs, addrs[1]), 5*time.Second)
+	ss[1].start()
+	rec.wait(t, next, addrs, 10*time.Second)
+	var levels []string
+	for l := range strings.Lines(logs.String()) {
+		if strings.Contains(l, `msg="server set changed"`) {
+			f := strings.Fields(l)
+			levels = append(levels, strings.TrimPrefix(f[1], "level="))
+		}
+	}
+	if !slices.Equal(levels, []string{"INFO", "WARN", "INFO"}) {
+		t.Errorf("levels of the set changes (first, a server lost, it back): %v, want [INFO WARN INFO]", levels)
+	}
+}

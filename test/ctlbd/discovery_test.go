@@ -262,6 +262,29 @@ func TestDNSSourceAndSourceFailure(t *testing.T) {
 	if page := scrape(t, n.netns, "127.0.0.1:9464"); !strings.Contains(page, upSample+" 0\n") || !strings.Contains(page, lastOK+" ") {
 		t.Errorf("DNS source failing: want %s 0 and %s still in:\n%s", upSample, lastOK, grepLines(page, "ctlb_source_"))
 	}
+
+	// A reload during the outage (a new interval: the VIP's tracker is
+	// replaced) forgets nothing: ctlbd stays ready (the source answered
+	// before), the outage keeps its start, the counts go on.
+	if code, body := get(t, n.netns, "127.0.0.1:9464", "/readyz"); code != 200 {
+		t.Fatalf("/readyz during the outage, before the reload: %d %s", code, body)
+	}
+	n.writeConfig(fmt.Sprintf(`{"metrics": "127.0.0.1:9464", "services": [{"vip": %q,
+		"dns": {"name": "consul.test", "resolver": %q, "port": 8502, "interval": "600ms"},
+		"health": {"interval": "200ms", "timeout": "100ms"}}]}`, vip, dns.Addr))
+	n.d.MustCLI("reload")
+	after := n.status(vip)
+	if len(after.Sources) != 1 || !after.Sources[0].FailingSince.Equal(src.FailingSince) || after.Sources[0].Errors < src.Errors ||
+		after.Changes < st.Changes {
+		t.Errorf("after a reload during the outage: source %+v, %d set changes; want failing since %v, at least %d errors and %d changes",
+			after.Sources, after.Changes, src.FailingSince, src.Errors, st.Changes)
+	}
+	if code, body := get(t, n.netns, "127.0.0.1:9464", "/readyz"); code != 200 {
+		t.Errorf("/readyz after a reload during the outage: %d %s, want ready (the source answered before)", code, body)
+	}
+	if page := scrape(t, n.netns, "127.0.0.1:9464"); !strings.Contains(page, lastOK+" ") {
+		t.Errorf("after a reload during the outage: %s gone:\n%s", lastOK, grepLines(page, "ctlb_source_"))
+	}
 }
 
 // grepLines are the lines of page that start with prefix.
@@ -321,7 +344,7 @@ func TestKeptServersShownAsKept(t *testing.T) {
 	n := newNode(t, []string{"127.0.0.86"}, "{}")
 	testutil.StartServers(t, n.netns, "127.0.0.86:8502")
 	dns := testutil.StartDNSMasqIn(t, n.netns, map[string][]string{"kept.test": {"127.0.0.86"}}, 1)
-	conf := `{"services": [{"vip": %q,
+	conf := `{"metrics": "127.0.0.1:9464", "services": [{"vip": %q,
 		"dns": {"name": "kept.test", "resolver": %q, "port": 8502, "interval": "500ms"},
 		"health": {"interval": "200ms", "timeout": "100ms"}}]}`
 	n.writeConfig(fmt.Sprintf(conf, vip, dns.Addr))
@@ -343,5 +366,15 @@ func TestKeptServersShownAsKept(t *testing.T) {
 	t.Logf("status:\n%s", out)
 	if !strings.Contains(out, "127.0.0.86:8502  kept") {
 		t.Errorf("status text does not show the server as kept:\n%s", out)
+	}
+	// The metrics count it as status does: in the set, unchecked.
+	page := scrape(t, n.netns, "127.0.0.1:9464")
+	for _, want := range []string{
+		fmt.Sprintf(`ctlb_server_in_set{server="127.0.0.86:8502",vip=%q} 1`, vip),
+		fmt.Sprintf(`ctlb_server_healthy{server="127.0.0.86:8502",vip=%q} -1`, vip),
+	} {
+		if !strings.Contains(page, want+"\n") {
+			t.Errorf("metrics have no %s:\n%s", want, grepLines(page, "ctlb_server_"))
+		}
 	}
 }

@@ -24,6 +24,13 @@ import (
 // scrape fetches /metrics from addr inside netns.
 func scrape(t *testing.T, netns ns.NetNS, addr string) string {
 	t.Helper()
+	_, body := get(t, netns, addr, "/metrics")
+	return body
+}
+
+// get fetches path from addr inside netns: the status code and the body.
+func get(t *testing.T, netns ns.NetNS, addr, path string) (int, string) {
+	t.Helper()
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
 			var c net.Conn
@@ -35,16 +42,16 @@ func scrape(t *testing.T, netns ns.NetNS, addr string) string {
 			return c, err
 		},
 	}}
-	resp, err := client.Get("http://" + addr + "/metrics")
+	resp, err := client.Get("http://" + addr + path)
 	if err != nil {
-		t.Fatalf("scrape %s: %v", addr, err)
+		t.Fatalf("get %s%s: %v", addr, path, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return string(b)
+	return resp.StatusCode, string(b)
 }
 
 // metric reads one sample's value from a Prometheus text page.
