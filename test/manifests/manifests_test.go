@@ -338,7 +338,9 @@ func TestChartSecretsAndScraping(t *testing.T) {
 		if c.Name != "ctlbd" {
 			continue
 		}
-		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == "consul-secrets" && m.MountPath == "/etc/ctlb-secrets" }) {
+		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
+			return m.Name == "consul-secrets" && m.MountPath == "/etc/ctlb-secrets"
+		}) {
 			var paths []string
 			for _, m := range c.VolumeMounts {
 				paths = append(paths, m.MountPath)
