@@ -115,20 +115,27 @@ func (emptyError) Is(target error) bool { return target == ErrEmpty }
 // beside the real name's SERVFAIL is a failure, not an empty answer, as
 // errors.Is would have it.
 func Empty(err error) bool {
+	return everyJoined(err, func(e error) bool {
+		x, ok := e.(interface{ Is(error) bool })
+		return e == ErrEmpty || ok && x.Is(ErrEmpty)
+	})
+}
+
+// everyJoined walks err's chain until is holds for a link; errors joined
+// with errors.Join (or fmt.Errorf with several %w) count only when it holds
+// for every one of them.
+func everyJoined(err error, is func(error) bool) bool {
 	for err != nil {
 		if multi, ok := err.(interface{ Unwrap() []error }); ok {
 			errs := multi.Unwrap()
 			for _, e := range errs {
-				if !Empty(e) {
+				if !everyJoined(e, is) {
 					return false
 				}
 			}
 			return len(errs) > 0
 		}
-		if err == ErrEmpty {
-			return true
-		}
-		if x, ok := err.(interface{ Is(error) bool }); ok && x.Is(ErrEmpty) {
+		if is(err) {
 			return true
 		}
 		err = errors.Unwrap(err)
@@ -143,25 +150,13 @@ func Empty(err error) bool {
 // answer yet" from "failing" by it. Errors joined with errors.Join (one per
 // DNS server asked) are unreachable only when every one of them is.
 func Unreachable(err error) bool {
-	for err != nil {
-		if multi, ok := err.(interface{ Unwrap() []error }); ok {
-			errs := multi.Unwrap()
-			for _, e := range errs {
-				if !Unreachable(e) {
-					return false
-				}
-			}
-			return len(errs) > 0
-		}
-		if _, ok := err.(*net.OpError); ok || err == context.DeadlineExceeded || err == os.ErrDeadlineExceeded {
+	return everyJoined(err, func(e error) bool {
+		if _, ok := e.(*net.OpError); ok || e == context.DeadlineExceeded || e == os.ErrDeadlineExceeded {
 			return true
 		}
-		if ne, ok := err.(net.Error); ok && ne.Timeout() {
-			return true // an HTTP client's own timeout
-		}
-		err = errors.Unwrap(err)
-	}
-	return false
+		ne, ok := e.(net.Error)
+		return ok && ne.Timeout() // an HTTP client's own timeout
+	})
 }
 
 // ParseServer reads "a.b.c.d" or "a.b.c.d:port"; a bare address gets
