@@ -195,9 +195,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		d.proxy = p
-		d.ends.setProxy(func(deps []datapath.Departed) []datapath.Terminated {
-			return endProxied(p, deps)
-		})
+		d.ends.setProxy(func(dep datapath.Departed, limit uint64) uint64 { return endProxied(p, dep, limit) })
 		stopProxy := func() {
 			d.ends.setProxy(nil)
 			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

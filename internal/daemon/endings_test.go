@@ -26,9 +26,9 @@ func TestEndingsServeProxyWithoutKernelTermination(t *testing.T) {
 	go e.run(ctx)
 	time.Sleep(20 * time.Millisecond) // Run applies the config here
 	var calls atomic.Int32
-	e.setProxy(func(deps []datapath.Departed) []datapath.Terminated {
+	e.setProxy(func(datapath.Departed, uint64) uint64 {
 		calls.Add(1)
-		return []datapath.Terminated{{Departed: deps[0], Destroyed: 1}}
+		return 1
 	})
 	dep := datapath.Departed{VIP: netip.MustParseAddrPort("198.19.0.1:8502"), Protocol: datapath.TCP, Server: netip.MustParseAddrPort("198.18.0.11:8502")}
 	e.add(dep)

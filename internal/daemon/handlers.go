@@ -13,7 +13,6 @@ import (
 	"github.com/ctlb/ctlb/internal/cgroupv2"
 	"github.com/ctlb/ctlb/internal/cni"
 	"github.com/ctlb/ctlb/internal/config"
-	"github.com/ctlb/ctlb/internal/proxy"
 	"github.com/ctlb/ctlb/internal/version"
 	"github.com/ctlb/ctlb/pkg/api"
 	"github.com/ctlb/ctlb/pkg/datapath"
@@ -372,7 +371,7 @@ func (d *Daemon) Status() (api.Status, error) {
 	st.Pending = d.pendingCount()
 	st.Termination = d.ends.how
 	if d.proxy != nil {
-		st.Proxy = proxyStatus(d.proxy.Status())
+		st.Proxy = d.proxy.Status()
 	}
 	// The status stands without the table's count: a failed read is
 	// logged, not the status's error.
@@ -403,18 +402,4 @@ func (d *Daemon) reload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reply(w, nil, nil)
-}
-
-// proxyStatus is the proxy's status in the API's terms.
-func proxyStatus(ps proxy.Status) *api.ProxyStatus {
-	out := &api.ProxyStatus{Mode: ps.Mode, Listening: ps.Listening, Destinations: ps.Destinations, Services: []api.ProxyService{}}
-	for _, s := range ps.Services {
-		as := api.ProxyService{Service: s.Service, Open: s.Open, Accepted: s.Accepted, Rejected: s.Rejected, Resets: s.Resets,
-			Targets: []api.ProxyTarget{}}
-		for _, t := range s.Targets {
-			as.Targets = append(as.Targets, api.ProxyTarget{Target: t.Target, Connections: t.Connections, DialFailures: t.DialFailures})
-		}
-		out.Services = append(out.Services, as)
-	}
-	return out
 }

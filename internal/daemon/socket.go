@@ -39,13 +39,8 @@ type socketRoles struct {
 // its release program, written the config's VIPs and ended the connections
 // of servers the file removed.
 func Precheck(cfg *config.Config) error {
-	for _, g := range []struct{ field, name string }{{"socketGroup", cfg.SocketGroup}, {"socketWriteGroup", cfg.SocketWriteGroup}} {
-		if g.name == "" {
-			continue
-		}
-		if _, err := lookupGroup(g.name); err != nil {
-			return fmt.Errorf("%s %q: %w", g.field, g.name, err)
-		}
+	if _, _, err := socketGroups(cfg.SocketGroup, cfg.SocketWriteGroup); err != nil {
+		return err
 	}
 	// The directory is only looked at: one ctlbd creates is made hers by
 	// listenUnix (its mode and group), which a directory made here would
@@ -55,12 +50,8 @@ func Precheck(cfg *config.Config) error {
 			return err
 		}
 	}
-	if err := notSocket(cfg.Socket); err != nil {
+	if err := socketFree(cfg.Socket); err != nil {
 		return err
-	}
-	if c, err := net.Dial("unix", cfg.Socket); err == nil {
-		c.Close()
-		return fmt.Errorf("socket %s: another daemon is listening on it", cfg.Socket)
 	}
 	if err := pending.EnsureDir(cfg.StateDir); err != nil {
 		return &config.FieldError{Field: "stateDir", Err: fmt.Errorf("%s: %w", cfg.StateDir, err)}
@@ -75,20 +66,11 @@ func Precheck(cfg *config.Config) error {
 // directory (sticky or world-writable, such as /tmp) is refused: anyone
 // could put their own socket in its place.
 func listenUnix(path, group, writeGroup string, log *slog.Logger) (net.Listener, *socketRoles, error) {
-	roles := &socketRoles{readGID: -1, writeGID: -1, readName: group}
-	for _, g := range []struct {
-		field, name string
-		gid         *int
-	}{{"socketGroup", group, &roles.readGID}, {"socketWriteGroup", writeGroup, &roles.writeGID}} {
-		if g.name == "" {
-			continue
-		}
-		gid, err := lookupGroup(g.name)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%s %q: %w", g.field, g.name, err)
-		}
-		*g.gid = gid
+	readGID, writeGID, err := socketGroups(group, writeGroup)
+	if err != nil {
+		return nil, nil, err
 	}
+	roles := &socketRoles{readGID: readGID, writeGID: writeGID, readName: group}
 	// The socket's group: the readers', else the writers'.
 	gid := roles.readGID
 	if gid < 0 {
@@ -99,12 +81,8 @@ func listenUnix(path, group, writeGroup string, log *slog.Logger) (net.Listener,
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := notSocket(path); err != nil {
+	if err := socketFree(path); err != nil {
 		return nil, nil, err
-	}
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, nil, fmt.Errorf("socket %s: another daemon is listening on it", path)
 	}
 	// Bind in a private directory, fix the mode, then rename into place: the
 	// socket is never reachable with a wider mode, and no process-wide umask
@@ -152,6 +130,38 @@ func listenUnix(path, group, writeGroup string, log *slog.Logger) (net.Listener,
 		}
 	}
 	return ln, roles, nil
+}
+
+// socketGroups looks up socketGroup and socketWriteGroup; -1 for none.
+func socketGroups(group, writeGroup string) (readGID, writeGID int, err error) {
+	readGID, writeGID = -1, -1
+	for _, g := range []struct {
+		field, name string
+		gid         *int
+	}{{"socketGroup", group, &readGID}, {"socketWriteGroup", writeGroup, &writeGID}} {
+		if g.name == "" {
+			continue
+		}
+		gid, err := lookupGroup(g.name)
+		if err != nil {
+			return -1, -1, fmt.Errorf("%s %q: %w", g.field, g.name, err)
+		}
+		*g.gid = gid
+	}
+	return readGID, writeGID, nil
+}
+
+// socketFree says whether ctlbd may take path for its socket: nothing is
+// there, or a stale socket no daemon listens on.
+func socketFree(path string) error {
+	if err := notSocket(path); err != nil {
+		return err
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return fmt.Errorf("socket %s: another daemon is listening on it", path)
+	}
+	return nil
 }
 
 // notSocket refuses a path that holds anything but a socket: the rename

@@ -39,9 +39,10 @@ type endings struct {
 	// stillGone tells whether a departed server is still out of its set: a
 	// server back before its pass keeps its connections.
 	stillGone func(datapath.Departed) bool
-	// proxied ends the fallback proxy's connections of deps, when the
-	// proxy runs (setProxy): its clients are no sockets of attached pods.
-	proxied func(deps []datapath.Departed) []datapath.Terminated
+	// proxied ends the fallback proxy's connections of a departure, at
+	// most limit of them when not 0, and says how many, when the proxy
+	// runs (setProxy): its clients are no sockets of attached pods.
+	proxied func(d datapath.Departed, limit uint64) uint64
 
 	mu     sync.Mutex
 	queue  map[datapath.Departed]*queued
@@ -90,14 +91,14 @@ func (e *endings) available() bool { return e.kernel() || e.proxyEnds() != nil }
 // kernel tells whether sockets of attached pods can be ended.
 func (e *endings) kernel() bool { return e.term != nil || e.nl != nil }
 
-func (e *endings) proxyEnds() func([]datapath.Departed) []datapath.Terminated {
+func (e *endings) proxyEnds() func(datapath.Departed, uint64) uint64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.proxied
 }
 
 // setProxy has passes end the fallback proxy's connections too.
-func (e *endings) setProxy(fn func([]datapath.Departed) []datapath.Terminated) {
+func (e *endings) setProxy(fn func(datapath.Departed, uint64) uint64) {
 	e.mu.Lock()
 	e.proxied = fn
 	e.mu.Unlock()
@@ -215,25 +216,28 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 			}
 		}
 	}
-	var proxied []datapath.Terminated
+	byProxy := map[datapath.Departed]uint64{}
 	if end := e.proxyEnds(); end != nil {
-		// A limit (rebalancing) is for both kinds of client together.
-		left := make([]datapath.Departed, 0, len(deps))
 		for _, d := range deps {
-			if d.Limit > 0 {
-				for _, r := range res {
-					if r.Departed == d {
-						d.Limit -= min(d.Limit, r.Destroyed)
-					}
-				}
-				if d.Limit == 0 {
+			i := slices.IndexFunc(res, func(r datapath.Terminated) bool { return r.Departed == d })
+			// A limit (rebalancing) is for both kinds of client together.
+			limit := d.Limit
+			if limit > 0 && i >= 0 {
+				if limit -= min(limit, res[i].Destroyed); limit == 0 {
 					continue
 				}
 			}
-			left = append(left, d)
+			n := end(d, limit)
+			if n == 0 {
+				continue
+			}
+			byProxy[d] = n
+			if i < 0 {
+				res = append(res, datapath.Terminated{Departed: d})
+				i = len(res) - 1
+			}
+			res[i].Destroyed += n
 		}
-		proxied = end(left)
-		res = mergeTerminated(res, proxied)
 	}
 	took := time.Since(start)
 	var ended uint64
@@ -252,37 +256,13 @@ func (e *endings) pass(deps []datapath.Departed, why string) []datapath.Terminat
 	}
 	e.last = endingsPass{At: start, Took: took, Namespaces: namespaces, Ended: ended}
 	e.mu.Unlock()
-	byProxy := map[datapath.Departed]uint64{}
-	for _, r := range proxied {
-		byProxy[unlimited(r.Departed)] += r.Destroyed
-	}
 	for _, r := range res {
 		if r.Destroyed > 0 || r.Failed > 0 {
 			e.log.Info("ended connections", "vip", r.VIP, "server", r.Server, "ended", r.Destroyed, "refused", r.Failed,
-				"proxied", byProxy[unlimited(r.Departed)], "reason", why, "namespaces", namespaces, "took", took, "listing", listed)
+				"proxied", byProxy[r.Departed], "reason", why, "namespaces", namespaces, "took", took, "listing", listed)
 		}
 	}
 	return res
-}
-
-// unlimited is the departure without its limit: what names it.
-func unlimited(d datapath.Departed) datapath.Departed {
-	d.Limit = 0
-	return d
-}
-
-// mergeTerminated adds b's counts to a's entries of the same departure.
-func mergeTerminated(a, b []datapath.Terminated) []datapath.Terminated {
-	for _, t := range b {
-		i := slices.IndexFunc(a, func(x datapath.Terminated) bool { return unlimited(x.Departed) == unlimited(t.Departed) })
-		if i < 0 {
-			a = append(a, t)
-			continue
-		}
-		a[i].Destroyed += t.Destroyed
-		a[i].Failed += t.Failed
-	}
-	return a
 }
 
 // terminated is how many connections were ended per server of a VIP.
@@ -355,18 +335,12 @@ func (t *serviceTable) inSomeSet(server string) bool {
 	return false
 }
 
-// endProxied ends the fallback proxy's connections of TCP departures (the
+// endProxied ends the fallback proxy's connections of a TCP departure (the
 // proxy serves TCP only): invariant 8 holds for clients the connect4 path
 // cannot serve too.
-func endProxied(p *proxy.Proxy, deps []datapath.Departed) []datapath.Terminated {
-	var out []datapath.Terminated
-	for _, d := range deps {
-		if d.Key().Protocol != datapath.TCP {
-			continue
-		}
-		if n := p.End(d.VIP, d.Server, d.Limit); n > 0 {
-			out = append(out, datapath.Terminated{Departed: d, Destroyed: n})
-		}
+func endProxied(p *proxy.Proxy, d datapath.Departed, limit uint64) uint64 {
+	if d.Key().Protocol != datapath.TCP {
+		return 0
 	}
-	return out
+	return p.End(d.VIP, d.Server, limit)
 }

@@ -404,7 +404,7 @@ func (l *loop) dial(pr *pair) {
 		pr.next++
 		fd, err := l.connect(t, pr, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET)
 		if err != nil {
-			l.dialFailed(pr, t, err)
+			l.dialFailed(pr.svc, t, err)
 			continue
 		}
 		pr.server, pr.target, pr.deadline = fd, t, l.now.Add(p.set.connectTimeout)
@@ -439,11 +439,15 @@ func (l *loop) connect(t netip.AddrPort, h handler, events uint32) (int, error) 
 	return fd, nil
 }
 
-func (l *loop) dialFailed(pr *pair, t netip.AddrPort, err error) {
+// dialFailed counts a failed dial of svc's target t, a client's or a
+// ready connection's (attrs say which): the target is tried last for a
+// while, ctlb_proxy_dial_failures_total counts it, the log says it at most
+// once per interval.
+func (l *loop) dialFailed(svc *service, t netip.AddrPort, err error, attrs ...any) {
 	p := l.p
 	p.backoff.failed(t)
-	p.m.dialFailures.WithLabelValues(pr.svc.name, t.String()).Inc()
-	p.rejects.warn("dial "+pr.svc.name+" "+t.String(), "dial failed", "service", pr.svc.name, "target", t, "error", err)
+	p.m.dialFailures.WithLabelValues(svc.name, t.String()).Inc()
+	p.rejects.warn("dial "+svc.name+" "+t.String(), "dial failed", append([]any{"service", svc.name, "target", t, "error", err}, attrs...)...)
 }
 
 // Directions to pump.
@@ -482,7 +486,7 @@ func (pr *pair) event(l *loop, fd int, ev uint32) {
 			}
 			l.forget(fd)
 			pr.server = -1
-			l.dialFailed(pr, pr.target, err)
+			l.dialFailed(pr.svc, pr.target, err)
 			l.dial(pr)
 			return
 		}
@@ -734,7 +738,7 @@ func (l *loop) sweep() {
 		case !pr.connected && pr.server >= 0 && l.now.After(pr.deadline):
 			l.forget(pr.server)
 			pr.server = -1
-			l.dialFailed(pr, pr.target, errors.New("connect timeout"))
+			l.dialFailed(pr.svc, pr.target, errors.New("connect timeout"))
 			l.dial(pr)
 		case pr.connected && l.now.Sub(pr.last) >= l.p.set.idleTimeout:
 			l.p.log.Debug("connection idle", "service", pr.svc.name, "target", pr.target, "error", errIdle)

@@ -171,14 +171,10 @@ func (l *loop) fillPool(pl *pool, most int) {
 	}
 }
 
-// spareDialFailed counts a spare's failed dial as a client's would be
-// (ctlb_proxy_dial_failures_total, the target tried last for a while), and
-// holds the pool's refills back.
+// spareDialFailed counts a spare's failed dial as a client's would be,
+// and holds the pool's refills back.
 func (l *loop) spareDialFailed(pl *pool, err error) {
-	t := pl.key.target
-	l.p.backoff.failed(t)
-	l.p.m.dialFailures.WithLabelValues(pl.key.svc.name, t.String()).Inc()
-	l.p.rejects.warn("dial "+pl.key.svc.name+" "+t.String(), "dial failed", "service", pl.key.svc.name, "target", t, "error", err, "preconnect", true)
+	l.dialFailed(pl.key.svc, pl.key.target, err, "preconnect", true)
 	pl.strike(l.now, l.p.backoff.d)
 }
 

@@ -6,100 +6,71 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/ctlb/ctlb/pkg/api"
 )
 
-// Status is what the proxy serves and has done, for ctlbd status.
-type Status struct {
-	Mode         string
-	Listening    []netip.AddrPort
-	Destinations []netip.AddrPort
-	Services     []ServiceStatus
-}
-
-// ServiceStatus is one served service's counts.
-type ServiceStatus struct {
-	Service          netip.AddrPort
-	Open             int64
-	Accepted         uint64
-	Rejected, Resets map[string]uint64 // by reason
-	Targets          []TargetStatus
-	targetIndex      map[netip.AddrPort]int
-}
-
-// TargetStatus is one target's counts for a service.
-type TargetStatus struct {
-	Target       netip.AddrPort
-	Connections  uint64
-	DialFailures uint64
-}
-
-// Status reads the counts from the proxy's own collectors, so that status
-// and /metrics never disagree and no connection pays for a second count.
-func (p *Proxy) Status() Status {
-	st := Status{Mode: p.set.mode, Listening: p.Listening(), Destinations: p.Destinations()}
+// Status is what the proxy serves and has done, for ctlbd status. The
+// counts are read from the proxy's own collectors, so that status and
+// /metrics never disagree and no connection pays for a second count.
+func (p *Proxy) Status() *api.ProxyStatus {
+	st := &api.ProxyStatus{Mode: p.set.mode, Listening: p.Listening(), Destinations: p.Destinations(), Services: []api.ProxyService{}}
 	slices.SortFunc(st.Listening, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	byName := map[string]*ServiceStatus{}
 	for _, key := range p.Services() {
-		st.Services = append(st.Services, ServiceStatus{Service: key, targetIndex: map[netip.AddrPort]int{}})
+		st.Services = append(st.Services, api.ProxyService{Service: key, Targets: []api.ProxyTarget{}})
 	}
+	byName := map[string]*api.ProxyService{}
 	for i := range st.Services {
 		byName[st.Services[i].Service.String()] = &st.Services[i]
 	}
-	target := func(s *ServiceStatus, name string) *TargetStatus {
+	// target is the service's entry for a target label, made on first use.
+	target := func(s *api.ProxyService, name string) *api.ProxyTarget {
 		t, err := netip.ParseAddrPort(name)
 		if err != nil {
 			return nil
 		}
-		i, ok := s.targetIndex[t]
-		if !ok {
-			i = len(s.Targets)
-			s.targetIndex[t] = i
-			s.Targets = append(s.Targets, TargetStatus{Target: t})
+		if i := slices.IndexFunc(s.Targets, func(x api.ProxyTarget) bool { return x.Target == t }); i >= 0 {
+			return &s.Targets[i]
 		}
-		return &s.Targets[i]
+		s.Targets = append(s.Targets, api.ProxyTarget{Target: t})
+		return &s.Targets[len(s.Targets)-1]
 	}
-	for _, smp := range samples(p.m.accepted) {
-		if s := byName[smp.labels["service"]]; s != nil {
-			s.Accepted = uint64(smp.value)
-		}
-	}
-	for _, smp := range samples(p.m.open) {
-		if s := byName[smp.labels["service"]]; s != nil {
-			s.Open = int64(smp.value)
+	// byReason adds a reason's count to a map made on first use.
+	byReason := func(m *map[string]uint64, smp sample) {
+		if smp.value > 0 {
+			if *m == nil {
+				*m = map[string]uint64{}
+			}
+			(*m)[smp.labels["reason"]] = uint64(smp.value)
 		}
 	}
-	for _, smp := range samples(p.m.proxied) {
-		if s := byName[smp.labels["service"]]; s != nil {
+	for _, c := range []struct {
+		vec prometheus.Collector
+		add func(*api.ProxyService, sample)
+	}{
+		{p.m.accepted, func(s *api.ProxyService, smp sample) { s.Accepted = uint64(smp.value) }},
+		{p.m.open, func(s *api.ProxyService, smp sample) { s.Open = int64(smp.value) }},
+		{p.m.proxied, func(s *api.ProxyService, smp sample) {
 			if t := target(s, smp.labels["target"]); t != nil {
 				t.Connections = uint64(smp.value)
 			}
-		}
-	}
-	for _, smp := range samples(p.m.dialFailures) {
-		if s := byName[smp.labels["service"]]; s != nil {
+		}},
+		{p.m.dialFailures, func(s *api.ProxyService, smp sample) {
 			if t := target(s, smp.labels["target"]); t != nil {
 				t.DialFailures = uint64(smp.value)
 			}
-		}
-	}
-	for _, smp := range samples(p.m.rejected) {
-		if s := byName[smp.labels["service"]]; s != nil && smp.value > 0 {
-			if s.Rejected == nil {
-				s.Rejected = map[string]uint64{}
+		}},
+		{p.m.rejected, func(s *api.ProxyService, smp sample) { byReason(&s.Rejected, smp) }},
+		{p.m.resets, func(s *api.ProxyService, smp sample) { byReason(&s.Resets, smp) }},
+	} {
+		for _, smp := range samples(c.vec) {
+			if s := byName[smp.labels["service"]]; s != nil {
+				c.add(s, smp)
 			}
-			s.Rejected[smp.labels["reason"]] = uint64(smp.value)
-		}
-	}
-	for _, smp := range samples(p.m.resets) {
-		if s := byName[smp.labels["service"]]; s != nil && smp.value > 0 {
-			if s.Resets == nil {
-				s.Resets = map[string]uint64{}
-			}
-			s.Resets[smp.labels["reason"]] = uint64(smp.value)
 		}
 	}
 	for i := range st.Services {
-		slices.SortFunc(st.Services[i].Targets, func(a, b TargetStatus) int { return a.Target.Compare(b.Target) })
+		slices.SortFunc(st.Services[i].Targets, func(a, b api.ProxyTarget) int { return a.Target.Compare(b.Target) })
 	}
 	return st
 }

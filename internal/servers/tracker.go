@@ -173,13 +173,10 @@ func (t *Tracker) Inherit(old *Tracker) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, s := range t.sources {
-		p, ok := prev[s.name]
-		if !ok {
-			continue
+		if p, ok := prev[s.name]; ok {
+			p.servers, p.rejected = nil, nil // the candidates are the new tracker's to find
+			*s = p
 		}
-		s.answered, s.reached = p.answered, p.reached
-		s.lastErr, s.errCount = p.lastErr, p.errCount
-		s.lastOK, s.lastFail, s.failingSince = p.lastOK, p.lastFail, p.failingSince
 	}
 	t.baseChanges, t.lastChange, t.lastReason = changes, lastChange, lastReason
 }
